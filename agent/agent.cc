@@ -1,0 +1,198 @@
+#include "agent.h"
+
+#include "log.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <filesystem>
+#include <mutex>
+#include <set>
+#include <thread>
+
+namespace tokenfuse {
+
+std::int64_t toUnixNs(std::chrono::system_clock::time_point t) noexcept {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+}
+
+namespace {
+
+std::string usdOrUnlimited(std::optional<NanoUsd> v) { return v ? v->toString() : "unlimited"; }
+
+}  // namespace
+
+Agent::Agent(Config config, Options options)
+    : config_(std::move(config)),
+      clock_(options.clock ? std::move(options.clock) : Clock([] { return std::chrono::system_clock::now(); })),
+      days_([&] {
+        try {
+          return DayClock(config_.timezone);
+        } catch (const std::invalid_argument& e) {
+          throw AgentError(std::string("agent.timezone: ") + e.what());
+        }
+      }()) {
+  lockDataDir();
+  openRegion(options.recreate_region);
+  admin_ = std::make_unique<RegionAdmin>(*region_);
+  applyConfig();
+
+  const auto now = clock_();
+  const std::int32_t today = days_.dayOf(now);
+  if (adopted_ && admin_->day() < today) {
+    log::info("budget_day_rollover", {{"day", DayClock::format(today)},
+                                      {"previous", DayClock::format(admin_->day())},
+                                      {"timezone", days_.zone()}});
+    admin_->rollover(today);
+  }
+  admin_->publish(toUnixNs(now), adopted_ ? std::max(admin_->day(), today) : today);
+}
+
+Agent::~Agent() {
+  if (data_dir_lock_ >= 0) ::close(data_dir_lock_);
+}
+
+void Agent::lockDataDir() {
+  std::error_code ec;
+  std::filesystem::create_directories(config_.data_dir, ec);
+  if (ec) throw AgentError("agent.data_dir: cannot create " + config_.data_dir + ": " + ec.message());
+  const std::string path = config_.data_dir + "/tokenfused.lock";
+  data_dir_lock_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0640);
+  if (data_dir_lock_ < 0) {
+    throw AgentError("agent.data_dir: cannot write " + path + ": " + std::strerror(errno) +
+                     " (run as the tokenfuse user, or pass --data-dir)");
+  }
+  if (::flock(data_dir_lock_, LOCK_EX | LOCK_NB) != 0) {
+    throw AgentError("another tokenfused is running with data dir " + config_.data_dir);
+  }
+}
+
+void Agent::openRegion(bool recreate) {
+  const RegionSpec spec{config_.shm_name, config_.tenant_capacity, config_.run_capacity, config_.model_capacity,
+                        config_.reservation_capacity, 0660};
+  AttachFailure why = AttachFailure::kNone;
+  Status s = Region::attach(spec.shm_name, &region_, /*own=*/true, &why);
+  if (s.ok() && !region_->matches(spec)) {
+    why = AttachFailure::kIncompatible;
+    const shm::Header& h = region_->header();
+    s = Status::error("region /" + spec.shm_name + " has capacities tenants=" + std::to_string(h.tenant_capacity) +
+                      " runs=" + std::to_string(h.run_capacity) + " models=" + std::to_string(h.model_capacity) +
+                      " reservations=" + std::to_string(h.reservation_capacity) +
+                      ", the config asks for others: restore the old [region] values, or restart with "
+                      "--recreate-region (in-flight reservations and today's counters in it are dropped)");
+    region_.reset();
+  }
+  if (s.ok()) {
+    adopted_ = true;
+    log::info("region_adopted", {{"shm_name", spec.shm_name}, {"day", DayClock::format(region_->header().day)}});
+    return;
+  }
+  switch (why) {
+    case AttachFailure::kNotFound: break;
+    case AttachFailure::kNotReady:
+      log::warn("region_recreated", {{"shm_name", spec.shm_name}, {"reason", s.message()}});
+      Region::remove(spec.shm_name);
+      break;
+    case AttachFailure::kIncompatible:
+      if (!recreate) throw AgentError(s.message());
+      log::warn("region_recreated", {{"shm_name", spec.shm_name}, {"reason", s.message()}});
+      Region::remove(spec.shm_name);
+      break;
+    default: throw AgentError(s.message());
+  }
+  if (Status c = Region::create(spec, &region_); !c.ok()) throw AgentError(c.message());
+  log::info("region_created", {{"shm_name", spec.shm_name}, {"bytes", region_->header().region_bytes}});
+}
+
+void Agent::applyConfig() {
+  RegionAdmin& a = *admin_;
+  a.setReservationTtl(config_.reservation_ttl_s * 1'000'000'000);
+  if (Status s = a.setFallbackPrice(config_.fallback_price); !s.ok()) throw AgentError("prices: " + s.message());
+  // Models that left the price table fall back to the fallback price.
+  for (const std::string& model : a.models()) {
+    if (!config_.prices.contains(model)) (void)a.setPrice(model, config_.fallback_price);
+  }
+  for (const auto& [model, price] : config_.prices) {
+    if (Status s = a.setPrice(model, price); !s.ok()) throw AgentError("prices.models: " + s.message());
+  }
+  a.setDefaultLimit(LimitTable::kTenant, config_.tenant_default_daily_limit);
+  a.setDefaultLimit(LimitTable::kRun, config_.run_default_limit);
+  a.setPlatformLimit(config_.platform_daily_limit);
+
+  // The config is the source of limits for now: an entry whose explicit limit is no longer
+  // configured goes back to the default. (Set the new limits first, so no entry is ever briefly
+  // unlimited.)
+  for (auto [table, limits] : {std::pair{LimitTable::kTenant, &config_.tenant_limits},
+                               std::pair{LimitTable::kRun, &config_.run_limits}}) {
+    for (const auto& [id, limit] : *limits) {
+      if (Status s = a.setLimit(table, id, limit); !s.ok()) throw AgentError("budgets: " + id + ": " + s.message());
+    }
+    std::vector<std::string> stale;
+    a.forEachExplicit(table, [&](std::string_view id, std::optional<NanoUsd>) {
+      if (!limits->contains(id)) stale.emplace_back(id);
+    });
+    for (const std::string& id : stale) (void)a.clearLimit(table, id);
+  }
+
+  if (config_.kill_active) {
+    const auto now = toUnixNs(clock_());
+    a.setKill(config_.kill_reason.empty() ? "activated" : config_.kill_reason, now, 0);
+    log::warn("budget_emergency_kill_activated", {{"reason", config_.kill_reason}, {"source", "config"}});
+  } else {
+    a.clearKill();
+  }
+  log::info("config_applied",
+            {{"platform_daily_limit_usd", usdOrUnlimited(config_.platform_daily_limit)},
+             {"tenant_default_daily_limit_usd", usdOrUnlimited(config_.tenant_default_daily_limit)},
+             {"run_default_limit_usd", usdOrUnlimited(config_.run_default_limit)},
+             {"tenant_limits", config_.tenant_limits.size()},
+             {"run_limits", config_.run_limits.size()},
+             {"models", config_.prices.size()},
+             {"timezone", days_.zone()}});
+}
+
+void Agent::tick() {
+  const auto now = clock_();
+  const std::int64_t ns = toUnixNs(now);
+  RegionAdmin& a = *admin_;
+  a.setClock(ns);
+  if (a.expireKill(ns)) log::info("budget_emergency_kill_expired");
+
+  const ReapStats r = a.reap(ns);
+  if (r.any()) {
+    log::warn("reservations_reaped", {{"dead_owner", r.dead_owner},
+                                      {"expired", r.expired},
+                                      {"recycled_expired", r.freed_expired},
+                                      {"stuck_keys_cleared", r.stuck_keys}});
+  }
+
+  const std::int32_t today = days_.dayOf(now);
+  const std::int32_t current = a.day();
+  if (today > current) {
+    a.rollover(today);
+    log::info("budget_day_rollover",
+              {{"day", DayClock::format(today)}, {"previous", DayClock::format(current)}, {"timezone", days_.zone()}});
+    warned_clock_behind_ = false;
+  } else if (today < current && !warned_clock_behind_) {
+    // Never roll back: that would forget spending. The budget day waits for the clock.
+    log::warn("clock_behind_budget_day", {{"clock_day", DayClock::format(today)}, {"budget_day", DayClock::format(current)}});
+    warned_clock_behind_ = true;
+  }
+}
+
+void Agent::run(std::stop_token stop) {
+  std::mutex mu;
+  std::condition_variable_any cv;
+  const auto period = std::chrono::milliseconds(config_.tick_ms);
+  while (!stop.stop_requested()) {
+    tick();
+    std::unique_lock lock(mu);
+    cv.wait_for(lock, stop, period, [] { return false; });
+  }
+}
+
+}  // namespace tokenfuse

@@ -1,0 +1,68 @@
+// tokenfused's core, without main(): takes ownership of the region (creating it, or adopting the
+// one a previous agent left, so that clients never lose their counters across an agent restart),
+// applies the configuration, and runs the maintenance loop: heartbeat clock, kill-switch
+// expiry, the reaper, and the budget-day rollover.
+//
+// Thread-safety: construct and destroy on one thread; tick() and run() on one thread at a time.
+#pragma once
+
+#include "config.h"
+#include "day_clock.h"
+
+#include "admin.h"
+#include "region.h"
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <stop_token>
+
+namespace tokenfuse {
+
+class AgentError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+class Agent {
+ public:
+  using Clock = std::function<std::chrono::system_clock::time_point()>;
+  struct Options {
+    bool recreate_region = false;   // replace an incompatible region instead of refusing
+    Clock clock;                    // empty: the system clock (tests inject their own)
+  };
+
+  // Throws AgentError with a message that says what to do.
+  Agent(Config config, Options options);
+  ~Agent();
+
+  // One maintenance step at clock() time.
+  void tick();
+  // Ticks every config.tick_ms until `stop` is requested.
+  void run(std::stop_token stop);
+
+  RegionAdmin& admin() noexcept { return *admin_; }
+  const Config& config() const noexcept { return config_; }
+  const DayClock& days() const noexcept { return days_; }
+  bool adoptedRegion() const noexcept { return adopted_; }
+
+ private:
+  void openRegion(bool recreate);
+  void applyConfig();
+  void lockDataDir();
+
+  Config config_;
+  Clock clock_;
+  DayClock days_;
+  int data_dir_lock_ = -1;
+  std::unique_ptr<Region> region_;
+  std::unique_ptr<RegionAdmin> admin_;
+  bool adopted_ = false;
+  bool warned_clock_behind_ = false;
+};
+
+std::int64_t toUnixNs(std::chrono::system_clock::time_point t) noexcept;
+
+}  // namespace tokenfuse

@@ -1,0 +1,220 @@
+#include "config.h"
+
+#include "pricing.h"
+#include "region.h"
+
+#include <toml++/toml.h>
+
+#include <bit>
+#include <fstream>
+#include <initializer_list>
+#include <sstream>
+#include <string_view>
+
+namespace tokenfuse {
+
+namespace {
+
+[[noreturn]] void fail(const std::string& origin, const std::string& key, const std::string& rule) {
+  throw ConfigError(origin + ": " + key + ": " + rule);
+}
+
+void rejectUnknown(const toml::table& t, const std::string& origin, const std::string& prefix,
+                   std::initializer_list<std::string_view> known) {
+  for (const auto& [k, v] : t) {
+    bool ok = false;
+    for (std::string_view name : known) ok = ok || k.str() == name;
+    if (!ok) fail(origin, prefix + std::string(k.str()), "unknown key (check its spelling and section)");
+  }
+}
+
+const toml::table* subtable(const toml::table& t, std::string_view name, const std::string& origin,
+                            const std::string& prefix) {
+  const toml::node* n = t.get(name);
+  if (n == nullptr) return nullptr;
+  if (!n->is_table()) fail(origin, prefix + std::string(name), "must be a table");
+  return n->as_table();
+}
+
+std::string getString(const toml::table& t, std::string_view name, const std::string& origin,
+                      const std::string& key, std::string fallback) {
+  const toml::node* n = t.get(name);
+  if (n == nullptr) return fallback;
+  if (!n->is_string()) fail(origin, key, "must be a string");
+  return n->as_string()->get();
+}
+
+std::int64_t getInt(const toml::table& t, std::string_view name, const std::string& origin, const std::string& key,
+                    std::int64_t fallback, std::int64_t lo, std::int64_t hi) {
+  const toml::node* n = t.get(name);
+  if (n == nullptr) return fallback;
+  if (!n->is_integer()) fail(origin, key, "must be a whole number");
+  const std::int64_t v = n->as_integer()->get();
+  if (v < lo || v > hi) fail(origin, key, "must be from " + std::to_string(lo) + " to " + std::to_string(hi));
+  return v;
+}
+
+// Money is written as a decimal string ("5.00") or a whole number (5); a TOML float is refused
+// because it cannot say 0.1 exactly. The string "unlimited" is the reference's NULL.
+std::optional<NanoUsd> getMoney(const toml::node& n, const std::string& origin, const std::string& key,
+                                bool allow_unlimited) {
+  if (n.is_integer()) {
+    const std::int64_t v = n.as_integer()->get();
+    if (v < 0) fail(origin, key, "must not be negative");
+    if (v > 9'000'000'000) fail(origin, key, "is too large");
+    return NanoUsd::fromWholeUsd(v);
+  }
+  if (n.is_floating_point()) {
+    fail(origin, key, "write money as a string, e.g. \"0.075\", so that it is exact (a TOML float is not)");
+  }
+  if (!n.is_string()) fail(origin, key, "must be a USD amount as a string, e.g. \"5.00\"");
+  const std::string& s = n.as_string()->get();
+  if (allow_unlimited && s == "unlimited") return std::nullopt;
+  std::string why;
+  auto v = NanoUsd::parse(s, &why);
+  if (!v) fail(origin, key, why + (allow_unlimited ? " (or write \"unlimited\")" : ""));
+  return v;
+}
+
+std::optional<NanoUsd> getLimit(const toml::table& t, std::string_view name, const std::string& origin,
+                                const std::string& key) {
+  const toml::node* n = t.get(name);
+  if (n == nullptr) return std::nullopt;
+  return getMoney(*n, origin, key, true);
+}
+
+Price getPrice(const toml::node& n, const std::string& origin, const std::string& key) {
+  if (!n.is_table()) fail(origin, key, "must be a table such as { prompt = \"3.00\", completion = \"15.00\" } (USD per million tokens)");
+  const toml::table& t = *n.as_table();
+  rejectUnknown(t, origin, key + ".", {"prompt", "completion"});
+  Price p;
+  for (auto [name, field] : {std::pair{"prompt", &p.prompt_nano_per_mtok}, {"completion", &p.completion_nano_per_mtok}}) {
+    const toml::node* v = t.get(name);
+    if (v == nullptr) fail(origin, key + "." + name, "is missing (USD per million tokens)");
+    const NanoUsd usd_per_mtok = *getMoney(*v, origin, key + "." + name, false);
+    if (usd_per_mtok.count() > kMaxPriceNanoPerMtok) fail(origin, key + "." + name, "may be at most 1000000 USD per million tokens");
+    *field = usd_per_mtok.count();
+  }
+  return p;
+}
+
+std::uint32_t getCapacity(const toml::table& t, std::string_view name, const std::string& origin,
+                          std::uint32_t fallback) {
+  const std::string key = "region." + std::string(name);
+  const auto v = static_cast<std::uint32_t>(getInt(t, name, origin, key, fallback, 16, 1 << 24));
+  if (!std::has_single_bit(v)) fail(origin, key, "must be a power of two (16, 32, ..., 16777216)");
+  return v;
+}
+
+void readLimits(const toml::table* t, const std::string& origin, const std::string& prefix, const char* what,
+                std::map<std::string, std::optional<NanoUsd>, std::less<>>* out) {
+  if (t == nullptr) return;
+  for (const auto& [k, v] : *t) {
+    const std::string id(k.str());
+    const std::string key = prefix + "\"" + id + "\"";
+    if (id.empty() || id.size() > 128) fail(origin, key, std::string(what) + " must be 1 to 128 bytes");
+    (*out)[id] = getMoney(v, origin, key, true);
+  }
+}
+
+}  // namespace
+
+Config defaultConfig() {
+  Config c;
+  c.fallback_price = kReferenceFallbackPrice;
+  for (const auto& [model, price] : referencePrices()) c.prices.emplace(model, price);
+  return c;
+}
+
+Config parseConfig(const std::string& text, const std::string& origin) {
+  toml::table root;
+  try {
+    root = toml::parse(text, origin);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream msg;
+    msg << origin << ":" << e.source().begin.line << ":" << e.source().begin.column << ": " << e.description();
+    throw ConfigError(msg.str());
+  }
+  Config c = defaultConfig();
+  rejectUnknown(root, origin, "", {"agent", "region", "budgets", "kill_switch", "prices"});
+
+  if (const toml::table* a = subtable(root, "agent", origin, "")) {
+    rejectUnknown(*a, origin, "agent.", {"shm_name", "data_dir", "timezone", "log_level", "tick_ms"});
+    c.shm_name = getString(*a, "shm_name", origin, "agent.shm_name", c.shm_name);
+    if (auto p = validateShmName(c.shm_name); !p.empty()) fail(origin, "agent.shm_name", p);
+    c.data_dir = getString(*a, "data_dir", origin, "agent.data_dir", c.data_dir);
+    if (c.data_dir.empty()) fail(origin, "agent.data_dir", "must not be empty");
+    c.timezone = getString(*a, "timezone", origin, "agent.timezone", c.timezone);
+    c.log_level = getString(*a, "log_level", origin, "agent.log_level", c.log_level);
+    if (c.log_level != "trace" && c.log_level != "debug" && c.log_level != "info" && c.log_level != "warn" &&
+        c.log_level != "error") {
+      fail(origin, "agent.log_level", "must be one of trace, debug, info, warn, error");
+    }
+    c.tick_ms = getInt(*a, "tick_ms", origin, "agent.tick_ms", c.tick_ms, 10, 1000);
+  }
+
+  if (const toml::table* r = subtable(root, "region", origin, "")) {
+    rejectUnknown(*r, origin, "region.", {"tenant_capacity", "run_capacity", "model_capacity", "reservation_capacity"});
+    c.tenant_capacity = getCapacity(*r, "tenant_capacity", origin, c.tenant_capacity);
+    c.run_capacity = getCapacity(*r, "run_capacity", origin, c.run_capacity);
+    c.model_capacity = getCapacity(*r, "model_capacity", origin, c.model_capacity);
+    c.reservation_capacity = getCapacity(*r, "reservation_capacity", origin, c.reservation_capacity);
+  }
+
+  if (const toml::table* b = subtable(root, "budgets", origin, "")) {
+    rejectUnknown(*b, origin, "budgets.",
+                  {"platform_daily_limit_usd", "tenant_default_daily_limit_usd", "run_default_limit_usd",
+                   "reservation_ttl_s", "tenants", "runs"});
+    c.platform_daily_limit = getLimit(*b, "platform_daily_limit_usd", origin, "budgets.platform_daily_limit_usd");
+    c.tenant_default_daily_limit =
+        getLimit(*b, "tenant_default_daily_limit_usd", origin, "budgets.tenant_default_daily_limit_usd");
+    c.run_default_limit = getLimit(*b, "run_default_limit_usd", origin, "budgets.run_default_limit_usd");
+    c.reservation_ttl_s = getInt(*b, "reservation_ttl_s", origin, "budgets.reservation_ttl_s", c.reservation_ttl_s, 1,
+                                 7 * 86400);
+    readLimits(subtable(*b, "tenants", origin, "budgets."), origin, "budgets.tenants.", "a project_id", &c.tenant_limits);
+    readLimits(subtable(*b, "runs", origin, "budgets."), origin, "budgets.runs.", "a run_id", &c.run_limits);
+  }
+
+  if (const toml::table* k = subtable(root, "kill_switch", origin, "")) {
+    rejectUnknown(*k, origin, "kill_switch.", {"active", "reason"});
+    if (const toml::node* n = k->get("active")) {
+      if (!n->is_boolean()) fail(origin, "kill_switch.active", "must be true or false");
+      c.kill_active = n->as_boolean()->get();
+    }
+    c.kill_reason = getString(*k, "reason", origin, "kill_switch.reason", "");
+    if (c.kill_reason.size() > 256) fail(origin, "kill_switch.reason", "may be at most 256 bytes");
+  }
+
+  if (const toml::table* p = subtable(root, "prices", origin, "")) {
+    rejectUnknown(*p, origin, "prices.", {"fallback", "replace_reference_table", "models"});
+    if (const toml::node* f = p->get("fallback")) c.fallback_price = getPrice(*f, origin, "prices.fallback");
+    if (const toml::node* n = p->get("replace_reference_table")) {
+      if (!n->is_boolean()) fail(origin, "prices.replace_reference_table", "must be true or false");
+      c.replace_reference_prices = n->as_boolean()->get();
+      if (c.replace_reference_prices) c.prices.clear();
+    }
+    if (const toml::table* m = subtable(*p, "models", origin, "prices.")) {
+      for (const auto& [k, v] : *m) {
+        const std::string model(k.str());
+        const std::string key = "prices.models.\"" + model + "\"";
+        if (model.empty() || model.size() > 128) fail(origin, key, "a model name must be 1 to 128 bytes");
+        c.prices[model] = getPrice(v, origin, key);
+      }
+    }
+    if (c.prices.size() > c.model_capacity / 2) {
+      fail(origin, "prices.models", "has " + std::to_string(c.prices.size()) +
+                                        " models; raise region.model_capacity to at least twice that");
+    }
+  }
+  return c;
+}
+
+Config loadConfig(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw ConfigError(path + ": cannot read the config file");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return parseConfig(ss.str(), path);
+}
+
+}  // namespace tokenfuse

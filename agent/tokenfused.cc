@@ -1,0 +1,85 @@
+// tokenfused: the per-host budget agent. See README.md and docs/operations.md.
+#include "agent.h"
+#include "config.h"
+#include "log.h"
+
+#include <CLI/CLI.hpp>
+
+#include <csignal>
+#include <cstdio>
+#include <iostream>
+#include <pthread.h>
+#include <thread>
+
+int main(int argc, char** argv) {
+  using namespace tokenfuse;
+  CLI::App app{"tokenfused: per-host budget hard-kill agent for LLM calls"};
+  std::string config_path, shm_name, data_dir, log_level;
+  bool recreate = false, check_only = false;
+  app.add_option("--config", config_path, "TOML config file (default: built-in defaults)")->check(CLI::ExistingFile);
+  app.add_option("--shm-name", shm_name, "shared-memory region name (overrides agent.shm_name)");
+  app.add_option("--data-dir", data_dir, "state directory (overrides agent.data_dir)");
+  app.add_option("--log-level", log_level, "trace, debug, info, warn or error (overrides agent.log_level)");
+  app.add_flag("--recreate-region", recreate,
+               "replace a region of another layout or size instead of refusing to start");
+  app.add_flag("--check-config", check_only, "validate the config, print it as the agent sees it, and exit");
+  app.set_version_flag("--version", "tokenfused 0.1.0");
+  CLI11_PARSE(app, argc, argv);
+
+  Config config;
+  try {
+    config = config_path.empty() ? defaultConfig() : loadConfig(config_path);
+    if (!shm_name.empty()) {
+      if (auto p = validateShmName(shm_name); !p.empty()) throw ConfigError("--shm-name: " + p);
+      config.shm_name = shm_name;
+    }
+    if (!data_dir.empty()) config.data_dir = data_dir;
+    if (!log_level.empty()) config.log_level = log_level;
+    log::init(config.log_level);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tokenfused: %s\n", e.what());
+    return 2;
+  }
+  if (check_only) {
+    std::printf("config ok: shm_name=%s data_dir=%s timezone=%s models=%zu tenant_limits=%zu\n",
+                config.shm_name.c_str(), config.data_dir.c_str(), config.timezone.c_str(), config.prices.size(),
+                config.tenant_limits.size());
+    return 0;
+  }
+
+  // Signals are taken synchronously by the main thread, so no handler runs inside the agent.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  try {
+    Agent agent(config, {recreate, {}});
+    log::info("agent_started", {{"shm_name", config.shm_name},
+                                {"data_dir", config.data_dir},
+                                {"pid", ::getpid()},
+                                {"adopted_region", agent.adoptedRegion()},
+                                {"timezone", config.timezone}});
+    std::jthread loop([&agent](std::stop_token stop) { agent.run(stop); });
+    for (;;) {
+      int sig = 0;
+      sigwait(&signals, &sig);
+      if (sig == SIGHUP) {
+        log::info("signal_ignored", {{"signal", "SIGHUP"}, {"why", "config reload is not supported yet: restart"}});
+        continue;
+      }
+      log::info("agent_stopping", {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}});
+      break;
+    }
+    loop.request_stop();
+    loop.join();
+    // The region stays: clients keep checking against it, and the next agent adopts it.
+    log::info("agent_stopped", {{"shm_name", config.shm_name}});
+    return 0;
+  } catch (const std::exception& e) {
+    log::error("agent_start_failed", {{"error", e.what()}});
+    return 1;
+  }
+}

@@ -1,0 +1,299 @@
+#include "admin.h"
+
+#include "proc.h"
+
+#include <unordered_map>
+
+namespace tokenfuse {
+
+namespace {
+
+constexpr auto kRelaxed = std::memory_order_relaxed;
+constexpr auto kRelease = std::memory_order_release;
+constexpr auto kAcquire = std::memory_order_acquire;
+
+std::int64_t raw(std::optional<NanoUsd> limit) { return limit ? limit->count() : shm::kUnlimited; }
+
+std::string idProblem(LimitTable t, std::string_view id) {
+  const char* what = t == LimitTable::kTenant ? "project_id" : "run_id";
+  if (id.empty()) return std::string(what) + " must not be empty";
+  if (id.size() > shm::kKeyMax) {
+    return std::string(what) + " is " + std::to_string(id.size()) + " bytes; the most is " +
+           std::to_string(shm::kKeyMax);
+  }
+  return {};
+}
+
+std::string priceProblem(Price p) {
+  if (p.prompt_nano_per_mtok < 0 || p.completion_nano_per_mtok < 0) return "a price must not be negative";
+  if (p.prompt_nano_per_mtok > kMaxPriceNanoPerMtok || p.completion_nano_per_mtok > kMaxPriceNanoPerMtok) {
+    return "a price may be at most 1000000 USD per million tokens";
+  }
+  return {};
+}
+
+void resetDay(shm::Counters& c) noexcept {
+  // Takes today's bookings out of `used` and leaves the holds of calls still in flight. A commit
+  // racing with this lands wholly in one day or the other (see docs/shm-format.md).
+  const std::int64_t committed = c.committed.exchange(0, kRelaxed);
+  c.used.fetch_sub(committed, kRelaxed);
+  c.prompt_tokens.exchange(0, kRelaxed);
+  c.completion_tokens.exchange(0, kRelaxed);
+  c.calls.exchange(0, kRelaxed);
+  c.denials.exchange(0, kRelaxed);
+}
+
+}  // namespace
+
+RegionAdmin::RegionAdmin(Region& region) : region_(region), engine_(region) {}
+
+KeyedTable<shm::BudgetSlot> RegionAdmin::table(LimitTable t) const noexcept {
+  const shm::Header& h = region_.header();
+  return t == LimitTable::kTenant ? KeyedTable<shm::BudgetSlot>(region_.tenants(), h.tenant_capacity)
+                                  : KeyedTable<shm::BudgetSlot>(region_.runs(), h.run_capacity);
+}
+
+void RegionAdmin::publish(std::int64_t now_unix_ns, std::int32_t day) noexcept {
+  shm::Header& h = region_.header();
+  h.agent_pid.store(static_cast<std::int32_t>(selfPid()), kRelaxed);
+  h.agent_pidns.store(proc::pidNamespace(), kRelaxed);
+  h.clock_unix_ns.store(now_unix_ns, kRelaxed);
+  h.day.store(day, kRelaxed);
+  h.ready.store(1, kRelease);
+}
+
+void RegionAdmin::setClock(std::int64_t now_unix_ns) noexcept {
+  region_.header().clock_unix_ns.store(now_unix_ns, kRelaxed);
+}
+
+void RegionAdmin::setPlatformLimit(std::optional<NanoUsd> limit) noexcept {
+  region_.header().platform.limit.store(raw(limit), kRelease);
+  region_.header().platform.limit_explicit.store(1, kRelaxed);
+}
+
+Status RegionAdmin::setLimit(LimitTable t, std::string_view id, std::optional<NanoUsd> limit) {
+  if (auto p = idProblem(t, id); !p.empty()) return Status::error(p);
+  const Found f = table(t).findOrInsert(id, engine_.regionPid(), [](shm::BudgetSlot&) noexcept {});
+  if (f.index < 0) {
+    return Status::error(std::string(t == LimitTable::kTenant ? "tenant" : "run") + " table is " +
+                         (f.what == Lookup::kBusy ? "busy (a client died while adding an entry; retry)"
+                                                  : "full: raise its capacity in the config and restart"));
+  }
+  shm::Counters& c = table(t).at(f.index).c;
+  c.limit.store(raw(limit), kRelease);
+  c.limit_explicit.store(1, kRelaxed);
+  return {};
+}
+
+Status RegionAdmin::clearLimit(LimitTable t, std::string_view id) {
+  if (auto p = idProblem(t, id); !p.empty()) return Status::error(p);
+  const Found f = table(t).find(id);
+  if (f.index < 0) return {};
+  shm::Counters& c = table(t).at(f.index).c;
+  const auto& def = t == LimitTable::kTenant ? region_.header().defaults.tenant_limit
+                                             : region_.header().defaults.run_limit;
+  c.limit_explicit.store(0, kRelaxed);
+  c.limit.store(def.load(kRelaxed), kRelease);
+  return {};
+}
+
+void RegionAdmin::setDefaultLimit(LimitTable t, std::optional<NanoUsd> limit) noexcept {
+  auto& def = t == LimitTable::kTenant ? region_.header().defaults.tenant_limit : region_.header().defaults.run_limit;
+  def.store(raw(limit), kRelease);
+  const KeyedTable<shm::BudgetSlot> tab = table(t);
+  for (std::uint32_t i = 0; i < tab.capacity(); ++i) {
+    shm::BudgetSlot& s = tab.at(static_cast<std::int32_t>(i));
+    if (shm::keyState(s.k.word.load(kAcquire)) == shm::kKeyReady && s.c.limit_explicit.load(kRelaxed) == 0) {
+      s.c.limit.store(raw(limit), kRelease);
+    }
+  }
+}
+
+void RegionAdmin::forEachExplicit(LimitTable t,
+                                  const std::function<void(std::string_view, std::optional<NanoUsd>)>& fn) const {
+  const KeyedTable<shm::BudgetSlot> tab = table(t);
+  for (std::uint32_t i = 0; i < tab.capacity(); ++i) {
+    const shm::BudgetSlot& s = tab.at(static_cast<std::int32_t>(i));
+    if (shm::keyState(s.k.word.load(kAcquire)) != shm::kKeyReady || s.c.limit_explicit.load(kRelaxed) == 0) continue;
+    const std::int64_t limit = s.c.limit.load(kRelaxed);
+    fn(std::string_view(s.k.key, s.k.key_len), limit == shm::kUnlimited ? std::nullopt : std::optional(NanoUsd(limit)));
+  }
+}
+
+Status RegionAdmin::setPrice(std::string_view model, Price price) {
+  if (model.empty() || model.size() > shm::kKeyMax) {
+    return Status::error("model name must be 1 to " + std::to_string(shm::kKeyMax) + " bytes");
+  }
+  if (auto p = priceProblem(price); !p.empty()) return Status::error(std::string(model) + ": " + p);
+  const KeyedTable<shm::ModelSlot> models(region_.models(), region_.header().model_capacity);
+  const Found f = models.findOrInsert(model, engine_.regionPid(), [&](shm::ModelSlot& m) noexcept {
+    m.prompt_nano_per_mtok.store(price.prompt_nano_per_mtok, kRelaxed);
+    m.completion_nano_per_mtok.store(price.completion_nano_per_mtok, kRelaxed);
+  });
+  if (f.index < 0) return Status::error("price table is full: raise region.model_capacity and restart");
+  shm::ModelSlot& m = models.at(f.index);
+  m.prompt_nano_per_mtok.store(price.prompt_nano_per_mtok, kRelaxed);
+  m.completion_nano_per_mtok.store(price.completion_nano_per_mtok, kRelaxed);
+  return {};
+}
+
+std::vector<std::string> RegionAdmin::models() const {
+  std::vector<std::string> out;
+  const shm::ModelSlot* slots = region_.models();
+  for (std::uint32_t i = 0; i < region_.header().model_capacity; ++i) {
+    if (shm::keyState(slots[i].k.word.load(kAcquire)) == shm::kKeyReady) out.emplace_back(slots[i].k.key, slots[i].k.key_len);
+  }
+  return out;
+}
+
+Status RegionAdmin::setFallbackPrice(Price price) {
+  if (auto p = priceProblem(price); !p.empty()) return Status::error("fallback: " + p);
+  region_.header().defaults.fallback_prompt_nano_per_mtok.store(price.prompt_nano_per_mtok, kRelaxed);
+  region_.header().defaults.fallback_completion_nano_per_mtok.store(price.completion_nano_per_mtok, kRelaxed);
+  return {};
+}
+
+void RegionAdmin::setReservationTtl(std::int64_t ttl_ns) noexcept {
+  region_.header().defaults.reservation_ttl_ns.store(ttl_ns, kRelaxed);
+}
+
+void RegionAdmin::setKill(std::string_view reason, std::int64_t since_unix_ns, std::int64_t expires_unix_ns) noexcept {
+  std::lock_guard lock(kill_mu_);
+  shm::KillSwitch& k = region_.header().kill;
+  const std::uint32_t seq = k.seq.load(kRelaxed);
+  k.seq.store(seq + 1, kRelaxed);
+  std::atomic_thread_fence(kRelease);
+  char buf[shm::kReasonMax] = {};
+  const std::size_t len = std::min(reason.size(), shm::kReasonMax);
+  std::memcpy(buf, reason.data(), len);
+  for (std::size_t i = 0; i < shm::kReasonMax / 8; ++i) {
+    std::uint64_t w;
+    std::memcpy(&w, buf + i * 8, 8);
+    k.reason_words[i].store(w, kRelaxed);
+  }
+  k.reason_len.store(static_cast<std::uint32_t>(len), kRelaxed);
+  k.since_unix_ns.store(since_unix_ns, kRelaxed);
+  k.expires_unix_ns.store(expires_unix_ns, kRelaxed);
+  k.seq.store(seq + 2, kRelease);
+  k.active.store(1, kRelease);
+}
+
+void RegionAdmin::clearKill() noexcept {
+  std::lock_guard lock(kill_mu_);
+  region_.header().kill.active.store(0, kRelease);
+}
+
+bool RegionAdmin::expireKill(std::int64_t now_unix_ns) noexcept {
+  std::lock_guard lock(kill_mu_);
+  shm::KillSwitch& k = region_.header().kill;
+  const std::int64_t expires = k.expires_unix_ns.load(kRelaxed);
+  if (k.active.load(kRelaxed) == 0 || expires == 0 || now_unix_ns < expires) return false;
+  k.active.store(0, kRelease);
+  return true;
+}
+
+ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
+  ReapStats stats;
+  shm::Header& h = region_.header();
+  const std::uint32_t me = engine_.regionPid();
+  // One /proc look per process per sweep, however many reservations it holds.
+  std::unordered_map<std::uint64_t, proc::Liveness> seen;
+  auto dead = [&](std::uint32_t pid, std::uint64_t start) {
+    if (pid == 0 || pid == me) return false;
+    const std::uint64_t key = (std::uint64_t{pid} << 32) ^ start;
+    auto [it, fresh] = seen.try_emplace(key, proc::Liveness::kUnknown);
+    if (fresh) it->second = proc::liveness(static_cast<int>(pid), start);
+    return it->second == proc::Liveness::kDead;
+  };
+
+  shm::ReservationSlot* slots = region_.reservations();
+  for (std::uint32_t i = 0; i < h.reservation_capacity; ++i) {
+    shm::ReservationSlot& s = slots[i];
+    const std::uint64_t w = s.word.load(kAcquire);
+    const shm::ResState st = shm::resState(w);
+    if (st == shm::kResFree) continue;
+    const std::uint32_t pid = shm::resPid(w);
+    const bool is_owner = pid == s.owner_pid.load(kRelaxed);
+    const bool owner_dead = dead(pid, is_owner ? s.owner_start.load(kRelaxed) : 0);
+    const bool overdue = s.deadline_unix_ns.load(kRelaxed) < now_unix_ns;
+    if (!owner_dead && !((st == shm::kResActive || st == shm::kResExpired) && overdue)) continue;
+
+    // What each layer still holds for this slot, by state and progress (see layout.h).
+    const std::int64_t held = s.held.load(kRelaxed);
+    const std::int64_t target = s.charge_target.load(kRelaxed);
+    const std::uint32_t p = shm::resProgress(w);
+    std::int64_t give_back[shm::kLayerCount] = {0, 0, 0};
+    for (std::uint32_t j = 0; j < shm::kLayerCount; ++j) {
+      switch (st) {
+        case shm::kResReserving: give_back[j] = j < p ? held : 0; break;
+        case shm::kResActive: give_back[j] = held; break;
+        case shm::kResCharging: give_back[j] = j < p ? target : held; break;
+        case shm::kResSettling: give_back[j] = j < p ? 0 : held; break;
+        default: break;
+      }
+    }
+    // Own the slot first, marked as fully settled: if this agent dies half-way, the next one
+    // returns nothing more, so a hold can leak but never be returned twice.
+    const std::uint32_t gen = shm::resGen(w);
+    std::uint64_t expect = w;
+    if (!s.word.compare_exchange_strong(expect, shm::resWord(me, gen, shm::kResSettling, shm::kLayerCount),
+                                        kAcquire, kRelaxed)) {
+      continue;   // its owner moved on meanwhile; look again next sweep
+    }
+    const std::int32_t run = s.run.load(kRelaxed);
+    const std::int32_t tenant = s.tenant.load(kRelaxed);
+    shm::Counters* layers[shm::kLayerCount] = {run >= 0 ? &region_.runs()[run].c : nullptr,
+                                               tenant >= 0 ? &region_.tenants()[tenant].c : nullptr, &h.platform};
+    for (std::uint32_t j = 0; j < shm::kLayerCount; ++j) {
+      if (layers[j] != nullptr && give_back[j] != 0) layers[j]->used.fetch_sub(give_back[j], kRelaxed);
+    }
+    if (owner_dead || st == shm::kResExpired) {
+      if (st == shm::kResExpired) {
+        ++stats.freed_expired;
+      } else {
+        ++stats.dead_owner;
+        h.stats.reaped_dead_owner.fetch_add(1, kRelaxed);
+      }
+      s.word.store(shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0), kRelease);
+    } else {
+      // The owner lives but is overdue: keep the slot a while so that its commit can still book
+      // the cost, which then counts in full without a hold.
+      s.held.store(0, kRelaxed);
+      s.deadline_unix_ns.store(now_unix_ns + s.ttl_ns.load(kRelaxed), kRelaxed);
+      s.word.store(shm::resWord(pid, gen, shm::kResExpired, 0), kRelease);
+      ++stats.expired;
+      h.stats.reaped_expired.fetch_add(1, kRelaxed);
+    }
+  }
+
+  auto clear_stuck = [&](auto* slots_of_table, std::uint32_t capacity) {
+    for (std::uint32_t i = 0; i < capacity; ++i) {
+      shm::KeyHeader& k = slots_of_table[i].k;
+      std::uint64_t w = k.word.load(kAcquire);
+      if (shm::keyState(w) != shm::kKeyInit || !dead(shm::keyPid(w), 0)) continue;
+      if (k.word.compare_exchange_strong(w, shm::keyWord(shm::keyTag(w), shm::kKeyTombstone, 0), kRelaxed)) {
+        ++stats.stuck_keys;
+        h.stats.stuck_keys_cleared.fetch_add(1, kRelaxed);
+      }
+    }
+  };
+  clear_stuck(region_.tenants(), h.tenant_capacity);
+  clear_stuck(region_.runs(), h.run_capacity);
+  clear_stuck(region_.models(), h.model_capacity);
+  return stats;
+}
+
+void RegionAdmin::rollover(std::int32_t day) noexcept {
+  shm::Header& h = region_.header();
+  resetDay(h.platform);
+  const KeyedTable<shm::BudgetSlot> tenants = table(LimitTable::kTenant);
+  for (std::uint32_t i = 0; i < tenants.capacity(); ++i) {
+    shm::BudgetSlot& s = tenants.at(static_cast<std::int32_t>(i));
+    if (shm::keyState(s.k.word.load(kAcquire)) == shm::kKeyReady) resetDay(s.c);
+  }
+  h.day.store(day, kRelease);
+}
+
+std::int32_t RegionAdmin::day() const noexcept { return region_.header().day.load(kAcquire); }
+
+}  // namespace tokenfuse

@@ -1,0 +1,86 @@
+// What only the owner of a region does: publish it, set limits, prices and the kill switch,
+// return the holds of dead or overdue reservations, and reset the counters at the day boundary.
+// Used by tokenfused (and by tests and benchmarks that stand in for it).
+//
+// Thread-safety: one RegionAdmin per region; its methods may be called from several threads of
+// the owning process (the kill switch writer is serialised inside).
+#pragma once
+
+#include "engine.h"
+#include "layout.h"
+#include "region.h"
+
+#include <tokenfuse/tokenfuse.hpp>
+
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace tokenfuse {
+
+struct ReapStats {
+  std::uint32_t dead_owner = 0;     // holds returned because the owner process died
+  std::uint32_t expired = 0;        // holds returned because the deadline passed
+  std::uint32_t freed_expired = 0;  // expired slots finally recycled
+  std::uint32_t stuck_keys = 0;     // half-written table keys of dead processes cleared
+  bool any() const noexcept { return dead_owner + expired + freed_expired + stuck_keys > 0; }
+};
+
+enum class LimitTable { kTenant, kRun };
+
+class RegionAdmin {
+ public:
+  explicit RegionAdmin(Region& region);
+
+  // Marks this process as the region's agent and, the first time, publishes the region.
+  void publish(std::int64_t now_unix_ns, std::int32_t day) noexcept;
+  void setClock(std::int64_t now_unix_ns) noexcept;
+
+  // nullopt: unlimited.
+  void setPlatformLimit(std::optional<NanoUsd> limit) noexcept;
+  // Sets one entry's limit, creating the entry if needed. explicit=false puts it back on the
+  // default. Fails with a message when the id is invalid or the table is full.
+  Status setLimit(LimitTable table, std::string_view id, std::optional<NanoUsd> limit);
+  Status clearLimit(LimitTable table, std::string_view id);   // back to the default
+  // Changes the default and every entry that follows it.
+  void setDefaultLimit(LimitTable table, std::optional<NanoUsd> limit) noexcept;
+  // Calls fn(id, explicit_limit_or_nullopt) for every entry whose limit was set explicitly.
+  void forEachExplicit(LimitTable table,
+                       const std::function<void(std::string_view, std::optional<NanoUsd>)>& fn) const;
+
+  Status setPrice(std::string_view model, Price price);
+  // Every model name in the price table.
+  std::vector<std::string> models() const;
+  Status setFallbackPrice(Price price);
+  void setReservationTtl(std::int64_t ttl_ns) noexcept;
+
+  void setKill(std::string_view reason, std::int64_t since_unix_ns, std::int64_t expires_unix_ns) noexcept;
+  void clearKill() noexcept;
+  // Turns an expired kill switch off. Returns true if it did.
+  bool expireKill(std::int64_t now_unix_ns) noexcept;
+
+  // Returns the holds of reservations whose owner died or whose deadline passed, and clears
+  // half-written keys left by dead processes.
+  ReapStats reap(std::int64_t now_unix_ns);
+
+  // Starts budget day `day`: daily counters (platform and tenants) go to zero, holds stay held.
+  // Run budgets are not daily: a run's spending counts for the run's whole life.
+  void rollover(std::int32_t day) noexcept;
+  std::int32_t day() const noexcept;
+
+  Engine& engine() noexcept { return engine_; }
+  shm::Header& header() noexcept { return region_.header(); }
+
+ private:
+  KeyedTable<shm::BudgetSlot> table(LimitTable t) const noexcept;
+
+  Region& region_;
+  Engine engine_;
+  std::mutex kill_mu_;
+};
+
+}  // namespace tokenfuse

@@ -1,0 +1,141 @@
+#include "engine.h"
+#include "region.h"
+
+#include <tokenfuse/tokenfuse.hpp>
+
+#include <cstdio>
+
+namespace tokenfuse {
+
+const char* errorCode(Code code) noexcept {
+  switch (code) {
+    case Code::kOk: return "OK";
+    case Code::kRunBudgetExhausted: return "E-BUDGET-001";
+    case Code::kTenantBudgetExhausted: return "E-BUDGET-002";
+    case Code::kPlatformBudgetExhausted: return "E-BUDGET-003";
+    case Code::kEmergencyKill: return "E-BUDGET-004";
+    case Code::kInvalidArgument: return "E-TOKENFUSE-INVALID-ARGUMENT";
+    case Code::kCapacityExhausted: return "E-TOKENFUSE-CAPACITY";
+    case Code::kUnknownReservation: return "E-TOKENFUSE-UNKNOWN-RESERVATION";
+    case Code::kReservationExpired: return "E-TOKENFUSE-RESERVATION-EXPIRED";
+    case Code::kRegionBusy: return "E-TOKENFUSE-BUSY";
+  }
+  return "E-TOKENFUSE-UNKNOWN";
+}
+
+namespace {
+
+// The reference prints amounts with four decimals: "$0.9660".
+std::string usd4(NanoUsd v) {
+  const std::int64_t tenth_milli = (v.count() + 50'000) / 100'000;   // round half up
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "$%lld.%04lld", static_cast<long long>(tenth_milli / 10'000),
+                static_cast<long long>(tenth_milli % 10'000));
+  return buf;
+}
+
+}  // namespace
+
+std::string describe(const Decision& d, std::string_view project_id) {
+  switch (d.code) {
+    case Code::kOk: return "allowed";
+    case Code::kRunBudgetExhausted:
+      return "Run budget exhausted: used " + usd4(d.used) + " / " + usd4(d.limit);
+    case Code::kTenantBudgetExhausted:
+      return "Tenant " + std::string(project_id) + " budget exhausted: used " + usd4(d.used) + " / " + usd4(d.limit);
+    case Code::kPlatformBudgetExhausted:
+      return "Platform budget exhausted: used " + usd4(d.used) + " / " + usd4(d.limit) + " — all LLM calls suspended";
+    case Code::kEmergencyKill: return "Emergency kill switch activated — contact platform admin";
+    case Code::kInvalidArgument:
+      return "invalid argument: ids must be 1 to 128 bytes, token counts 0 to 4294967296";
+    case Code::kCapacityExhausted:
+      return "a tokenfuse table is full, so this call's limit cannot be enforced: raise the region's capacity";
+    case Code::kUnknownReservation: return "no such reservation: already committed or released, or never made";
+    case Code::kReservationExpired: return "the reservation outlived its deadline and its hold was returned";
+    case Code::kRegionBusy: return "a table entry is being repaired after a client died; retry";
+  }
+  return "unknown decision";
+}
+
+Client::Client(std::unique_ptr<Region> region, std::string shm_name)
+    : region_(std::move(region)), engine_(std::make_unique<Engine>(*region_)), shm_name_(std::move(shm_name)) {}
+
+Client::~Client() = default;
+
+Status Client::attach(const Options& options, std::unique_ptr<Client>* out) {
+  std::unique_ptr<Region> region;
+  if (Status s = Region::attach(options.shm_name, &region); !s.ok()) return s;
+  out->reset(new Client(std::move(region), options.shm_name));
+  return {};
+}
+
+Decision Client::check(std::string_view project_id, std::string_view model, std::int64_t estimated_prompt_tokens,
+                       std::string_view run_id) const noexcept {
+  CallSite site;
+  if (Decision d = engine_->prepare({project_id, model, run_id, {}, 0, 0, 0}, &site, false); !d.allowed()) return d;
+  return engine_->check(site, estimated_prompt_tokens, 0);
+}
+
+Decision Client::check(const CallSite& site, std::int64_t estimated_prompt_tokens,
+                       std::int64_t estimated_completion_tokens) const noexcept {
+  return engine_->check(site, estimated_prompt_tokens, estimated_completion_tokens);
+}
+
+Decision Client::prepare(const Call& call, CallSite* site) noexcept { return engine_->prepare(call, site, true); }
+
+Decision Client::reserve(const Call& call, Reservation* reservation) noexcept {
+  *reservation = {};
+  CallSite site;
+  if (Decision d = engine_->prepare(call, &site, true); !d.allowed()) return d;
+  return engine_->reserve(site, call.estimated_prompt_tokens, call.estimated_completion_tokens, call.ttl_ms,
+                          reservation);
+}
+
+Decision Client::reserve(const CallSite& site, std::int64_t estimated_prompt_tokens,
+                         std::int64_t estimated_completion_tokens, Reservation* reservation,
+                         std::int64_t ttl_ms) noexcept {
+  return engine_->reserve(site, estimated_prompt_tokens, estimated_completion_tokens, ttl_ms, reservation);
+}
+
+Decision Client::commit(Reservation r, std::string_view provider, std::int64_t prompt_tokens,
+                        std::int64_t completion_tokens) noexcept {
+  return engine_->commit(r, provider, prompt_tokens, completion_tokens);
+}
+
+Decision Client::charge(Reservation r, std::int64_t more_prompt_tokens, std::int64_t more_completion_tokens) noexcept {
+  return engine_->charge(r, more_prompt_tokens, more_completion_tokens);
+}
+
+Decision Client::release(Reservation r) noexcept { return engine_->release(r); }
+
+Decision Client::record(const Usage& usage) noexcept { return engine_->record(usage); }
+
+Price Client::price(std::string_view model) const noexcept {
+  CallSite site;
+  if (!engine_->prepare({"-", model, {}, {}, 0, 0, 0}, &site, false).allowed()) return {};
+  return engine_->price(site);
+}
+
+KillSwitchState Client::killSwitch() const { return engine_->killSwitch(); }
+BudgetView Client::tenant(std::string_view project_id) const { return engine_->tenant(project_id); }
+BudgetView Client::run(std::string_view run_id) const { return engine_->run(run_id); }
+BudgetView Client::platform() const { return engine_->platform(); }
+
+RegionInfo Client::info() const {
+  const shm::Header& h = region_->header();
+  RegionInfo i;
+  i.shm_name = shm_name_;
+  i.layout_version = h.layout_version;
+  i.region_bytes = h.region_bytes;
+  i.tenant_capacity = h.tenant_capacity;
+  i.run_capacity = h.run_capacity;
+  i.model_capacity = h.model_capacity;
+  i.reservation_capacity = h.reservation_capacity;
+  i.agent_pid = h.agent_pid.load(std::memory_order_relaxed);
+  i.agent_clock_unix_ns = h.clock_unix_ns.load(std::memory_order_relaxed);
+  i.day = h.day.load(std::memory_order_relaxed);
+  i.live_reservations = engine_->liveReservations();
+  return i;
+}
+
+}  // namespace tokenfuse

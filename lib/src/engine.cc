@@ -1,0 +1,500 @@
+#include "engine.h"
+
+#include "pricing.h"
+#include "proc.h"
+
+#include <pthread.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <mutex>
+
+namespace tokenfuse {
+
+namespace {
+
+using shm::Counters;
+using shm::ReservationSlot;
+constexpr auto kRelaxed = std::memory_order_relaxed;
+constexpr auto kAcquire = std::memory_order_acquire;
+constexpr auto kRelease = std::memory_order_release;
+
+// getpid() is a system call since glibc 2.25, and the owner pid goes into every reservation:
+// cache it, and refresh it in the child after fork.
+std::atomic<std::uint32_t> g_pid{0};
+std::atomic<std::uint64_t> g_start_time{0};
+
+void refreshSelf() noexcept {
+  const int pid = ::getpid();
+  g_pid.store(static_cast<std::uint32_t>(pid), kRelaxed);
+  g_start_time.store(proc::startTime(pid), kRelaxed);
+}
+
+void initSelfOnce() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    refreshSelf();
+    ::pthread_atfork(nullptr, nullptr, refreshSelf);
+  });
+}
+
+constexpr Code kLayerCode[shm::kLayerCount] = {Code::kRunBudgetExhausted, Code::kTenantBudgetExhausted,
+                                               Code::kPlatformBudgetExhausted};
+
+Decision fail(Code code) noexcept {
+  Decision d;
+  d.code = code;
+  return d;
+}
+
+bool validTokens(std::int64_t n) noexcept { return n >= 0 && n <= kMaxTokensPerCall; }
+
+// Adds `amount` to the layer's `used` unless that would pass its limit. The compare-and-swap
+// is what makes committed + held <= limit hold under any concurrency.
+bool tryHold(Counters& c, std::int64_t amount, Decision* denial) noexcept {
+  const std::int64_t limit = c.limit.load(kRelaxed);
+  if (limit == shm::kUnlimited) {
+    c.used.fetch_add(amount, kRelaxed);
+    return true;
+  }
+  std::int64_t cur = c.used.load(kRelaxed);
+  for (;;) {
+    std::int64_t next;
+    if (__builtin_add_overflow(cur, amount, &next) || next > limit) {
+      denial->used = NanoUsd(cur);
+      denial->limit = NanoUsd(limit);
+      return false;
+    }
+    if (c.used.compare_exchange_weak(cur, next, kRelaxed, kRelaxed)) return true;
+  }
+}
+
+void book(Counters& c, std::int64_t used_delta, std::int64_t cost, std::int64_t prompt,
+          std::int64_t completion) noexcept {
+  c.used.fetch_add(used_delta, kRelaxed);
+  c.committed.fetch_add(cost, kRelaxed);
+  c.prompt_tokens.fetch_add(prompt, kRelaxed);
+  c.completion_tokens.fetch_add(completion, kRelaxed);
+  c.calls.fetch_add(1, kRelaxed);
+}
+
+std::uint32_t hintSeed() noexcept {
+  // Spread threads over the reservation table without a shared counter.
+  static std::atomic<std::uint32_t> next{0};
+  return next.fetch_add(0x9e3779b9u, kRelaxed);
+}
+
+void copyKey(char* dst, std::uint32_t* len, std::string_view src) noexcept {
+  *len = static_cast<std::uint32_t>(src.size());
+  std::memcpy(dst, src.data(), src.size());
+}
+
+}  // namespace
+
+std::uint32_t selfPid() noexcept {
+  initSelfOnce();
+  return g_pid.load(kRelaxed);
+}
+
+std::uint64_t selfStartTime() noexcept {
+  initSelfOnce();
+  return g_start_time.load(kRelaxed);
+}
+
+Engine::Engine(const Region& region) noexcept
+    : h_(region.header()),
+      tenants_(region.tenants(), region.header().tenant_capacity),
+      runs_(region.runs(), region.header().run_capacity),
+      models_(region.models(), region.header().model_capacity),
+      res_(region.reservations()),
+      res_mask_(region.header().reservation_capacity - 1),
+      same_pidns_(h_.agent_pidns.load(kRelaxed) == proc::pidNamespace()) {
+  initSelfOnce();
+}
+
+std::uint32_t Engine::regionPid() const noexcept { return same_pidns_ ? g_pid.load(kRelaxed) : 0; }
+
+bool Engine::killed() const noexcept {
+  if (h_.kill.active.load(kAcquire) == 0) return false;
+  const std::int64_t expires = h_.kill.expires_unix_ns.load(kRelaxed);
+  return expires == 0 || h_.clock_unix_ns.load(kRelaxed) < expires;
+}
+
+Price Engine::price(const CallSite& site) const noexcept {
+  if (site.free_model) return {};
+  if (site.model >= 0) {
+    const shm::ModelSlot& m = models_.at(site.model);
+    return {m.prompt_nano_per_mtok.load(kRelaxed), m.completion_nano_per_mtok.load(kRelaxed)};
+  }
+  return {h_.defaults.fallback_prompt_nano_per_mtok.load(kRelaxed),
+          h_.defaults.fallback_completion_nano_per_mtok.load(kRelaxed)};
+}
+
+Engine::Layers Engine::layersOf(std::int32_t run, std::int32_t tenant) const noexcept {
+  return {{run >= 0 ? &runs_.at(run).c : nullptr, tenant >= 0 ? &tenants_.at(tenant).c : nullptr, &h_.platform}};
+}
+
+Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept {
+  *site = CallSite{};
+  if (call.project_id.empty() || call.project_id.size() > shm::kKeyMax || call.model.empty() ||
+      call.model.size() > shm::kKeyMax || call.run_id.size() > shm::kKeyMax ||
+      call.agent_id.size() > shm::kKeyMax) {
+    return fail(Code::kInvalidArgument);
+  }
+  const Found model = models_.find(call.model);
+  if (model.what == Lookup::kBusy) return fail(Code::kRegionBusy);
+  site->model = model.what == Lookup::kFound ? model.index : CallSite::kNone;
+  site->free_model = call.model.starts_with(kFreeModelPrefix);
+  copyKey(site->model_name, &site->model_len, call.model);
+  copyKey(site->agent_id, &site->agent_id_len, call.agent_id);
+
+  const std::uint32_t pid = regionPid();
+  auto resolve = [&](const KeyedTable<shm::BudgetSlot>& table, std::string_view key,
+                     const std::atomic<std::int64_t>& default_limit, std::int32_t* out) {
+    const Found f = insert ? table.findOrInsert(key, pid,
+                                                [&](shm::BudgetSlot& s) noexcept {
+                                                  s.c.limit.store(default_limit.load(kRelaxed), kRelaxed);
+                                                })
+                           : table.find(key);
+    *out = f.index >= 0 ? f.index : CallSite::kUntracked;
+    return f.what != Lookup::kBusy;
+  };
+  if (!resolve(tenants_, call.project_id, h_.defaults.tenant_limit, &site->tenant)) return fail(Code::kRegionBusy);
+  if (!call.run_id.empty() && !resolve(runs_, call.run_id, h_.defaults.run_limit, &site->run)) {
+    return fail(Code::kRegionBusy);
+  }
+  return {};
+}
+
+Decision Engine::check(const CallSite& site, std::int64_t prompt, std::int64_t completion) const noexcept {
+  if (!validTokens(prompt) || !validTokens(completion)) return fail(Code::kInvalidArgument);
+  if (killed()) return fail(Code::kEmergencyKill);
+  const Price p = price(site);
+  if (p.isFree()) return {};
+  const auto cost = costOf(p, prompt, completion);
+  if (!cost) return fail(Code::kInvalidArgument);
+  Decision d;
+  d.cost = *cost;
+  const Layers layers = layersOf(site.run, site.tenant);
+  for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
+    std::int64_t used = 0;
+    std::int64_t limit = shm::kUnlimited;
+    if (Counters* c = layers.at[i]) {
+      used = c->used.load(kRelaxed);
+      limit = c->limit.load(kRelaxed);
+    } else if (i == shm::kLayerTenant || (i == shm::kLayerRun && site.run != CallSite::kNone)) {
+      // Not in the table yet: nothing spent, and the default limit is what it will get.
+      limit = (i == shm::kLayerRun ? h_.defaults.run_limit : h_.defaults.tenant_limit).load(kRelaxed);
+    }
+    if (limit != shm::kUnlimited && (used > limit || cost->count() > limit - used)) {
+      if (Counters* c = layers.at[i]) c->denials.fetch_add(1, kRelaxed);
+      d.code = kLayerCode[i];
+      d.used = NanoUsd(used);
+      d.limit = NanoUsd(limit);
+      return d;
+    }
+  }
+  return d;
+}
+
+int Engine::claimSlot(std::uint32_t pid) noexcept {
+  thread_local std::uint32_t hint = hintSeed();
+  for (std::uint32_t n = 0; n <= res_mask_; ++n) {
+    const std::uint32_t i = (hint + n) & res_mask_;
+    std::uint64_t w = res_[i].word.load(kRelaxed);
+    if (shm::resState(w) != shm::kResFree) continue;
+    if (res_[i].word.compare_exchange_strong(w, shm::resWord(pid, shm::resGen(w), shm::kResReserving, 0),
+                                             kAcquire, kRelaxed)) {
+      hint = i + 1;
+      return static_cast<int>(i);
+    }
+  }
+  return -1;
+}
+
+Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t completion, std::int64_t ttl_ms,
+                         Reservation* out) noexcept {
+  *out = {};
+  if (!validTokens(prompt) || !validTokens(completion) || ttl_ms < 0 || ttl_ms > 7 * 86'400'000LL) {
+    return fail(Code::kInvalidArgument);
+  }
+  if (killed()) return fail(Code::kEmergencyKill);
+  const Price p = price(site);
+  const bool free = p.isFree();
+  const auto estimate = free ? NanoUsd(0) : costOf(p, prompt, completion);
+  if (!estimate) return fail(Code::kInvalidArgument);
+  // A limited layer that could not get a table entry cannot be enforced: refuse rather than
+  // let it spend unchecked. Unlimited ones are simply not counted per tenant or run.
+  if (site.tenant < 0 && h_.defaults.tenant_limit.load(kRelaxed) != shm::kUnlimited) {
+    return fail(Code::kCapacityExhausted);
+  }
+  if (site.run == CallSite::kUntracked && h_.defaults.run_limit.load(kRelaxed) != shm::kUnlimited) {
+    return fail(Code::kCapacityExhausted);
+  }
+  if (site.tenant < 0 || site.run == CallSite::kUntracked) h_.stats.untracked_calls.fetch_add(1, kRelaxed);
+
+  const std::uint32_t pid = regionPid();
+  const int index = claimSlot(pid);
+  if (index < 0) return fail(Code::kCapacityExhausted);
+  ReservationSlot& s = res_[index];
+  const std::uint32_t gen = shm::resGen(s.word.load(kRelaxed));
+  const std::int64_t ttl_ns = ttl_ms > 0 ? ttl_ms * 1'000'000 : h_.defaults.reservation_ttl_ns.load(kRelaxed);
+  s.owner_pid.store(pid, kRelaxed);
+  s.owner_start.store(pid != 0 ? g_start_time.load(kRelaxed) : 0, kRelaxed);
+  s.deadline_unix_ns.store(h_.clock_unix_ns.load(kRelaxed) + ttl_ns, kRelaxed);
+  s.ttl_ns.store(ttl_ns, kRelaxed);
+  s.held.store(estimate->count(), kRelaxed);
+  s.charge_target.store(0, kRelaxed);
+  s.charged_prompt.store(0, kRelaxed);
+  s.charged_completion.store(0, kRelaxed);
+  s.tenant.store(site.tenant, kRelaxed);
+  s.run.store(site.run, kRelaxed);
+  s.prompt_nano_per_mtok.store(p.prompt_nano_per_mtok, kRelaxed);
+  s.completion_nano_per_mtok.store(p.completion_nano_per_mtok, kRelaxed);
+  s.free_model.store(free ? 1 : 0, kRelaxed);
+  copyKey(s.model, &s.model_len, {site.model_name, site.model_len});
+  copyKey(s.agent_id, &s.agent_id_len, {site.agent_id, site.agent_id_len});
+  // Publishes the fields above to the reaper before any layer holds anything.
+  s.word.store(shm::resWord(pid, gen, shm::kResReserving, 0), kRelease);
+
+  Decision d;
+  d.cost = *estimate;
+  const Layers layers = layersOf(site.run, site.tenant);
+  for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
+    Counters* c = layers.at[i];
+    if (c != nullptr && estimate->count() > 0 && !tryHold(*c, estimate->count(), &d)) {
+      c->denials.fetch_add(1, kRelaxed);
+      for (std::uint32_t j = i; j-- > 0;) {   // undo, newest first: progress, then the layer
+        s.word.store(shm::resWord(pid, gen, shm::kResReserving, j), kRelease);
+        if (layers.at[j] != nullptr) layers.at[j]->used.fetch_sub(estimate->count(), kRelaxed);
+      }
+      s.word.store(shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0), kRelease);
+      d.code = kLayerCode[i];
+      return d;
+    }
+    s.word.store(shm::resWord(pid, gen, shm::kResReserving, i + 1), kRelease);
+  }
+  s.word.store(shm::resWord(pid, gen, shm::kResActive, 0), kRelease);
+  out->id = shm::reservationId(static_cast<std::uint32_t>(index), gen);
+  return d;
+}
+
+shm::ResState Engine::acquire(Reservation r, std::uint32_t accepted_mask, shm::ResState into,
+                              std::uint64_t* word) noexcept {
+  const std::uint32_t index = shm::reservationIndex(r.id);
+  const std::uint32_t gen = shm::reservationGen(r.id);
+  if (r.id == 0 || index > res_mask_) return shm::kResFree;
+  ReservationSlot& s = res_[index];
+  std::uint64_t w = s.word.load(kAcquire);
+  for (int spins = 0;; ++spins) {
+    if (shm::resGen(w) != gen) return shm::kResFree;
+    const shm::ResState st = shm::resState(w);
+    if (st == shm::kResFree) return shm::kResFree;
+    if ((accepted_mask >> st) & 1u) {
+      const std::uint64_t mine = shm::resWord(regionPid(), gen, into, 0);
+      if (s.word.compare_exchange_weak(w, mine, kAcquire, kAcquire)) {
+        *word = mine;
+        return st;
+      }
+      continue;
+    }
+    // Another thread or the reaper is in the middle of an operation on it: wait it out.
+    if (spins > (1 << 20)) return shm::kResFree;
+    cpuRelax();
+    w = s.word.load(kAcquire);
+  }
+}
+
+Decision Engine::commit(Reservation r, std::string_view provider, std::int64_t prompt,
+                        std::int64_t completion) noexcept {
+  if (!validTokens(prompt) || !validTokens(completion) || provider.size() > shm::kKeyMax) {
+    return fail(Code::kInvalidArgument);
+  }
+  std::uint64_t w = 0;
+  const shm::ResState was = acquire(r, (1u << shm::kResActive) | (1u << shm::kResExpired), shm::kResSettling, &w);
+  if (was == shm::kResFree) return fail(Code::kUnknownReservation);
+  ReservationSlot& s = res_[shm::reservationIndex(r.id)];
+  const std::uint32_t gen = shm::resGen(w);
+  const std::uint32_t pid = shm::resPid(w);
+  const bool expired = was == shm::kResExpired;
+  const std::int64_t held = expired ? 0 : s.held.load(kRelaxed);
+  const Price p{s.prompt_nano_per_mtok.load(kRelaxed), s.completion_nano_per_mtok.load(kRelaxed)};
+  // Tokens are checked above and prices when they enter the region; within those bounds a cost
+  // always fits. The fallback only guards a region corrupted from outside.
+  const std::int64_t cost =
+      s.free_model.load(kRelaxed) != 0 ? 0 : costOf(p, prompt, completion).value_or(NanoUsd(held)).count();
+  const Layers layers = layersOf(s.run.load(kRelaxed), s.tenant.load(kRelaxed));
+  for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
+    s.word.store(shm::resWord(pid, gen, shm::kResSettling, i + 1), kRelease);
+    if (layers.at[i] != nullptr) book(*layers.at[i], cost - held, cost, prompt, completion);
+  }
+  s.word.store(shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0), kRelease);
+  Decision d;
+  d.cost = NanoUsd(cost);
+  d.reservation_expired = expired;
+  return d;
+}
+
+Decision Engine::release(Reservation r) noexcept {
+  std::uint64_t w = 0;
+  const shm::ResState was = acquire(r, (1u << shm::kResActive) | (1u << shm::kResExpired), shm::kResSettling, &w);
+  if (was == shm::kResFree) return fail(Code::kUnknownReservation);
+  ReservationSlot& s = res_[shm::reservationIndex(r.id)];
+  const std::uint32_t gen = shm::resGen(w);
+  const std::int64_t held = was == shm::kResExpired ? 0 : s.held.load(kRelaxed);
+  const Layers layers = layersOf(s.run.load(kRelaxed), s.tenant.load(kRelaxed));
+  for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
+    s.word.store(shm::resWord(shm::resPid(w), gen, shm::kResSettling, i + 1), kRelease);
+    if (layers.at[i] != nullptr) layers.at[i]->used.fetch_sub(held, kRelaxed);
+  }
+  s.word.store(shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0), kRelease);
+  Decision d;
+  d.cost = NanoUsd(held);
+  return d;
+}
+
+Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t more_completion) noexcept {
+  if (!validTokens(more_prompt) || !validTokens(more_completion)) return fail(Code::kInvalidArgument);
+  if (killed()) return fail(Code::kEmergencyKill);
+  std::uint64_t w = 0;
+  const shm::ResState was = acquire(r, (1u << shm::kResActive) | (1u << shm::kResExpired), shm::kResCharging, &w);
+  if (was == shm::kResFree) return fail(Code::kUnknownReservation);
+  ReservationSlot& s = res_[shm::reservationIndex(r.id)];
+  const std::uint32_t gen = shm::resGen(w);
+  const std::uint32_t pid = shm::resPid(w);
+  auto back = [&](shm::ResState st) noexcept { s.word.store(shm::resWord(pid, gen, st, 0), kRelease); };
+  if (was == shm::kResExpired) {
+    back(shm::kResExpired);
+    return fail(Code::kReservationExpired);
+  }
+  const std::int64_t total_prompt = s.charged_prompt.load(kRelaxed) + more_prompt;
+  const std::int64_t total_completion = s.charged_completion.load(kRelaxed) + more_completion;
+  const Price p{s.prompt_nano_per_mtok.load(kRelaxed), s.completion_nano_per_mtok.load(kRelaxed)};
+  const auto consumed = s.free_model.load(kRelaxed) != 0 ? NanoUsd(0) : costOf(p, total_prompt, total_completion);
+  if (!consumed) {
+    back(shm::kResActive);
+    return fail(Code::kInvalidArgument);
+  }
+  Decision d;
+  d.cost = *consumed;
+  const std::int64_t held = s.held.load(kRelaxed);
+  if (consumed->count() > held) {
+    const std::int64_t delta = consumed->count() - held;
+    s.charge_target.store(consumed->count(), kRelaxed);
+    s.word.store(shm::resWord(pid, gen, shm::kResCharging, 0), kRelease);
+    const Layers layers = layersOf(s.run.load(kRelaxed), s.tenant.load(kRelaxed));
+    for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
+      Counters* c = layers.at[i];
+      if (c != nullptr && !tryHold(*c, delta, &d)) {
+        c->denials.fetch_add(1, kRelaxed);
+        for (std::uint32_t j = i; j-- > 0;) {
+          s.word.store(shm::resWord(pid, gen, shm::kResCharging, j), kRelease);
+          if (layers.at[j] != nullptr) layers.at[j]->used.fetch_sub(delta, kRelaxed);
+        }
+        back(shm::kResActive);
+        d.code = kLayerCode[i];
+        return d;
+      }
+      s.word.store(shm::resWord(pid, gen, shm::kResCharging, i + 1), kRelease);
+    }
+    s.held.store(consumed->count(), kRelaxed);
+  }
+  s.charged_prompt.store(total_prompt, kRelaxed);
+  s.charged_completion.store(total_completion, kRelaxed);
+  s.deadline_unix_ns.store(h_.clock_unix_ns.load(kRelaxed) + s.ttl_ns.load(kRelaxed), kRelaxed);
+  back(shm::kResActive);
+  return d;
+}
+
+Decision Engine::record(const Usage& u) noexcept {
+  if (!validTokens(u.prompt_tokens) || !validTokens(u.completion_tokens) || u.provider.size() > shm::kKeyMax) {
+    return fail(Code::kInvalidArgument);
+  }
+  CallSite site;
+  if (Decision d = prepare({u.project_id, u.model, u.run_id, u.agent_id, 0, 0, 0}, &site, true); !d.allowed()) {
+    return d;
+  }
+  const auto cost = costOf(price(site), u.prompt_tokens, u.completion_tokens);
+  if (!cost) return fail(Code::kInvalidArgument);
+  if (site.tenant < 0 || site.run == CallSite::kUntracked) h_.stats.untracked_calls.fetch_add(1, kRelaxed);
+  const Layers layers = layersOf(site.run, site.tenant);
+  for (Counters* c : layers.at) {
+    if (c != nullptr) book(*c, cost->count(), cost->count(), u.prompt_tokens, u.completion_tokens);
+  }
+  Decision d;
+  d.cost = *cost;
+  return d;
+}
+
+// --- views -----------------------------------------------------------------------------------
+
+BudgetView Engine::view(const Counters* c, std::int64_t default_limit) const {
+  BudgetView v;
+  v.day = h_.day.load(kRelaxed);
+  if (c == nullptr) {
+    if (default_limit != shm::kUnlimited) v.limit = NanoUsd(default_limit);
+    return v;
+  }
+  v.tracked = true;
+  const std::int64_t limit = c->limit.load(kRelaxed);
+  if (limit != shm::kUnlimited) v.limit = NanoUsd(limit);
+  const std::int64_t committed = c->committed.load(kRelaxed);
+  v.committed = NanoUsd(committed);
+  // Two separate loads: clamp the transient a concurrent commit can show between them.
+  v.held = NanoUsd(std::max<std::int64_t>(0, c->used.load(kRelaxed) - committed));
+  v.prompt_tokens = c->prompt_tokens.load(kRelaxed);
+  v.completion_tokens = c->completion_tokens.load(kRelaxed);
+  v.calls = c->calls.load(kRelaxed);
+  v.denials = c->denials.load(kRelaxed);
+  return v;
+}
+
+BudgetView Engine::tenant(std::string_view project_id) const {
+  const Found f = tenants_.find(project_id);
+  return view(f.index >= 0 ? &tenants_.at(f.index).c : nullptr, h_.defaults.tenant_limit.load(kRelaxed));
+}
+
+BudgetView Engine::run(std::string_view run_id) const {
+  const Found f = runs_.find(run_id);
+  return view(f.index >= 0 ? &runs_.at(f.index).c : nullptr, h_.defaults.run_limit.load(kRelaxed));
+}
+
+BudgetView Engine::platform() const { return view(&h_.platform, shm::kUnlimited); }
+
+KillSwitchState Engine::killSwitch() const {
+  KillSwitchState k;
+  const shm::KillSwitch& ks = h_.kill;
+  for (;;) {
+    const std::uint32_t seq = ks.seq.load(kAcquire);
+    if (seq & 1u) {
+      cpuRelax();
+      continue;
+    }
+    char buf[shm::kReasonMax];
+    for (std::size_t i = 0; i < shm::kReasonMax / 8; ++i) {
+      const std::uint64_t word = ks.reason_words[i].load(kRelaxed);
+      std::memcpy(buf + i * 8, &word, 8);
+    }
+    const std::uint32_t len = std::min<std::uint32_t>(ks.reason_len.load(kRelaxed), shm::kReasonMax);
+    k.since_unix_ns = ks.since_unix_ns.load(kRelaxed);
+    k.expires_unix_ns = ks.expires_unix_ns.load(kRelaxed);
+    std::atomic_thread_fence(kAcquire);
+    if (ks.seq.load(kRelaxed) == seq) {
+      k.reason.assign(buf, len);
+      break;
+    }
+  }
+  k.active = killed();
+  return k;
+}
+
+std::uint32_t Engine::liveReservations() const noexcept {
+  std::uint32_t n = 0;
+  for (std::uint32_t i = 0; i <= res_mask_; ++i) {
+    const shm::ResState st = shm::resState(res_[i].word.load(kRelaxed));
+    if (st != shm::kResFree && st != shm::kResExpired) ++n;
+  }
+  return n;
+}
+
+}  // namespace tokenfuse

@@ -1,0 +1,68 @@
+// The budget engine: every data-plane operation on a region. Client is a thin owner around it;
+// tokenfused uses it directly for its HTTP API. All methods are noexcept, allocate nothing and
+// make no system call, except the views, which copy strings.
+//
+// Thread-safety: any number of Engines in any number of threads and processes may work on the
+// same region at once.
+#pragma once
+
+#include "layout.h"
+#include "region.h"
+#include "table.h"
+
+#include <tokenfuse/tokenfuse.hpp>
+
+namespace tokenfuse {
+
+class Engine {
+ public:
+  explicit Engine(const Region& region) noexcept;
+
+  Decision prepare(const Call& call, CallSite* site, bool insert) noexcept;
+  Decision check(const CallSite& site, std::int64_t prompt, std::int64_t completion) const noexcept;
+  Decision reserve(const CallSite& site, std::int64_t prompt, std::int64_t completion, std::int64_t ttl_ms,
+                   Reservation* out) noexcept;
+  Decision commit(Reservation r, std::string_view provider, std::int64_t prompt, std::int64_t completion) noexcept;
+  Decision charge(Reservation r, std::int64_t more_prompt, std::int64_t more_completion) noexcept;
+  Decision release(Reservation r) noexcept;
+  Decision record(const Usage& usage) noexcept;
+
+  Price price(const CallSite& site) const noexcept;
+  bool killed() const noexcept;
+
+  KillSwitchState killSwitch() const;
+  BudgetView tenant(std::string_view project_id) const;
+  BudgetView run(std::string_view run_id) const;
+  BudgetView platform() const;
+  std::uint32_t liveReservations() const noexcept;
+
+  // The pid this process writes into the region: its own when it shares the agent's pid
+  // namespace, else 0, which tells the reaper to rely on deadlines alone.
+  std::uint32_t regionPid() const noexcept;
+
+ private:
+  struct Layers {
+    shm::Counters* at[shm::kLayerCount];
+  };
+  Layers layersOf(std::int32_t run, std::int32_t tenant) const noexcept;
+  BudgetView view(const shm::Counters* c, std::int64_t default_limit) const;
+  int claimSlot(std::uint32_t pid) noexcept;
+  // Takes the reservation `r` out of one of the `accepted` states into kResSettling or
+  // kResCharging, owned by this process. Returns the state it left, or kResFree when `r` is
+  // not live.
+  shm::ResState acquire(Reservation r, std::uint32_t accepted_mask, shm::ResState into, std::uint64_t* word) noexcept;
+
+  shm::Header& h_;
+  KeyedTable<shm::BudgetSlot> tenants_;
+  KeyedTable<shm::BudgetSlot> runs_;
+  KeyedTable<shm::ModelSlot> models_;
+  shm::ReservationSlot* res_;
+  std::uint32_t res_mask_;
+  bool same_pidns_;
+};
+
+// The reservation table index's owner identity for this process (refreshed after fork).
+std::uint32_t selfPid() noexcept;
+std::uint64_t selfStartTime() noexcept;
+
+}  // namespace tokenfuse

@@ -1,0 +1,212 @@
+// The bytes of the shared-memory region. Everything here is fixed-width and standard-layout:
+// indices instead of pointers, no virtuals, no references, so that every process maps the same
+// meaning at whatever address. docs/shm-format.md describes the same layout for people.
+//
+// Concurrency rules:
+//   - Header fields that are not atomic are written once by the creator, before `ready` is set
+//     with release order, and never again.
+//   - Everything that changes afterwards is a lock-free std::atomic; no lock lives here, so no
+//     crashed process can leave one held.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+namespace tokenfuse::shm {
+
+inline constexpr std::uint64_t kMagic = 0x31'45'53'55'46'4e'4b'54ull;   // "TKNFUSE1"
+// Increment whenever anything in this file changes the bytes or the meaning of the region.
+inline constexpr std::uint32_t kLayoutVersion = 1;
+
+inline constexpr std::size_t kKeyMax = 128;      // project_id, run_id, model, agent_id bytes
+inline constexpr std::size_t kReasonMax = 256;   // kill switch reason bytes
+inline constexpr std::int64_t kUnlimited = -1;   // a limit that is not set (the reference's NULL)
+inline constexpr std::int32_t kNoSlot = -1;
+
+static_assert(std::atomic<std::int64_t>::is_always_lock_free);
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
+static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
+
+// One budget layer: the platform, a tenant or a run. Money in nano-USD.
+struct alignas(64) Counters {
+  std::atomic<std::int64_t> limit;         // kUnlimited, or the most committed + held may reach
+  std::atomic<std::int64_t> used;          // committed + held; CAS-guarded against limit
+  std::atomic<std::int64_t> committed;     // booked in the current budget day
+  std::atomic<std::int64_t> prompt_tokens;
+  std::atomic<std::int64_t> completion_tokens;
+  std::atomic<std::int64_t> calls;
+  std::atomic<std::int64_t> denials;
+  std::atomic<std::uint32_t> limit_explicit;  // 0: limit follows the region default
+  std::uint32_t pad_;
+};
+static_assert(sizeof(Counters) == 64);
+
+// Key slot state word: [63..32] hash tag | [31..30] state | [29..0] pid of the inserter.
+enum KeyState : std::uint32_t { kKeyEmpty = 0, kKeyInit = 1, kKeyReady = 2, kKeyTombstone = 3 };
+
+struct KeyHeader {
+  std::atomic<std::uint64_t> word;
+  std::uint32_t key_len;      // written before the word turns kKeyReady
+  char key[kKeyMax];
+};
+
+// A tenant or run entry of an open-addressing, insert-only hash table.
+struct alignas(64) BudgetSlot {
+  KeyHeader k;
+  alignas(64) Counters c;
+};
+static_assert(sizeof(BudgetSlot) == 256);
+static_assert(offsetof(BudgetSlot, c) == 192);
+
+// A price table entry. Rates are atomics so the agent can change a price while clients read it.
+struct alignas(64) ModelSlot {
+  KeyHeader k;
+  alignas(64) std::atomic<std::int64_t> prompt_nano_per_mtok;
+  std::atomic<std::int64_t> completion_nano_per_mtok;
+};
+static_assert(sizeof(ModelSlot) == 256);
+
+// Reservation slot state word: [63..32] pid of the process acting on it | [31..8] generation |
+// [7..4] state | [3..0] progress (how many of the three layers the current operation has done).
+enum ResState : std::uint32_t {
+  kResFree = 0,
+  kResReserving = 1,   // holding the estimate, layer by layer
+  kResActive = 2,      // holding; waiting for commit, charge or release
+  kResCharging = 3,    // growing the hold to charge_target, layer by layer
+  kResSettling = 4,    // returning the hold (and booking the cost), layer by layer
+  kResExpired = 5,     // the agent returned the hold after the deadline; commit still books
+};
+
+// Crash safety of multi-layer operations. An operation changes the three layers one at a time
+// and records its progress in the state word. The order of the two steps is chosen so that the
+// slot may understate what a layer holds but never overstate it: when a process dies between
+// them, the agent's reaper returns too little (a hold stays counted until counters are rebuilt),
+// never too much (which could let spending pass a limit).
+//   - growing a hold (reserve, charge): change the layer, then advance progress;
+//   - shrinking or settling (commit, release, rollback): advance progress, then change the layer.
+
+// Layers in the order they are checked, which is also the order operations apply them.
+enum Layer : std::uint32_t { kLayerRun = 0, kLayerTenant = 1, kLayerPlatform = 2, kLayerCount = 3 };
+
+struct alignas(64) ReservationSlot {
+  std::atomic<std::uint64_t> word;
+  std::atomic<std::uint64_t> owner_start;     // /proc start time of the pid; 0: unknown
+  std::atomic<std::int64_t> deadline_unix_ns; // in the agent's clock
+  std::atomic<std::int64_t> held;             // nano-USD held on each layer
+  std::atomic<std::int64_t> charge_target;    // the hold being grown to while kResCharging
+  std::atomic<std::int64_t> charged_prompt;   // tokens charged so far (streaming)
+  std::atomic<std::int64_t> charged_completion;
+  std::atomic<std::int32_t> tenant;           // BudgetSlot index or kNoSlot
+  std::atomic<std::int32_t> run;              // BudgetSlot index or kNoSlot
+  std::atomic<std::int64_t> prompt_nano_per_mtok;   // price fixed at reserve time
+  std::atomic<std::int64_t> completion_nano_per_mtok;
+  std::atomic<std::int64_t> ttl_ns;
+  std::atomic<std::uint32_t> owner_pid;      // the reserving process (the word's pid is whoever acts now)
+  std::atomic<std::uint32_t> free_model;
+  std::uint32_t model_len;                    // written by the owner while kResReserving
+  std::uint32_t agent_id_len;
+  char model[kKeyMax];
+  char agent_id[kKeyMax];
+};
+static_assert(sizeof(ReservationSlot) == 384);
+
+// The emergency kill switch. `active` is what the hot path reads; the rest sits behind a
+// sequence lock (seq odd while the agent writes) so a reader sees a consistent reason.
+struct alignas(64) KillSwitch {
+  std::atomic<std::uint32_t> active;
+  std::atomic<std::uint32_t> seq;
+  std::atomic<std::int64_t> expires_unix_ns;  // 0: until turned off
+  std::atomic<std::int64_t> since_unix_ns;
+  std::atomic<std::uint32_t> reason_len;
+  std::uint32_t pad_;
+  std::atomic<std::uint64_t> reason_words[kReasonMax / 8];
+};
+
+// Values the library applies when it creates an entry or prices an unknown model.
+struct alignas(64) Defaults {
+  std::atomic<std::int64_t> tenant_limit;     // kUnlimited, or a daily limit for new tenants
+  std::atomic<std::int64_t> run_limit;        // kUnlimited, or a limit for new runs
+  std::atomic<std::int64_t> fallback_prompt_nano_per_mtok;
+  std::atomic<std::int64_t> fallback_completion_nano_per_mtok;
+  std::atomic<std::int64_t> reservation_ttl_ns;
+};
+
+// Counters the agent exports; the library only increments them.
+struct alignas(64) Stats {
+  std::atomic<std::uint64_t> untracked_calls;     // a table was full; counted in platform only
+  std::atomic<std::uint64_t> reaped_dead_owner;   // holds returned from dead processes
+  std::atomic<std::uint64_t> reaped_expired;      // holds returned after their deadline
+  std::atomic<std::uint64_t> stuck_keys_cleared;  // half-written keys of dead inserters
+};
+
+struct alignas(64) Header {
+  // Written once by the creator before `ready`.
+  std::uint64_t magic;
+  std::uint32_t layout_version;
+  std::uint32_t header_bytes;
+  std::uint64_t region_bytes;
+  std::uint32_t tenant_capacity;        // each a power of two
+  std::uint32_t run_capacity;
+  std::uint32_t model_capacity;
+  std::uint32_t reservation_capacity;
+  std::uint64_t tenant_offset;          // byte offsets from the start of the region
+  std::uint64_t run_offset;
+  std::uint64_t model_offset;
+  std::uint64_t reservation_offset;
+  std::int64_t created_unix_ns;
+  std::atomic<std::uint32_t> ready;     // set last, with release order
+
+  // Kept current by the agent that owns the region now.
+  std::atomic<std::int32_t> agent_pid;
+  std::atomic<std::uint64_t> agent_pidns;        // inode of the agent's pid namespace
+  alignas(64) std::atomic<std::int64_t> clock_unix_ns;   // the agent's heartbeat and time base
+  std::atomic<std::int32_t> day;                 // current budget day (days since epoch, local)
+
+  alignas(64) KillSwitch kill;
+  alignas(64) Counters platform;
+  alignas(64) Defaults defaults;
+  alignas(64) Stats stats;
+};
+
+static_assert(offsetof(Header, magic) == 0);
+static_assert(offsetof(Header, layout_version) == 8);
+static_assert(offsetof(Header, region_bytes) == 16);
+static_assert(offsetof(Header, ready) == 80);
+static_assert(offsetof(Header, clock_unix_ns) == 128);
+static_assert(offsetof(Header, kill) == 192);
+static_assert(sizeof(Header) % 64 == 0);
+
+// --- word packing ------------------------------------------------------------------------------
+
+constexpr std::uint64_t keyWord(std::uint32_t tag, KeyState state, std::uint32_t pid) noexcept {
+  return (std::uint64_t{tag} << 32) | (std::uint64_t{state} << 30) | (pid & 0x3fff'ffffu);
+}
+constexpr std::uint32_t keyTag(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w >> 32); }
+constexpr KeyState keyState(std::uint64_t w) noexcept { return static_cast<KeyState>((w >> 30) & 3u); }
+constexpr std::uint32_t keyPid(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w & 0x3fff'ffffu); }
+
+inline constexpr std::uint32_t kGenMask = 0xff'ffffu;   // 24-bit generation
+
+constexpr std::uint64_t resWord(std::uint32_t pid, std::uint32_t gen, ResState state,
+                                std::uint32_t progress) noexcept {
+  return (std::uint64_t{pid} << 32) | (std::uint64_t{gen & kGenMask} << 8) |
+         (std::uint64_t{state} << 4) | (progress & 0xfu);
+}
+constexpr std::uint32_t resPid(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w >> 32); }
+constexpr std::uint32_t resGen(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w >> 8) & kGenMask; }
+constexpr ResState resState(std::uint64_t w) noexcept { return static_cast<ResState>((w >> 4) & 0xfu); }
+constexpr std::uint32_t resProgress(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w & 0xfu); }
+constexpr std::uint32_t nextGen(std::uint32_t gen) noexcept {
+  const std::uint32_t g = (gen + 1) & kGenMask;
+  return g == 0 ? 1 : g;   // generation 0 is never live, so reservation id 0 is never valid
+}
+
+// A reservation id: [55..32] generation | [31..0] slot index.
+constexpr std::uint64_t reservationId(std::uint32_t index, std::uint32_t gen) noexcept {
+  return (std::uint64_t{gen & kGenMask} << 32) | index;
+}
+constexpr std::uint32_t reservationIndex(std::uint64_t id) noexcept { return static_cast<std::uint32_t>(id); }
+constexpr std::uint32_t reservationGen(std::uint64_t id) noexcept { return static_cast<std::uint32_t>(id >> 32) & kGenMask; }
+
+}  // namespace tokenfuse::shm

@@ -1,0 +1,73 @@
+// The shared-memory region: creating it (tokenfused), attaching to it (everyone), and finding
+// the tables inside it. Set-up code: it may allocate and throw internally, and reports failures
+// as a Status with a message a person can act on.
+#pragma once
+
+#include "layout.h"
+
+#include <tokenfuse/tokenfuse.hpp>
+
+#include <boost/interprocess/mapped_region.hpp>
+#include <boost/interprocess/shared_memory_object.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace tokenfuse {
+
+struct RegionSpec {
+  std::string shm_name = "tokenfuse";
+  std::uint32_t tenant_capacity = 16384;
+  std::uint32_t run_capacity = 16384;
+  std::uint32_t model_capacity = 1024;
+  std::uint32_t reservation_capacity = 16384;
+  std::uint32_t mode = 0660;
+};
+
+// Checks a shm name: 1 to 200 of [A-Za-z0-9._-]. Returns an empty string or the problem.
+std::string validateShmName(const std::string& name);
+
+enum class AttachFailure { kNone, kNotFound, kNotReady, kIncompatible, kOwned, kOther };
+
+class Region {
+ public:
+  // Creates a new region and takes ownership of it; fails if one of that name exists. The new
+  // region is not ready: its owner fills in limits and prices, then RegionAdmin::publish.
+  static Status create(const RegionSpec& spec, std::unique_ptr<Region>* out);
+  // Attaches to an existing, ready region of this layout version. With `own`, also takes the
+  // owner's lock (an exclusive flock on the shm object, released by the kernel when the owner
+  // exits, however it exits) and accepts a region that is not ready yet; fails if another live
+  // process owns it. `why`, if given, says what kind of failure it was.
+  static Status attach(const std::string& shm_name, std::unique_ptr<Region>* out, bool own = false,
+                       AttachFailure* why = nullptr);
+  // Removes the name; processes that have it mapped keep their mapping. True if it existed.
+  static bool remove(const std::string& shm_name) noexcept;
+
+  shm::Header& header() const noexcept { return *header_; }
+  shm::BudgetSlot* tenants() const noexcept { return at<shm::BudgetSlot>(header_->tenant_offset); }
+  shm::BudgetSlot* runs() const noexcept { return at<shm::BudgetSlot>(header_->run_offset); }
+  shm::ModelSlot* models() const noexcept { return at<shm::ModelSlot>(header_->model_offset); }
+  shm::ReservationSlot* reservations() const noexcept {
+    return at<shm::ReservationSlot>(header_->reservation_offset);
+  }
+  const std::string& name() const noexcept { return name_; }
+
+  // Whether this region was made with the same capacities as `spec`.
+  bool matches(const RegionSpec& spec) const noexcept;
+
+ private:
+  Region(std::string name, boost::interprocess::shared_memory_object shm,
+         boost::interprocess::mapped_region mapping);
+  template <typename T>
+  T* at(std::uint64_t offset) const noexcept {
+    return reinterpret_cast<T*>(reinterpret_cast<char*>(header_) + offset);
+  }
+
+  std::string name_;
+  boost::interprocess::shared_memory_object shm_;
+  boost::interprocess::mapped_region mapping_;
+  shm::Header* header_;
+};
+
+}  // namespace tokenfuse

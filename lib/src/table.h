@@ -1,0 +1,108 @@
+// An insert-only, open-addressing hash table in shared memory, keyed by a string of at most
+// shm::kKeyMax bytes. Lock-free: a slot is claimed with one compare-and-swap that carries the
+// key's hash tag and the claimer's pid, filled, then published as ready with release order.
+//
+// A reader that meets a slot being filled with the same hash tag waits for it (a few hundred
+// nanoseconds). If the filler died half-way, the wait is bounded and the call reports busy; the
+// agent's reaper then tombstones the slot. Entries are never removed while the region lives, so
+// a found index stays valid: callers may cache it (CallSite).
+#pragma once
+
+#include "layout.h"
+
+#include <cstdint>
+#include <cstring>
+#include <string_view>
+
+namespace tokenfuse {
+
+// FNV-1a, 64-bit: keys are short, so a simple byte loop beats anything with a set-up cost.
+inline std::uint64_t hashKey(std::string_view key) noexcept {
+  std::uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char c : key) {
+    h ^= c;
+    h *= 0x100000001b3ull;
+  }
+  return h;
+}
+
+inline void cpuRelax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+enum class Lookup { kFound, kInserted, kAbsent, kFull, kBusy };
+
+struct Found {
+  Lookup what;
+  std::int32_t index;
+};
+
+template <typename Slot>
+class KeyedTable {
+ public:
+  KeyedTable(Slot* slots, std::uint32_t capacity) noexcept : slots_(slots), mask_(capacity - 1) {}
+
+  Slot& at(std::int32_t index) const noexcept { return slots_[index]; }
+  std::uint32_t capacity() const noexcept { return mask_ + 1; }
+
+  Found find(std::string_view key) const noexcept {
+    return probe(key, 0, false, [](Slot&) noexcept {});
+  }
+
+  // Finds `key`, or inserts it: `init(slot)` fills the value before the slot is published.
+  template <typename Init>
+  Found findOrInsert(std::string_view key, std::uint32_t pid, Init&& init) const noexcept {
+    return probe(key, pid, true, init);
+  }
+
+ private:
+  static constexpr int kSpinLimit = 1 << 16;
+
+  template <typename Init>
+  Found probe(std::string_view key, std::uint32_t pid, bool insert, Init&& init) const noexcept {
+    const std::uint64_t h = hashKey(key);
+    const auto tag = static_cast<std::uint32_t>(h >> 32);
+    std::uint32_t i = static_cast<std::uint32_t>(h) & mask_;
+    for (std::uint32_t n = 0; n <= mask_; ++n, i = (i + 1) & mask_) {
+      shm::KeyHeader& k = slots_[i].k;
+      std::uint64_t w = k.word.load(std::memory_order_acquire);
+      int spins = 0;
+      for (;;) {   // look at slot i until it is decided; then go on to the next slot
+        const shm::KeyState state = shm::keyState(w);
+        if (state == shm::kKeyEmpty) {
+          if (!insert) return {Lookup::kAbsent, -1};
+          if (k.word.compare_exchange_strong(w, shm::keyWord(tag, shm::kKeyInit, pid),
+                                             std::memory_order_acquire, std::memory_order_acquire)) {
+            k.key_len = static_cast<std::uint32_t>(key.size());
+            std::memcpy(k.key, key.data(), key.size());
+            init(slots_[i]);
+            k.word.store(shm::keyWord(tag, shm::kKeyReady, 0), std::memory_order_release);
+            return {Lookup::kInserted, static_cast<std::int32_t>(i)};
+          }
+          continue;   // lost the race: w holds what won; look again
+        }
+        if (state == shm::kKeyTombstone || shm::keyTag(w) != tag) break;
+        if (state == shm::kKeyInit) {
+          if (++spins > kSpinLimit) return {Lookup::kBusy, -1};
+          cpuRelax();
+          w = k.word.load(std::memory_order_acquire);
+          continue;
+        }
+        if (k.key_len == key.size() && std::memcmp(k.key, key.data(), key.size()) == 0) {
+          return {Lookup::kFound, static_cast<std::int32_t>(i)};
+        }
+        break;
+      }
+    }
+    return {insert ? Lookup::kFull : Lookup::kAbsent, -1};
+  }
+
+  Slot* slots_;
+  std::uint32_t mask_;
+};
+
+}  // namespace tokenfuse

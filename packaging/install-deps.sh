@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs every build and test dependency of tokenfuse from Debian 12's packages.
+# Idempotent and non-interactive: run it as root, or as a user with sudo, as often as you like.
+set -euo pipefail
+
+packages=(
+  # toolchain
+  build-essential cmake pkg-config git ca-certificates
+  # libraries the agent and the library build against
+  libboost-dev                 # Boost.Interprocess (header-only)
+  libtomlplusplus-dev          # config file
+  libspdlog-dev libfmt-dev     # structured logs
+  libhowardhinnant-date-dev    # IANA time zones (GCC 12 has no std::chrono tzdb)
+  tzdata
+  libcli11-dev                 # admin CLI
+  nlohmann-json3-dev           # JSON
+  libsqlitecpp-dev libsqlite3-dev sqlite3   # the ledger
+  libcpp-httplib-dev           # localhost HTTP API
+  libhiredis-dev libpqxx-dev   # central link
+  prometheus-cpp-dev           # metrics
+  # tests and benchmarks
+  doctest-dev libbenchmark-dev python3
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#packages[@]} packages already installed"
+  exit 0
+fi
+
+sudo_cmd=()
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "install-deps: run as root or install sudo" >&2; exit 1; }
+  sudo_cmd=(sudo)
+fi
+
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${sudo_cmd[@]}" apt-get update -qq
+"${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
