@@ -7,6 +7,7 @@
 namespace tokenfuse::log {
 
 void init(const std::string& level) {
+  spdlog::drop("tokenfused");
   auto logger = spdlog::stderr_logger_mt("tokenfused");
   // The message is the tail of a JSON object; spdlog supplies the head.
   logger->set_pattern(R"({"ts":"%Y-%m-%dT%H:%M:%S.%fZ","level":"%l",%v})", spdlog::pattern_time_type::utc);

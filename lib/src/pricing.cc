@@ -3,7 +3,7 @@
 namespace tokenfuse {
 
 std::vector<std::pair<std::string_view, Price>> referencePrices() {
-  constexpr std::int64_t k = 1'000'000;   // nano-USD per Mtok in one micro-USD per Mtok
+  constexpr std::int64_t k = 1'000;   // nano-USD per Mtok in one micro-USD per Mtok
   return {
       {"claude-opus-4-7", {15'000'000 * k, 75'000'000 * k}},
       {"claude-sonnet-4-6", {3'000'000 * k, 15'000'000 * k}},
