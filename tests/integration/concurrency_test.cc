@@ -1,0 +1,276 @@
+// Real processes and real threads racing on one region: the budget property must hold exactly.
+#include "support.h"
+
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <random>
+#include <thread>
+#include <vector>
+
+using namespace tokenfuse;
+using tokenfuse::test::TestRegion;
+using tokenfuse::test::usd;
+
+namespace {
+
+constexpr int kTenants = 4;
+constexpr int kRuns = 8;
+
+// What one child process booked, sent back to the parent through a pipe.
+struct Booked {
+  std::int64_t tenant[kTenants] = {};
+  std::int64_t run[kRuns] = {};
+  std::int64_t total = 0;
+  std::int64_t reserved = 0;
+  std::int64_t denied = 0;
+  std::int64_t stopped_streams = 0;
+  std::int64_t failures = 0;   // anything that should never happen
+};
+
+// Memory shared by parent and children, for a start barrier.
+struct Shared {
+  std::atomic<int> waiting{0};
+  std::atomic<int> go{0};
+};
+
+Shared* sharedPage() {
+  void* p = ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  REQUIRE(p != MAP_FAILED);
+  return new (p) Shared{};
+}
+
+void awaitStart(Shared* s) {
+  s->waiting.fetch_add(1);
+  while (s->go.load() == 0) std::this_thread::yield();
+}
+
+// One thread's work: reserve, then commit at most the estimate, stream in chunks, or release.
+void worker(Client& c, int seed, int iterations, Booked* out, std::mutex* mu) {
+  std::mt19937 rng(static_cast<unsigned>(seed));
+  Booked mine;
+  for (int i = 0; i < iterations; ++i) {
+    const int tenant = static_cast<int>(rng() % kTenants);
+    const int run = static_cast<int>(rng() % kRuns);
+    const std::string project = "tenant-" + std::to_string(tenant);
+    const std::string run_id = "run-" + std::to_string(run);
+    const std::int64_t prompt = 100 + rng() % 2000;
+    const std::int64_t completion = rng() % 1000;
+    Reservation r;
+    const Decision d = c.reserve({project, "gpt-4o", run_id, "w", prompt, completion, 0}, &r);
+    if (!d.allowed()) {
+      mine.denied += 1;
+      if (d.code != Code::kRunBudgetExhausted && d.code != Code::kTenantBudgetExhausted &&
+          d.code != Code::kPlatformBudgetExhausted) {
+        mine.failures += 1;
+      }
+      continue;
+    }
+    mine.reserved += 1;
+    std::int64_t booked = 0;
+    switch (rng() % 4) {
+      case 0: {   // release: nothing booked
+        if (!c.release(r).allowed()) mine.failures += 1;
+        continue;
+      }
+      case 1: {   // stream: charge the prompt, then chunks until done or stopped; commit what was charged
+        std::int64_t got = 0;
+        if (!c.charge(r, prompt, 0).allowed()) mine.failures += 1;   // within the hold by construction
+        const std::int64_t want = completion + rng() % 3000;
+        while (got < want) {
+          if (!c.charge(r, 0, 50).allowed()) {
+            mine.stopped_streams += 1;
+            break;
+          }
+          got += 50;
+        }
+        const Decision k = c.commit(r, "openai", prompt, got);
+        if (!k.allowed()) mine.failures += 1;
+        booked = k.cost.count();
+        break;
+      }
+      default: {   // commit at most what was estimated
+        const Decision k = c.commit(r, "openai", static_cast<std::int64_t>(rng() % (prompt + 1)),
+                                    static_cast<std::int64_t>(rng() % (completion + 1)));
+        if (!k.allowed()) mine.failures += 1;
+        booked = k.cost.count();
+        break;
+      }
+    }
+    mine.tenant[tenant] += booked;
+    mine.run[run] += booked;
+    mine.total += booked;
+  }
+  std::lock_guard lock(*mu);
+  for (int t = 0; t < kTenants; ++t) out->tenant[t] += mine.tenant[t];
+  for (int r = 0; r < kRuns; ++r) out->run[r] += mine.run[r];
+  out->total += mine.total;
+  out->reserved += mine.reserved;
+  out->denied += mine.denied;
+  out->stopped_streams += mine.stopped_streams;
+  out->failures += mine.failures;
+}
+
+}  // namespace
+
+TEST_CASE("reserve: concurrent processes and threads never take any layer past its limit, and the counters "
+          "equal the sum of what was committed") {
+  TestRegion t(1024, "mp");
+  const NanoUsd platform_limit = usd("5.00");
+  const NanoUsd tenant_limit = usd("1.50");
+  const NanoUsd run_limit = usd("0.60");
+  t.admin->setPlatformLimit(platform_limit);
+  t.admin->setDefaultLimit(LimitTable::kTenant, tenant_limit);
+  t.admin->setDefaultLimit(LimitTable::kRun, run_limit);
+
+  constexpr int kProcesses = 4;
+  constexpr int kThreads = 4;
+  constexpr int kIterations = 1500;
+  Shared* shared = sharedPage();
+  std::vector<std::pair<pid_t, int>> children;
+  for (int p = 0; p < kProcesses; ++p) {
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::close(fds[0]);
+      std::unique_ptr<Client> c;
+      if (!Client::attach({t.spec.shm_name}, &c).ok()) ::_exit(3);
+      Booked total;
+      std::mutex mu;
+      std::vector<std::thread> threads;
+      for (int i = 0; i < kThreads; ++i) {
+        threads.emplace_back([&, i] {
+          awaitStart(shared);
+          worker(*c, p * 100 + i, kIterations, &total, &mu);
+        });
+      }
+      for (auto& th : threads) th.join();
+      const bool sent = ::write(fds[1], &total, sizeof total) == static_cast<ssize_t>(sizeof total);
+      ::_exit(sent ? 0 : 4);
+    }
+    ::close(fds[1]);
+    children.emplace_back(pid, fds[0]);
+  }
+
+  // Watch every layer while the children race: committed + held must never pass the limit.
+  std::atomic<bool> done{false};
+  std::atomic<std::int64_t> violations{0}, samples{0};
+  std::thread monitor([&] {
+    while (!done.load()) {
+      auto over = [&](const shm::Counters& c) {
+        const std::int64_t limit = c.limit.load();
+        return limit != shm::kUnlimited && c.used.load() > limit;
+      };
+      if (over(t.region->header().platform)) violations++;
+      for (int i = 0; i < kTenants; ++i) {
+        const Found f = KeyedTable<shm::BudgetSlot>(t.region->tenants(), 1024).find("tenant-" + std::to_string(i));
+        if (f.index >= 0 && over(t.region->tenants()[f.index].c)) violations++;
+      }
+      samples++;
+    }
+  });
+  while (shared->waiting.load() < kProcesses * kThreads) std::this_thread::yield();
+  shared->go.store(1);
+
+  Booked sum;
+  for (auto [pid, fd] : children) {
+    Booked b;
+    CHECK(::read(fd, &b, sizeof b) == static_cast<ssize_t>(sizeof b));
+    ::close(fd);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    for (int i = 0; i < kTenants; ++i) sum.tenant[i] += b.tenant[i];
+    for (int i = 0; i < kRuns; ++i) sum.run[i] += b.run[i];
+    sum.total += b.total;
+    sum.reserved += b.reserved;
+    sum.denied += b.denied;
+    sum.stopped_streams += b.stopped_streams;
+    sum.failures += b.failures;
+  }
+  done = true;
+  monitor.join();
+
+  MESSAGE("reserved " << sum.reserved << ", denied " << sum.denied << ", streams stopped " << sum.stopped_streams
+                      << ", monitor samples " << samples.load());
+  CHECK(sum.failures == 0);
+  CHECK(violations.load() == 0);
+  // The race was real: both outcomes happened many times.
+  CHECK(sum.reserved > 100);
+  CHECK(sum.denied > 100);
+
+  const BudgetView platform = t.client->platform();
+  CHECK(platform.committed.count() == sum.total);
+  CHECK(platform.held == NanoUsd(0));
+  CHECK(platform.committed <= platform_limit);
+  CHECK(platform.committed.count() > platform_limit.count() * 9 / 10);   // the budget was used, not starved
+  for (int i = 0; i < kTenants; ++i) {
+    const BudgetView v = t.client->tenant("tenant-" + std::to_string(i));
+    CHECK(v.committed.count() == sum.tenant[i]);
+    CHECK(v.held == NanoUsd(0));
+    CHECK(v.committed <= tenant_limit);
+  }
+  for (int i = 0; i < kRuns; ++i) {
+    const BudgetView v = t.client->run("run-" + std::to_string(i));
+    CHECK(v.committed.count() == sum.run[i]);
+    CHECK(v.held == NanoUsd(0));
+    CHECK(v.committed <= run_limit);
+  }
+  CHECK(t.client->info().live_reservations == 0);
+  ::munmap(shared, sizeof(Shared));
+}
+
+TEST_CASE("reserve: 200 concurrent calls of $0.042 against a $1.00 limit spend at most $1.00 (the reference "
+          "let all 200 through and spent $8.40)") {
+  TestRegion t(1024, "200");
+  REQUIRE(t.admin->setLimit(LimitTable::kTenant, "acme", usd("1.00")).ok());
+  constexpr int kProcesses = 4;
+  constexpr int kThreads = 50;
+  Shared* shared = sharedPage();
+  std::vector<pid_t> children;
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  for (int p = 0; p < kProcesses; ++p) {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      std::unique_ptr<Client> c;
+      if (!Client::attach({t.spec.shm_name}, &c).ok()) ::_exit(3);
+      std::atomic<int> passed{0};
+      std::vector<std::thread> threads;
+      for (int i = 0; i < kThreads; ++i) {
+        threads.emplace_back([&] {
+          awaitStart(shared);
+          Reservation r;
+          // 8400 prompt tokens of gpt-4o: $0.042.
+          if (c->reserve({"acme", "gpt-4o", {}, {}, 8400, 0, 0}, &r).allowed() &&
+              c->commit(r, "openai", 8400, 0).allowed()) {
+            passed++;
+          }
+        });
+      }
+      for (auto& th : threads) th.join();
+      const int n = passed.load();
+      ::_exit(::write(fds[1], &n, sizeof n) == sizeof n ? 0 : 4);
+    }
+    children.push_back(pid);
+  }
+  while (shared->waiting.load() < kProcesses * kThreads) std::this_thread::yield();
+  shared->go.store(1);
+  int passed = 0;
+  for (pid_t pid : children) {
+    int n = 0;
+    CHECK(::read(fds[0], &n, sizeof n) == sizeof n);
+    passed += n;
+    ::waitpid(pid, nullptr, 0);
+  }
+  ::close(fds[0]);
+  ::close(fds[1]);
+  CHECK(passed == 23);   // 23 * 0.042 = 0.966; a 24th would make 1.008
+  CHECK(t.client->tenant("acme").committed == usd("0.966"));
+  CHECK(t.client->tenant("acme").denials == 200 - 23);
+  ::munmap(shared, sizeof(Shared));
+}

@@ -1,0 +1,180 @@
+// tokenfused and the tokenfuse CLI as an operator runs them: real processes, real signals.
+#include "agent_support.h"
+#include "process.h"
+
+#include <algorithm>
+#include <fstream>
+
+using namespace tokenfuse;
+using namespace tokenfuse::test;
+
+namespace {
+
+struct AgentFixture {
+  AgentFixture(const char* what, const std::string& extra_toml = "") : shm(uniqueName(what)), cleanup{shm} {
+    config_path = dir.path + "/tokenfuse.toml";
+    std::ofstream(config_path) << "[agent]\nshm_name = \"" << shm << "\"\ndata_dir = \"" << dir.path
+                               << "/state\"\ntick_ms = 50\n[region]\ntenant_capacity = 256\nrun_capacity = 256\n"
+                                  "reservation_capacity = 256\n"
+                               << extra_toml;
+  }
+  std::unique_ptr<Process> start(std::vector<std::string> extra = {}) {
+    std::vector<std::string> args{TOKENFUSED_PATH, "--config", config_path};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return std::make_unique<Process>(args, dir.path + "/agent.log");
+  }
+  std::unique_ptr<Client> waitForRegion(pid_t agent_pid) {
+    std::unique_ptr<Client> c;
+    REQUIRE_MESSAGE(eventually([&] {
+                      c.reset();
+                      return Client::attach({shm}, &c).ok() && c->info().agent_pid == agent_pid;
+                    }),
+                    "tokenfused did not publish its region; its log:\n" << log());
+    return c;
+  }
+  std::string log() const {
+    std::ifstream in(dir.path + "/agent.log");
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  }
+  int cli(std::vector<std::string> args, std::string* output) {
+    if (std::find(args.begin(), args.end(), "--shm-name") == args.end()) args.insert(args.begin(), {"--shm-name", shm});
+    args.insert(args.begin(), TOKENFUSE_CLI_PATH);
+    const std::string out = dir.path + "/cli-" + std::to_string(cli_runs++) + ".out";
+    Process p(args, out);
+    const int rc = p.wait();
+    *output = p.output();
+    return rc;
+  }
+
+  TempDir dir;
+  std::string shm;
+  RegionCleanup cleanup;
+  std::string config_path;
+  int cli_runs = 0;
+};
+
+}  // namespace
+
+TEST_CASE("tokenfused: starts on its embedded defaults, serves the region, and stops cleanly on SIGTERM") {
+  AgentFixture f("start", "[budgets]\nplatform_daily_limit_usd = \"10\"\n");
+  auto agent = f.start();
+  auto client = f.waitForRegion(agent->pid());
+  CHECK(client->platform().limit == NanoUsd::fromWholeUsd(10));
+  CHECK(client->check("acme", "gpt-4o").allowed());
+  agent->signal(SIGTERM);
+  CHECK(agent->wait() == 0);
+  const std::string log = f.log();
+  CHECK(log.find(R"("event":"agent_started")") != std::string::npos);
+  CHECK(log.find(R"("event":"agent_stopped")") != std::string::npos);
+  // The region outlives the agent, so clients keep deciding while it restarts.
+  CHECK(client->check("acme", "gpt-4o").allowed());
+}
+
+TEST_CASE("tokenfused: a bad config stops start-up with exit code 2 and a message naming the key") {
+  AgentFixture f("badcfg", "[budgets]\nplatform_daily_limit_usd = 12.5\n");
+  auto agent = f.start();
+  CHECK(agent->wait() == 2);
+  CHECK(f.log().find("budgets.platform_daily_limit_usd: write money as a string") != std::string::npos);
+}
+
+TEST_CASE("crash: the holds of a SIGKILLed client come back within seconds, from the running agent") {
+  AgentFixture f("crash");
+  auto agent = f.start();
+  auto client = f.waitForRegion(agent->pid());
+  int ready[2];
+  REQUIRE(::pipe(ready) == 0);
+  const pid_t app = ::fork();
+  if (app == 0) {
+    std::unique_ptr<Client> c;
+    if (!Client::attach({f.shm}, &c).ok()) ::_exit(1);
+    Reservation r;
+    for (int i = 0; i < 10; ++i) {
+      if (!c->reserve({"acme", "gpt-4o", "run-9", {}, 1000, 0, 0}, &r).allowed()) ::_exit(2);
+    }
+    (void)::write(ready[1], "k", 1);
+    for (;;) ::pause();
+  }
+  char ok = 0;
+  REQUIRE(::read(ready[0], &ok, 1) == 1);
+  CHECK(client->tenant("acme").held == NanoUsd(50'000'000));
+  const auto killed_at = std::chrono::steady_clock::now();
+  ::kill(app, SIGKILL);
+  ::waitpid(app, nullptr, 0);
+  CHECK(eventually([&] { return client->tenant("acme").held == NanoUsd(0); }, std::chrono::seconds(5)));
+  const auto took = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - killed_at);
+  MESSAGE("holds returned " << took.count() << " ms after SIGKILL");
+  CHECK(client->run("run-9").held == NanoUsd(0));
+  CHECK(client->platform().held == NanoUsd(0));
+  CHECK(f.log().find(R"("event":"reservations_reaped","dead_owner":10)") != std::string::npos);
+  ::close(ready[0]);
+  ::close(ready[1]);
+}
+
+TEST_CASE("tokenfused: a SIGKILLed agent restarts and adopts the region, with every counter kept") {
+  AgentFixture f("restart");
+  auto agent = f.start();
+  auto client = f.waitForRegion(agent->pid());
+  REQUIRE(client->record({"acme", "gpt-4o", "openai", {}, {}, 1000, 0}).allowed());
+  agent->signal(SIGKILL);
+  CHECK(agent->wait() == -SIGKILL);
+  CHECK(client->check("acme", "gpt-4o").allowed());   // clients go on without the agent
+
+  auto second = f.start();
+  auto again = f.waitForRegion(second->pid());
+  CHECK(again->tenant("acme").committed == NanoUsd(5'000'000));
+  CHECK(f.log().find(R"("event":"region_adopted")") != std::string::npos);
+}
+
+TEST_CASE("tokenfused: a second agent on the same region or data dir is refused") {
+  AgentFixture f("twice");
+  auto agent = f.start();
+  f.waitForRegion(agent->pid());
+  auto second = f.start();
+  CHECK(second->wait() == 1);
+  CHECK(f.log().find("another tokenfused is running with data dir") != std::string::npos);
+}
+
+TEST_CASE("tokenfused: a region of another layout is refused unless --recreate-region") {
+  AgentFixture f("layout");
+  {
+    auto agent = f.start();
+    f.waitForRegion(agent->pid());
+    agent->signal(SIGKILL);
+    agent->wait();
+  }
+  {
+    std::unique_ptr<Region> r;
+    REQUIRE(Region::attach(f.shm, &r).ok());
+    r->header().layout_version = shm::kLayoutVersion + 1;
+  }
+  auto refused = f.start();
+  CHECK(refused->wait() == 1);
+  CHECK(f.log().find("has layout version " + std::to_string(shm::kLayoutVersion + 1)) != std::string::npos);
+  auto agent = f.start({"--recreate-region"});
+  auto client = f.waitForRegion(agent->pid());
+  CHECK(client->info().layout_version == shm::kLayoutVersion);
+  CHECK(f.log().find(R"("event":"region_recreated")") != std::string::npos);
+}
+
+TEST_CASE("cli: status, usage and check read the region; check exits 1 on a denial") {
+  AgentFixture f("cli", "[budgets.tenants]\nacme = \"0.001\"\n[kill_switch]\nactive = false\n");
+  auto agent = f.start();
+  auto client = f.waitForRegion(agent->pid());
+  std::string out;
+  CHECK(f.cli({"status"}, &out) == 0);
+  CHECK(out.find("kill       off") != std::string::npos);
+  CHECK(f.cli({"check", "acme", "gpt-4o", "--tokens", "100"}, &out) == 0);
+  CHECK(out.find("allowed (estimated $0.000500)") != std::string::npos);
+  CHECK(f.cli({"check", "acme", "gpt-4o", "--json"}, &out) == 1);
+  const auto j = nlohmann::json::parse(out);
+  CHECK(j["allowed"] == false);
+  CHECK(j["error_code"] == "E-BUDGET-002");
+  CHECK(j["estimated_cost_usd"] == "0.020000");
+  client->record({"acme", "gpt-4o", "openai", {}, {}, 10, 0});
+  CHECK(f.cli({"usage", "acme", "--json"}, &out) == 0);
+  CHECK(nlohmann::json::parse(out)["committed_usd"] == "0.000050");
+  CHECK(f.cli({"--shm-name", "no-such-region-x", "status"}, &out) == 3);
+  CHECK(out.find("does not exist: start tokenfused") != std::string::npos);
+}

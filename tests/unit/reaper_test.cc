@@ -1,0 +1,173 @@
+// The reaper returns the holds of dead and overdue reservations, exactly as much as each layer
+// holds, and never more.
+#include "support.h"
+
+#include <csignal>
+#include <sys/wait.h>
+#include <unistd.h>
+
+using namespace tokenfuse;
+using tokenfuse::test::TestRegion;
+using tokenfuse::test::usd;
+
+namespace {
+
+// A pid that certainly belongs to no live process: a child that has exited and been waited for.
+std::uint32_t deadPid() {
+  const pid_t pid = ::fork();
+  if (pid == 0) ::_exit(0);
+  ::waitpid(pid, nullptr, 0);
+  return static_cast<std::uint32_t>(pid);
+}
+
+struct Held {
+  NanoUsd run, tenant, platform;
+};
+Held held(Client& c) { return {c.run("run-1").held, c.tenant("acme").held, c.platform().held}; }
+
+// Rewrites a live reservation's slot as if a process that has died had left it in `state` after
+// `progress` layers.
+void fake(TestRegion& t, Reservation r, shm::ResState state, std::uint32_t progress) {
+  shm::ReservationSlot& s = t.region->reservations()[shm::reservationIndex(r.id)];
+  const std::uint32_t dead = deadPid();
+  s.owner_pid.store(dead);
+  s.owner_start.store(0);
+  s.word.store(shm::resWord(dead, shm::reservationGen(r.id), state, progress));
+}
+
+}  // namespace
+
+TEST_CASE("reaper: a reservation past its deadline gives its hold back; a late commit still books the cost") {
+  TestRegion t;
+  const std::int64_t now = test::nowNs();
+  t.admin->setClock(now);
+  Reservation r;
+  REQUIRE(t.client->reserve({"acme", "gpt-4o", "run-1", {}, 1000, 0, 1000}, &r).allowed());
+  CHECK(t.admin->reap(now + 999'000'000).expired == 0);
+  CHECK(t.admin->reap(now + 1'001'000'000).expired == 1);
+  CHECK(t.client->tenant("acme").held == NanoUsd(0));
+  CHECK(t.client->platform().held == NanoUsd(0));
+  CHECK(t.client->charge(r, 1, 1).code == Code::kReservationExpired);
+  const Decision d = t.client->commit(r, "openai", 1000, 100);
+  CHECK(d.allowed());
+  CHECK(d.reservation_expired);
+  CHECK(d.cost == usd("0.0065"));
+  CHECK(t.client->tenant("acme").committed == usd("0.0065"));
+  CHECK(t.client->run("run-1").committed == usd("0.0065"));
+  CHECK(t.client->platform().committed == usd("0.0065"));
+  CHECK(t.client->tenant("acme").held == NanoUsd(0));
+}
+
+TEST_CASE("reaper: an expired reservation that is never settled is recycled after one more TTL") {
+  TestRegion t;
+  const std::int64_t now = test::nowNs();
+  t.admin->setClock(now);
+  Reservation r;
+  REQUIRE(t.client->reserve({"acme", "gpt-4o", {}, {}, 1000, 0, 1000}, &r).allowed());
+  const std::int64_t later = now + 2'000'000'000;
+  CHECK(t.admin->reap(later).expired == 1);
+  CHECK(t.admin->reap(later + 999'000'000).freed_expired == 0);
+  CHECK(t.admin->reap(later + 1'001'000'000).freed_expired == 1);
+  CHECK(t.client->commit(r, "openai", 1, 1).code == Code::kUnknownReservation);
+  CHECK(t.client->info().live_reservations == 0);
+}
+
+TEST_CASE("reaper: a live owner's reservation within its deadline is left alone") {
+  TestRegion t;
+  Reservation r;
+  REQUIRE(t.client->reserve({"acme", "gpt-4o", {}, {}, 1000, 0, 0}, &r).allowed());
+  CHECK_FALSE(t.admin->reap(test::nowNs()).any());
+  CHECK(t.client->tenant("acme").held == usd("0.005"));
+  CHECK(t.client->commit(r, "openai", 1000, 0).allowed());
+}
+
+TEST_CASE("crash: a process killed with SIGKILL while holding reservations gets its holds back") {
+  TestRegion t;
+  int ready[2];
+  REQUIRE(::pipe(ready) == 0);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    std::unique_ptr<Client> c;
+    if (!Client::attach({t.spec.shm_name}, &c).ok()) ::_exit(1);
+    Reservation r;
+    for (int i = 0; i < 5; ++i) {
+      if (!c->reserve({"acme", "gpt-4o", "run-1", {}, 1000, 0, 0}, &r).allowed()) ::_exit(2);
+    }
+    char ok = 'k';
+    (void)::write(ready[1], &ok, 1);
+    for (;;) ::pause();
+  }
+  char ok = 0;
+  REQUIRE(::read(ready[0], &ok, 1) == 1);
+  Held before = held(*t.client);
+  CHECK(before.tenant == usd("0.025"));
+  CHECK(before.run == usd("0.025"));
+  CHECK(before.platform == usd("0.025"));
+
+  ::kill(child, SIGKILL);
+  // Wait for the death but leave the zombie: an exited process nobody has waited for is dead too.
+  siginfo_t info{};
+  REQUIRE(::waitid(P_PID, static_cast<id_t>(child), &info, WEXITED | WNOWAIT) == 0);
+  const ReapStats stats = t.admin->reap(test::nowNs());
+  ::waitpid(child, nullptr, 0);
+  CHECK(stats.dead_owner == 5);
+  const Held after = held(*t.client);
+  CHECK(after.tenant == NanoUsd(0));
+  CHECK(after.run == NanoUsd(0));
+  CHECK(after.platform == NanoUsd(0));
+  CHECK(t.client->info().live_reservations == 0);
+  ::close(ready[0]);
+  ::close(ready[1]);
+}
+
+TEST_CASE("crash: a reservation left half-way is given back exactly as far as it had got") {
+  TestRegion t;
+  const NanoUsd est = usd("0.005");
+  Reservation r;
+
+  SUBCASE("reserving, after two of three layers: run and tenant held, platform not yet") {
+    REQUIRE(t.client->reserve({"acme", "gpt-4o", "run-1", {}, 1000, 0, 0}, &r).allowed());
+    fake(t, r, shm::kResReserving, 2);
+    t.admin->reap(test::nowNs());
+    const Held h = held(*t.client);
+    CHECK(h.run == NanoUsd(0));
+    CHECK(h.tenant == NanoUsd(0));
+    CHECK(h.platform == est);   // the slot said the platform held nothing: it is not given back
+  }
+  SUBCASE("settling, after one layer: the run was settled, tenant and platform still held") {
+    REQUIRE(t.client->reserve({"acme", "gpt-4o", "run-1", {}, 1000, 0, 0}, &r).allowed());
+    fake(t, r, shm::kResSettling, 1);
+    t.admin->reap(test::nowNs());
+    const Held h = held(*t.client);
+    CHECK(h.run == est);        // not given back twice
+    CHECK(h.tenant == NanoUsd(0));
+    CHECK(h.platform == NanoUsd(0));
+  }
+  SUBCASE("charging, after one layer: the run holds the grown amount, the others the old one") {
+    REQUIRE(t.client->reserve({"acme", "gpt-4o", "run-1", {}, 1000, 0, 0}, &r).allowed());
+    shm::ReservationSlot& s = t.region->reservations()[shm::reservationIndex(r.id)];
+    s.charge_target.store(usd("0.008").count());
+    t.region->runs()[s.run.load()].c.used.fetch_add(usd("0.003").count());   // the run layer grew
+    fake(t, r, shm::kResCharging, 1);
+    t.admin->reap(test::nowNs());
+    const Held h = held(*t.client);
+    CHECK(h.run == NanoUsd(0));
+    CHECK(h.tenant == NanoUsd(0));
+    CHECK(h.platform == NanoUsd(0));
+  }
+  CHECK(t.client->info().live_reservations == 0);
+}
+
+TEST_CASE("crash: a table key half-written by a dead process is cleared, and the table moves on") {
+  TestRegion t;
+  const std::string key = "stuck-tenant";
+  const std::uint64_t h = hashKey(key);
+  shm::BudgetSlot& slot = t.region->tenants()[h & (t.spec.tenant_capacity - 1)];
+  slot.k.word.store(shm::keyWord(static_cast<std::uint32_t>(h >> 32), shm::kKeyInit, deadPid()));
+
+  CHECK(t.client->check(key, "gpt-4o").code == Code::kRegionBusy);
+  CHECK(t.admin->reap(test::nowNs()).stuck_keys == 1);
+  CHECK(t.client->record({key, "gpt-4o", "openai", {}, {}, 1000, 0}).allowed());
+  CHECK(t.client->tenant(key).committed == usd("0.005"));
+  CHECK(shm::keyState(slot.k.word.load()) == shm::kKeyTombstone);
+}
