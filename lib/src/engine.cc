@@ -86,7 +86,7 @@ std::uint32_t hintSeed() noexcept {
 
 void copyKey(char* dst, std::uint32_t* len, std::string_view src) noexcept {
   *len = static_cast<std::uint32_t>(src.size());
-  std::memcpy(dst, src.data(), src.size());
+  if (!src.empty()) std::memcpy(dst, src.data(), src.size());   // an empty view may hold nullptr
 }
 
 }  // namespace

@@ -42,6 +42,16 @@ Shared* sharedPage() {
   return new (p) Shared{};
 }
 
+// Children that cannot attach exit before the barrier; the parent then stops waiting.
+bool allWaiting(Shared* s, int n) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (s->waiting.load() < n) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
+
 void awaitStart(Shared* s) {
   s->waiting.fetch_add(1);
   while (s->go.load() == 0) std::this_thread::yield();
@@ -172,7 +182,7 @@ TEST_CASE("reserve: concurrent processes and threads never take any layer past i
       samples++;
     }
   });
-  while (shared->waiting.load() < kProcesses * kThreads) std::this_thread::yield();
+  CHECK(allWaiting(shared, kProcesses * kThreads));
   shared->go.store(1);
 
   Booked sum;
@@ -258,7 +268,8 @@ TEST_CASE("reserve: 200 concurrent calls of $0.042 against a $1.00 limit spend a
     }
     children.push_back(pid);
   }
-  while (shared->waiting.load() < kProcesses * kThreads) std::this_thread::yield();
+  ::close(fds[1]);
+  CHECK(allWaiting(shared, kProcesses * kThreads));
   shared->go.store(1);
   int passed = 0;
   for (pid_t pid : children) {
@@ -268,7 +279,6 @@ TEST_CASE("reserve: 200 concurrent calls of $0.042 against a $1.00 limit spend a
     ::waitpid(pid, nullptr, 0);
   }
   ::close(fds[0]);
-  ::close(fds[1]);
   CHECK(passed == 23);   // 23 * 0.042 = 0.966; a 24th would make 1.008
   CHECK(t.client->tenant("acme").committed == usd("0.966"));
   CHECK(t.client->tenant("acme").denials == 200 - 23);

@@ -96,8 +96,9 @@ TEST_CASE("crash: the holds of a SIGKILLed client come back within seconds, from
     (void)::write(ready[1], "k", 1);
     for (;;) ::pause();
   }
+  ::close(ready[1]);   // so that a child that dies early gives end-of-file, not a hang
   char ok = 0;
-  REQUIRE(::read(ready[0], &ok, 1) == 1);
+  REQUIRE_MESSAGE(::read(ready[0], &ok, 1) == 1, "the child process failed before it was ready");
   CHECK(client->tenant("acme").held == NanoUsd(50'000'000));
   const auto killed_at = std::chrono::steady_clock::now();
   ::kill(app, SIGKILL);
@@ -109,7 +110,6 @@ TEST_CASE("crash: the holds of a SIGKILLed client come back within seconds, from
   CHECK(client->platform().held == NanoUsd(0));
   CHECK(f.log().find(R"("event":"reservations_reaped","dead_owner":10)") != std::string::npos);
   ::close(ready[0]);
-  ::close(ready[1]);
 }
 
 TEST_CASE("tokenfused: a SIGKILLed agent restarts and adopts the region, with every counter kept") {

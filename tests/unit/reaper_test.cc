@@ -97,8 +97,9 @@ TEST_CASE("crash: a process killed with SIGKILL while holding reservations gets 
     (void)::write(ready[1], &ok, 1);
     for (;;) ::pause();
   }
+  ::close(ready[1]);   // so that a child that dies early gives end-of-file, not a hang
   char ok = 0;
-  REQUIRE(::read(ready[0], &ok, 1) == 1);
+  REQUIRE_MESSAGE(::read(ready[0], &ok, 1) == 1, "the child process failed before it was ready");
   Held before = held(*t.client);
   CHECK(before.tenant == usd("0.025"));
   CHECK(before.run == usd("0.025"));
@@ -117,7 +118,6 @@ TEST_CASE("crash: a process killed with SIGKILL while holding reservations gets 
   CHECK(after.platform == NanoUsd(0));
   CHECK(t.client->info().live_reservations == 0);
   ::close(ready[0]);
-  ::close(ready[1]);
 }
 
 TEST_CASE("crash: a reservation left half-way is given back exactly as far as it had got") {
