@@ -33,10 +33,9 @@ std::string priceProblem(Price p) {
 }
 
 void resetDay(shm::Counters& c) noexcept {
-  // Takes today's bookings out of `used` and leaves the holds of calls still in flight. A commit
-  // racing with this lands wholly in one day or the other (see docs/shm-format.md).
-  const std::int64_t committed = c.committed.exchange(0, kRelaxed);
-  c.used.fetch_sub(committed, kRelaxed);
+  // Takes today's bookings out of `used` and leaves the holds of calls still in flight, in one
+  // atomic step: a commit lands wholly in one day or the other.
+  c.spend.takeCommitted();
   c.prompt_tokens.exchange(0, kRelaxed);
   c.completion_tokens.exchange(0, kRelaxed);
   c.calls.exchange(0, kRelaxed);
@@ -245,7 +244,7 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
     shm::Counters* layers[shm::kLayerCount] = {run >= 0 ? &region_.runs()[run].c : nullptr,
                                                tenant >= 0 ? &region_.tenants()[tenant].c : nullptr, &h.platform};
     for (std::uint32_t j = 0; j < shm::kLayerCount; ++j) {
-      if (layers[j] != nullptr && give_back[j] != 0) layers[j]->used.fetch_sub(give_back[j], kRelaxed);
+      if (layers[j] != nullptr && give_back[j] != 0) layers[j]->spend.add(-give_back[j], 0);
     }
     if (owner_dead || st == shm::kResExpired) {
       if (st == shm::kResExpired) {

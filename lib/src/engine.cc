@@ -53,26 +53,16 @@ bool validTokens(std::int64_t n) noexcept { return n >= 0 && n <= kMaxTokensPerC
 // is what makes committed + held <= limit hold under any concurrency.
 bool tryHold(Counters& c, std::int64_t amount, Decision* denial) noexcept {
   const std::int64_t limit = c.limit.load(kRelaxed);
-  if (limit == shm::kUnlimited) {
-    c.used.fetch_add(amount, kRelaxed);
-    return true;
-  }
-  std::int64_t cur = c.used.load(kRelaxed);
-  for (;;) {
-    std::int64_t next;
-    if (__builtin_add_overflow(cur, amount, &next) || next > limit) {
-      denial->used = NanoUsd(cur);
-      denial->limit = NanoUsd(limit);
-      return false;
-    }
-    if (c.used.compare_exchange_weak(cur, next, kRelaxed, kRelaxed)) return true;
-  }
+  std::int64_t seen = 0;
+  if (c.spend.tryHold(amount, limit, &seen)) return true;
+  denial->used = NanoUsd(seen);
+  denial->limit = NanoUsd(limit);
+  return false;
 }
 
 void book(Counters& c, std::int64_t used_delta, std::int64_t cost, std::int64_t prompt,
           std::int64_t completion) noexcept {
-  c.used.fetch_add(used_delta, kRelaxed);
-  c.committed.fetch_add(cost, kRelaxed);
+  c.spend.add(used_delta, cost);
   c.prompt_tokens.fetch_add(prompt, kRelaxed);
   c.completion_tokens.fetch_add(completion, kRelaxed);
   c.calls.fetch_add(1, kRelaxed);
@@ -180,7 +170,7 @@ Decision Engine::check(const CallSite& site, std::int64_t prompt, std::int64_t c
     std::int64_t used = 0;
     std::int64_t limit = shm::kUnlimited;
     if (Counters* c = layers.at[i]) {
-      used = c->used.load(kRelaxed);
+      used = c->spend.used();
       limit = c->limit.load(kRelaxed);
     } else if (i == shm::kLayerTenant || (i == shm::kLayerRun && site.run != CallSite::kNone)) {
       // Not in the table yet: nothing spent, and the default limit is what it will get.
@@ -266,7 +256,7 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
       c->denials.fetch_add(1, kRelaxed);
       for (std::uint32_t j = i; j-- > 0;) {   // undo, newest first: progress, then the layer
         s.word.store(shm::resWord(pid, gen, shm::kResReserving, j), kRelease);
-        if (layers.at[j] != nullptr) layers.at[j]->used.fetch_sub(estimate->count(), kRelaxed);
+        if (layers.at[j] != nullptr) layers.at[j]->spend.add(-estimate->count(), 0);
       }
       s.word.store(shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0), kRelease);
       d.code = kLayerCode[i];
@@ -345,7 +335,7 @@ Decision Engine::release(Reservation r) noexcept {
   const Layers layers = layersOf(s.run.load(kRelaxed), s.tenant.load(kRelaxed));
   for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
     s.word.store(shm::resWord(shm::resPid(w), gen, shm::kResSettling, i + 1), kRelease);
-    if (layers.at[i] != nullptr) layers.at[i]->used.fetch_sub(held, kRelaxed);
+    if (layers.at[i] != nullptr) layers.at[i]->spend.add(-held, 0);
   }
   s.word.store(shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0), kRelease);
   Decision d;
@@ -389,7 +379,7 @@ Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t mo
         c->denials.fetch_add(1, kRelaxed);
         for (std::uint32_t j = i; j-- > 0;) {
           s.word.store(shm::resWord(pid, gen, shm::kResCharging, j), kRelease);
-          if (layers.at[j] != nullptr) layers.at[j]->used.fetch_sub(delta, kRelaxed);
+          if (layers.at[j] != nullptr) layers.at[j]->spend.add(-delta, 0);
         }
         back(shm::kResActive);
         d.code = kLayerCode[i];
@@ -438,10 +428,10 @@ BudgetView Engine::view(const Counters* c, std::int64_t default_limit) const {
   v.tracked = true;
   const std::int64_t limit = c->limit.load(kRelaxed);
   if (limit != shm::kUnlimited) v.limit = NanoUsd(limit);
-  const std::int64_t committed = c->committed.load(kRelaxed);
+  const std::int64_t committed = c->spend.committed();
   v.committed = NanoUsd(committed);
   // Two separate loads: clamp the transient a concurrent commit can show between them.
-  v.held = NanoUsd(std::max<std::int64_t>(0, c->used.load(kRelaxed) - committed));
+  v.held = NanoUsd(std::max<std::int64_t>(0, c->spend.used() - committed));
   v.prompt_tokens = c->prompt_tokens.load(kRelaxed);
   v.completion_tokens = c->completion_tokens.load(kRelaxed);
   v.calls = c->calls.load(kRelaxed);

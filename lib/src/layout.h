@@ -28,11 +28,30 @@ static_assert(std::atomic<std::int64_t>::is_always_lock_free);
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 
+// A layer's spending: `used` (committed + held) and `committed`, side by side in 16 bytes and
+// changed together by one 16-byte compare-and-swap. A commit thus moves money from held to
+// committed in a single atomic step, and the day rollover zeroes `committed` and takes it out of
+// `used` in another. Halves are read with ordinary 8-byte atomic loads.
+struct alignas(16) Spend {
+  std::int64_t used() const noexcept { return __atomic_load_n(&used_, __ATOMIC_RELAXED); }
+  std::int64_t committed() const noexcept { return __atomic_load_n(&committed_, __ATOMIC_RELAXED); }
+
+  // used += amount, unless that would pass `limit` (kUnlimited: no limit). On refusal *seen is
+  // the `used` that refused it.
+  bool tryHold(std::int64_t amount, std::int64_t limit, std::int64_t* seen) noexcept;
+  void add(std::int64_t used_delta, std::int64_t committed_delta) noexcept;
+  // Starts a new day: {used, committed} -> {used - committed, 0}. Returns what was committed.
+  std::int64_t takeCommitted() noexcept;
+
+  std::int64_t used_;
+  std::int64_t committed_;
+};
+static_assert(sizeof(Spend) == 16);
+
 // One budget layer: the platform, a tenant or a run. Money in nano-USD.
 struct alignas(64) Counters {
+  Spend spend;                             // CAS-guarded against limit
   std::atomic<std::int64_t> limit;         // kUnlimited, or the most committed + held may reach
-  std::atomic<std::int64_t> used;          // committed + held; CAS-guarded against limit
-  std::atomic<std::int64_t> committed;     // booked in the current budget day
   std::atomic<std::int64_t> prompt_tokens;
   std::atomic<std::int64_t> completion_tokens;
   std::atomic<std::int64_t> calls;
@@ -176,6 +195,56 @@ static_assert(offsetof(Header, ready) == 80);
 static_assert(offsetof(Header, clock_unix_ns) == 128);
 static_assert(offsetof(Header, kill) == 192);
 static_assert(sizeof(Header) % 64 == 0);
+
+// --- Spend: 16-byte compare-and-swap -------------------------------------------------------------
+
+__extension__ typedef unsigned __int128 U128;
+
+inline bool cas16(void* p, U128* expected, U128 desired) noexcept {
+#if defined(__GCC_HAVE_SYNC_COMPARE_AND_SWAP_16) && !defined(__SANITIZE_THREAD__)
+  // With -mcx16 this is one inline `lock cmpxchg16b`; the __atomic form would call libatomic.
+  const U128 prev = __sync_val_compare_and_swap(static_cast<U128*>(p), *expected, desired);
+  if (prev == *expected) return true;
+  *expected = prev;
+  return false;
+#else
+  return __atomic_compare_exchange_n(static_cast<U128*>(p), expected, desired, false, __ATOMIC_RELAXED,
+                                     __ATOMIC_RELAXED);
+#endif
+}
+
+inline U128 packSpend(std::int64_t used, std::int64_t committed) noexcept {
+  return (U128{static_cast<std::uint64_t>(committed)} << 64) | static_cast<std::uint64_t>(used);
+}
+inline std::int64_t spendUsed(U128 v) noexcept { return static_cast<std::int64_t>(static_cast<std::uint64_t>(v)); }
+inline std::int64_t spendCommitted(U128 v) noexcept {
+  return static_cast<std::int64_t>(static_cast<std::uint64_t>(v >> 64));
+}
+
+inline bool Spend::tryHold(std::int64_t amount, std::int64_t limit, std::int64_t* seen) noexcept {
+  U128 cur = packSpend(used(), committed());   // a torn read just fails the first CAS
+  for (;;) {
+    std::int64_t next;
+    if (__builtin_add_overflow(spendUsed(cur), amount, &next) || (limit != kUnlimited && next > limit)) {
+      *seen = spendUsed(cur);
+      return false;
+    }
+    if (cas16(this, &cur, packSpend(next, spendCommitted(cur)))) return true;
+  }
+}
+
+inline void Spend::add(std::int64_t used_delta, std::int64_t committed_delta) noexcept {
+  U128 cur = packSpend(used(), committed());
+  while (!cas16(this, &cur, packSpend(spendUsed(cur) + used_delta, spendCommitted(cur) + committed_delta))) {
+  }
+}
+
+inline std::int64_t Spend::takeCommitted() noexcept {
+  U128 cur = packSpend(used(), committed());
+  while (!cas16(this, &cur, packSpend(spendUsed(cur) - spendCommitted(cur), 0))) {
+  }
+  return spendCommitted(cur);
+}
 
 // --- word packing ------------------------------------------------------------------------------
 

@@ -5,9 +5,6 @@
 
 namespace tokenfuse {
 
-namespace {
-__extension__ typedef __int128 Int128;   // GCC and Clang on 64-bit targets
-}  // namespace
 
 std::string NanoUsd::toString() const {
   const bool negative = nanos_ < 0;
@@ -66,13 +63,16 @@ std::optional<NanoUsd> costOf(Price price, std::int64_t prompt_tokens, std::int6
       price.completion_nano_per_mtok > kMaxPriceNanoPerMtok) {
     return std::nullopt;
   }
-  // Within the bounds above each product is below 2^32 * 1e15 < 2^82: 128 bits are plenty, and
-  // the quotient is below 2 * 4.3e18 < 2^63.
-  const Int128 scaled = static_cast<Int128>(prompt_tokens) * price.prompt_nano_per_mtok +
-                          static_cast<Int128>(completion_tokens) * price.completion_nano_per_mtok;
-  const Int128 cost = (scaled + 999'999) / 1'000'000;   // round up to a whole nano-USD
-  if (cost > std::numeric_limits<std::int64_t>::max()) return std::nullopt;
-  return NanoUsd(static_cast<std::int64_t>(cost));
+  // tokens * rate / 1e6 without 128-bit division (a library call on x86-64): split each rate
+  // into whole nano-USD per token and the remainder. Within the bounds above every product fits:
+  // tokens * whole <= 2^32 * 1e9 < 2^62, tokens * remainder < 2^32 * 1e6 < 2^52, and the sum
+  // of all four terms stays below 2^63.
+  constexpr std::int64_t kPerMtok = 1'000'000;
+  const std::int64_t whole = prompt_tokens * (price.prompt_nano_per_mtok / kPerMtok) +
+                             completion_tokens * (price.completion_nano_per_mtok / kPerMtok);
+  const std::int64_t rest = prompt_tokens * (price.prompt_nano_per_mtok % kPerMtok) +
+                            completion_tokens * (price.completion_nano_per_mtok % kPerMtok);
+  return NanoUsd(whole + (rest + kPerMtok - 1) / kPerMtok);   // round up to a whole nano-USD
 }
 
 }  // namespace tokenfuse

@@ -172,7 +172,7 @@ TEST_CASE("reserve: concurrent processes and threads never take any layer past i
     while (!done.load()) {
       auto over = [&](const shm::Counters& c) {
         const std::int64_t limit = c.limit.load();
-        return limit != shm::kUnlimited && c.used.load() > limit;
+        return limit != shm::kUnlimited && c.spend.used() > limit;
       };
       if (over(t.region->header().platform)) violations++;
       for (int i = 0; i < kTenants; ++i) {

@@ -147,7 +147,7 @@ TEST_CASE("crash: a reservation left half-way is given back exactly as far as it
     REQUIRE(t.client->reserve({"acme", "gpt-4o", "run-1", {}, 1000, 0, 0}, &r).allowed());
     shm::ReservationSlot& s = t.region->reservations()[shm::reservationIndex(r.id)];
     s.charge_target.store(usd("0.008").count());
-    t.region->runs()[s.run.load()].c.used.fetch_add(usd("0.003").count());   // the run layer grew
+    t.region->runs()[s.run.load()].c.spend.add(usd("0.003").count(), 0);   // the run layer grew
     fake(t, r, shm::kResCharging, 1);
     t.admin->reap(test::nowNs());
     const Held h = held(*t.client);
