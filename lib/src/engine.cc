@@ -300,6 +300,12 @@ Decision Engine::commit(Reservation r, std::string_view provider, std::int64_t p
   if (!validTokens(prompt) || !validTokens(completion) || provider.size() > shm::kKeyMax) {
     return fail(Code::kInvalidArgument);
   }
+  return settle(r, true, prompt, completion);
+}
+
+Decision Engine::release(Reservation r) noexcept { return settle(r, false, 0, 0); }
+
+Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std::int64_t completion) noexcept {
   std::uint64_t w = 0;
   const shm::ResState was = acquire(r, (1u << shm::kResActive) | (1u << shm::kResExpired), shm::kResSettling, &w);
   if (was == shm::kResFree) return fail(Code::kUnknownReservation);
@@ -308,38 +314,27 @@ Decision Engine::commit(Reservation r, std::string_view provider, std::int64_t p
   const std::uint32_t pid = shm::resPid(w);
   const bool expired = was == shm::kResExpired;
   const std::int64_t held = expired ? 0 : s.held.load(kRelaxed);
-  const Price p{s.prompt_nano_per_mtok.load(kRelaxed), s.completion_nano_per_mtok.load(kRelaxed)};
-  // Tokens are checked above and prices when they enter the region; within those bounds a cost
-  // always fits. The fallback only guards a region corrupted from outside.
-  const std::int64_t cost =
-      s.free_model.load(kRelaxed) != 0 ? 0 : costOf(p, prompt, completion).value_or(NanoUsd(held)).count();
+  std::int64_t cost = 0;
+  if (book_cost && s.free_model.load(kRelaxed) == 0) {
+    // Tokens are checked by the caller and prices when they enter the region; within those
+    // bounds a cost always fits. The fallback only guards a region corrupted from outside.
+    const Price p{s.prompt_nano_per_mtok.load(kRelaxed), s.completion_nano_per_mtok.load(kRelaxed)};
+    cost = costOf(p, prompt, completion).value_or(NanoUsd(held)).count();
+  }
   const Layers layers = layersOf(s.run.load(kRelaxed), s.tenant.load(kRelaxed));
   for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
     s.word.store(shm::resWord(pid, gen, shm::kResSettling, i + 1), kRelease);
-    if (layers.at[i] != nullptr) book(*layers.at[i], cost - held, cost, prompt, completion);
+    if (layers.at[i] == nullptr) continue;
+    if (book_cost) {
+      book(*layers.at[i], cost - held, cost, prompt, completion);
+    } else {
+      layers.at[i]->spend.add(-held, 0);
+    }
   }
   s.word.store(shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0), kRelease);
   Decision d;
-  d.cost = NanoUsd(cost);
-  d.reservation_expired = expired;
-  return d;
-}
-
-Decision Engine::release(Reservation r) noexcept {
-  std::uint64_t w = 0;
-  const shm::ResState was = acquire(r, (1u << shm::kResActive) | (1u << shm::kResExpired), shm::kResSettling, &w);
-  if (was == shm::kResFree) return fail(Code::kUnknownReservation);
-  ReservationSlot& s = res_[shm::reservationIndex(r.id)];
-  const std::uint32_t gen = shm::resGen(w);
-  const std::int64_t held = was == shm::kResExpired ? 0 : s.held.load(kRelaxed);
-  const Layers layers = layersOf(s.run.load(kRelaxed), s.tenant.load(kRelaxed));
-  for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
-    s.word.store(shm::resWord(shm::resPid(w), gen, shm::kResSettling, i + 1), kRelease);
-    if (layers.at[i] != nullptr) layers.at[i]->spend.add(-held, 0);
-  }
-  s.word.store(shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0), kRelease);
-  Decision d;
-  d.cost = NanoUsd(held);
+  d.cost = NanoUsd(book_cost ? cost : held);
+  d.reservation_expired = book_cost && expired;
   return d;
 }
 

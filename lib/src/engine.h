@@ -47,6 +47,8 @@ class Engine {
   Layers layersOf(std::int32_t run, std::int32_t tenant) const noexcept;
   BudgetView view(const shm::Counters* c, std::int64_t default_limit) const;
   int claimSlot(std::uint32_t pid) noexcept;
+  // Ends a reservation: returns its hold and, if `book_cost`, books the call's cost.
+  Decision settle(Reservation r, bool book_cost, std::int64_t prompt, std::int64_t completion) noexcept;
   // Takes the reservation `r` out of one of the `accepted` states into kResSettling or
   // kResCharging, owned by this process. Returns the state it left, or kResFree when `r` is
   // not live.

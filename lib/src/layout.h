@@ -200,14 +200,23 @@ static_assert(sizeof(Header) % 64 == 0);
 
 __extension__ typedef unsigned __int128 U128;
 
+// A 16-byte compare-and-swap that is atomic across processes. On x86-64 it is the instruction
+// itself: sanitizer runtimes (ThreadSanitizer) and, on old CPUs, libatomic implement 16-byte
+// atomics with a lock private to one process, which would silently break the budget between
+// processes. ThreadSanitizer does not see this instruction; it still checks the 8-byte loads.
 inline bool cas16(void* p, U128* expected, U128 desired) noexcept {
-#if defined(__GCC_HAVE_SYNC_COMPARE_AND_SWAP_16) && !defined(__SANITIZE_THREAD__)
-  // With -mcx16 this is one inline `lock cmpxchg16b`; the __atomic form would call libatomic.
-  const U128 prev = __sync_val_compare_and_swap(static_cast<U128*>(p), *expected, desired);
-  if (prev == *expected) return true;
-  *expected = prev;
-  return false;
+#if defined(__x86_64__)
+  auto lo = static_cast<std::uint64_t>(*expected);
+  auto hi = static_cast<std::uint64_t>(*expected >> 64);
+  bool swapped;
+  asm volatile("lock cmpxchg16b %1"
+               : "=@ccz"(swapped), "+m"(*static_cast<U128*>(p)), "+a"(lo), "+d"(hi)
+               : "b"(static_cast<std::uint64_t>(desired)), "c"(static_cast<std::uint64_t>(desired >> 64))
+               : "memory");
+  *expected = (U128{hi} << 64) | lo;
+  return swapped;
 #else
+  // Lock-free on AArch64 (LDXP/STXP or CASP); other targets must provide the same.
   return __atomic_compare_exchange_n(static_cast<U128*>(p), expected, desired, false, __ATOMIC_RELAXED,
                                      __ATOMIC_RELAXED);
 #endif

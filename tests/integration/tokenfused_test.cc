@@ -158,7 +158,7 @@ TEST_CASE("tokenfused: a region of another layout is refused unless --recreate-r
   CHECK(f.log().find(R"("event":"region_recreated")") != std::string::npos);
 }
 
-TEST_CASE("cli: status, usage and check read the region; check exits 1 on a denial") {
+TEST_CASE("cli: status, usage and check read the region, and check exits 1 on a denial") {
   AgentFixture f("cli", "[budgets.tenants]\nacme = \"0.001\"\n[kill_switch]\nactive = false\n");
   auto agent = f.start();
   auto client = f.waitForRegion(agent->pid());

@@ -101,7 +101,7 @@ TEST_CASE("agent: an unknown time zone in the config stops start-up with a messa
                        AgentError);
 }
 
-TEST_CASE("agent: config limits, prices and kill switch reach the region; removed ones are undone on restart") {
+TEST_CASE("agent: config limits, prices and kill switch reach the region, and removed ones are undone on restart") {
   TempDir dir;
   Config c = testConfig(dir, "apply");
   c.platform_daily_limit = NanoUsd::parse("50");

@@ -128,7 +128,7 @@ TEST_CASE("check: free local models skip the money layers but are still counted"
   CHECK(t.client->check("acme", "gpt-4o", 1).code == Code::kTenantBudgetExhausted);
 }
 
-TEST_CASE("reserve: holds the estimate on every layer; commit books the actual cost and returns the rest") {
+TEST_CASE("reserve: holds the estimate on every layer, and commit books the actual cost and returns the rest") {
   TestRegion t;
   Reservation r;
   const Decision d = reserve(*t.client, "acme", "gpt-4o", 1000, 1000, &r, "run-7");
@@ -237,7 +237,7 @@ TEST_CASE("record: books a finished call without a limit check, as record_token_
   CHECK(t.client->platform().committed == usd("0.02"));
 }
 
-TEST_CASE("limits: a default limit applies to new entries; explicit limits override it and can be cleared") {
+TEST_CASE("limits: a default limit applies to new entries, and explicit limits override it and can be cleared") {
   TestRegion t;
   t.admin->setDefaultLimit(LimitTable::kTenant, usd("0.01"));
   t.admin->setDefaultLimit(LimitTable::kRun, usd("0.005"));

@@ -37,7 +37,7 @@ void fake(TestRegion& t, Reservation r, shm::ResState state, std::uint32_t progr
 
 }  // namespace
 
-TEST_CASE("reaper: a reservation past its deadline gives its hold back; a late commit still books the cost") {
+TEST_CASE("reaper: a reservation past its deadline gives its hold back, and a late commit still books the cost") {
   TestRegion t;
   const std::int64_t now = test::nowNs();
   t.admin->setClock(now);
