@@ -179,6 +179,10 @@ TEST_CASE("reserve: concurrent processes and threads never take any layer past i
         const Found f = KeyedTable<shm::BudgetSlot>(t.region->tenants(), 1024).find("tenant-" + std::to_string(i));
         if (f.index >= 0 && over(t.region->tenants()[f.index].c)) violations++;
       }
+      for (int i = 0; i < kRuns; ++i) {
+        const Found f = KeyedTable<shm::BudgetSlot>(t.region->runs(), 1024).find("run-" + std::to_string(i));
+        if (f.index >= 0 && over(t.region->runs()[f.index].c)) violations++;
+      }
       samples++;
     }
   });
