@@ -37,12 +37,22 @@ Agent::Agent(Config config, Options options)
         }
       }()) {
   lockDataDir();
+  try {
+    ledger_ = std::make_unique<Ledger>(config_.data_dir + "/ledger.db", config_.host_id);
+  } catch (const LedgerError& e) {
+    throw AgentError(e.what());
+  }
   openRegion(options.recreate_region);
   admin_ = std::make_unique<RegionAdmin>(*region_);
+  writer_ = std::make_unique<LedgerWriter>(
+      *region_, *ledger_, config_.host_id,
+      LedgerWriter::Options{65536, std::chrono::milliseconds(config_.ledger_flush_interval_ms),
+                            std::chrono::milliseconds(5000)});
   applyConfig();
 
   const auto now = clock_();
   const std::int32_t today = days_.dayOf(now);
+  if (!adopted_) rebuildFromLedger(today);
   if (adopted_ && admin_->day() < today) {
     log::info("budget_day_rollover", {{"day", DayClock::format(today)},
                                       {"previous", DayClock::format(admin_->day())},
@@ -72,10 +82,23 @@ void Agent::lockDataDir() {
 }
 
 void Agent::openRegion(bool recreate) {
-  const RegionSpec spec{config_.shm_name, config_.tenant_capacity, config_.run_capacity, config_.model_capacity,
-                        config_.reservation_capacity, 0660};
+  const std::uint64_t ledger_seq = ledger_->maxSeq();
+  const RegionSpec spec{config_.shm_name,         config_.tenant_capacity, config_.run_capacity,
+                        config_.model_capacity,   config_.reservation_capacity, 0660,
+                        config_.ledger_capacity, ledger_seq};
   AttachFailure why = AttachFailure::kNone;
   Status s = Region::attach(spec.shm_name, &region_, /*own=*/true, &why);
+  if (s.ok() && region_->header().ledger_tail.load() < ledger_seq) {
+    // The region would hand out sequence numbers the ledger already has: it belongs to another
+    // data dir (or that ledger was restored from elsewhere).
+    why = AttachFailure::kIncompatible;
+    s = Status::error("region /" + spec.shm_name + " continues the ledger at sequence " +
+                      std::to_string(region_->header().ledger_tail.load()) + " but " + config_.data_dir +
+                      "/ledger.db already holds entries up to " + std::to_string(ledger_seq) +
+                      ": it belongs to another data dir; start with that --data-dir, or with --recreate-region "
+                      "(its in-flight reservations and unwritten ledger entries are dropped)");
+    region_.reset();
+  }
   if (s.ok() && !region_->matches(spec)) {
     why = AttachFailure::kIncompatible;
     const shm::Header& h = region_->header();
@@ -106,6 +129,36 @@ void Agent::openRegion(bool recreate) {
   }
   if (Status c = Region::create(spec, &region_); !c.ok()) throw AgentError(c.message());
   log::info("region_created", {{"shm_name", spec.shm_name}, {"bytes", region_->header().region_bytes}});
+}
+
+void Agent::rebuildFromLedger(std::int32_t today) {
+  // A new region (first start, or after a reboot wiped /dev/shm) starts from the ledger, so that
+  // today's counters equal its sums exactly. Nobody can use the region before it is published.
+  RegionAdmin& a = *admin_;
+  std::size_t tenants = 0, runs = 0;
+  for (const LedgerTotal& t : ledger_->tenantTotals(today)) {
+    if (Status s = a.restore(LimitTable::kTenant, t.id, NanoUsd(t.cost_nano_usd), t.prompt_tokens, t.completion_tokens,
+                             t.calls);
+        !s.ok()) {
+      throw AgentError("rebuilding tenant " + t.id + " from the ledger: " + s.message());
+    }
+    ++tenants;
+  }
+  for (const LedgerTotal& r : ledger_->runTotals()) {
+    if (Status s = a.restore(LimitTable::kRun, r.id, NanoUsd(r.cost_nano_usd), r.prompt_tokens, r.completion_tokens,
+                             r.calls);
+        !s.ok()) {
+      throw AgentError("rebuilding run " + r.id + " from the ledger: " + s.message());
+    }
+    ++runs;
+  }
+  const LedgerTotal p = ledger_->platformTotal(today);
+  (void)a.restore(LimitTable::kTenant, {}, NanoUsd(p.cost_nano_usd), p.prompt_tokens, p.completion_tokens, p.calls);
+  log::info("counters_rebuilt", {{"day", DayClock::format(today)},
+                                 {"platform_committed_usd", NanoUsd(p.cost_nano_usd).toString()},
+                                 {"tenants", tenants},
+                                 {"runs", runs},
+                                 {"ledger_seq", ledger_->maxSeq()}});
 }
 
 void Agent::applyConfig() {
@@ -185,6 +238,7 @@ void Agent::tick() {
 }
 
 void Agent::run(std::stop_token stop) {
+  std::jthread writer([this](std::stop_token s) { writer_->run(s); });
   std::mutex mu;
   std::condition_variable_any cv;
   const auto period = std::chrono::milliseconds(config_.tick_ms);

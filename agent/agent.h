@@ -8,6 +8,8 @@
 
 #include "config.h"
 #include "day_clock.h"
+#include "ledger.h"
+#include "ledger_writer.h"
 
 #include "admin.h"
 #include "region.h"
@@ -40,8 +42,11 @@ class Agent {
 
   // One maintenance step at clock() time.
   void tick();
-  // Ticks every config.tick_ms until `stop` is requested.
+  // Ticks every config.tick_ms, and writes the ledger from another thread, until `stop` is
+  // requested; then writes what is left in the ring.
   void run(std::stop_token stop);
+  // One pass of the ledger writer (tests drive it by hand).
+  DrainStats drainLedger() { return writer_->drainOnce(); }
 
   RegionAdmin& admin() noexcept { return *admin_; }
   const Config& config() const noexcept { return config_; }
@@ -52,13 +57,16 @@ class Agent {
   void openRegion(bool recreate);
   void applyConfig();
   void lockDataDir();
+  void rebuildFromLedger(std::int32_t today);
 
   Config config_;
   Clock clock_;
   DayClock days_;
   int data_dir_lock_ = -1;
+  std::unique_ptr<Ledger> ledger_;
   std::unique_ptr<Region> region_;
   std::unique_ptr<RegionAdmin> admin_;
+  std::unique_ptr<LedgerWriter> writer_;
   bool adopted_ = false;
   bool warned_clock_behind_ = false;
 };

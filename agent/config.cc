@@ -4,6 +4,7 @@
 #include "region.h"
 
 #include <toml++/toml.h>
+#include <unistd.h>
 
 #include <bit>
 #include <fstream>
@@ -121,6 +122,8 @@ void readLimits(const toml::table* t, const std::string& origin, const std::stri
 
 Config defaultConfig() {
   Config c;
+  char host[256] = {};
+  c.host_id = ::gethostname(host, sizeof host - 1) == 0 && host[0] != '\0' ? host : "localhost";
   c.fallback_price = kReferenceFallbackPrice;
   for (const auto& [model, price] : referencePrices()) c.prices.emplace(model, price);
   return c;
@@ -136,10 +139,12 @@ Config parseConfig(const std::string& text, const std::string& origin) {
     throw ConfigError(msg.str());
   }
   Config c = defaultConfig();
-  rejectUnknown(root, origin, "", {"agent", "region", "budgets", "kill_switch", "prices"});
+  rejectUnknown(root, origin, "", {"agent", "region", "ledger", "budgets", "kill_switch", "prices"});
 
   if (const toml::table* a = subtable(root, "agent", origin, "")) {
-    rejectUnknown(*a, origin, "agent.", {"shm_name", "data_dir", "timezone", "log_level", "tick_ms"});
+    rejectUnknown(*a, origin, "agent.", {"shm_name", "data_dir", "timezone", "log_level", "tick_ms", "host_id"});
+    c.host_id = getString(*a, "host_id", origin, "agent.host_id", c.host_id);
+    if (c.host_id.size() > 128) fail(origin, "agent.host_id", "may be at most 128 bytes");
     c.shm_name = getString(*a, "shm_name", origin, "agent.shm_name", c.shm_name);
     if (auto p = validateShmName(c.shm_name); !p.empty()) fail(origin, "agent.shm_name", p);
     c.data_dir = getString(*a, "data_dir", origin, "agent.data_dir", c.data_dir);
@@ -154,11 +159,19 @@ Config parseConfig(const std::string& text, const std::string& origin) {
   }
 
   if (const toml::table* r = subtable(root, "region", origin, "")) {
-    rejectUnknown(*r, origin, "region.", {"tenant_capacity", "run_capacity", "model_capacity", "reservation_capacity"});
+    rejectUnknown(*r, origin, "region.",
+                  {"tenant_capacity", "run_capacity", "model_capacity", "reservation_capacity", "ledger_capacity"});
+    c.ledger_capacity = getCapacity(*r, "ledger_capacity", origin, c.ledger_capacity);
     c.tenant_capacity = getCapacity(*r, "tenant_capacity", origin, c.tenant_capacity);
     c.run_capacity = getCapacity(*r, "run_capacity", origin, c.run_capacity);
     c.model_capacity = getCapacity(*r, "model_capacity", origin, c.model_capacity);
     c.reservation_capacity = getCapacity(*r, "reservation_capacity", origin, c.reservation_capacity);
+  }
+
+  if (const toml::table* l = subtable(root, "ledger", origin, "")) {
+    rejectUnknown(*l, origin, "ledger.", {"flush_interval_ms"});
+    c.ledger_flush_interval_ms =
+        getInt(*l, "flush_interval_ms", origin, "ledger.flush_interval_ms", c.ledger_flush_interval_ms, 1, 50);
   }
 
   if (const toml::table* b = subtable(root, "budgets", origin, "")) {

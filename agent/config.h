@@ -26,12 +26,17 @@ struct Config {
   std::string timezone = "UTC";
   std::string log_level = "info";
   std::int64_t tick_ms = 100;   // heartbeat, reaper and day-boundary period
+  std::string host_id;          // names this host in the ledger; default: the host name
 
   // [region]
   std::uint32_t tenant_capacity = 16384;
   std::uint32_t run_capacity = 16384;
   std::uint32_t model_capacity = 1024;
   std::uint32_t reservation_capacity = 16384;
+  std::uint32_t ledger_capacity = 16384;   // ring slots between applications and SQLite
+
+  // [ledger]
+  std::int64_t ledger_flush_interval_ms = 10;   // the longest an idle entry waits for SQLite
 
   // [budgets]  nullopt: unlimited
   std::optional<NanoUsd> platform_daily_limit;

@@ -33,12 +33,13 @@ inline NanoUsd usd(const char* text) { return *NanoUsd::parse(text); }
 
 // A published region with the reference's prices, like a freshly started tokenfused.
 struct TestRegion {
-  explicit TestRegion(std::uint32_t capacity = 1024, const char* what = "region") {
+  explicit TestRegion(std::uint32_t capacity = 1024, const char* what = "region", std::uint32_t ledger = 4096) {
     spec.shm_name = uniqueName(what);
     spec.tenant_capacity = capacity;
     spec.run_capacity = capacity;
     spec.model_capacity = 64;
     spec.reservation_capacity = capacity;
+    spec.ledger_capacity = ledger;
     const Status s = Region::create(spec, &region);
     REQUIRE_MESSAGE(s.ok(), s.message());
     admin = std::make_unique<RegionAdmin>(*region);

@@ -282,6 +282,26 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
   return stats;
 }
 
+Status RegionAdmin::restore(LimitTable t, std::string_view id, NanoUsd committed, std::int64_t prompt_tokens,
+                            std::int64_t completion_tokens, std::int64_t calls) {
+  shm::Counters* c = &region_.header().platform;
+  if (!id.empty()) {
+    if (auto p = idProblem(t, id); !p.empty()) return Status::error(p);
+    const auto& def = t == LimitTable::kTenant ? region_.header().defaults.tenant_limit
+                                               : region_.header().defaults.run_limit;
+    const Found f = table(t).findOrInsert(id, engine_.regionPid(), [&](shm::BudgetSlot& s) noexcept {
+      s.c.limit.store(def.load(kRelaxed), kRelaxed);
+    });
+    if (f.index < 0) return Status::error(std::string(t == LimitTable::kTenant ? "tenant" : "run") + " table is full");
+    c = &table(t).at(f.index).c;
+  }
+  c->spend.reset(committed.count(), committed.count());
+  c->prompt_tokens.store(prompt_tokens, kRelaxed);
+  c->completion_tokens.store(completion_tokens, kRelaxed);
+  c->calls.store(calls, kRelaxed);
+  return {};
+}
+
 void RegionAdmin::rollover(std::int32_t day) noexcept {
   shm::Header& h = region_.header();
   resetDay(h.platform);

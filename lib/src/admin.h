@@ -67,6 +67,12 @@ class RegionAdmin {
   // half-written keys left by dead processes.
   ReapStats reap(std::int64_t now_unix_ns);
 
+  // Sets an unpublished region's counters from the ledger: `committed` and the token and call
+  // counts of one entry (creating it; id empty means the platform). Only before publish: it
+  // overwrites, so it must not race with clients.
+  Status restore(LimitTable table, std::string_view id, NanoUsd committed, std::int64_t prompt_tokens,
+                 std::int64_t completion_tokens, std::int64_t calls);
+
   // Starts budget day `day`: daily counters (platform and tenants) go to zero, holds stay held.
   // Run budgets are not daily: a run's spending counts for the run's whole life.
   void rollover(std::int32_t day) noexcept;

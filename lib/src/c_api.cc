@@ -18,10 +18,10 @@ std::string_view sv(const char* s) noexcept { return s == nullptr ? std::string_
 
 tf_decision toC(const Decision& d) noexcept {
   return {static_cast<int32_t>(d.code), d.reservation_expired ? 1 : 0, d.cost.count(), d.used.count(),
-          d.limit.count()};
+          d.limit.count(), d.ledger_seq};
 }
 
-tf_decision invalid() noexcept { return toC(Decision{tokenfuse::Code::kInvalidArgument, {}, {}, {}, false}); }
+tf_decision invalid() noexcept { return toC(Decision{tokenfuse::Code::kInvalidArgument, {}, {}, {}, false, 0}); }
 
 void toC(const tokenfuse::BudgetView& v, tf_budget_view* out) noexcept {
   *out = {};
@@ -118,6 +118,15 @@ tf_decision tf_record(tf_client* c, const tf_usage* u) {
                                 u->prompt_tokens, u->completion_tokens}));
 }
 
+int tf_wait_durable(const tf_client* c, uint64_t ledger_seq, int64_t timeout_ms) {
+  if (c == nullptr || timeout_ms < 0) return -1;
+  try {
+    return c->client->waitDurable(ledger_seq, timeout_ms) ? 1 : 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
 int tf_price(const tf_client* c, const char* model, int64_t* prompt, int64_t* completion) {
   if (c == nullptr || model == nullptr || *model == '\0' || prompt == nullptr || completion == nullptr) return -1;
   const tokenfuse::Price p = c->client->price(model);
@@ -160,7 +169,7 @@ size_t tf_describe(const tf_decision* d, const char* project_id, char* buf, size
   try {
     const Decision decision{static_cast<tokenfuse::Code>(d->code), tokenfuse::NanoUsd(d->cost_nano_usd),
                             tokenfuse::NanoUsd(d->used_nano_usd), tokenfuse::NanoUsd(d->limit_nano_usd),
-                            d->reservation_expired != 0};
+                            d->reservation_expired != 0, d->ledger_seq};
     const std::string text = tokenfuse::describe(decision, sv(project_id));
     copyError(text, buf, len);
     return text.size();

@@ -3,7 +3,9 @@
 
 #include <tokenfuse/tokenfuse.hpp>
 
+#include <chrono>
 #include <cstdio>
+#include <thread>
 
 namespace tokenfuse {
 
@@ -19,6 +21,7 @@ const char* errorCode(Code code) noexcept {
     case Code::kUnknownReservation: return "E-TOKENFUSE-UNKNOWN-RESERVATION";
     case Code::kReservationExpired: return "E-TOKENFUSE-RESERVATION-EXPIRED";
     case Code::kRegionBusy: return "E-TOKENFUSE-BUSY";
+    case Code::kLedgerFull: return "E-TOKENFUSE-LEDGER-FULL";
   }
   return "E-TOKENFUSE-UNKNOWN";
 }
@@ -53,6 +56,8 @@ std::string describe(const Decision& d, std::string_view project_id) {
     case Code::kUnknownReservation: return "no such reservation: already committed or released, or never made";
     case Code::kReservationExpired: return "the reservation outlived its deadline and its hold was returned";
     case Code::kRegionBusy: return "a table entry is being repaired after a client died; retry";
+    case Code::kLedgerFull:
+      return "the ledger ring is full (is tokenfused running?): nothing was booked; retry shortly";
   }
   return "unknown decision";
 }
@@ -114,6 +119,17 @@ Price Client::price(std::string_view model) const noexcept {
   CallSite site;
   if (!engine_->prepare({"-", model, {}, {}, 0, 0, 0}, &site, false).allowed()) return {};
   return engine_->price(site);
+}
+
+std::uint64_t Client::durableLedgerSeq() const noexcept { return engine_->durableLedgerSeq(); }
+
+bool Client::waitDurable(std::uint64_t ledger_seq, std::int64_t timeout_ms) const {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    if (engine_->durableLedgerSeq() >= ledger_seq) return true;
+    if (std::chrono::steady_clock::now() >= until) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
 }
 
 KillSwitchState Client::killSwitch() const { return engine_->killSwitch(); }

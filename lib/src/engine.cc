@@ -96,6 +96,7 @@ Engine::Engine(const Region& region) noexcept
       tenants_(region.tenants(), region.header().tenant_capacity),
       runs_(region.runs(), region.header().run_capacity),
       models_(region.models(), region.header().model_capacity),
+      ring_(region.header(), region.ledger()),
       res_(region.reservations()),
       res_mask_(region.header().reservation_capacity - 1),
       same_pidns_(h_.agent_pidns.load(kRelaxed) == proc::pidNamespace()) {
@@ -137,6 +138,8 @@ Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept
   site->free_model = call.model.starts_with(kFreeModelPrefix);
   copyKey(site->model_name, &site->model_len, call.model);
   copyKey(site->agent_id, &site->agent_id_len, call.agent_id);
+  copyKey(site->project_id, &site->project_len, call.project_id);
+  copyKey(site->run_id, &site->run_len, call.run_id);
 
   const std::uint32_t pid = regionPid();
   auto resolve = [&](const KeyedTable<shm::BudgetSlot>& table, std::string_view key,
@@ -244,6 +247,8 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
   s.free_model.store(free ? 1 : 0, kRelaxed);
   copyKey(s.model, &s.model_len, {site.model_name, site.model_len});
   copyKey(s.agent_id, &s.agent_id_len, {site.agent_id, site.agent_id_len});
+  copyKey(s.project_id, &s.project_len, {site.project_id, site.project_len});
+  copyKey(s.run_id, &s.run_len, {site.run_id, site.run_len});
   // Publishes the fields above to the reaper before any layer holds anything.
   s.word.store(shm::resWord(pid, gen, shm::kResReserving, 0), kRelease);
 
@@ -295,17 +300,35 @@ shm::ResState Engine::acquire(Reservation r, std::uint32_t accepted_mask, shm::R
   }
 }
 
+shm::LedgerSlot* Engine::claimEntry(std::uint64_t* pos) noexcept {
+  shm::LedgerSlot* entry = ring_.claim(regionPid(), pos);
+  if (entry == nullptr) h_.stats.ledger_full.fetch_add(1, kRelaxed);
+  return entry;
+}
+
 Decision Engine::commit(Reservation r, std::string_view provider, std::int64_t prompt,
                         std::int64_t completion) noexcept {
   if (!validTokens(prompt) || !validTokens(completion) || provider.size() > shm::kKeyMax) {
     return fail(Code::kInvalidArgument);
   }
-  return settle(r, true, prompt, completion);
+  // The ledger slot first: if the ring is full, nothing has changed and the caller may retry.
+  std::uint64_t pos = 0;
+  shm::LedgerSlot* entry = claimEntry(&pos);
+  if (entry == nullptr) return fail(Code::kLedgerFull);
+  Decision d = settle(r, true, prompt, completion, entry, provider);
+  if (d.allowed()) {
+    d.ledger_seq = pos + 1;
+  } else {
+    entry->kind = shm::kLedgerVoid;
+  }
+  LedgerRing::publish(*entry, pos);
+  return d;
 }
 
-Decision Engine::release(Reservation r) noexcept { return settle(r, false, 0, 0); }
+Decision Engine::release(Reservation r) noexcept { return settle(r, false, 0, 0, nullptr, {}); }
 
-Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std::int64_t completion) noexcept {
+Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std::int64_t completion,
+                        shm::LedgerSlot* entry, std::string_view provider) noexcept {
   std::uint64_t w = 0;
   const shm::ResState was = acquire(r, (1u << shm::kResActive) | (1u << shm::kResExpired), shm::kResSettling, &w);
   if (was == shm::kResFree) return fail(Code::kUnknownReservation);
@@ -330,6 +353,20 @@ Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std:
     } else {
       layers.at[i]->spend.add(-held, 0);
     }
+  }
+  if (entry != nullptr) {
+    entry->kind = shm::kLedgerCommit;
+    entry->unix_ns = h_.clock_unix_ns.load(kRelaxed);
+    entry->day = h_.day.load(kRelaxed);
+    entry->prompt_tokens = prompt;
+    entry->completion_tokens = completion;
+    entry->cost_nano_usd = cost;
+    entry->reservation_id = r.id;
+    LedgerRing::setText(entry->project_id, &entry->project_len, {s.project_id, s.project_len});
+    LedgerRing::setText(entry->run_id, &entry->run_len, {s.run_id, s.run_len});
+    LedgerRing::setText(entry->model, &entry->model_len, {s.model, s.model_len});
+    LedgerRing::setText(entry->agent_id, &entry->agent_len, {s.agent_id, s.agent_id_len});
+    LedgerRing::setText(entry->provider, &entry->provider_len, provider);
   }
   s.word.store(shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0), kRelease);
   Decision d;
@@ -401,13 +438,30 @@ Decision Engine::record(const Usage& u) noexcept {
   }
   const auto cost = costOf(price(site), u.prompt_tokens, u.completion_tokens);
   if (!cost) return fail(Code::kInvalidArgument);
+  std::uint64_t pos = 0;
+  shm::LedgerSlot* entry = claimEntry(&pos);
+  if (entry == nullptr) return fail(Code::kLedgerFull);
   if (site.tenant < 0 || site.run == CallSite::kUntracked) h_.stats.untracked_calls.fetch_add(1, kRelaxed);
   const Layers layers = layersOf(site.run, site.tenant);
   for (Counters* c : layers.at) {
     if (c != nullptr) book(*c, cost->count(), cost->count(), u.prompt_tokens, u.completion_tokens);
   }
+  entry->kind = shm::kLedgerRecord;
+  entry->unix_ns = h_.clock_unix_ns.load(kRelaxed);
+  entry->day = h_.day.load(kRelaxed);
+  entry->prompt_tokens = u.prompt_tokens;
+  entry->completion_tokens = u.completion_tokens;
+  entry->cost_nano_usd = cost->count();
+  entry->reservation_id = 0;
+  LedgerRing::setText(entry->project_id, &entry->project_len, u.project_id);
+  LedgerRing::setText(entry->run_id, &entry->run_len, u.run_id);
+  LedgerRing::setText(entry->model, &entry->model_len, u.model);
+  LedgerRing::setText(entry->agent_id, &entry->agent_len, u.agent_id);
+  LedgerRing::setText(entry->provider, &entry->provider_len, u.provider);
+  LedgerRing::publish(*entry, pos);
   Decision d;
   d.cost = *cost;
+  d.ledger_seq = pos + 1;
   return d;
 }
 

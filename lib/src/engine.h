@@ -7,6 +7,7 @@
 #pragma once
 
 #include "layout.h"
+#include "ledger_ring.h"
 #include "region.h"
 #include "table.h"
 
@@ -35,6 +36,7 @@ class Engine {
   BudgetView run(std::string_view run_id) const;
   BudgetView platform() const;
   std::uint32_t liveReservations() const noexcept;
+  std::uint64_t durableLedgerSeq() const noexcept { return h_.ledger_head.load(std::memory_order_acquire); }
 
   // The pid this process writes into the region: its own when it shares the agent's pid
   // namespace, else 0, which tells the reaper to rely on deadlines alone.
@@ -48,7 +50,10 @@ class Engine {
   BudgetView view(const shm::Counters* c, std::int64_t default_limit) const;
   int claimSlot(std::uint32_t pid) noexcept;
   // Ends a reservation: returns its hold and, if `book_cost`, books the call's cost.
-  Decision settle(Reservation r, bool book_cost, std::int64_t prompt, std::int64_t completion) noexcept;
+  Decision settle(Reservation r, bool book_cost, std::int64_t prompt, std::int64_t completion,
+                  shm::LedgerSlot* entry, std::string_view provider) noexcept;
+  // Claims a ledger slot for a commit or record; nullptr (and counted) when the ring is full.
+  shm::LedgerSlot* claimEntry(std::uint64_t* pos) noexcept;
   // Takes the reservation `r` out of one of the `accepted` states into kResSettling or
   // kResCharging, owned by this process. Returns the state it left, or kResFree when `r` is
   // not live.
@@ -58,6 +63,7 @@ class Engine {
   KeyedTable<shm::BudgetSlot> tenants_;
   KeyedTable<shm::BudgetSlot> runs_;
   KeyedTable<shm::ModelSlot> models_;
+  LedgerRing ring_;
   shm::ReservationSlot* res_;
   std::uint32_t res_mask_;
   bool same_pidns_;

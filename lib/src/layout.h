@@ -17,7 +17,7 @@ namespace tokenfuse::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'45'53'55'46'4e'4b'54ull;   // "TKNFUSE1"
 // Increment whenever anything in this file changes the bytes or the meaning of the region.
-inline constexpr std::uint32_t kLayoutVersion = 1;
+inline constexpr std::uint32_t kLayoutVersion = 2;
 
 inline constexpr std::size_t kKeyMax = 128;      // project_id, run_id, model, agent_id bytes
 inline constexpr std::size_t kReasonMax = 256;   // kill switch reason bytes
@@ -42,6 +42,11 @@ struct alignas(16) Spend {
   void add(std::int64_t used_delta, std::int64_t committed_delta) noexcept;
   // Starts a new day: {used, committed} -> {used - committed, 0}. Returns what was committed.
   std::int64_t takeCommitted() noexcept;
+  // Overwrites both; only while no other process can use the region (before it is published).
+  void reset(std::int64_t used, std::int64_t committed) noexcept {
+    __atomic_store_n(&used_, used, __ATOMIC_RELAXED);
+    __atomic_store_n(&committed_, committed, __ATOMIC_RELAXED);
+  }
 
   std::int64_t used_;
   std::int64_t committed_;
@@ -123,12 +128,51 @@ struct alignas(64) ReservationSlot {
   std::atomic<std::int64_t> ttl_ns;
   std::atomic<std::uint32_t> owner_pid;      // the reserving process (the word's pid is whoever acts now)
   std::atomic<std::uint32_t> free_model;
-  std::uint32_t model_len;                    // written by the owner while kResReserving
+  // Written by the owner while kResReserving; copied into the ledger entry by the commit.
+  std::uint32_t model_len;
   std::uint32_t agent_id_len;
+  std::uint32_t project_len;
+  std::uint32_t run_len;
   char model[kKeyMax];
   char agent_id[kKeyMax];
+  char project_id[kKeyMax];
+  char run_id[kKeyMax];
 };
-static_assert(sizeof(ReservationSlot) == 384);
+static_assert(sizeof(ReservationSlot) == 640);
+
+// --- the ledger ring ---------------------------------------------------------------------------
+// A bounded multi-producer, single-consumer queue (after Dmitry Vyukov's bounded queue): every
+// committed or recorded call is appended by the application process, with no system call, and
+// the agent (the only consumer) writes it to SQLite. A slot's `seq` says where it stands for
+// ticket `pos`: pos = free for that ticket, pos + 1 = published. The agent frees a slot
+// (seq = pos + capacity) only after the entry is durable in SQLite, so an entry in the ring
+// survives the crash of the application and of the agent alike.
+//
+// A writer stores its pid right after claiming a slot. If it dies before publishing, the agent
+// sees the pid dead (or, with pid 0, the slot stuck for seconds), skips the slot, and the ledger
+// moves on: the call was never acknowledged to anyone.
+enum LedgerKind : std::uint32_t { kLedgerVoid = 0, kLedgerCommit = 1, kLedgerRecord = 2 };
+
+struct alignas(64) LedgerSlot {
+  std::atomic<std::uint64_t> seq;
+  std::atomic<std::uint32_t> writer_pid;
+  // The entry: written by its writer between claim and publish, read by the agent after.
+  std::uint32_t kind;                 // LedgerKind; void entries (a commit that found no
+                                      // reservation) are skipped
+  std::int64_t unix_ns;               // the agent's clock when the call was booked
+  std::int64_t prompt_tokens;
+  std::int64_t completion_tokens;
+  std::int64_t cost_nano_usd;
+  std::uint64_t reservation_id;       // 0 for record()
+  std::int32_t day;                   // the budget day the cost was booked in
+  std::uint32_t project_len, run_len, model_len, agent_len, provider_len;
+  char project_id[kKeyMax];
+  char run_id[kKeyMax];
+  char model[kKeyMax];
+  char agent_id[kKeyMax];
+  char provider[kKeyMax];
+};
+static_assert(sizeof(LedgerSlot) == 768);
 
 // The emergency kill switch. `active` is what the hot path reads; the rest sits behind a
 // sequence lock (seq odd while the agent writes) so a reader sees a consistent reason.
@@ -157,6 +201,8 @@ struct alignas(64) Stats {
   std::atomic<std::uint64_t> reaped_dead_owner;   // holds returned from dead processes
   std::atomic<std::uint64_t> reaped_expired;      // holds returned after their deadline
   std::atomic<std::uint64_t> stuck_keys_cleared;  // half-written keys of dead inserters
+  std::atomic<std::uint64_t> ledger_full;         // commits and records refused: ring full
+  std::atomic<std::uint64_t> ledger_abandoned;    // ring slots skipped: their writer died
 };
 
 struct alignas(64) Header {
@@ -174,6 +220,9 @@ struct alignas(64) Header {
   std::uint64_t model_offset;
   std::uint64_t reservation_offset;
   std::int64_t created_unix_ns;
+  std::uint32_t ledger_capacity;        // power of two
+  std::uint32_t pad0_;
+  std::uint64_t ledger_offset;
   std::atomic<std::uint32_t> ready;     // set last, with release order
 
   // Kept current by the agent that owns the region now.
@@ -182,6 +231,8 @@ struct alignas(64) Header {
   alignas(64) std::atomic<std::int64_t> clock_unix_ns;   // the agent's heartbeat and time base
   std::atomic<std::int32_t> day;                 // current budget day (days since epoch, local)
 
+  alignas(64) std::atomic<std::uint64_t> ledger_tail;   // next ticket; producers CAS it
+  alignas(64) std::atomic<std::uint64_t> ledger_head;   // entries with seq <= head are durable
   alignas(64) KillSwitch kill;
   alignas(64) Counters platform;
   alignas(64) Defaults defaults;
@@ -191,9 +242,11 @@ struct alignas(64) Header {
 static_assert(offsetof(Header, magic) == 0);
 static_assert(offsetof(Header, layout_version) == 8);
 static_assert(offsetof(Header, region_bytes) == 16);
-static_assert(offsetof(Header, ready) == 80);
+static_assert(offsetof(Header, ready) == 96);
 static_assert(offsetof(Header, clock_unix_ns) == 128);
-static_assert(offsetof(Header, kill) == 192);
+static_assert(offsetof(Header, ledger_tail) == 192);
+static_assert(offsetof(Header, ledger_head) == 256);
+static_assert(offsetof(Header, kill) == 320);
 static_assert(sizeof(Header) % 64 == 0);
 
 // --- Spend: 16-byte compare-and-swap -------------------------------------------------------------

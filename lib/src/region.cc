@@ -22,7 +22,7 @@ namespace {
 constexpr std::uint64_t alignUp(std::uint64_t n, std::uint64_t a) { return (n + a - 1) / a * a; }
 
 struct Layout {
-  std::uint64_t tenant_offset, run_offset, model_offset, reservation_offset, total;
+  std::uint64_t tenant_offset, run_offset, model_offset, reservation_offset, ledger_offset, total;
 };
 
 Layout layoutFor(const RegionSpec& spec) {
@@ -36,6 +36,8 @@ Layout layoutFor(const RegionSpec& spec) {
   off = alignUp(off + std::uint64_t{spec.model_capacity} * sizeof(shm::ModelSlot), 4096);
   l.reservation_offset = off;
   off = alignUp(off + std::uint64_t{spec.reservation_capacity} * sizeof(shm::ReservationSlot), 4096);
+  l.ledger_offset = off;
+  off = alignUp(off + std::uint64_t{spec.ledger_capacity} * sizeof(shm::LedgerSlot), 4096);
   l.total = off;
   return l;
 }
@@ -73,14 +75,16 @@ Region::Region(std::string name, bip::shared_memory_object shm, bip::mapped_regi
 bool Region::matches(const RegionSpec& spec) const noexcept {
   return header_->tenant_capacity == spec.tenant_capacity && header_->run_capacity == spec.run_capacity &&
          header_->model_capacity == spec.model_capacity &&
-         header_->reservation_capacity == spec.reservation_capacity;
+         header_->reservation_capacity == spec.reservation_capacity &&
+         header_->ledger_capacity == spec.ledger_capacity;
 }
 
 Status Region::create(const RegionSpec& spec, std::unique_ptr<Region>* out) {
   if (auto p = validateShmName(spec.shm_name); !p.empty()) return Status::error(p);
   for (auto [what, n] : {std::pair{"tenant capacity", spec.tenant_capacity}, {"run capacity", spec.run_capacity},
                          {"model capacity", spec.model_capacity},
-                         {"reservation capacity", spec.reservation_capacity}}) {
+                         {"reservation capacity", spec.reservation_capacity},
+                         {"ledger capacity", spec.ledger_capacity}}) {
     if (auto p = capacityProblem(what, n); !p.empty()) return Status::error(p);
   }
   const Layout layout = layoutFor(spec);
@@ -106,6 +110,8 @@ Status Region::create(const RegionSpec& spec, std::unique_ptr<Region>* out) {
                                          spec.model_capacity);
     std::uninitialized_value_construct_n(
         reinterpret_cast<shm::ReservationSlot*>(base + layout.reservation_offset), spec.reservation_capacity);
+    auto* ledger = reinterpret_cast<shm::LedgerSlot*>(base + layout.ledger_offset);
+    std::uninitialized_value_construct_n(ledger, spec.ledger_capacity);
 
     h->magic = shm::kMagic;
     h->layout_version = shm::kLayoutVersion;
@@ -119,6 +125,8 @@ Status Region::create(const RegionSpec& spec, std::unique_ptr<Region>* out) {
     h->run_offset = layout.run_offset;
     h->model_offset = layout.model_offset;
     h->reservation_offset = layout.reservation_offset;
+    h->ledger_capacity = spec.ledger_capacity;
+    h->ledger_offset = layout.ledger_offset;
     h->created_unix_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
                              std::chrono::system_clock::now().time_since_epoch()).count();
     h->clock_unix_ns.store(h->created_unix_ns, std::memory_order_relaxed);
@@ -130,6 +138,12 @@ Status Region::create(const RegionSpec& spec, std::unique_ptr<Region>* out) {
       auto& slot = reinterpret_cast<shm::ReservationSlot*>(base + layout.reservation_offset)[i];
       slot.word.store(shm::resWord(0, 1, shm::kResFree, 0), std::memory_order_relaxed);
     }
+    // The ring starts where the durable ledger ends: slot for ticket pos is free when seq == pos.
+    for (std::uint64_t pos = spec.ledger_base; pos < spec.ledger_base + spec.ledger_capacity; ++pos) {
+      ledger[pos & (spec.ledger_capacity - 1)].seq.store(pos, std::memory_order_relaxed);
+    }
+    h->ledger_tail.store(spec.ledger_base, std::memory_order_relaxed);
+    h->ledger_head.store(spec.ledger_base, std::memory_order_relaxed);
     // `ready` stays 0: the creator publishes the region once it has filled in limits and prices.
     out->reset(new Region(spec.shm_name, std::move(shm), std::move(mapping)));
     return {};
@@ -192,11 +206,11 @@ Status Region::attach(const std::string& shm_name, std::unique_ptr<Region>* out,
                            "): restart tokenfused with --recreate-region");
     }
     const RegionSpec spec{shm_name, h->tenant_capacity, h->run_capacity, h->model_capacity,
-                          h->reservation_capacity, 0};
+                          h->reservation_capacity, 0, h->ledger_capacity, 0};
     const Layout layout = layoutFor(spec);
     if (layout.total != h->region_bytes || layout.tenant_offset != h->tenant_offset ||
         layout.run_offset != h->run_offset || layout.model_offset != h->model_offset ||
-        layout.reservation_offset != h->reservation_offset) {
+        layout.reservation_offset != h->reservation_offset || layout.ledger_offset != h->ledger_offset) {
       return Status::error("region " + shown +
                            " has table offsets this library does not expect: restart tokenfused with "
                            "--recreate-region");

@@ -23,6 +23,10 @@ struct RegionSpec {
   std::uint32_t model_capacity = 1024;
   std::uint32_t reservation_capacity = 16384;
   std::uint32_t mode = 0660;
+  std::uint32_t ledger_capacity = 16384;
+  // The ledger sequence number the region continues from: the highest one already in the
+  // agent's SQLite ledger, so that a new region never reuses a sequence number.
+  std::uint64_t ledger_base = 0;
 };
 
 // Checks a shm name: 1 to 200 of [A-Za-z0-9._-]. Returns an empty string or the problem.
@@ -51,6 +55,7 @@ class Region {
   shm::ReservationSlot* reservations() const noexcept {
     return at<shm::ReservationSlot>(header_->reservation_offset);
   }
+  shm::LedgerSlot* ledger() const noexcept { return at<shm::LedgerSlot>(header_->ledger_offset); }
   const std::string& name() const noexcept { return name_; }
 
   // Whether this region was made with the same capacities as `spec`.

@@ -76,12 +76,15 @@ TEST_CASE("region: capacities must be powers of two within bounds") {
 
 TEST_CASE("region: the header layout is what docs/shm-format.md says") {
   CHECK(offsetof(shm::Header, magic) == 0);
-  CHECK(offsetof(shm::Header, ready) == 80);
+  CHECK(offsetof(shm::Header, ready) == 96);
   CHECK(offsetof(shm::Header, clock_unix_ns) == 128);
-  CHECK(offsetof(shm::Header, kill) == 192);
+  CHECK(offsetof(shm::Header, ledger_tail) == 192);
+  CHECK(offsetof(shm::Header, ledger_head) == 256);
+  CHECK(offsetof(shm::Header, kill) == 320);
   CHECK(sizeof(shm::BudgetSlot) == 256);
   CHECK(sizeof(shm::ModelSlot) == 256);
-  CHECK(sizeof(shm::ReservationSlot) == 384);
+  CHECK(sizeof(shm::ReservationSlot) == 640);
+  CHECK(sizeof(shm::LedgerSlot) == 768);
   CHECK(shm::kMagic == 0x3145535546'4e4b54ull);   // "TKNFUSE1" in little-endian bytes
 }
 

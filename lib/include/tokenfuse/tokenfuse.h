@@ -29,7 +29,8 @@ enum tf_code {
   TF_CAPACITY_EXHAUSTED = 101,
   TF_UNKNOWN_RESERVATION = 102,
   TF_RESERVATION_EXPIRED = 103,
-  TF_REGION_BUSY = 104
+  TF_REGION_BUSY = 104,
+  TF_LEDGER_FULL = 105 /* nothing booked; retry shortly */
 };
 
 typedef struct tf_decision {
@@ -38,6 +39,7 @@ typedef struct tf_decision {
   int64_t cost_nano_usd;       /* estimate, booked cost, or returned hold: see tokenfuse.hpp */
   int64_t used_nano_usd;       /* on a budget denial: the layer's committed + held */
   int64_t limit_nano_usd;      /* on a budget denial: the layer's limit */
+  uint64_t ledger_seq;         /* commit and record: the entry's sequence number in the ledger */
 } tf_decision;
 
 typedef struct tf_call {
@@ -99,6 +101,10 @@ TOKENFUSE_EXPORT tf_decision tf_charge(tf_client* client, uint64_t reservation, 
                                        int64_t more_completion_tokens);
 TOKENFUSE_EXPORT tf_decision tf_release(tf_client* client, uint64_t reservation);
 TOKENFUSE_EXPORT tf_decision tf_record(tf_client* client, const tf_usage* usage);
+
+/* Waits (sleeping) until ledger entry `ledger_seq` is durable on disk, or `timeout_ms` passes.
+ * Returns 1 if durable, 0 on time-out, -1 on a bad argument. Not for the hot path. */
+TOKENFUSE_EXPORT int tf_wait_durable(const tf_client* client, uint64_t ledger_seq, int64_t timeout_ms);
 
 /* The model's price in nano-USD per million tokens. Returns 0, or -1 for a bad model name. */
 TOKENFUSE_EXPORT int tf_price(const tf_client* client, const char* model, int64_t* prompt_nano_per_mtok,

@@ -45,6 +45,8 @@ enum class Code : std::int32_t {
   kUnknownReservation = 102,      // no such reservation (already settled, or never made)
   kReservationExpired = 103,      // charge() on a reservation whose hold the agent returned
   kRegionBusy = 104,              // a table entry was left half-written by a dead process
+  kLedgerFull = 105,              // the ledger ring is full (the agent is behind): nothing was
+                                  // booked, the reservation is still live; retry shortly
 };
 
 // "E-BUDGET-002", "E-TOKENFUSE-INVALID-ARGUMENT", ...: a stable string for logs and APIs.
@@ -62,6 +64,8 @@ struct Decision {
   // commit only: the reservation had outlived its deadline and its hold was already returned;
   // the cost was still booked in full.
   bool reservation_expired = false;
+  // commit and record: the entry's sequence number in this host's ledger (see waitDurable).
+  std::uint64_t ledger_seq = 0;
 
   bool allowed() const noexcept { return code == Code::kOk; }
   const char* errorCode() const noexcept { return tokenfuse::errorCode(code); }
@@ -113,8 +117,12 @@ struct CallSite {
   bool free_model = false;      // the "ollama/" prefix
   std::uint32_t model_len = 0;
   std::uint32_t agent_id_len = 0;
+  std::uint32_t project_len = 0;
+  std::uint32_t run_len = 0;
   char model_name[128] = {};
   char agent_id[128] = {};
+  char project_id[128] = {};
+  char run_id[128] = {};
 };
 
 // One budget layer as it stands now.
@@ -198,6 +206,12 @@ class TOKENFUSE_EXPORT Client {
 
   // Books the call's actual cost, returns the rest of the hold, and ends the reservation.
   // The cost is booked even above the limit: the call has happened. `provider` is for the ledger.
+  //
+  // Durability: when commit (or record) returns kOk, its ledger entry is in the region, which
+  // outlives both this process and tokenfused; the agent writes it to SQLite and fsyncs within
+  // its flush interval (default 10 ms, at most 50 ms under load). Only a power loss of the host
+  // inside that interval can lose it. Callers that must know it is on disk use waitDurable.
+  // If the ledger ring is full, the call returns kLedgerFull and books nothing.
   Decision commit(Reservation reservation, std::string_view provider, std::int64_t prompt_tokens,
                   std::int64_t completion_tokens) noexcept;
 
@@ -216,6 +230,12 @@ class TOKENFUSE_EXPORT Client {
 
   // The price the region applies to `model` (the fallback price if it is not in the table).
   Price price(std::string_view model) const noexcept;
+
+  // Blocks (polling, with sleeps) until the ledger entry `ledger_seq` is durable in the agent's
+  // SQLite ledger, or `timeout_ms` passes. Returns whether it is durable. Not for the hot path.
+  bool waitDurable(std::uint64_t ledger_seq, std::int64_t timeout_ms) const;
+  // Every ledger entry with a sequence number up to this one is durable.
+  std::uint64_t durableLedgerSeq() const noexcept;
 
   // Read-only views. They copy strings, so they may allocate.
   KillSwitchState killSwitch() const;

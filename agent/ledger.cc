@@ -1,0 +1,194 @@
+#include "ledger.h"
+
+#include <SQLiteCpp/SQLiteCpp.h>
+
+namespace tokenfuse {
+
+namespace {
+
+constexpr const char* kSchema = R"sql(
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS budget_ledger (
+  seq                INTEGER PRIMARY KEY,   -- this host's ledger sequence number
+  host_id            TEXT    NOT NULL,
+  created_at_unix_ns INTEGER NOT NULL,      -- the agent's clock when the call was booked
+  day                INTEGER NOT NULL,      -- budget day: days since 1970-01-01 in the agent's zone
+  kind               TEXT    NOT NULL CHECK (kind IN ('commit', 'record')),
+  project_id         TEXT    NOT NULL,
+  agent_id           TEXT,
+  run_id             TEXT,
+  model              TEXT    NOT NULL,
+  provider           TEXT,
+  prompt_tokens      INTEGER NOT NULL CHECK (prompt_tokens >= 0),
+  completion_tokens  INTEGER NOT NULL CHECK (completion_tokens >= 0),
+  cost_nano_usd      INTEGER NOT NULL CHECK (cost_nano_usd >= 0),
+  reservation_id     INTEGER,               -- the reservation this entry settled; NULL for a record
+  cost_usd   TEXT GENERATED ALWAYS AS
+             (printf('%d.%09d', cost_nano_usd / 1000000000, cost_nano_usd % 1000000000)) VIRTUAL,
+  created_at TEXT GENERATED ALWAYS AS
+             (strftime('%Y-%m-%dT%H:%M:%fZ', created_at_unix_ns / 1000000000.0, 'unixepoch')) VIRTUAL
+);
+CREATE INDEX IF NOT EXISTS budget_ledger_day_project ON budget_ledger (day, project_id);
+)sql";
+
+void bindText(SQLite::Statement& q, int i, const std::string& s) {
+  if (s.empty()) {
+    q.bind(i);   // NULL, as the reference stores an absent agent, run or provider
+  } else {
+    q.bindNoCopy(i, s);
+  }
+}
+
+std::string column(SQLite::Statement& q, int i) { return q.isColumnNull(i) ? std::string() : q.getColumn(i).getString(); }
+
+LedgerTotal total(SQLite::Statement& q) {
+  return {column(q, 0), q.getColumn(1).getInt64(), q.getColumn(2).getInt64(), q.getColumn(3).getInt64(),
+          q.getColumn(4).getInt64()};
+}
+
+constexpr const char* kSums =
+    "COALESCE(SUM(cost_nano_usd), 0), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), COUNT(*)";
+
+}  // namespace
+
+Ledger::Ledger(std::unique_ptr<SQLite::Database> db) : db_(std::move(db)) {}
+
+Ledger::Ledger(const std::string& path, std::string host_id) : host_id_(std::move(host_id)) {
+  try {
+    db_ = std::make_unique<SQLite::Database>(path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+    db_->setBusyTimeout(5000);
+    db_->exec("PRAGMA journal_mode=WAL");
+    // FULL: a transaction is on disk when commit returns; group commit amortises the fsync.
+    db_->exec("PRAGMA synchronous=FULL");
+    db_->exec(kSchema);
+    SQLite::Statement meta(*db_, "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1')");
+    meta.exec();
+    insert_ = std::make_unique<SQLite::Statement>(
+        *db_,
+        "INSERT OR IGNORE INTO budget_ledger (seq, host_id, created_at_unix_ns, day, kind, project_id, agent_id, "
+        "run_id, model, provider, prompt_tokens, completion_tokens, cost_nano_usd, reservation_id) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError("ledger " + path + ": " + e.what());
+  }
+}
+
+std::unique_ptr<Ledger> Ledger::openReadOnly(const std::string& path) {
+  try {
+    auto db = std::make_unique<SQLite::Database>(path, SQLite::OPEN_READONLY);
+    db->setBusyTimeout(5000);
+    (void)db->execAndGet("SELECT COUNT(*) FROM budget_ledger WHERE seq < 0");   // is it a ledger?
+    return std::unique_ptr<Ledger>(new Ledger(std::move(db)));
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError("ledger " + path + ": " + e.what() + " (is --data-dir the agent's data dir?)");
+  }
+}
+
+Ledger::~Ledger() = default;
+
+std::uint64_t Ledger::maxSeq() {
+  return static_cast<std::uint64_t>(db_->execAndGet("SELECT COALESCE(MAX(seq), 0) FROM budget_ledger").getInt64());
+}
+
+std::size_t Ledger::append(const std::vector<LedgerEntry>& entries) {
+  if (entries.empty()) return 0;
+  std::size_t added = 0;
+  try {
+    SQLite::Transaction txn(*db_);
+    SQLite::Statement& q = *insert_;
+    for (const LedgerEntry& e : entries) {
+      q.bind(1, static_cast<std::int64_t>(e.seq));
+      q.bindNoCopy(2, host_id_);
+      q.bind(3, e.unix_ns);
+      q.bind(4, e.day);
+      q.bindNoCopy(5, e.kind);
+      q.bindNoCopy(6, e.project_id);
+      bindText(q, 7, e.agent_id);
+      bindText(q, 8, e.run_id);
+      q.bindNoCopy(9, e.model);
+      bindText(q, 10, e.provider);
+      q.bind(11, e.prompt_tokens);
+      q.bind(12, e.completion_tokens);
+      q.bind(13, e.cost_nano_usd);
+      if (e.reservation_id != 0) {
+        q.bind(14, static_cast<std::int64_t>(e.reservation_id));
+      } else {
+        q.bind(14);
+      }
+      added += static_cast<std::size_t>(q.exec());
+      q.reset();
+    }
+    txn.commit();
+  } catch (const SQLite::Exception& e) {
+    insert_->reset();
+    throw LedgerError(std::string("cannot write the ledger: ") + e.what());
+  }
+  return added;
+}
+
+std::vector<LedgerTotal> Ledger::tenantTotals(std::int32_t day) {
+  SQLite::Statement q(*db_, std::string("SELECT project_id, ") + kSums +
+                                " FROM budget_ledger WHERE day = ? GROUP BY project_id ORDER BY project_id");
+  q.bind(1, day);
+  std::vector<LedgerTotal> out;
+  while (q.executeStep()) out.push_back(total(q));
+  return out;
+}
+
+LedgerTotal Ledger::platformTotal(std::int32_t day) {
+  SQLite::Statement q(*db_, std::string("SELECT NULL, ") + kSums + " FROM budget_ledger WHERE day = ?");
+  q.bind(1, day);
+  q.executeStep();
+  return total(q);
+}
+
+std::vector<LedgerTotal> Ledger::runTotals() {
+  SQLite::Statement q(*db_, std::string("SELECT run_id, ") + kSums +
+                                " FROM budget_ledger WHERE run_id IS NOT NULL GROUP BY run_id");
+  std::vector<LedgerTotal> out;
+  while (q.executeStep()) out.push_back(total(q));
+  return out;
+}
+
+std::vector<LedgerEntry> Ledger::list(const LedgerFilter& f) {
+  std::string sql =
+      "SELECT seq, host_id, created_at_unix_ns, day, kind, project_id, agent_id, run_id, model, provider, "
+      "prompt_tokens, completion_tokens, cost_nano_usd, reservation_id FROM budget_ledger WHERE seq > ?";
+  if (f.project_id) sql += " AND project_id = ?";
+  if (f.run_id) sql += " AND run_id = ?";
+  if (f.since_unix_ns) sql += " AND created_at_unix_ns >= ?";
+  if (f.until_unix_ns) sql += " AND created_at_unix_ns < ?";
+  sql += " ORDER BY seq LIMIT ?";
+  SQLite::Statement q(*db_, sql);
+  int i = 1;
+  q.bind(i++, static_cast<std::int64_t>(f.after_seq));
+  if (f.project_id) q.bind(i++, *f.project_id);
+  if (f.run_id) q.bind(i++, *f.run_id);
+  if (f.since_unix_ns) q.bind(i++, *f.since_unix_ns);
+  if (f.until_unix_ns) q.bind(i++, *f.until_unix_ns);
+  q.bind(i, f.limit);
+  std::vector<LedgerEntry> out;
+  while (q.executeStep()) {
+    LedgerEntry e;
+    e.seq = static_cast<std::uint64_t>(q.getColumn(0).getInt64());
+    e.host_id = column(q, 1);
+    e.unix_ns = q.getColumn(2).getInt64();
+    e.day = q.getColumn(3).getInt();
+    e.kind = column(q, 4);
+    e.project_id = column(q, 5);
+    e.agent_id = column(q, 6);
+    e.run_id = column(q, 7);
+    e.model = column(q, 8);
+    e.provider = column(q, 9);
+    e.prompt_tokens = q.getColumn(10).getInt64();
+    e.completion_tokens = q.getColumn(11).getInt64();
+    e.cost_nano_usd = q.getColumn(12).getInt64();
+    e.reservation_id = q.isColumnNull(13) ? 0 : static_cast<std::uint64_t>(q.getColumn(13).getInt64());
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+std::string Ledger::integrityCheck() { return db_->execAndGet("PRAGMA integrity_check").getString(); }
+
+}  // namespace tokenfuse

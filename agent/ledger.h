@@ -1,0 +1,78 @@
+// The host's durable ledger: every committed or recorded call, in SQLite (WAL, synchronous=FULL),
+// keyed by the host's sequence number so that writing an entry twice is a no-op. Its table has
+// the reference's budget_ledger columns (project_id, agent_id, run_id, model, provider,
+// prompt_tokens, completion_tokens, cost_usd, created_at), plus host_id, seq, the budget day,
+// the exact cost in nano-USD and the reservation the entry settled.
+//
+// Thread-safety: one Ledger per thread; SQLite serialises writers across processes.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace SQLite {
+class Database;
+class Statement;
+}  // namespace SQLite
+
+namespace tokenfuse {
+
+class LedgerError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct LedgerEntry {
+  std::uint64_t seq = 0;
+  std::string host_id;
+  std::int64_t unix_ns = 0;
+  std::int32_t day = 0;
+  std::string kind;   // "commit" or "record"
+  std::string project_id, agent_id, run_id, model, provider;
+  std::int64_t prompt_tokens = 0, completion_tokens = 0, cost_nano_usd = 0;
+  std::uint64_t reservation_id = 0;
+};
+
+struct LedgerTotal {
+  std::string id;   // project_id or run_id; empty for the platform
+  std::int64_t cost_nano_usd = 0, prompt_tokens = 0, completion_tokens = 0, calls = 0;
+};
+
+struct LedgerFilter {
+  std::optional<std::string> project_id, run_id;
+  std::optional<std::int64_t> since_unix_ns, until_unix_ns;   // [since, until)
+  std::uint64_t after_seq = 0;
+  std::int64_t limit = 1000;
+};
+
+class Ledger {
+ public:
+  // Opens (creating if needed) the ledger for writing. Throws LedgerError naming the file.
+  Ledger(const std::string& path, std::string host_id);
+  // Opens an existing ledger read-only (for the CLI). Throws LedgerError.
+  static std::unique_ptr<Ledger> openReadOnly(const std::string& path);
+  ~Ledger();
+
+  std::uint64_t maxSeq();
+  // Writes the entries in one transaction, ignoring any whose seq is already there, and waits
+  // for the disk. Returns how many were new.
+  std::size_t append(const std::vector<LedgerEntry>& entries);
+
+  std::vector<LedgerTotal> tenantTotals(std::int32_t day);
+  LedgerTotal platformTotal(std::int32_t day);
+  std::vector<LedgerTotal> runTotals();   // runs are budgeted over their whole life
+  std::vector<LedgerEntry> list(const LedgerFilter& filter);
+  std::string integrityCheck();           // "ok", or what SQLite found
+
+ private:
+  explicit Ledger(std::unique_ptr<SQLite::Database> db);
+  std::unique_ptr<SQLite::Database> db_;
+  std::unique_ptr<SQLite::Statement> insert_;
+  std::string host_id_;
+};
+
+}  // namespace tokenfuse

@@ -1,0 +1,102 @@
+#include "ledger_writer.h"
+
+#include "log.h"
+#include "proc.h"
+
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+namespace tokenfuse {
+
+LedgerWriter::LedgerWriter(Region& region, Ledger& ledger, std::string host_id, Options options)
+    : region_(region), ledger_(ledger), ring_(region.header(), region.ledger()), host_id_(std::move(host_id)),
+      options_(options) {
+  batch_.reserve(std::min<std::size_t>(options_.max_batch, 4096));
+}
+
+bool LedgerWriter::abandoned(std::uint64_t pos) {
+  const std::uint32_t pid = ring_.at(pos).writer_pid.load(std::memory_order_relaxed);
+  if (pid != 0) return proc::liveness(static_cast<int>(pid), 0) == proc::Liveness::kDead;
+  // No pid: the writer died between claiming and naming itself, or lives in another pid
+  // namespace. Writing an entry takes microseconds, so seconds of silence mean it is gone.
+  const auto now = std::chrono::steady_clock::now();
+  if (stuck_pos_ != pos) {
+    stuck_pos_ = pos;
+    stuck_since_ = now;
+    return false;
+  }
+  return now - stuck_since_ >= options_.abandon_after;
+}
+
+DrainStats LedgerWriter::drainOnce() {
+  shm::Header& h = region_.header();
+  const std::uint64_t head = h.ledger_head.load(std::memory_order_relaxed);
+  std::uint64_t pos = head;
+  DrainStats stats;
+  batch_.clear();
+  while (pos - head < options_.max_batch) {
+    const LedgerRing::State state = ring_.state(pos);
+    if (state == LedgerRing::State::kEmpty) break;
+    if (state == LedgerRing::State::kWriting) {
+      if (!abandoned(pos)) break;   // being written: wait for it, entries stay in order
+      h.stats.ledger_abandoned.fetch_add(1, std::memory_order_relaxed);
+      log::warn("ledger_slot_abandoned", {{"seq", pos + 1}, {"writer_pid", ring_.at(pos).writer_pid.load()}});
+      ++stats.skipped;
+      ++pos;
+      continue;
+    }
+    const shm::LedgerSlot& s = ring_.at(pos);
+    if (s.kind == shm::kLedgerVoid) {
+      ++stats.skipped;
+    } else {
+      LedgerEntry& e = batch_.emplace_back();
+      e.seq = pos + 1;
+      e.unix_ns = s.unix_ns;
+      e.day = s.day;
+      e.kind = s.kind == shm::kLedgerCommit ? "commit" : "record";
+      e.project_id.assign(s.project_id, std::min<std::size_t>(s.project_len, shm::kKeyMax));
+      e.run_id.assign(s.run_id, std::min<std::size_t>(s.run_len, shm::kKeyMax));
+      e.model.assign(s.model, std::min<std::size_t>(s.model_len, shm::kKeyMax));
+      e.agent_id.assign(s.agent_id, std::min<std::size_t>(s.agent_len, shm::kKeyMax));
+      e.provider.assign(s.provider, std::min<std::size_t>(s.provider_len, shm::kKeyMax));
+      e.prompt_tokens = s.prompt_tokens;
+      e.completion_tokens = s.completion_tokens;
+      e.cost_nano_usd = s.cost_nano_usd;
+      e.reservation_id = s.reservation_id;
+    }
+    ++pos;
+  }
+  if (pos == head) return stats;
+  ledger_.append(batch_);   // on disk when it returns; throws on failure, leaving the ring as is
+  stats.written = batch_.size();
+  for (std::uint64_t p = head; p < pos; ++p) ring_.release(p);
+  h.ledger_head.store(pos, std::memory_order_release);
+  return stats;
+}
+
+void LedgerWriter::run(std::stop_token stop) {
+  std::mutex mu;
+  std::condition_variable_any cv;
+  bool failing = false;
+  while (true) {
+    const bool stopping = stop.stop_requested();
+    try {
+      DrainStats d;
+      do {
+        d = drainOnce();
+      } while (d.written + d.skipped >= options_.max_batch);   // keep up with bursts
+      if (failing) log::info("ledger_write_recovered");
+      failing = false;
+    } catch (const std::exception& e) {
+      // Entries stay in the ring (clients get E-TOKENFUSE-LEDGER-FULL once it fills); retry.
+      if (!failing) log::error("ledger_write_failed", {{"error", e.what()}});
+      failing = true;
+    }
+    if (stopping) return;
+    std::unique_lock lock(mu);
+    cv.wait_for(lock, stop, options_.flush_interval, [] { return false; });
+  }
+}
+
+}  // namespace tokenfuse
