@@ -98,11 +98,19 @@ Status RegionAdmin::clearLimit(LimitTable t, std::string_view id) {
 
 void RegionAdmin::setDefaultLimit(LimitTable t, std::optional<NanoUsd> limit) noexcept {
   auto& def = t == LimitTable::kTenant ? region_.header().defaults.tenant_limit : region_.header().defaults.run_limit;
-  def.store(raw(limit), kRelease);
+  // seq_cst pairs with the inserter (claim CAS, then load of the default, both seq_cst): an
+  // inserter that read the old default claimed its slot before this store, so the sweep below
+  // sees the slot, waits for it to be ready, and corrects it.
+  def.store(raw(limit), std::memory_order_seq_cst);
   const KeyedTable<shm::BudgetSlot> tab = table(t);
   for (std::uint32_t i = 0; i < tab.capacity(); ++i) {
     shm::BudgetSlot& s = tab.at(static_cast<std::int32_t>(i));
-    if (shm::keyState(s.k.word.load(kAcquire)) == shm::kKeyReady && s.c.limit_explicit.load(kRelaxed) == 0) {
+    std::uint64_t w = s.k.word.load(std::memory_order_seq_cst);
+    for (int spins = 0; shm::keyState(w) == shm::kKeyInit && spins < (1 << 16); ++spins) {
+      cpuRelax();
+      w = s.k.word.load(kAcquire);
+    }
+    if (shm::keyState(w) == shm::kKeyReady && s.c.limit_explicit.load(kRelaxed) == 0) {
       s.c.limit.store(raw(limit), kRelease);
     }
   }
@@ -159,8 +167,9 @@ void RegionAdmin::setReservationTtl(std::int64_t ttl_ns) noexcept {
 void RegionAdmin::setKill(std::string_view reason, std::int64_t since_unix_ns, std::int64_t expires_unix_ns) noexcept {
   std::lock_guard lock(kill_mu_);
   shm::KillSwitch& k = region_.header().kill;
-  const std::uint32_t seq = k.seq.load(kRelaxed);
-  k.seq.store(seq + 1, kRelaxed);
+  // Odd while writing. An agent that died mid-write left it odd: start from the next odd value.
+  const std::uint32_t seq = (k.seq.load(kRelaxed) + 1) | 1u;
+  k.seq.store(seq, kRelaxed);
   std::atomic_thread_fence(kRelease);
   char buf[shm::kReasonMax] = {};
   const std::size_t len = std::min(reason.size(), shm::kReasonMax);
@@ -173,7 +182,7 @@ void RegionAdmin::setKill(std::string_view reason, std::int64_t since_unix_ns, s
   k.reason_len.store(static_cast<std::uint32_t>(len), kRelaxed);
   k.since_unix_ns.store(since_unix_ns, kRelaxed);
   k.expires_unix_ns.store(expires_unix_ns, kRelaxed);
-  k.seq.store(seq + 2, kRelease);
+  k.seq.store(seq + 1, kRelease);
   k.active.store(1, kRelease);
 }
 
@@ -191,6 +200,15 @@ bool RegionAdmin::expireKill(std::int64_t now_unix_ns) noexcept {
   return true;
 }
 
+bool RegionAdmin::stuckFor(std::uint64_t key, std::uint64_t word, std::int64_t now_unix_ns) {
+  auto [it, fresh] = stuck_.try_emplace(key, word, now_unix_ns);
+  if (fresh || it->second.first != word) {
+    it->second = {word, now_unix_ns};
+    return false;
+  }
+  return now_unix_ns - it->second.second >= kAbandonAfterNs;
+}
+
 ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
   ReapStats stats;
   shm::Header& h = region_.header();
@@ -204,6 +222,8 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
     if (fresh) it->second = proc::liveness(static_cast<int>(pid), start);
     return it->second == proc::Liveness::kDead;
   };
+  // Words that did not change since the last sweeps; those of pid 0 (another pid namespace)
+  // that stay half-way through an operation for kAbandonAfterNs are taken for dead.
 
   shm::ReservationSlot* slots = region_.reservations();
   for (std::uint32_t i = 0; i < h.reservation_capacity; ++i) {
@@ -212,17 +232,21 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
     const shm::ResState st = shm::resState(w);
     if (st == shm::kResFree) continue;
     const std::uint32_t pid = shm::resPid(w);
-    const bool is_owner = pid == s.owner_pid.load(kRelaxed);
-    const bool owner_dead = dead(pid, is_owner ? s.owner_start.load(kRelaxed) : 0);
+    const std::uint32_t p = shm::resProgress(w);
+    const bool claiming = st == shm::kResReserving && p == shm::kProgressClaiming;
+    // A slot being claimed may still carry the previous owner's fields: judge by pid alone.
+    const bool is_owner = !claiming && pid == s.owner_pid.load(kRelaxed);
+    const bool in_flight = st == shm::kResReserving || st == shm::kResCharging || st == shm::kResSettling;
+    const bool owner_dead = dead(pid, is_owner ? s.owner_start.load(kRelaxed) : 0) ||
+                            (pid == 0 && in_flight && stuckFor(i, w, now_unix_ns));
     const bool overdue = s.deadline_unix_ns.load(kRelaxed) < now_unix_ns;
     if (!owner_dead && !((st == shm::kResActive || st == shm::kResExpired) && overdue)) continue;
 
     // What each layer still holds for this slot, by state and progress (see layout.h).
     const std::int64_t held = s.held.load(kRelaxed);
     const std::int64_t target = s.charge_target.load(kRelaxed);
-    const std::uint32_t p = shm::resProgress(w);
     std::int64_t give_back[shm::kLayerCount] = {0, 0, 0};
-    for (std::uint32_t j = 0; j < shm::kLayerCount; ++j) {
+    for (std::uint32_t j = 0; j < shm::kLayerCount && !claiming; ++j) {
       switch (st) {
         case shm::kResReserving: give_back[j] = j < p ? held : 0; break;
         case shm::kResActive: give_back[j] = held; break;
@@ -265,20 +289,26 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
     }
   }
 
-  auto clear_stuck = [&](auto* slots_of_table, std::uint32_t capacity) {
+  auto clear_stuck = [&](auto* slots_of_table, std::uint32_t capacity, std::uint64_t table_id) {
     for (std::uint32_t i = 0; i < capacity; ++i) {
       shm::KeyHeader& k = slots_of_table[i].k;
       std::uint64_t w = k.word.load(kAcquire);
-      if (shm::keyState(w) != shm::kKeyInit || !dead(shm::keyPid(w), 0)) continue;
+      if (shm::keyState(w) != shm::kKeyInit) continue;
+      const std::uint32_t pid = shm::keyPid(w);
+      if (!dead(pid, 0) && !(pid == 0 && stuckFor(table_id << 32 | i, w, now_unix_ns))) continue;
       if (k.word.compare_exchange_strong(w, shm::keyWord(shm::keyTag(w), shm::kKeyTombstone, 0), kRelaxed)) {
         ++stats.stuck_keys;
         h.stats.stuck_keys_cleared.fetch_add(1, kRelaxed);
       }
     }
   };
-  clear_stuck(region_.tenants(), h.tenant_capacity);
-  clear_stuck(region_.runs(), h.run_capacity);
-  clear_stuck(region_.models(), h.model_capacity);
+  clear_stuck(region_.tenants(), h.tenant_capacity, 1);
+  clear_stuck(region_.runs(), h.run_capacity, 2);
+  clear_stuck(region_.models(), h.model_capacity, 3);
+  // Forget words that moved on.
+  for (auto it = stuck_.begin(); it != stuck_.end();) {
+    it = now_unix_ns - it->second.second > 2 * kAbandonAfterNs ? stuck_.erase(it) : std::next(it);
+  }
   return stats;
 }
 

@@ -38,6 +38,9 @@ void initSelfOnce() {
   });
 }
 
+// What acquire() returns when another party held the reservation for too long.
+constexpr auto kAcquireBusy = static_cast<shm::ResState>(0xf);
+
 constexpr Code kLayerCode[shm::kLayerCount] = {Code::kRunBudgetExhausted, Code::kTenantBudgetExhausted,
                                                Code::kPlatformBudgetExhausted};
 
@@ -68,10 +71,13 @@ void book(Counters& c, std::int64_t used_delta, std::int64_t cost, std::int64_t 
   c.calls.fetch_add(1, kRelaxed);
 }
 
-std::uint32_t hintSeed() noexcept {
-  // Spread threads over the reservation table without a shared counter.
-  static std::atomic<std::uint32_t> next{0};
-  return next.fetch_add(0x9e3779b9u, kRelaxed);
+// Where a thread starts looking for a free reservation slot: a hash of an address on its stack,
+// so threads spread over the table without thread-local storage (which, in a dlopen'ed library,
+// may allocate on first use) and without a shared counter.
+std::uint32_t slotHint() noexcept {
+  char probe;
+  const auto a = reinterpret_cast<std::uintptr_t>(&probe);
+  return static_cast<std::uint32_t>((a >> 12) * 0x9e3779b97f4a7c15ull >> 40);
 }
 
 void copyKey(char* dst, std::uint32_t* len, std::string_view src) noexcept {
@@ -146,7 +152,9 @@ Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept
                      const std::atomic<std::int64_t>& default_limit, std::int32_t* out) {
     const Found f = insert ? table.findOrInsert(key, pid,
                                                 [&](shm::BudgetSlot& s) noexcept {
-                                                  s.c.limit.store(default_limit.load(kRelaxed), kRelaxed);
+                                                  // seq_cst: see RegionAdmin::setDefaultLimit.
+                                                  s.c.limit.store(default_limit.load(std::memory_order_seq_cst),
+                                                                  kRelaxed);
                                                 })
                            : table.find(key);
     *out = f.index >= 0 ? f.index : CallSite::kUntracked;
@@ -191,16 +199,13 @@ Decision Engine::check(const CallSite& site, std::int64_t prompt, std::int64_t c
 }
 
 int Engine::claimSlot(std::uint32_t pid) noexcept {
-  thread_local std::uint32_t hint = hintSeed();
+  const std::uint32_t hint = slotHint();
   for (std::uint32_t n = 0; n <= res_mask_; ++n) {
     const std::uint32_t i = (hint + n) & res_mask_;
     std::uint64_t w = res_[i].word.load(kRelaxed);
     if (shm::resState(w) != shm::kResFree) continue;
-    if (res_[i].word.compare_exchange_strong(w, shm::resWord(pid, shm::resGen(w), shm::kResReserving, 0),
-                                             kAcquire, kRelaxed)) {
-      hint = i + 1;
-      return static_cast<int>(i);
-    }
+    const std::uint64_t claimed = shm::resWord(pid, shm::resGen(w), shm::kResReserving, shm::kProgressClaiming);
+    if (res_[i].word.compare_exchange_strong(w, claimed, kAcquire, kRelaxed)) return static_cast<int>(i);
   }
   return -1;
 }
@@ -278,7 +283,7 @@ shm::ResState Engine::acquire(Reservation r, std::uint32_t accepted_mask, shm::R
                               std::uint64_t* word) noexcept {
   const std::uint32_t index = shm::reservationIndex(r.id);
   const std::uint32_t gen = shm::reservationGen(r.id);
-  if (r.id == 0 || index > res_mask_) return shm::kResFree;
+  if (!shm::reservationIdWellFormed(r.id) || index > res_mask_) return shm::kResFree;
   ReservationSlot& s = res_[index];
   std::uint64_t w = s.word.load(kAcquire);
   for (int spins = 0;; ++spins) {
@@ -294,7 +299,7 @@ shm::ResState Engine::acquire(Reservation r, std::uint32_t accepted_mask, shm::R
       continue;
     }
     // Another thread or the reaper is in the middle of an operation on it: wait it out.
-    if (spins > (1 << 20)) return shm::kResFree;
+    if (spins > (1 << 20)) return kAcquireBusy;
     cpuRelax();
     w = s.word.load(kAcquire);
   }
@@ -332,6 +337,7 @@ Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std:
   std::uint64_t w = 0;
   const shm::ResState was = acquire(r, (1u << shm::kResActive) | (1u << shm::kResExpired), shm::kResSettling, &w);
   if (was == shm::kResFree) return fail(Code::kUnknownReservation);
+  if (was == kAcquireBusy) return fail(Code::kRegionBusy);
   ReservationSlot& s = res_[shm::reservationIndex(r.id)];
   const std::uint32_t gen = shm::resGen(w);
   const std::uint32_t pid = shm::resPid(w);
@@ -381,10 +387,15 @@ Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t mo
   std::uint64_t w = 0;
   const shm::ResState was = acquire(r, (1u << shm::kResActive) | (1u << shm::kResExpired), shm::kResCharging, &w);
   if (was == shm::kResFree) return fail(Code::kUnknownReservation);
+  if (was == kAcquireBusy) return fail(Code::kRegionBusy);
   ReservationSlot& s = res_[shm::reservationIndex(r.id)];
   const std::uint32_t gen = shm::resGen(w);
   const std::uint32_t pid = shm::resPid(w);
-  auto back = [&](shm::ResState st) noexcept { s.word.store(shm::resWord(pid, gen, st, 0), kRelease); };
+  // Back to waiting: the word names the owner again, not this caller, so that the reaper judges
+  // the reservation by its owner's life.
+  auto back = [&](shm::ResState st) noexcept {
+    s.word.store(shm::resWord(s.owner_pid.load(kRelaxed), gen, st, 0), kRelease);
+  };
   if (was == shm::kResExpired) {
     back(shm::kResExpired);
     return fail(Code::kReservationExpired);

@@ -110,6 +110,10 @@ enum ResState : std::uint32_t {
 //   - growing a hold (reserve, charge): change the layer, then advance progress;
 //   - shrinking or settling (commit, release, rollback): advance progress, then change the layer.
 
+// Progress value of a slot just claimed, whose owner fields are not written yet: the reaper must
+// not trust owner_pid / owner_start (they may be the previous owner's) and returns nothing.
+inline constexpr std::uint32_t kProgressClaiming = 0xf;
+
 // Layers in the order they are checked, which is also the order operations apply them.
 enum Layer : std::uint32_t { kLayerRun = 0, kLayerTenant = 1, kLayerPlatform = 2, kLayerCount = 3 };
 
@@ -269,9 +273,9 @@ inline bool cas16(void* p, U128* expected, U128 desired) noexcept {
   *expected = (U128{hi} << 64) | lo;
   return swapped;
 #else
-  // Lock-free on AArch64 (LDXP/STXP or CASP); other targets must provide the same.
-  return __atomic_compare_exchange_n(static_cast<U128*>(p), expected, desired, false, __ATOMIC_RELAXED,
-                                     __ATOMIC_RELAXED);
+  // libatomic may implement this with a lock private to one process (AArch64 before GCC 13
+  // does), which would break budgets across processes. Port with LDXP/STXP or CASP first.
+#error "tokenfuse needs a 16-byte compare-and-swap that is atomic across processes; only x86-64 has one here"
 #endif
 }
 
@@ -333,11 +337,14 @@ constexpr std::uint32_t nextGen(std::uint32_t gen) noexcept {
   return g == 0 ? 1 : g;   // generation 0 is never live, so reservation id 0 is never valid
 }
 
-// A reservation id: [55..32] generation | [31..0] slot index.
+// A reservation id: [55..32] generation | [31..0] slot index; bits 63..56 are zero. The
+// generation wraps after 2^24 reuses of one slot: a stale id is rejected unless it is exactly
+// that many reuses old.
 constexpr std::uint64_t reservationId(std::uint32_t index, std::uint32_t gen) noexcept {
   return (std::uint64_t{gen & kGenMask} << 32) | index;
 }
 constexpr std::uint32_t reservationIndex(std::uint64_t id) noexcept { return static_cast<std::uint32_t>(id); }
 constexpr std::uint32_t reservationGen(std::uint64_t id) noexcept { return static_cast<std::uint32_t>(id >> 32) & kGenMask; }
+constexpr bool reservationIdWellFormed(std::uint64_t id) noexcept { return id != 0 && (id >> 56) == 0; }
 
 }  // namespace tokenfuse::shm

@@ -58,7 +58,9 @@ Liveness liveness(int pid, std::uint64_t start_time) noexcept {
   if (::kill(pid, 0) != 0 && errno == ESRCH) return Liveness::kDead;
   char state;
   const std::uint64_t now = readStat(pid, &state);
-  if (now == 0) return Liveness::kDead;   // exited between the two looks
+  // Unreadable (hidepid, no file descriptors left, or it exited just now): not proof of death.
+  // Calling a live process dead would hand its reservation to someone else; waiting is safe.
+  if (now == 0) return Liveness::kUnknown;
   if (state == 'Z' || state == 'X') return Liveness::kDead;   // exited, not yet waited for
   if (start_time != 0 && now != start_time) return Liveness::kDead;   // the pid was reused
   return Liveness::kAlive;

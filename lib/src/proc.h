@@ -17,7 +17,8 @@ std::uint64_t pidNamespace() noexcept;
 
 enum class Liveness { kAlive, kDead, kUnknown };
 // Whether the process that wrote (pid, start_time) still runs. start_time 0 means the writer
-// had not recorded it: only the pid is compared.
+// had not recorded it: only the pid is compared. kDead only on proof: no such pid, a zombie, or
+// a pid now used by a process with another start time.
 Liveness liveness(int pid, std::uint64_t start_time) noexcept;
 
 }  // namespace tokenfuse::proc

@@ -75,13 +75,19 @@ class KeyedTable {
         const shm::KeyState state = shm::keyState(w);
         if (state == shm::kKeyEmpty) {
           if (!insert) return {Lookup::kAbsent, -1};
-          if (k.word.compare_exchange_strong(w, shm::keyWord(tag, shm::kKeyInit, pid),
-                                             std::memory_order_acquire, std::memory_order_acquire)) {
+          const std::uint64_t claimed = shm::keyWord(tag, shm::kKeyInit, pid);
+          if (k.word.compare_exchange_strong(w, claimed, std::memory_order_seq_cst, std::memory_order_acquire)) {
             k.key_len = static_cast<std::uint32_t>(key.size());
             std::memcpy(k.key, key.data(), key.size());
             init(slots_[i]);
-            k.word.store(shm::keyWord(tag, shm::kKeyReady, 0), std::memory_order_release);
-            return {Lookup::kInserted, static_cast<std::int32_t>(i)};
+            // A CAS, not a store: if the reaper took this slot for a dead writer's (it cannot
+            // tell a stopped process from a dead one forever), look further instead.
+            std::uint64_t expect = claimed;
+            if (k.word.compare_exchange_strong(expect, shm::keyWord(tag, shm::kKeyReady, 0),
+                                               std::memory_order_release, std::memory_order_relaxed)) {
+              return {Lookup::kInserted, static_cast<std::int32_t>(i)};
+            }
+            break;
           }
           continue;   // lost the race: w holds what won; look again
         }

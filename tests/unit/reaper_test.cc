@@ -171,3 +171,94 @@ TEST_CASE("crash: a table key half-written by a dead process is cleared, and the
   CHECK(t.client->tenant(key).committed == usd("0.005"));
   CHECK(shm::keyState(slot.k.word.load()) == shm::kKeyTombstone);
 }
+
+namespace {
+// A live child process that waits until told to exit; its pid is certainly alive meanwhile.
+struct LiveChild {
+  LiveChild() {
+    REQUIRE(::pipe(fds) == 0);
+    pid = ::fork();
+    if (pid == 0) {
+      char c;
+      (void)::read(fds[0], &c, 1);
+      ::_exit(0);
+    }
+  }
+  ~LiveChild() {
+    (void)::write(fds[1], "x", 1);
+    ::waitpid(pid, nullptr, 0);
+    ::close(fds[0]);
+    ::close(fds[1]);
+  }
+  int fds[2];
+  pid_t pid;
+};
+}  // namespace
+
+TEST_CASE("reaper: a slot a live process has just claimed is not judged by its previous owner's fields") {
+  TestRegion t;
+  Reservation r;
+  REQUIRE(t.client->reserve({"acme", "gpt-4o", {}, {}, 1000, 0, 0}, &r).allowed());
+  REQUIRE(t.client->release(r).allowed());
+  // Another live process claims the slot: the word names it, owner_pid too, but owner_start is
+  // still this process's, as between the claim and the owner's first stores.
+  LiveChild child;
+  shm::ReservationSlot& s = t.region->reservations()[shm::reservationIndex(r.id)];
+  s.owner_pid.store(static_cast<std::uint32_t>(child.pid));
+  const std::uint32_t gen = shm::resGen(s.word.load());
+  s.word.store(shm::resWord(static_cast<std::uint32_t>(child.pid), gen, shm::kResReserving, shm::kProgressClaiming));
+  CHECK_FALSE(t.admin->reap(test::nowNs()).any());
+  CHECK(s.word.load() ==
+        shm::resWord(static_cast<std::uint32_t>(child.pid), gen, shm::kResReserving, shm::kProgressClaiming));
+  s.word.store(shm::resWord(0, gen, shm::kResFree, 0));
+}
+
+TEST_CASE("reaper: a reservation charged by another process still belongs to its owner") {
+  TestRegion t;
+  Reservation r;
+  REQUIRE(t.client->reserve({"acme", "gpt-4o", {}, {}, 1000, 1000, 0}, &r).allowed());
+  const pid_t helper = ::fork();
+  if (helper == 0) {
+    std::unique_ptr<Client> c;
+    ::_exit(Client::attach({t.spec.shm_name}, &c).ok() && c->charge(r, 10, 10).allowed() ? 0 : 1);
+  }
+  int status = 0;
+  ::waitpid(helper, &status, 0);
+  REQUIRE(WEXITSTATUS(status) == 0);
+  CHECK(t.admin->reap(test::nowNs()).dead_owner == 0);   // the helper is gone, the owner is not
+  CHECK(t.client->tenant("acme").held == usd("0.02"));
+  CHECK(t.client->commit(r, "openai", 10, 10).allowed());
+}
+
+TEST_CASE("reaper: a half-finished reservation of a process in another pid namespace is recovered after a while") {
+  TestRegion t;
+  Reservation r;
+  REQUIRE(t.client->reserve({"acme", "gpt-4o", "run-1", {}, 1000, 0, 0}, &r).allowed());
+  shm::ReservationSlot& s = t.region->reservations()[shm::reservationIndex(r.id)];
+  s.owner_pid.store(0);
+  s.owner_start.store(0);
+  s.word.store(shm::resWord(0, shm::reservationGen(r.id), shm::kResReserving, 3));   // all layers held
+  const std::int64_t now = test::nowNs();
+  CHECK_FALSE(t.admin->reap(now).any());
+  CHECK_FALSE(t.admin->reap(now + 9'000'000'000).any());
+  CHECK(t.admin->reap(now + 10'000'000'000).dead_owner == 1);
+  CHECK(t.client->tenant("acme").held == NanoUsd(0));
+  CHECK(t.client->run("run-1").held == NanoUsd(0));
+  CHECK(t.client->platform().held == NanoUsd(0));
+}
+
+TEST_CASE("kill switch: an agent that died while writing the reason does not leave readers spinning") {
+  TestRegion t;
+  t.region->header().kill.seq.store(7);   // odd: a write that never finished
+  t.admin->setKill("second try", test::nowNs(), 0);
+  CHECK(t.region->header().kill.seq.load() % 2 == 0);
+  CHECK(t.client->killSwitch().reason == "second try");
+}
+
+TEST_CASE("reservation ids: malformed ids are unknown, never a slot") {
+  TestRegion t;
+  Reservation r;
+  REQUIRE(t.client->reserve({"acme", "gpt-4o", {}, {}, 1000, 0, 0}, &r).allowed());
+  CHECK(t.client->commit(Reservation{r.id | (std::uint64_t{1} << 60)}, "o", 1, 1).code == Code::kUnknownReservation);
+  CHECK(t.client->release(r).allowed());
+}
