@@ -2,11 +2,14 @@
 // application does. Exit codes: 0 ok, 1 the check was denied, 2 bad usage, 3 no region.
 #include <tokenfuse/tokenfuse.hpp>
 
+#include "ledger.h"
+
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include <chrono>
 #include <cstdio>
+#include <optional>
 #include <ctime>
 #include <iostream>
 
@@ -16,6 +19,7 @@ using namespace tokenfuse;
 using nlohmann::json;
 
 constexpr int kDenied = 1;
+std::string civilDay(std::int32_t day);
 constexpr int kNoRegion = 3;
 
 json budgetJson(const BudgetView& v) {
@@ -35,6 +39,122 @@ void printBudget(const char* name, const BudgetView& v) {
               v.limit ? ("$" + v.limit->toString()).c_str() : "unlimited", static_cast<long long>(v.calls),
               static_cast<long long>(v.prompt_tokens), static_cast<long long>(v.completion_tokens),
               static_cast<long long>(v.denials));
+}
+
+// "2026-11-29" or "2026-11-29T14:00:00Z" (UTC) to unix seconds; nullopt if neither.
+std::optional<std::int64_t> parseUtc(const std::string& text) {
+  std::tm tm{};
+  const char* end = ::strptime(text.c_str(), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  if (end == nullptr || *end != '\0') {
+    tm = {};
+    end = ::strptime(text.c_str(), "%Y-%m-%d", &tm);
+    if (end == nullptr || *end != '\0') return std::nullopt;
+  }
+  return static_cast<std::int64_t>(::timegm(&tm));
+}
+
+std::string csvField(const std::string& s) {
+  if (s.find_first_of(",\"\n\r") == std::string::npos) return s;
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"') out += '"';
+    out += c;
+  }
+  return out + "\"";
+}
+
+std::string isoTime(std::int64_t unix_ns) {
+  const std::time_t t = static_cast<std::time_t>(unix_ns / 1'000'000'000);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[40];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
+  char out[48];
+  std::snprintf(out, sizeof out, "%s.%03lldZ", buf, static_cast<long long>(unix_ns / 1'000'000 % 1000));
+  return out;
+}
+
+json entryJson(const LedgerEntry& e) {
+  auto opt = [](const std::string& s) { return s.empty() ? json(nullptr) : json(s); };
+  return {{"seq", e.seq},
+          {"host_id", e.host_id},
+          {"created_at", isoTime(e.unix_ns)},
+          {"kind", e.kind},
+          {"project_id", e.project_id},
+          {"agent_id", opt(e.agent_id)},
+          {"run_id", opt(e.run_id)},
+          {"model", e.model},
+          {"provider", opt(e.provider)},
+          {"prompt_tokens", e.prompt_tokens},
+          {"completion_tokens", e.completion_tokens},
+          {"cost_usd", NanoUsd(e.cost_nano_usd).toString()},
+          {"reservation_id", e.reservation_id == 0 ? json(nullptr) : json(e.reservation_id)}};
+}
+
+int ledgerCommand(const std::string& data_dir, bool list, const LedgerFilter& filter, const std::string& format,
+                  const std::string& day_text, bool as_json) {
+  std::unique_ptr<Ledger> ledger;
+  try {
+    ledger = Ledger::openReadOnly(data_dir + "/ledger.db");
+    if (list) {
+      const std::vector<LedgerEntry> rows = ledger->list(filter);
+      if (format == "csv") {
+        std::printf("seq,host_id,created_at,kind,project_id,agent_id,run_id,model,provider,prompt_tokens,"
+                    "completion_tokens,cost_usd,reservation_id\n");
+        for (const LedgerEntry& e : rows) {
+          std::printf("%llu,%s,%s,%s,%s,%s,%s,%s,%s,%lld,%lld,%s,%s\n", static_cast<unsigned long long>(e.seq),
+                      csvField(e.host_id).c_str(), isoTime(e.unix_ns).c_str(), e.kind.c_str(),
+                      csvField(e.project_id).c_str(), csvField(e.agent_id).c_str(), csvField(e.run_id).c_str(),
+                      csvField(e.model).c_str(), csvField(e.provider).c_str(), static_cast<long long>(e.prompt_tokens),
+                      static_cast<long long>(e.completion_tokens), NanoUsd(e.cost_nano_usd).toString().c_str(),
+                      e.reservation_id == 0 ? "" : std::to_string(e.reservation_id).c_str());
+        }
+      } else if (format == "jsonl" || as_json) {
+        for (const LedgerEntry& e : rows) std::printf("%s\n", entryJson(e).dump().c_str());
+      } else {
+        std::printf("%8s  %-24s  %-16s  %-16s  %-20s  %9s  %9s  %14s\n", "seq", "created_at", "project_id", "run_id",
+                    "model", "prompt", "compl", "cost_usd");
+        for (const LedgerEntry& e : rows) {
+          std::printf("%8llu  %-24s  %-16s  %-16s  %-20s  %9lld  %9lld  %14s\n", static_cast<unsigned long long>(e.seq),
+                      isoTime(e.unix_ns).c_str(), e.project_id.c_str(), e.run_id.c_str(), e.model.c_str(),
+                      static_cast<long long>(e.prompt_tokens), static_cast<long long>(e.completion_tokens),
+                      NanoUsd(e.cost_nano_usd).toString().c_str());
+        }
+      }
+      return 0;
+    }
+    std::int32_t day = 0;
+    if (day_text.empty()) {
+      day = static_cast<std::int32_t>(std::time(nullptr) / 86400);
+    } else if (const auto t = parseUtc(day_text); t && day_text.size() == 10) {
+      day = static_cast<std::int32_t>(*t / 86400);
+    } else {
+      std::fprintf(stderr, "tokenfuse: --day: '%s' is not a date such as 2026-11-29\n", day_text.c_str());
+      return 2;
+    }
+    const std::vector<LedgerTotal> totals = ledger->tenantTotals(day);
+    if (as_json) {
+      json out = json::array();
+      for (const LedgerTotal& t : totals) {
+        out.push_back({{"project_id", t.id}, {"day", civilDay(day)}, {"cost_usd", NanoUsd(t.cost_nano_usd).toString()},
+                       {"prompt_tokens", t.prompt_tokens}, {"completion_tokens", t.completion_tokens},
+                       {"calls", t.calls}});
+      }
+      std::cout << out.dump(2) << "\n";
+    } else {
+      std::printf("%-32s  %14s  %10s  %12s  %12s   (budget day %s)\n", "project_id", "cost_usd", "calls", "prompt",
+                  "completion", civilDay(day).c_str());
+      for (const LedgerTotal& t : totals) {
+        std::printf("%-32s  %14s  %10lld  %12lld  %12lld\n", t.id.c_str(), NanoUsd(t.cost_nano_usd).toString().c_str(),
+                    static_cast<long long>(t.calls), static_cast<long long>(t.prompt_tokens),
+                    static_cast<long long>(t.completion_tokens));
+      }
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tokenfuse: %s\n", e.what());
+    return kNoRegion;
+  }
 }
 
 std::string civilDay(std::int32_t day) {
@@ -69,7 +189,37 @@ int main(int argc, char** argv) {
   check->add_option("model", model)->required();
   check->add_option("--tokens", tokens, "estimated prompt tokens")->check(CLI::NonNegativeNumber);
   check->add_option("--run", run_id, "run id");
+
+  auto* ledger = app.add_subcommand("ledger", "read this host's ledger (SQLite in the agent's data dir)");
+  ledger->require_subcommand(1);
+  std::string data_dir = "/var/lib/tokenfuse", since, until, format = "table", day_text;
+  ledger->add_option("--data-dir", data_dir, "the agent's data dir")->envname("TOKENFUSE_DATA_DIR");
+  LedgerFilter filter;
+  auto* list = ledger->add_subcommand("list", "entries in sequence order (also: export)")->alias("export");
+  list->add_option("--project", filter.project_id, "only this tenant");
+  list->add_option("--run", filter.run_id, "only this run");
+  list->add_option("--since", since, "from this UTC time (2026-11-29 or 2026-11-29T14:00:00Z)");
+  list->add_option("--until", until, "before this UTC time");
+  list->add_option("--after-seq", filter.after_seq, "only entries after this sequence number");
+  list->add_option("--limit", filter.limit, "at most this many (default 1000)")->check(CLI::PositiveNumber);
+  list->add_option("--format", format, "table, csv or jsonl")->check(CLI::IsMember({"table", "csv", "jsonl"}));
+  auto* totals = ledger->add_subcommand("totals", "per-tenant totals for one budget day");
+  totals->add_option("--day", day_text, "budget day, e.g. 2026-11-29 (default: today, UTC)");
   CLI11_PARSE(app, argc, argv);
+
+  if (*ledger) {
+    for (auto [text, field] : {std::pair{&since, &filter.since_unix_ns}, {&until, &filter.until_unix_ns}}) {
+      if (text->empty()) continue;
+      const auto t = parseUtc(*text);
+      if (!t) {
+        std::fprintf(stderr, "tokenfuse: '%s' is not a UTC time such as 2026-11-29 or 2026-11-29T14:00:00Z\n",
+                     text->c_str());
+        return 2;
+      }
+      *field = *t * 1'000'000'000;
+    }
+    return ledgerCommand(data_dir, list->parsed(), filter, format, day_text, as_json);
+  }
 
   std::unique_ptr<Client> client;
   if (Status s = Client::attach({shm_name}, &client); !s.ok()) {

@@ -1,6 +1,5 @@
 // tokenfused and the tokenfuse CLI as an operator runs them: real processes, real signals.
-#include "agent_support.h"
-#include "process.h"
+#include "agent_process.h"
 
 #include <algorithm>
 #include <fstream>
@@ -8,54 +7,6 @@
 using namespace tokenfuse;
 using namespace tokenfuse::test;
 
-namespace {
-
-struct AgentFixture {
-  AgentFixture(const char* what, const std::string& extra_toml = "") : shm(uniqueName(what)), cleanup{shm} {
-    config_path = dir.path + "/tokenfuse.toml";
-    std::ofstream(config_path) << "[agent]\nshm_name = \"" << shm << "\"\ndata_dir = \"" << dir.path
-                               << "/state\"\ntick_ms = 50\n[region]\ntenant_capacity = 256\nrun_capacity = 256\n"
-                                  "reservation_capacity = 256\n"
-                               << extra_toml;
-  }
-  std::unique_ptr<Process> start(std::vector<std::string> extra = {}) {
-    std::vector<std::string> args{TOKENFUSED_PATH, "--config", config_path};
-    args.insert(args.end(), extra.begin(), extra.end());
-    return std::make_unique<Process>(args, dir.path + "/agent.log");
-  }
-  std::unique_ptr<Client> waitForRegion(pid_t agent_pid) {
-    std::unique_ptr<Client> c;
-    REQUIRE_MESSAGE(eventually([&] {
-                      c.reset();
-                      return Client::attach({shm}, &c).ok() && c->info().agent_pid == agent_pid;
-                    }),
-                    "tokenfused did not publish its region; its log:\n" << log());
-    return c;
-  }
-  std::string log() const {
-    std::ifstream in(dir.path + "/agent.log");
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  }
-  int cli(std::vector<std::string> args, std::string* output) {
-    if (std::find(args.begin(), args.end(), "--shm-name") == args.end()) args.insert(args.begin(), {"--shm-name", shm});
-    args.insert(args.begin(), TOKENFUSE_CLI_PATH);
-    const std::string out = dir.path + "/cli-" + std::to_string(cli_runs++) + ".out";
-    Process p(args, out);
-    const int rc = p.wait();
-    *output = p.output();
-    return rc;
-  }
-
-  TempDir dir;
-  std::string shm;
-  RegionCleanup cleanup;
-  std::string config_path;
-  int cli_runs = 0;
-};
-
-}  // namespace
 
 TEST_CASE("tokenfused: starts on its embedded defaults, serves the region, and stops cleanly on SIGTERM") {
   AgentFixture f("start", "[budgets]\nplatform_daily_limit_usd = \"10\"\n");
@@ -177,4 +128,46 @@ TEST_CASE("cli: status, usage and check read the region, and check exits 1 on a 
   CHECK(nlohmann::json::parse(out)["committed_usd"] == "0.000050");
   CHECK(f.cli({"--shm-name", "no-such-region-x", "status"}, &out) == 3);
   CHECK(out.find("does not exist: start tokenfused") != std::string::npos);
+}
+
+TEST_CASE("cli: ledger list filters by tenant, run and time, and exports CSV and JSON lines; totals sum a day") {
+  AgentFixture f("cliledger");
+  auto agent = f.start();
+  auto client = f.waitForRegion(agent->pid());
+  Decision last;
+  for (int i = 0; i < 5; ++i) {
+    last = client->record({i % 2 == 0 ? "acme" : "beta, inc", "gpt-4o", "openai", i < 2 ? "run-1" : "", "a", 1000, 0});
+    REQUIRE(last.allowed());
+  }
+  REQUIRE(client->waitDurable(last.ledger_seq, 5000));
+  const std::string dd = f.dir.path + "/state";
+  std::string out;
+  CHECK(f.cli({"ledger", "--data-dir", dd, "list", "--project", "acme", "--format", "jsonl"}, &out) == 0);
+  std::vector<nlohmann::json> lines;
+  std::istringstream in(out);
+  for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
+  REQUIRE(lines.size() == 3);
+  CHECK(lines[0]["project_id"] == "acme");
+  CHECK(lines[0]["cost_usd"] == "0.005000");
+  CHECK(lines[0]["run_id"] == "run-1");
+  CHECK(lines[2]["run_id"].is_null());
+
+  CHECK(f.cli({"ledger", "--data-dir", dd, "export", "--run", "run-1", "--format", "csv"}, &out) == 0);
+  CHECK(out.find("seq,host_id,created_at,kind,project_id") == 0);
+  CHECK(out.find(",\"beta, inc\",") != std::string::npos);   // CSV quoting
+  CHECK(std::count(out.begin(), out.end(), '\n') == 3);
+
+  CHECK(f.cli({"ledger", "--data-dir", dd, "list", "--since", "2000-01-01", "--until", "2000-01-02"}, &out) == 0);
+  CHECK(std::count(out.begin(), out.end(), '\n') == 1);   // the header only
+  CHECK(f.cli({"ledger", "--data-dir", dd, "list", "--since", "yesterday"}, &out) == 2);
+  CHECK(out.find("is not a UTC time") != std::string::npos);
+
+  CHECK(f.cli({"ledger", "--data-dir", dd, "--json", "totals"}, &out) == 0);
+  const auto totals = nlohmann::json::parse(out);
+  REQUIRE(totals.size() == 2);
+  CHECK(totals[0]["project_id"] == "acme");
+  CHECK(totals[0]["cost_usd"] == "0.015000");
+  CHECK(totals[0]["calls"] == 3);
+  CHECK(f.cli({"ledger", "--data-dir", "/nonexistent", "list"}, &out) == 3);
+  CHECK(out.find("/nonexistent/ledger.db") != std::string::npos);
 }
