@@ -45,14 +45,18 @@ Agent::Agent(Config config, Options options)
   openRegion(options.recreate_region);
   admin_ = std::make_unique<RegionAdmin>(*region_);
   writer_ = std::make_unique<LedgerWriter>(
-      *region_, *ledger_, config_.host_id,
+      *admin_, *ledger_, config_.host_id,
       LedgerWriter::Options{65536, std::chrono::milliseconds(config_.ledger_flush_interval_ms),
                             std::chrono::milliseconds(5000)});
   applyConfig();
 
   const auto now = clock_();
   const std::int32_t today = days_.dayOf(now);
-  if (!adopted_) rebuildFromLedger(today);
+  if (!adopted_) {
+    rebuildFromLedger(today);
+  } else {
+    resyncStatsFromLedger();
+  }
   if (adopted_ && admin_->day() < today) {
     log::info("budget_day_rollover", {{"day", DayClock::format(today)},
                                       {"previous", DayClock::format(admin_->day())},
@@ -159,6 +163,28 @@ void Agent::rebuildFromLedger(std::int32_t today) {
                                  {"tenants", tenants},
                                  {"runs", runs},
                                  {"ledger_seq", ledger_->maxSeq()}});
+}
+
+void Agent::resyncStatsFromLedger() {
+  // What a previous agent left in the ring goes to SQLite first; then the statistics are set
+  // from SQLite, which makes them exact whatever that agent's last moments were.
+  try {
+    while (writer_->drainOnce().any()) {
+    }
+  } catch (const LedgerError& e) {
+    throw AgentError(e.what());
+  }
+  RegionAdmin& a = *admin_;
+  const std::int32_t day = a.day();
+  a.clearStats();
+  for (const LedgerTotal& t : ledger_->tenantTotals(day)) {
+    a.setStats(LimitTable::kTenant, t.id, t.prompt_tokens, t.completion_tokens, t.calls);
+  }
+  for (const LedgerTotal& r : ledger_->runTotals()) {
+    a.setStats(LimitTable::kRun, r.id, r.prompt_tokens, r.completion_tokens, r.calls);
+  }
+  const LedgerTotal p = ledger_->platformTotal(day);
+  a.setStats(LimitTable::kTenant, {}, p.prompt_tokens, p.completion_tokens, p.calls);
 }
 
 void Agent::applyConfig() {

@@ -58,6 +58,7 @@ class Agent {
   void applyConfig();
   void lockDataDir();
   void rebuildFromLedger(std::int32_t today);
+  void resyncStatsFromLedger();
 
   Config config_;
   Clock clock_;

@@ -90,13 +90,13 @@ std::uint64_t Ledger::maxSeq() {
   return static_cast<std::uint64_t>(db_->execAndGet("SELECT COALESCE(MAX(seq), 0) FROM budget_ledger").getInt64());
 }
 
-std::size_t Ledger::append(const std::vector<LedgerEntry>& entries) {
+std::size_t Ledger::append(std::vector<LedgerEntry>& entries) {
   if (entries.empty()) return 0;
   std::size_t added = 0;
   try {
     SQLite::Transaction txn(*db_);
     SQLite::Statement& q = *insert_;
-    for (const LedgerEntry& e : entries) {
+    for (LedgerEntry& e : entries) {
       q.bind(1, static_cast<std::int64_t>(e.seq));
       q.bindNoCopy(2, host_id_);
       q.bind(3, e.unix_ns);
@@ -115,7 +115,8 @@ std::size_t Ledger::append(const std::vector<LedgerEntry>& entries) {
       } else {
         q.bind(14);
       }
-      added += static_cast<std::size_t>(q.exec());
+      e.written = q.exec() == 1;
+      added += e.written ? 1 : 0;
       q.reset();
     }
     txn.commit();

@@ -35,6 +35,7 @@ struct LedgerEntry {
   std::string project_id, agent_id, run_id, model, provider;
   std::int64_t prompt_tokens = 0, completion_tokens = 0, cost_nano_usd = 0;
   std::uint64_t reservation_id = 0;
+  bool written = false;   // set by Ledger::append: new in the ledger (not a repeat)
 };
 
 struct LedgerTotal {
@@ -59,8 +60,8 @@ class Ledger {
 
   std::uint64_t maxSeq();
   // Writes the entries in one transaction, ignoring any whose seq is already there, and waits
-  // for the disk. Returns how many were new.
-  std::size_t append(const std::vector<LedgerEntry>& entries);
+  // for the disk. Marks each entry `written` if it was new; returns how many were.
+  std::size_t append(std::vector<LedgerEntry>& entries);
 
   std::vector<LedgerTotal> tenantTotals(std::int32_t day);
   LedgerTotal platformTotal(std::int32_t day);

@@ -9,9 +9,9 @@
 
 namespace tokenfuse {
 
-LedgerWriter::LedgerWriter(Region& region, Ledger& ledger, std::string host_id, Options options)
-    : region_(region), ledger_(ledger), ring_(region.header(), region.ledger()), host_id_(std::move(host_id)),
-      options_(options) {
+LedgerWriter::LedgerWriter(RegionAdmin& admin, Ledger& ledger, std::string host_id, Options options)
+    : admin_(admin), region_(admin.region()), ledger_(ledger), ring_(region_.header(), region_.ledger()),
+      host_id_(std::move(host_id)), options_(options) {
   batch_.reserve(std::min<std::size_t>(options_.max_batch, 4096));
 }
 
@@ -70,6 +70,9 @@ DrainStats LedgerWriter::drainOnce() {
   if (pos == head) return stats;
   ledger_.append(batch_);   // on disk when it returns; throws on failure, leaving the ring as is
   stats.written = batch_.size();
+  for (const LedgerEntry& e : batch_) {
+    if (e.written) admin_.addStats(e.project_id, e.run_id, e.day, e.prompt_tokens, e.completion_tokens);
+  }
   for (std::uint64_t p = head; p < pos; ++p) ring_.release(p);
   h.ledger_head.store(pos, std::memory_order_release);
   return stats;

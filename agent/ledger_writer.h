@@ -4,6 +4,7 @@
 // nothing and a restart writes nothing twice (re-reads are ignored by their sequence number).
 #pragma once
 
+#include "admin.h"
 #include "ledger.h"
 #include "ledger_ring.h"
 #include "region.h"
@@ -30,7 +31,8 @@ class LedgerWriter {
     std::chrono::milliseconds abandon_after{5000};
   };
 
-  LedgerWriter(Region& region, Ledger& ledger, std::string host_id, Options options);
+  // Entries it writes also go into the region's token and call statistics, through `admin`.
+  LedgerWriter(RegionAdmin& admin, Ledger& ledger, std::string host_id, Options options);
 
   // Writes every published entry (up to max_batch) in one transaction. Throws LedgerError.
   DrainStats drainOnce();
@@ -40,6 +42,7 @@ class LedgerWriter {
  private:
   bool abandoned(std::uint64_t pos);
 
+  RegionAdmin& admin_;
   Region& region_;
   Ledger& ledger_;
   LedgerRing ring_;

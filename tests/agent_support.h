@@ -3,6 +3,8 @@
 
 #include "agent.h"
 #include "config.h"
+#include "ledger.h"
+#include "ledger_writer.h"
 #include "log.h"
 
 #include "support.h"
@@ -60,5 +62,21 @@ inline std::unique_ptr<Client> attachClient(const std::string& name) {
   REQUIRE_MESSAGE(s.ok(), s.message());
   return c;
 }
+
+// A region with the agent's ledger writer beside it, driven by hand (drainOnce).
+struct LedgerFixture {
+  explicit LedgerFixture(std::uint32_t ring = 4096) : t(64, "ledger", ring) {
+    log::init("error");
+    ledger = std::make_unique<Ledger>(dir.path + "/ledger.db", "host-a");
+    writer = std::make_unique<LedgerWriter>(*t.admin, *ledger, "host-a",
+                                            LedgerWriter::Options{65536, std::chrono::milliseconds(5),
+                                                                  std::chrono::milliseconds(200)});
+  }
+  TempDir dir;
+  TestRegion t;
+  std::unique_ptr<Ledger> ledger;
+  std::unique_ptr<LedgerWriter> writer;
+};
+
 
 }  // namespace tokenfuse::test

@@ -36,10 +36,23 @@ void resetDay(shm::Counters& c) noexcept {
   // Takes today's bookings out of `used` and leaves the holds of calls still in flight, in one
   // atomic step: a commit lands wholly in one day or the other.
   c.spend.takeCommitted();
-  c.prompt_tokens.exchange(0, kRelaxed);
-  c.completion_tokens.exchange(0, kRelaxed);
-  c.calls.exchange(0, kRelaxed);
+  c.prompt_tokens.store(0, kRelaxed);
+  c.completion_tokens.store(0, kRelaxed);
+  c.calls.store(0, kRelaxed);
   c.denials.exchange(0, kRelaxed);
+}
+
+void setCounts(shm::Counters& c, std::int64_t prompt, std::int64_t completion, std::int64_t calls) noexcept {
+  c.prompt_tokens.store(prompt, kRelaxed);
+  c.completion_tokens.store(completion, kRelaxed);
+  c.calls.store(calls, kRelaxed);
+}
+
+void addCounts(shm::Counters& c, std::int64_t prompt, std::int64_t completion) noexcept {
+  // Only the agent writes these, and only under stats_mu_: plain read-modify-write suffices.
+  c.prompt_tokens.store(c.prompt_tokens.load(kRelaxed) + prompt, kRelaxed);
+  c.completion_tokens.store(c.completion_tokens.load(kRelaxed) + completion, kRelaxed);
+  c.calls.store(c.calls.load(kRelaxed) + 1, kRelaxed);
 }
 
 }  // namespace
@@ -326,13 +339,48 @@ Status RegionAdmin::restore(LimitTable t, std::string_view id, NanoUsd committed
     c = &table(t).at(f.index).c;
   }
   c->spend.reset(committed.count(), committed.count());
-  c->prompt_tokens.store(prompt_tokens, kRelaxed);
-  c->completion_tokens.store(completion_tokens, kRelaxed);
-  c->calls.store(calls, kRelaxed);
+  setCounts(*c, prompt_tokens, completion_tokens, calls);
   return {};
 }
 
-void RegionAdmin::rollover(std::int32_t day) noexcept {
+void RegionAdmin::addStats(std::string_view project_id, std::string_view run_id, std::int32_t day,
+                           std::int64_t prompt_tokens, std::int64_t completion_tokens) {
+  std::lock_guard lock(stats_mu_);
+  if (!run_id.empty()) {
+    const Found r = table(LimitTable::kRun).find(run_id);
+    if (r.index >= 0) addCounts(table(LimitTable::kRun).at(r.index).c, prompt_tokens, completion_tokens);
+  }
+  if (day != region_.header().day.load(kAcquire)) return;   // a day already rolled over
+  addCounts(region_.header().platform, prompt_tokens, completion_tokens);
+  const Found t = table(LimitTable::kTenant).find(project_id);
+  if (t.index >= 0) addCounts(table(LimitTable::kTenant).at(t.index).c, prompt_tokens, completion_tokens);
+}
+
+void RegionAdmin::setStats(LimitTable t, std::string_view id, std::int64_t prompt_tokens,
+                           std::int64_t completion_tokens, std::int64_t calls) {
+  std::lock_guard lock(stats_mu_);
+  if (id.empty()) {
+    setCounts(region_.header().platform, prompt_tokens, completion_tokens, calls);
+    return;
+  }
+  const Found f = table(t).find(id);
+  if (f.index >= 0) setCounts(table(t).at(f.index).c, prompt_tokens, completion_tokens, calls);
+}
+
+void RegionAdmin::clearStats() {
+  std::lock_guard lock(stats_mu_);
+  setCounts(region_.header().platform, 0, 0, 0);
+  for (LimitTable t : {LimitTable::kTenant, LimitTable::kRun}) {
+    const KeyedTable<shm::BudgetSlot> tab = table(t);
+    for (std::uint32_t i = 0; i < tab.capacity(); ++i) {
+      shm::BudgetSlot& s = tab.at(static_cast<std::int32_t>(i));
+      if (shm::keyState(s.k.word.load(kAcquire)) == shm::kKeyReady) setCounts(s.c, 0, 0, 0);
+    }
+  }
+}
+
+void RegionAdmin::rollover(std::int32_t day) {
+  std::lock_guard lock(stats_mu_);
   shm::Header& h = region_.header();
   resetDay(h.platform);
   const KeyedTable<shm::BudgetSlot> tenants = table(LimitTable::kTenant);

@@ -74,12 +74,25 @@ class RegionAdmin {
   Status restore(LimitTable table, std::string_view id, NanoUsd committed, std::int64_t prompt_tokens,
                  std::int64_t completion_tokens, std::int64_t calls);
 
+  // Adds a ledger entry that is now durable to the token and call statistics of its tenant and
+  // platform (when it belongs to the current budget day) and of its run. Serialised with
+  // rollover(), so an entry never lands in the wrong day's statistics.
+  void addStats(std::string_view project_id, std::string_view run_id, std::int32_t day, std::int64_t prompt_tokens,
+                std::int64_t completion_tokens);
+  // Sets statistics outright (an agent start over an adopted region resyncs them from SQLite).
+  // id empty: the platform. Entries not in the table are skipped.
+  void setStats(LimitTable table, std::string_view id, std::int64_t prompt_tokens, std::int64_t completion_tokens,
+                std::int64_t calls);
+  // Zeroes the token and call statistics of every tenant, run and the platform.
+  void clearStats();
+
   // Starts budget day `day`: daily counters (platform and tenants) go to zero, holds stay held.
   // Run budgets are not daily: a run's spending counts for the run's whole life.
-  void rollover(std::int32_t day) noexcept;
+  void rollover(std::int32_t day);
   std::int32_t day() const noexcept;
 
   Engine& engine() noexcept { return engine_; }
+  Region& region() noexcept { return region_; }
   shm::Header& header() noexcept { return region_.header(); }
 
  private:
@@ -95,6 +108,7 @@ class RegionAdmin {
   Region& region_;
   Engine engine_;
   std::mutex kill_mu_;
+  std::mutex stats_mu_;   // addStats against rollover
 };
 
 }  // namespace tokenfuse

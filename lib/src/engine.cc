@@ -63,13 +63,6 @@ bool tryHold(Counters& c, std::int64_t amount, Decision* denial) noexcept {
   return false;
 }
 
-void book(Counters& c, std::int64_t used_delta, std::int64_t cost, std::int64_t prompt,
-          std::int64_t completion) noexcept {
-  c.spend.add(used_delta, cost);
-  c.prompt_tokens.fetch_add(prompt, kRelaxed);
-  c.completion_tokens.fetch_add(completion, kRelaxed);
-  c.calls.fetch_add(1, kRelaxed);
-}
 
 // Where a thread starts looking for a free reservation slot: a hash of an address on its stack,
 // so threads spread over the table without thread-local storage (which, in a dlopen'ed library,
@@ -355,7 +348,7 @@ Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std:
     s.word.store(shm::resWord(pid, gen, shm::kResSettling, i + 1), kRelease);
     if (layers.at[i] == nullptr) continue;
     if (book_cost) {
-      book(*layers.at[i], cost - held, cost, prompt, completion);
+      layers.at[i]->spend.add(cost - held, cost);
     } else {
       layers.at[i]->spend.add(-held, 0);
     }
@@ -455,7 +448,7 @@ Decision Engine::record(const Usage& u) noexcept {
   if (site.tenant < 0 || site.run == CallSite::kUntracked) h_.stats.untracked_calls.fetch_add(1, kRelaxed);
   const Layers layers = layersOf(site.run, site.tenant);
   for (Counters* c : layers.at) {
-    if (c != nullptr) book(*c, cost->count(), cost->count(), u.prompt_tokens, u.completion_tokens);
+    if (c != nullptr) c->spend.add(cost->count(), cost->count());
   }
   entry->kind = shm::kLedgerRecord;
   entry->unix_ns = h_.clock_unix_ns.load(kRelaxed);

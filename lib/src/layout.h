@@ -55,12 +55,14 @@ static_assert(sizeof(Spend) == 16);
 
 // One budget layer: the platform, a tenant or a run. Money in nano-USD.
 struct alignas(64) Counters {
-  Spend spend;                             // CAS-guarded against limit
+  Spend spend;                             // CAS-guarded against limit; applications keep it
   std::atomic<std::int64_t> limit;         // kUnlimited, or the most committed + held may reach
+  // Statistics the agent keeps from the ledger entries it writes, so that the hot path pays for
+  // money only. They trail the ledger by at most its flush interval.
   std::atomic<std::int64_t> prompt_tokens;
   std::atomic<std::int64_t> completion_tokens;
   std::atomic<std::int64_t> calls;
-  std::atomic<std::int64_t> denials;
+  std::atomic<std::int64_t> denials;       // applications count their denials
   std::atomic<std::uint32_t> limit_explicit;  // 0: limit follows the region default
   std::uint32_t pad_;
 };

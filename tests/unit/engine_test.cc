@@ -1,8 +1,8 @@
 // Each layer's decision and error code, against the reference's behaviour.
-#include "support.h"
+#include "agent_support.h"
 
 using namespace tokenfuse;
-using tokenfuse::test::TestRegion;
+using namespace tokenfuse::test;
 using tokenfuse::test::usd;
 
 namespace {
@@ -106,7 +106,8 @@ TEST_CASE("check: a kill switch with an expiry stops blocking once the agent's c
 }
 
 TEST_CASE("check: free local models skip the money layers but are still counted") {
-  TestRegion t;
+  LedgerFixture f;
+  TestRegion& t = f.t;
   t.admin->setPlatformLimit(NanoUsd(0));
   REQUIRE(t.admin->setLimit(LimitTable::kTenant, "acme", NanoUsd(0)).ok());
   for (const char* model : {"qwen3:8b", "deepseek-r1:14b", "ollama/llama3:70b"}) {
@@ -119,6 +120,9 @@ TEST_CASE("check: free local models skip the money layers but are still counted"
     CHECK(c.cost == NanoUsd(0));
   }
   t.client->record({"acme", "qwen3:8b", "ollama", {}, {}, 1, 2});
+  // The calls are in the ledger with their tokens, and the statistics come from it.
+  CHECK(f.writer->drainOnce().written == 4);
+  CHECK(f.ledger->tenantTotals(t.client->info().day).at(0).prompt_tokens == 301);
   const BudgetView v = t.client->tenant("acme");
   CHECK(v.calls == 4);
   CHECK(v.prompt_tokens == 301);
@@ -129,7 +133,8 @@ TEST_CASE("check: free local models skip the money layers but are still counted"
 }
 
 TEST_CASE("reserve: holds the estimate on every layer, and commit books the actual cost and returns the rest") {
-  TestRegion t;
+  LedgerFixture f;
+  TestRegion& t = f.t;
   Reservation r;
   const Decision d = reserve(*t.client, "acme", "gpt-4o", 1000, 1000, &r, "run-7");
   REQUIRE(d.allowed());
@@ -143,6 +148,7 @@ TEST_CASE("reserve: holds the estimate on every layer, and commit books the actu
   CHECK(c.allowed());
   CHECK(c.cost == usd("0.0125"));
   CHECK_FALSE(c.reservation_expired);
+  f.writer->drainOnce();
   for (const BudgetView& v : {t.client->tenant("acme"), t.client->platform(), t.client->run("run-7")}) {
     CHECK(v.held == NanoUsd(0));
     CHECK(v.committed == usd("0.0125"));
@@ -277,11 +283,16 @@ TEST_CASE("invalid input: ids too long or missing, token counts negative or absu
 }
 
 TEST_CASE("capacity: a full tenant table refuses limited tenants and counts unlimited ones in the platform") {
+  TempDir dir;
   TestRegion t(16);
+  Ledger ledger(dir.path + "/ledger.db", "h");
+  LedgerWriter writer(*t.admin, ledger, "h", {});
   for (int i = 0; i < 16; ++i) REQUIRE(t.client->record({"t" + std::to_string(i), "gpt-4o", "o", {}, {}, 1, 0}).allowed());
   CHECK(t.client->record({"overflow", "gpt-4o", "o", {}, {}, 1000, 0}).allowed());
   CHECK(t.region->header().stats.untracked_calls.load() == 1);
+  CHECK(writer.drainOnce().written == 17);
   CHECK(t.client->platform().calls == 17);
+  CHECK(t.client->platform().committed == usd("0.005080"));
   t.admin->setDefaultLimit(LimitTable::kTenant, usd("1"));
   Reservation r;
   CHECK(reserve(*t.client, "overflow", "gpt-4o", 1, 0, &r).code == Code::kCapacityExhausted);

@@ -13,23 +13,6 @@
 using namespace tokenfuse;
 using namespace tokenfuse::test;
 
-namespace {
-
-struct LedgerFixture {
-  explicit LedgerFixture(std::uint32_t ring = 4096) : t(64, "ledger", ring) {
-    log::init("error");
-    ledger = std::make_unique<Ledger>(dir.path + "/ledger.db", "host-a");
-    writer = std::make_unique<LedgerWriter>(*t.region, *ledger, "host-a",
-                                            LedgerWriter::Options{65536, std::chrono::milliseconds(5),
-                                                                  std::chrono::milliseconds(200)});
-  }
-  TempDir dir;
-  TestRegion t;
-  std::unique_ptr<Ledger> ledger;
-  std::unique_ptr<LedgerWriter> writer;
-};
-
-}  // namespace
 
 TEST_CASE("ledger: commit and record each write one entry with the call's fields, durable once drained") {
   LedgerFixture f;

@@ -131,6 +131,7 @@ struct BudgetView {
   std::optional<NanoUsd> limit;       // nullopt: unlimited
   NanoUsd committed;                  // booked in the current budget day
   NanoUsd held;                       // held by live reservations
+  // From the ledger: these trail committed by at most the agent's ledger flush interval.
   std::int64_t prompt_tokens = 0;
   std::int64_t completion_tokens = 0;
   std::int64_t calls = 0;
