@@ -55,11 +55,13 @@ DrainStats LedgerWriter::drainOnce() {
       e.unix_ns = s.unix_ns;
       e.day = s.day;
       e.kind = s.kind == shm::kLedgerCommit ? "commit" : "record";
-      e.project_id.assign(s.project_id, std::min<std::size_t>(s.project_len, shm::kKeyMax));
-      e.run_id.assign(s.run_id, std::min<std::size_t>(s.run_len, shm::kKeyMax));
-      e.model.assign(s.model, std::min<std::size_t>(s.model_len, shm::kKeyMax));
-      e.agent_id.assign(s.agent_id, std::min<std::size_t>(s.agent_len, shm::kKeyMax));
-      e.provider.assign(s.provider, std::min<std::size_t>(s.provider_len, shm::kKeyMax));
+      // Writers check every length; a slot corrupted from outside is cut, never read past.
+      auto text = [&](shm::LedgerText field) { return std::string(s.text.get(field).substr(0, shm::kKeyMax)); };
+      e.project_id = text(shm::kTextProject);
+      e.run_id = text(shm::kTextRun);
+      e.model = text(shm::kTextModel);
+      e.agent_id = text(shm::kTextAgent);
+      e.provider = text(shm::kTextProvider);
       e.prompt_tokens = s.prompt_tokens;
       e.completion_tokens = s.completion_tokens;
       e.cost_nano_usd = s.cost_nano_usd;

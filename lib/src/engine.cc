@@ -243,10 +243,10 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
   s.prompt_nano_per_mtok.store(p.prompt_nano_per_mtok, kRelaxed);
   s.completion_nano_per_mtok.store(p.completion_nano_per_mtok, kRelaxed);
   s.free_model.store(free ? 1 : 0, kRelaxed);
-  copyKey(s.model, &s.model_len, {site.model_name, site.model_len});
-  copyKey(s.agent_id, &s.agent_id_len, {site.agent_id, site.agent_id_len});
-  copyKey(s.project_id, &s.project_len, {site.project_id, site.project_len});
-  copyKey(s.run_id, &s.run_len, {site.run_id, site.run_len});
+  s.ids.set({{site.project_id, site.project_len},
+              {site.run_id, site.run_len},
+              {site.model_name, site.model_len},
+              {site.agent_id, site.agent_id_len}});
   // Publishes the fields above to the reaper before any layer holds anything.
   s.word.store(shm::resWord(pid, gen, shm::kResReserving, 0), kRelease);
 
@@ -361,11 +361,8 @@ Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std:
     entry->completion_tokens = completion;
     entry->cost_nano_usd = cost;
     entry->reservation_id = r.id;
-    LedgerRing::setText(entry->project_id, &entry->project_len, {s.project_id, s.project_len});
-    LedgerRing::setText(entry->run_id, &entry->run_len, {s.run_id, s.run_len});
-    LedgerRing::setText(entry->model, &entry->model_len, {s.model, s.model_len});
-    LedgerRing::setText(entry->agent_id, &entry->agent_len, {s.agent_id, s.agent_id_len});
-    LedgerRing::setText(entry->provider, &entry->provider_len, provider);
+    entry->text.set({s.ids.get(shm::kResProject), s.ids.get(shm::kResRun), s.ids.get(shm::kResModel),
+                     s.ids.get(shm::kResAgent), provider});
   }
   s.word.store(shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0), kRelease);
   Decision d;
@@ -457,11 +454,7 @@ Decision Engine::record(const Usage& u) noexcept {
   entry->completion_tokens = u.completion_tokens;
   entry->cost_nano_usd = cost->count();
   entry->reservation_id = 0;
-  LedgerRing::setText(entry->project_id, &entry->project_len, u.project_id);
-  LedgerRing::setText(entry->run_id, &entry->run_len, u.run_id);
-  LedgerRing::setText(entry->model, &entry->model_len, u.model);
-  LedgerRing::setText(entry->agent_id, &entry->agent_len, u.agent_id);
-  LedgerRing::setText(entry->provider, &entry->provider_len, u.provider);
+  entry->text.set({u.project_id, u.run_id, u.model, u.agent_id, u.provider});
   LedgerRing::publish(*entry, pos);
   Decision d;
   d.cost = *cost;

@@ -12,6 +12,8 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <string_view>
 
 namespace tokenfuse::shm {
 
@@ -93,6 +95,31 @@ struct alignas(64) ModelSlot {
 };
 static_assert(sizeof(ModelSlot) == 256);
 
+// N strings of at most kKeyMax bytes each, stored back to back so that short ids (the usual
+// case) touch one or two cache lines rather than N. Lengths are checked before set().
+template <std::size_t N>
+struct PackedStrings {
+  std::uint16_t len[N];
+  char bytes[N * kKeyMax];
+
+  void set(const std::string_view (&values)[N]) noexcept {
+    std::size_t off = 0;
+    for (std::size_t i = 0; i < N; ++i) {
+      len[i] = static_cast<std::uint16_t>(values[i].size());
+      if (!values[i].empty()) std::memcpy(bytes + off, values[i].data(), values[i].size());
+      off += values[i].size();
+    }
+  }
+  // Never reads outside `bytes`, whatever the lengths say (a region corrupted from outside).
+  std::string_view get(std::size_t i) const noexcept {
+    std::size_t off = 0;
+    for (std::size_t j = 0; j < i; ++j) off += len[j];
+    off = off < sizeof bytes ? off : sizeof bytes;
+    const std::size_t n = len[i] < sizeof bytes - off ? len[i] : sizeof bytes - off;
+    return {bytes + off, n};
+  }
+};
+
 // Reservation slot state word: [63..32] pid of the process acting on it | [31..8] generation |
 // [7..4] state | [3..0] progress (how many of the three layers the current operation has done).
 enum ResState : std::uint32_t {
@@ -134,17 +161,12 @@ struct alignas(64) ReservationSlot {
   std::atomic<std::int64_t> ttl_ns;
   std::atomic<std::uint32_t> owner_pid;      // the reserving process (the word's pid is whoever acts now)
   std::atomic<std::uint32_t> free_model;
-  // Written by the owner while kResReserving; copied into the ledger entry by the commit.
-  std::uint32_t model_len;
-  std::uint32_t agent_id_len;
-  std::uint32_t project_len;
-  std::uint32_t run_len;
-  char model[kKeyMax];
-  char agent_id[kKeyMax];
-  char project_id[kKeyMax];
-  char run_id[kKeyMax];
+  // project_id, run_id, model, agent_id: written by the owner while kResReserving, copied into
+  // the ledger entry by the commit.
+  PackedStrings<4> ids;
 };
 static_assert(sizeof(ReservationSlot) == 640);
+enum ReservationText : std::size_t { kResProject = 0, kResRun = 1, kResModel = 2, kResAgent = 3 };
 
 // --- the ledger ring ---------------------------------------------------------------------------
 // A bounded multi-producer, single-consumer queue (after Dmitry Vyukov's bounded queue): every
@@ -171,14 +193,10 @@ struct alignas(64) LedgerSlot {
   std::int64_t cost_nano_usd;
   std::uint64_t reservation_id;       // 0 for record()
   std::int32_t day;                   // the budget day the cost was booked in
-  std::uint32_t project_len, run_len, model_len, agent_len, provider_len;
-  char project_id[kKeyMax];
-  char run_id[kKeyMax];
-  char model[kKeyMax];
-  char agent_id[kKeyMax];
-  char provider[kKeyMax];
+  PackedStrings<5> text;              // project_id, run_id, model, agent_id, provider
 };
 static_assert(sizeof(LedgerSlot) == 768);
+enum LedgerText : std::size_t { kTextProject = 0, kTextRun = 1, kTextModel = 2, kTextAgent = 3, kTextProvider = 4 };
 
 // The emergency kill switch. `active` is what the hot path reads; the rest sits behind a
 // sequence lock (seq odd while the agent writes) so a reader sees a consistent reason.

@@ -48,11 +48,6 @@ class LedgerRing {
     s.seq.store(pos + 1, std::memory_order_release);
   }
 
-  static void setText(char* dst, std::uint32_t* len, std::string_view src) noexcept {
-    *len = static_cast<std::uint32_t>(src.size());
-    if (!src.empty()) std::memcpy(dst, src.data(), src.size());
-  }
-
   // --- the consumer (the agent) ---
 
   enum class State { kPublished, kEmpty, kWriting };
