@@ -211,7 +211,7 @@ void BM_LedgerSqliteIngest(benchmark::State& state) {
   }
   std::filesystem::remove_all(dir);
 }
-BENCHMARK(BM_LedgerSqliteIngest)->Arg(1000)->Arg(10000)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_LedgerSqliteIngest)->Arg(1000)->Arg(10000)->UseRealTime()->Unit(benchmark::kMillisecond);
 
 // Sustained, end to end: one application thread records 200,000 calls as fast as the ring lets
 // it while the agent's LedgerWriter moves them into SQLite. Time until the last one is durable.
