@@ -242,6 +242,13 @@ int main(int argc, char** argv) {
                         {"agent_heartbeat_age_s", heartbeat_age_s},
                         {"day", civilDay(info.day)},
                         {"live_reservations", info.live_reservations},
+                        {"ledger",
+                         {{"appended_seq", info.ledger_appended},
+                          {"durable_seq", info.ledger_durable},
+                          {"backlog", info.ledger_appended - info.ledger_durable},
+                          {"ring_capacity", info.ledger_capacity},
+                          {"refused_ring_full", info.ledger_full},
+                          {"abandoned_slots", info.ledger_abandoned}}},
                         {"kill_switch", {{"active", kill.active}, {"reason", kill.reason}}},
                         {"platform", budgetJson(platform)}}
                        .dump(2)
@@ -251,6 +258,11 @@ int main(int argc, char** argv) {
                   info.layout_version, static_cast<unsigned long long>(info.region_bytes), info.agent_pid,
                   heartbeat_age_s);
       std::printf("day        %s  live reservations %u\n", civilDay(info.day).c_str(), info.live_reservations);
+      std::printf("ledger     durable to #%llu, backlog %llu of %u, refused (ring full) %llu, abandoned %llu\n",
+                  static_cast<unsigned long long>(info.ledger_durable),
+                  static_cast<unsigned long long>(info.ledger_appended - info.ledger_durable), info.ledger_capacity,
+                  static_cast<unsigned long long>(info.ledger_full),
+                  static_cast<unsigned long long>(info.ledger_abandoned));
       std::printf("kill       %s%s%s\n", kill.active ? "ON" : "off", kill.active ? ": " : "", kill.reason.c_str());
       printBudget("platform", platform);
     }

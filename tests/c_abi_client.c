@@ -56,6 +56,10 @@ int main(int argc, char** argv) {
   EXPECT(tf_price(client, "claude-opus-4-7", &prompt, &completion) == 0);
   EXPECT(prompt == 15000000000LL && completion == 75000000000LL);
 
+  /* No agent writes this region's ledger in this test: the wait times out, and says so. */
+  EXPECT(tf_wait_durable(client, 2, 0) == 0);
+  EXPECT(tf_wait_durable(NULL, 1, 0) == -1);
+
   tf_kill_state kill;
   EXPECT(tf_kill_switch(client, &kill) == 0 && kill.active == 0);
   EXPECT(tf_check(NULL, "acme", "gpt-4o", 1, NULL).code == TF_INVALID_ARGUMENT);

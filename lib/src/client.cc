@@ -151,6 +151,11 @@ RegionInfo Client::info() const {
   i.agent_clock_unix_ns = h.clock_unix_ns.load(std::memory_order_relaxed);
   i.day = h.day.load(std::memory_order_relaxed);
   i.live_reservations = engine_->liveReservations();
+  i.ledger_appended = h.ledger_tail.load(std::memory_order_relaxed);
+  i.ledger_durable = h.ledger_head.load(std::memory_order_relaxed);
+  i.ledger_capacity = h.ledger_capacity;
+  i.ledger_full = h.stats.ledger_full.load(std::memory_order_relaxed);
+  i.ledger_abandoned = h.stats.ledger_abandoned.load(std::memory_order_relaxed);
   return i;
 }
 

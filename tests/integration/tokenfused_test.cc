@@ -116,6 +116,7 @@ TEST_CASE("cli: status, usage and check read the region, and check exits 1 on a 
   std::string out;
   CHECK(f.cli({"status"}, &out) == 0);
   CHECK(out.find("kill       off") != std::string::npos);
+  CHECK(out.find("ledger     durable to #0, backlog 0 of 16384, refused (ring full) 0") != std::string::npos);
   CHECK(f.cli({"check", "acme", "gpt-4o", "--tokens", "100"}, &out) == 0);
   CHECK(out.find("allowed (estimated $0.000500)") != std::string::npos);
   CHECK(f.cli({"check", "acme", "gpt-4o", "--json"}, &out) == 1);

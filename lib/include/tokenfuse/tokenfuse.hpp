@@ -155,6 +155,11 @@ struct RegionInfo {
   std::int64_t agent_clock_unix_ns = 0;   // last heartbeat of tokenfused
   std::int32_t day = 0;
   std::uint32_t live_reservations = 0;
+  std::uint64_t ledger_appended = 0;      // highest ledger sequence number handed out
+  std::uint64_t ledger_durable = 0;       // every entry up to this one is on disk
+  std::uint32_t ledger_capacity = 0;
+  std::uint64_t ledger_full = 0;          // commits and records refused because the ring was full
+  std::uint64_t ledger_abandoned = 0;     // ring slots skipped because their writer died
 };
 
 // The result of a set-up call: ok, or a message a person can act on.
