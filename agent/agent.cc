@@ -103,6 +103,18 @@ void Agent::openRegion(bool recreate) {
                       "(its in-flight reservations and unwritten ledger entries are dropped)");
     region_.reset();
   }
+  if (s.ok() && !region_->matches(spec) && recreate) {
+    // Same layout, other sizes: its ledger entries can still be read, so they go to SQLite before
+    // the region goes, and the new region continues after them.
+    RegionAdmin old(*region_);
+    LedgerWriter drain(old, *ledger_, config_.host_id, {});
+    try {
+      while (drain.drainOnce().any()) {
+      }
+    } catch (const LedgerError& e) {
+      throw AgentError(std::string("writing the old region's ledger entries: ") + e.what());
+    }
+  }
   if (s.ok() && !region_->matches(spec)) {
     why = AttachFailure::kIncompatible;
     const shm::Header& h = region_->header();
@@ -131,7 +143,9 @@ void Agent::openRegion(bool recreate) {
       break;
     default: throw AgentError(s.message());
   }
-  if (Status c = Region::create(spec, &region_); !c.ok()) throw AgentError(c.message());
+  RegionSpec fresh = spec;
+  fresh.ledger_base = ledger_->maxSeq();   // after anything drained from a replaced region
+  if (Status c = Region::create(fresh, &region_); !c.ok()) throw AgentError(c.message());
   log::info("region_created", {{"shm_name", spec.shm_name}, {"bytes", region_->header().region_bytes}});
 }
 
@@ -168,8 +182,10 @@ void Agent::rebuildFromLedger(std::int32_t today) {
 void Agent::resyncStatsFromLedger() {
   // What a previous agent left in the ring goes to SQLite first; then the statistics are set
   // from SQLite, which makes them exact whatever that agent's last moments were.
+  // Up to what the ring held at start, not "until empty": applications keep appending.
+  const std::uint64_t target = region_->header().ledger_tail.load();
   try {
-    while (writer_->drainOnce().any()) {
+    while (region_->header().ledger_head.load() < target && writer_->drainOnce().any()) {
     }
   } catch (const LedgerError& e) {
     throw AgentError(e.what());

@@ -3,6 +3,7 @@
 #include "log.h"
 #include "proc.h"
 
+#include <algorithm>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -13,11 +14,18 @@ LedgerWriter::LedgerWriter(RegionAdmin& admin, Ledger& ledger, std::string host_
     : admin_(admin), region_(admin.region()), ledger_(ledger), ring_(region_.header(), region_.ledger()),
       host_id_(std::move(host_id)), options_(options) {
   batch_.reserve(std::min<std::size_t>(options_.max_batch, 4096));
+  // A previous agent may have died after advancing ledger_head but before handing every slot
+  // behind it back; until they are, the next lap could not use them.
+  ring_.repairBefore(region_.header().ledger_head.load(std::memory_order_acquire));
 }
 
 bool LedgerWriter::abandoned(std::uint64_t pos) {
-  const std::uint32_t pid = ring_.at(pos).writer_pid.load(std::memory_order_relaxed);
-  if (pid != 0) return proc::liveness(static_cast<int>(pid), 0) == proc::Liveness::kDead;
+  const shm::LedgerSlot& s = ring_.at(pos);
+  const std::uint32_t pid = s.writer_pid.load(std::memory_order_relaxed);
+  if (pid != 0) {
+    return proc::liveness(static_cast<int>(pid), s.writer_start.load(std::memory_order_relaxed)) ==
+           proc::Liveness::kDead;
+  }
   // No pid: the writer died between claiming and naming itself, or lives in another pid
   // namespace. Writing an entry takes microseconds, so seconds of silence mean it is gone.
   const auto now = std::chrono::steady_clock::now();
@@ -35,13 +43,17 @@ DrainStats LedgerWriter::drainOnce() {
   std::uint64_t pos = head;
   DrainStats stats;
   batch_.clear();
+  abandoned_.clear();
   while (pos - head < options_.max_batch) {
     const LedgerRing::State state = ring_.state(pos);
     if (state == LedgerRing::State::kEmpty) break;
     if (state == LedgerRing::State::kWriting) {
       if (!abandoned(pos)) break;   // being written: wait for it, entries stay in order
+      const std::uint32_t pid = ring_.at(pos).writer_pid.load();
+      if (!ring_.abandon(pos)) continue;   // published just now: take it
+      abandoned_.push_back(pos);
       h.stats.ledger_abandoned.fetch_add(1, std::memory_order_relaxed);
-      log::warn("ledger_slot_abandoned", {{"seq", pos + 1}, {"writer_pid", ring_.at(pos).writer_pid.load()}});
+      log::warn("ledger_slot_abandoned", {{"seq", pos + 1}, {"writer_pid", pid}});
       ++stats.skipped;
       ++pos;
       continue;
@@ -75,8 +87,12 @@ DrainStats LedgerWriter::drainOnce() {
   for (const LedgerEntry& e : batch_) {
     if (e.written) admin_.addStats(e.project_id, e.run_id, e.day, e.prompt_tokens, e.completion_tokens);
   }
-  for (std::uint64_t p = head; p < pos; ++p) ring_.release(p);
+  // Durable position first, then the slots: a crash in between leaves slots that the next
+  // agent's repairBefore() hands back, never a head behind slots already reused.
   h.ledger_head.store(pos, std::memory_order_release);
+  for (std::uint64_t p = head; p < pos; ++p) {
+    if (std::find(abandoned_.begin(), abandoned_.end(), p) == abandoned_.end()) ring_.release(p);
+  }
   return stats;
 }
 

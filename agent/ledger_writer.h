@@ -27,8 +27,9 @@ class LedgerWriter {
   struct Options {
     std::size_t max_batch = 65536;
     std::chrono::milliseconds flush_interval{10};
-    // A slot claimed but never published, whose writer pid is unknown, is abandoned after this.
-    std::chrono::milliseconds abandon_after{5000};
+    // A slot claimed but never published, whose writer's pid is unknown (another pid namespace),
+    // is abandoned after this. A writer whose pid is known is abandoned only once proven dead.
+    std::chrono::milliseconds abandon_after{60'000};
   };
 
   // Entries it writes also go into the region's token and call statistics, through `admin`.
@@ -49,6 +50,7 @@ class LedgerWriter {
   std::string host_id_;
   Options options_;
   std::vector<LedgerEntry> batch_;
+  std::vector<std::uint64_t> abandoned_;   // positions of this batch already handed back
   std::uint64_t stuck_pos_ = UINT64_MAX;
   std::chrono::steady_clock::time_point stuck_since_;
 };

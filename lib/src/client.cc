@@ -22,6 +22,7 @@ const char* errorCode(Code code) noexcept {
     case Code::kReservationExpired: return "E-TOKENFUSE-RESERVATION-EXPIRED";
     case Code::kRegionBusy: return "E-TOKENFUSE-BUSY";
     case Code::kLedgerFull: return "E-TOKENFUSE-LEDGER-FULL";
+    case Code::kLedgerLost: return "E-TOKENFUSE-LEDGER-LOST";
   }
   return "E-TOKENFUSE-UNKNOWN";
 }
@@ -58,6 +59,9 @@ std::string describe(const Decision& d, std::string_view project_id) {
     case Code::kRegionBusy: return "a table entry is being repaired after a client died; retry";
     case Code::kLedgerFull:
       return "the ledger ring is full (is tokenfused running?): nothing was booked; retry shortly";
+    case Code::kLedgerLost:
+      return "the cost was booked, but this process was stopped so long while writing its ledger entry that "
+             "tokenfused gave up on it; do not retry";
   }
   return "unknown decision";
 }

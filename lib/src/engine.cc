@@ -299,7 +299,8 @@ shm::ResState Engine::acquire(Reservation r, std::uint32_t accepted_mask, shm::R
 }
 
 shm::LedgerSlot* Engine::claimEntry(std::uint64_t* pos) noexcept {
-  shm::LedgerSlot* entry = ring_.claim(regionPid(), pos);
+  const std::uint32_t pid = regionPid();
+  shm::LedgerSlot* entry = ring_.claim(pid, pid != 0 ? g_start_time.load(kRelaxed) : 0, pos);
   if (entry == nullptr) h_.stats.ledger_full.fetch_add(1, kRelaxed);
   return entry;
 }
@@ -319,7 +320,10 @@ Decision Engine::commit(Reservation r, std::string_view provider, std::int64_t p
   } else {
     entry->kind = shm::kLedgerVoid;
   }
-  LedgerRing::publish(*entry, pos);
+  if (!LedgerRing::publish(*entry, pos) && d.allowed()) {
+    d.code = Code::kLedgerLost;
+    d.ledger_seq = 0;
+  }
   return d;
 }
 
@@ -455,10 +459,13 @@ Decision Engine::record(const Usage& u) noexcept {
   entry->cost_nano_usd = cost->count();
   entry->reservation_id = 0;
   entry->text.set({u.project_id, u.run_id, u.model, u.agent_id, u.provider});
-  LedgerRing::publish(*entry, pos);
   Decision d;
   d.cost = *cost;
-  d.ledger_seq = pos + 1;
+  if (LedgerRing::publish(*entry, pos)) {
+    d.ledger_seq = pos + 1;
+  } else {
+    d.code = Code::kLedgerLost;
+  }
   return d;
 }
 

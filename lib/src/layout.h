@@ -176,16 +176,19 @@ enum ReservationText : std::size_t { kResProject = 0, kResRun = 1, kResModel = 2
 // (seq = pos + capacity) only after the entry is durable in SQLite, so an entry in the ring
 // survives the crash of the application and of the agent alike.
 //
-// A writer stores its pid right after claiming a slot. If it dies before publishing, the agent
-// sees the pid dead (or, with pid 0, the slot stuck for seconds), skips the slot, and the ledger
-// moves on: the call was never acknowledged to anyone.
+// A writer stores its pid and start time right after claiming a slot. If it dies before
+// publishing, the agent sees it dead (or, with pid 0, the slot stuck for a minute) and abandons
+// the slot with a compare-and-swap; publishing is a compare-and-swap too, so exactly one of the
+// two happens. A writer that finds its slot abandoned (it was stopped for that long) reports the
+// entry lost instead of acknowledging it.
 enum LedgerKind : std::uint32_t { kLedgerVoid = 0, kLedgerCommit = 1, kLedgerRecord = 2 };
 
 struct alignas(64) LedgerSlot {
   std::atomic<std::uint64_t> seq;
   std::atomic<std::uint32_t> writer_pid;
   // The entry: written by its writer between claim and publish, read by the agent after.
-  std::uint32_t kind;                 // LedgerKind; void entries (a commit that found no
+  std::uint32_t kind;
+  std::atomic<std::uint64_t> writer_start;   // /proc start time of writer_pid; 0: unknown                 // LedgerKind; void entries (a commit that found no
                                       // reservation) are skipped
   std::int64_t unix_ns;               // the agent's clock when the call was booked
   std::int64_t prompt_tokens;

@@ -23,7 +23,7 @@ class LedgerRing {
 
   // Claims the slot for the next ticket and records the writer's pid in it. Returns nullptr when
   // the ring is full: the agent is behind by a whole ring.
-  shm::LedgerSlot* claim(std::uint32_t pid, std::uint64_t* pos) noexcept {
+  shm::LedgerSlot* claim(std::uint32_t pid, std::uint64_t start_time, std::uint64_t* pos) noexcept {
     std::uint64_t p = h_.ledger_tail.load(std::memory_order_relaxed);
     for (;;) {
       shm::LedgerSlot& s = at(p);
@@ -32,6 +32,7 @@ class LedgerRing {
       if (lag == 0) {
         if (h_.ledger_tail.compare_exchange_weak(p, p + 1, std::memory_order_relaxed, std::memory_order_relaxed)) {
           s.writer_pid.store(pid, std::memory_order_relaxed);
+          s.writer_start.store(start_time, std::memory_order_relaxed);
           *pos = p;
           return &s;
         }
@@ -43,9 +44,11 @@ class LedgerRing {
     }
   }
 
-  // Makes the entry visible to the agent. Its sequence number is pos + 1.
-  static void publish(shm::LedgerSlot& s, std::uint64_t pos) noexcept {
-    s.seq.store(pos + 1, std::memory_order_release);
+  // Makes the entry visible to the agent; its sequence number is pos + 1. False if the agent
+  // abandoned the slot first (this writer was stopped for longer than the agent waits).
+  static bool publish(shm::LedgerSlot& s, std::uint64_t pos) noexcept {
+    std::uint64_t expect = pos;
+    return s.seq.compare_exchange_strong(expect, pos + 1, std::memory_order_release, std::memory_order_relaxed);
   }
 
   // --- the consumer (the agent) ---
@@ -60,7 +63,24 @@ class LedgerRing {
   void release(std::uint64_t pos) noexcept {
     shm::LedgerSlot& s = at(pos);
     s.writer_pid.store(0, std::memory_order_relaxed);
+    s.writer_start.store(0, std::memory_order_relaxed);
     s.seq.store(pos + capacity(), std::memory_order_release);
+  }
+  // Gives up on a claimed, unpublished slot. False if its writer published it meanwhile.
+  bool abandon(std::uint64_t pos) noexcept {
+    shm::LedgerSlot& s = at(pos);
+    std::uint64_t expect = pos;
+    return s.seq.compare_exchange_strong(expect, pos + capacity(), std::memory_order_acq_rel,
+                                         std::memory_order_relaxed);
+  }
+  // After an agent restart: slots before `head` that were written (or abandoned) but not yet
+  // handed back when the previous agent died are handed back now.
+  void repairBefore(std::uint64_t head) noexcept {
+    const std::uint64_t from = head > capacity() ? head - capacity() : 0;
+    for (std::uint64_t p = from; p < head; ++p) {
+      const std::uint64_t seq = at(p).seq.load(std::memory_order_acquire);
+      if (seq == p + 1 || seq == p) release(p);
+    }
   }
 
  private:

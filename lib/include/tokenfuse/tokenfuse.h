@@ -30,7 +30,8 @@ enum tf_code {
   TF_UNKNOWN_RESERVATION = 102,
   TF_RESERVATION_EXPIRED = 103,
   TF_REGION_BUSY = 104,
-  TF_LEDGER_FULL = 105 /* nothing booked; retry shortly */
+  TF_LEDGER_FULL = 105, /* nothing booked; retry shortly */
+  TF_LEDGER_LOST = 106  /* booked, but the ledger entry was given up on: do not retry */
 };
 
 typedef struct tf_decision {

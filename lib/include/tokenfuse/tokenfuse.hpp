@@ -47,6 +47,9 @@ enum class Code : std::int32_t {
   kRegionBusy = 104,              // a table entry was left half-written by a dead process
   kLedgerFull = 105,              // the ledger ring is full (the agent is behind): nothing was
                                   // booked, the reservation is still live; retry shortly
+  kLedgerLost = 106,              // the cost was booked, but this process stalled so long while
+                                  // writing the ledger entry that the agent gave up on it: the
+                                  // entry is not in the ledger. Do not retry (it would book twice)
 };
 
 // "E-BUDGET-002", "E-TOKENFUSE-INVALID-ARGUMENT", ...: a stable string for logs and APIs.
