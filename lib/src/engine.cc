@@ -255,7 +255,9 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
   const Layers layers = layersOf(site.run, site.tenant);
   for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
     Counters* c = layers.at[i];
-    if (c != nullptr && estimate->count() > 0 && !tryHold(*c, estimate->count(), &d)) {
+    // Free models skip the money layers. A paid call estimated at zero is still refused by a
+    // layer already past its limit, as check() refuses it.
+    if (c != nullptr && !free && !tryHold(*c, estimate->count(), &d)) {
       c->denials.fetch_add(1, kRelaxed);
       for (std::uint32_t j = i; j-- > 0;) {   // undo, newest first: progress, then the layer
         s.word.store(shm::resWord(pid, gen, shm::kResReserving, j), kRelease);

@@ -197,6 +197,9 @@ TEST_CASE("commit: a cost above the hold is still booked in full, and later call
   CHECK(t.client->commit(r, "openai", 1000, 1000).cost == usd("0.02"));    // the call happened
   CHECK(t.client->tenant("acme").committed == usd("0.02"));
   CHECK(t.client->check("acme", "gpt-4o", 0).code == Code::kTenantBudgetExhausted);
+  Reservation none;
+  CHECK(t.client->reserve({"acme", "gpt-4o", {}, {}, 0, 0, 0}, &none).code == Code::kTenantBudgetExhausted);
+  CHECK(t.client->reserve({"acme", "qwen3:8b", {}, {}, 10, 10, 0}, &none).allowed());   // free: no money layer
 }
 
 TEST_CASE("charge: a stream runs within the hold, grows it within the limit, and is stopped before it crosses") {
