@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <bit>
+#include <charconv>
 #include <fstream>
 #include <initializer_list>
 #include <sstream>
@@ -139,7 +140,14 @@ Config parseConfig(const std::string& text, const std::string& origin) {
     throw ConfigError(msg.str());
   }
   Config c = defaultConfig();
-  rejectUnknown(root, origin, "", {"agent", "region", "ledger", "budgets", "kill_switch", "prices"});
+  rejectUnknown(root, origin, "", {"agent", "region", "ledger", "http", "budgets", "kill_switch", "prices"});
+  if (const toml::table* h = subtable(root, "http", origin, "")) {
+    rejectUnknown(*h, origin, "http.", {"listen", "admin_token_file"});
+    if (h->get("listen") != nullptr) {
+      parseListen(getString(*h, "listen", origin, "http.listen", ""), origin + ": http.listen", &c);
+    }
+    c.admin_token_file = getString(*h, "admin_token_file", origin, "http.admin_token_file", "");
+  }
 
   if (const toml::table* a = subtable(root, "agent", origin, "")) {
     rejectUnknown(*a, origin, "agent.", {"shm_name", "data_dir", "timezone", "log_level", "tick_ms", "host_id"});
@@ -220,6 +228,27 @@ Config parseConfig(const std::string& text, const std::string& origin) {
     }
   }
   return c;
+}
+
+void parseListen(const std::string& text, const std::string& key, Config* config) {
+  if (text == "off") {
+    config->http_port = -1;
+    return;
+  }
+  const auto colon = text.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == text.size()) {
+    throw ConfigError(key + ": '" + text + "' is not HOST:PORT (e.g. 127.0.0.1:8787) or off");
+  }
+  std::string host = text.substr(0, colon);
+  if (host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  int port = -1;
+  const std::string p = text.substr(colon + 1);
+  const auto [end, ec] = std::from_chars(p.data(), p.data() + p.size(), port);
+  if (ec != std::errc{} || end != p.data() + p.size() || port < 0 || port > 65535) {
+    throw ConfigError(key + ": port '" + p + "' must be a number from 0 to 65535");
+  }
+  config->http_host = host;
+  config->http_port = port;
 }
 
 Config loadConfig(const std::string& path) {

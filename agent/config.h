@@ -35,6 +35,11 @@ struct Config {
   std::uint32_t reservation_capacity = 16384;
   std::uint32_t ledger_capacity = 16384;   // ring slots between applications and SQLite
 
+  // [http]
+  std::string http_host = "127.0.0.1";   // loopback unless configured otherwise
+  int http_port = 8787;                  // 0: any free port; -1: no HTTP API
+  std::string admin_token_file;          // default: <data_dir>/admin.token
+
   // [ledger]
   std::int64_t ledger_flush_interval_ms = 10;   // the longest an idle entry waits for SQLite
 
@@ -60,6 +65,9 @@ struct Config {
 Config defaultConfig();
 // Reads `path` over the defaults. Throws ConfigError.
 Config loadConfig(const std::string& path);
+// Parses "127.0.0.1:8787", "[::1]:0" or "off" into config.http_host/http_port. Throws ConfigError
+// naming `key`.
+void parseListen(const std::string& text, const std::string& key, Config* config);
 // Parses TOML text over the defaults; `origin` names it in messages. Throws ConfigError.
 Config parseConfig(const std::string& toml_text, const std::string& origin);
 

@@ -1,11 +1,13 @@
 // tokenfused: the per-host budget agent. See README.md and docs/operations.md.
 #include "agent.h"
 #include "config.h"
+#include "http_api.h"
 #include "log.h"
 
 #include <CLI/CLI.hpp>
 
 #include <csignal>
+#include <fstream>
 #include <cstdio>
 #include <iostream>
 #include <pthread.h>
@@ -14,11 +16,12 @@
 int main(int argc, char** argv) {
   using namespace tokenfuse;
   CLI::App app{"tokenfused: per-host budget hard-kill agent for LLM calls"};
-  std::string config_path, shm_name, data_dir, log_level;
+  std::string config_path, shm_name, data_dir, log_level, listen;
   bool recreate = false, check_only = false;
   app.add_option("--config", config_path, "TOML config file (default: built-in defaults)")->check(CLI::ExistingFile);
   app.add_option("--shm-name", shm_name, "shared-memory region name (overrides agent.shm_name)");
   app.add_option("--data-dir", data_dir, "state directory (overrides agent.data_dir)");
+  app.add_option("--listen", listen, "HTTP API address HOST:PORT, or off (overrides http.listen)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn or error (overrides agent.log_level)");
   app.add_flag("--recreate-region", recreate,
                "replace a region of another layout or size instead of refusing to start");
@@ -35,6 +38,7 @@ int main(int argc, char** argv) {
     }
     if (!data_dir.empty()) config.data_dir = data_dir;
     if (!log_level.empty()) config.log_level = log_level;
+    if (!listen.empty()) parseListen(listen, "--listen", &config);
     log::init(config.log_level);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "tokenfused: %s\n", e.what());
@@ -57,6 +61,16 @@ int main(int argc, char** argv) {
 
   try {
     Agent agent(config, {recreate, {}});
+    std::unique_ptr<HttpApi> http;
+    if (config.http_port >= 0) {
+      const std::string token_file =
+          config.admin_token_file.empty() ? config.data_dir + "/admin.token" : config.admin_token_file;
+      http = std::make_unique<HttpApi>(agent.admin(),
+                                       HttpApi::Options{config.http_host, config.http_port, loadOrCreateToken(token_file)});
+      // Where it listens, for scripts and tests that asked for port 0.
+      std::ofstream(config.data_dir + "/http.port") << http->port() << "\n";
+      log::info("http_listening", {{"host", config.http_host}, {"port", http->port()}, {"token_file", token_file}});
+    }
     log::info("agent_started", {{"shm_name", config.shm_name},
                                 {"data_dir", config.data_dir},
                                 {"pid", ::getpid()},
@@ -73,6 +87,7 @@ int main(int argc, char** argv) {
       log::info("agent_stopping", {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}});
       break;
     }
+    http.reset();
     loop.request_stop();
     loop.join();
     // The region stays: clients keep checking against it, and the next agent adopts it.

@@ -13,7 +13,8 @@ struct AgentFixture {
   AgentFixture(const char* what, const std::string& extra_toml = "") : shm(uniqueName(what)), cleanup{shm} {
     config_path = dir.path + "/tokenfuse.toml";
     std::ofstream(config_path) << "[agent]\nshm_name = \"" << shm << "\"\ndata_dir = \"" << dir.path
-                               << "/state\"\ntick_ms = 50\n[region]\ntenant_capacity = 256\nrun_capacity = 256\n"
+                               << "/state\"\ntick_ms = 50\n[http]\nlisten = \"127.0.0.1:0\"\n"
+                                  "[region]\ntenant_capacity = 256\nrun_capacity = 256\n"
                                   "reservation_capacity = 256\n"
                                << extra_toml;
   }
@@ -30,6 +31,21 @@ struct AgentFixture {
                     }),
                     "tokenfused did not publish its region; its log:\n" << log());
     return c;
+  }
+  // The HTTP port the agent chose, once it is listening.
+  int httpPort() {
+    int port = 0;
+    REQUIRE(eventually([&] {
+      std::ifstream in(dir.path + "/state/http.port");
+      return static_cast<bool>(in >> port) && port > 0;
+    }));
+    return port;
+  }
+  std::string adminToken() {
+    std::ifstream in(dir.path + "/state/admin.token");
+    std::string token;
+    std::getline(in, token);
+    return token;
   }
   std::string log() const {
     std::ifstream in(dir.path + "/agent.log");

@@ -1,0 +1,358 @@
+#include "http_api.h"
+
+#include "layout.h"
+
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <random>
+#include <sstream>
+
+namespace tokenfuse {
+
+namespace {
+
+using nlohmann::json;
+
+// A client error: the field it concerns and the rule it broke.
+struct BadRequest {
+  int status;
+  std::string field;
+  std::string message;
+};
+
+json parseBody(const httplib::Request& req) {
+  if (req.body.empty()) return json::object();
+  json j = json::parse(req.body, nullptr, false);
+  if (j.is_discarded()) throw BadRequest{400, "body", "is not valid JSON"};
+  if (!j.is_object()) throw BadRequest{400, "body", "must be a JSON object"};
+  return j;
+}
+
+std::string text(const json& j, const char* name, bool required, std::size_t max = 128) {
+  const auto it = j.find(name);
+  if (it == j.end() || it->is_null()) {
+    if (required) throw BadRequest{400, name, "is required"};
+    return {};
+  }
+  if (!it->is_string()) throw BadRequest{400, name, "must be a string"};
+  const std::string& s = it->get_ref<const std::string&>();
+  if (required && s.empty()) throw BadRequest{400, name, "must not be empty"};
+  if (s.size() > max) throw BadRequest{400, name, "may be at most " + std::to_string(max) + " bytes"};
+  return s;
+}
+
+std::int64_t count(const json& j, const char* name, bool required, std::int64_t fallback, std::int64_t max) {
+  const auto it = j.find(name);
+  if (it == j.end() || it->is_null()) {
+    if (required) throw BadRequest{400, name, "is required"};
+    return fallback;
+  }
+  if (!it->is_number_integer()) throw BadRequest{400, name, "must be a whole number"};
+  const std::int64_t v = it->get<std::int64_t>();
+  if (v < 0 || v > max) throw BadRequest{400, name, "must be from 0 to " + std::to_string(max)};
+  return v;
+}
+
+// "5.00" -> limit; null -> unlimited. The key must be present.
+std::optional<NanoUsd> limitField(const json& j, const char* name) {
+  const auto it = j.find(name);
+  if (it == j.end()) throw BadRequest{400, name, "is required (a USD amount such as \"5.00\", or null for unlimited)"};
+  if (it->is_null()) return std::nullopt;
+  if (!it->is_string()) throw BadRequest{400, name, "must be a decimal string such as \"5.00\", or null"};
+  std::string why;
+  auto v = NanoUsd::parse(it->get_ref<const std::string&>(), &why);
+  if (!v) throw BadRequest{400, name, why};
+  return v;
+}
+
+void reply(httplib::Response& res, int status, const json& body) {
+  res.status = status;
+  res.set_content(body.dump(), "application/json");
+}
+
+void denial(httplib::Response& res, const Decision& d, std::string_view project_id) {
+  const int status = d.code == Code::kInvalidArgument ? 400
+                     : d.code == Code::kUnknownReservation ? 404
+                     : (d.code == Code::kLedgerFull || d.code == Code::kRegionBusy || d.code == Code::kCapacityExhausted)
+                         ? 503
+                         : 402;
+  reply(res, status, {{"allowed", false}, {"error_code", d.errorCode()}, {"message", describe(d, project_id)}});
+}
+
+std::uint64_t reservationId(const httplib::Request& req) {
+  const std::string& s = req.matches[1];
+  if (s.size() > 20) throw BadRequest{404, "reservation_id", "no such reservation"};
+  return std::stoull(s);
+}
+
+json budgetJson(const char* key, std::string_view id, const BudgetView& v) {
+  json out = {{key, id}, {"day", v.day}};
+  out["used_usd"] = v.committed.toString();
+  out["reserved_usd"] = v.held.toString();
+  out["limit_usd"] = v.limit ? json(v.limit->toString()) : json(nullptr);
+  if (v.limit && v.limit->count() > 0) {
+    // Basis points, exact: the share of the limit that is committed or held.
+    const shm::U128 bp = shm::U128{static_cast<std::uint64_t>(v.committed.count() + v.held.count())} * 10000 /
+                         static_cast<std::uint64_t>(v.limit->count());
+    out["usage_pct"] = static_cast<double>(static_cast<std::uint64_t>(bp)) / 100.0;   // display only
+  } else {
+    out["usage_pct"] = nullptr;
+  }
+  return out;
+}
+
+// cpp-httplib 0.11 listens with a backlog of 5, compiled into Debian's libcpp-httplib, so a
+// burst of connections overflows the accept queue and clients see resets. Linux lets listen()
+// be called again to change the backlog: find our listening socket by its port and do that.
+void raiseBacklog(int port) {
+  for (int fd = 0; fd < 1024; ++fd) {
+    int listening = 0;
+    socklen_t len = sizeof listening;
+    if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || listening == 0) continue;
+    sockaddr_storage addr{};
+    socklen_t alen = sizeof addr;
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &alen) != 0) continue;
+    const int bound = addr.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port)
+                                                 : ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+    if (bound == port) ::listen(fd, SOMAXCONN);
+  }
+}
+
+bool loopbackHost(const std::string& host) {
+  std::string h = host;
+  if (!h.empty() && h.front() == '[') {
+    h = h.substr(0, h.find(']') + 1);
+  } else if (const auto colon = h.rfind(':'); colon != std::string::npos) {
+    h = h.substr(0, colon);
+  }
+  return h == "127.0.0.1" || h == "localhost" || h == "[::1]";
+}
+
+}  // namespace
+
+std::string loadOrCreateToken(const std::string& path) {
+  std::ifstream in(path);
+  if (in) {
+    std::string token;
+    std::getline(in, token);
+    if (token.size() < 16) throw std::runtime_error(path + ": the admin token is shorter than 16 characters");
+    return token;
+  }
+  std::random_device rd;
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string token;
+  for (int i = 0; i < 32; ++i) {
+    const unsigned b = rd() & 0xffu;
+    token += kHex[b >> 4];
+    token += kHex[b & 15];
+  }
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) throw std::runtime_error(path + ": cannot create the admin token file");
+  const std::string line = token + "\n";
+  const bool ok = ::write(fd, line.data(), line.size()) == static_cast<ssize_t>(line.size());
+  ::close(fd);
+  if (!ok) throw std::runtime_error(path + ": cannot write the admin token file");
+  return token;
+}
+
+HttpApi::HttpApi(RegionAdmin& admin, Options options)
+    : admin_(admin), engine_(admin.engine()), options_(std::move(options)),
+      server_(std::make_unique<httplib::Server>()) {
+  server_->set_tcp_nodelay(true);
+  server_->set_keep_alive_max_count(100000);
+  server_->set_payload_max_length(options_.max_body_bytes);
+  // A worker serves one keep-alive connection at a time: enough of them for many applications.
+  server_->new_task_queue = [] { return new httplib::ThreadPool(32); };
+  routes();
+  port_ = options_.port == 0 ? server_->bind_to_any_port(options_.host)
+                             : (server_->bind_to_port(options_.host, options_.port) ? options_.port : -1);
+  if (port_ <= 0) {
+    throw std::runtime_error("http: cannot listen on " + options_.host + ":" + std::to_string(options_.port) +
+                             " (in use? set [http] listen or --listen)");
+  }
+  raiseBacklog(port_);
+  thread_ = std::thread([this] { server_->listen_after_bind(); });
+}
+
+HttpApi::~HttpApi() {
+  server_->stop();
+  if (thread_.joinable()) thread_.join();
+}
+
+void HttpApi::routes() {
+  httplib::Server& s = *server_;
+  // Every request: loopback Host only (no DNS rebinding), errors as JSON that name the field.
+  s.set_pre_routing_handler([](const httplib::Request& req, httplib::Response& res) {
+    if (!loopbackHost(req.get_header_value("Host"))) {
+      reply(res, 400, {{"error", "bad_request"}, {"field", "Host"}, {"message", "must be a loopback address"}});
+      return httplib::Server::HandlerResponse::Handled;
+    }
+    return httplib::Server::HandlerResponse::Unhandled;
+  });
+  s.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
+    try {
+      std::rethrow_exception(ep);
+    } catch (const BadRequest& e) {
+      reply(res, e.status, {{"error", e.status == 404 ? "not_found" : e.status == 401 ? "unauthorized" : "bad_request"},
+                            {"field", e.field},
+                            {"message", e.field + " " + e.message}});
+    } catch (const std::exception& e) {
+      reply(res, 500, {{"error", "internal"}, {"message", e.what()}});
+    }
+  });
+  s.set_error_handler([](const httplib::Request&, httplib::Response& res) {
+    if (!res.body.empty()) return;
+    const char* what = res.status == 413 ? "the body is larger than the limit" : res.status == 404 ? "no such endpoint" : "error";
+    reply(res, res.status, {{"error", res.status == 404 ? "not_found" : "bad_request"}, {"message", what}});
+  });
+  auto admin_only = [this](const httplib::Request& req) {
+    if (req.get_header_value("Authorization") != "Bearer " + options_.admin_token) {
+      throw BadRequest{401, "Authorization", "must be 'Bearer <token>' with the token from the agent's token file"};
+    }
+  };
+
+  s.Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
+    reply(res, 200, {{"status", "ok"}, {"day", admin_.day()}, {"kill_switch", engine_.killed()}});
+  });
+
+  s.Post("/v1/check", [this](const httplib::Request& req, httplib::Response& res) {
+    const json b = parseBody(req);
+    const std::string project = text(b, "project_id", true), model = text(b, "model", true);
+    const std::string run = text(b, "run_id", false), agent = text(b, "agent_id", false);
+    const std::int64_t est = count(b, "estimated_prompt_tokens", false, 4000, kMaxTokensPerCall);
+    CallSite site;
+    Decision d = engine_.prepare({project, model, run, agent, est, 0, 0}, &site, false);
+    if (d.allowed()) d = engine_.check(site, est, 0);
+    if (!d.allowed()) return denial(res, d, project);
+    reply(res, 200, {{"allowed", true}, {"estimated_cost_usd", d.cost.toString()}});
+  });
+
+  s.Post("/v1/reservations", [this](const httplib::Request& req, httplib::Response& res) {
+    const json b = parseBody(req);
+    const std::string project = text(b, "project_id", true), model = text(b, "model", true);
+    const std::string run = text(b, "run_id", false), agent = text(b, "agent_id", false);
+    const std::int64_t prompt = count(b, "estimated_prompt_tokens", true, 0, kMaxTokensPerCall);
+    const std::int64_t completion = count(b, "estimated_completion_tokens", false, 0, kMaxTokensPerCall);
+    const std::int64_t ttl_s = count(b, "ttl_s", false, 0, 7 * 86400);
+    CallSite site;
+    Reservation r;
+    Decision d = engine_.prepare({project, model, run, agent, prompt, completion, 0}, &site, true);
+    if (d.allowed()) d = engine_.reserve(site, prompt, completion, ttl_s * 1000, &r);
+    if (!d.allowed()) return denial(res, d, project);
+    const std::int64_t ttl_ns =
+        ttl_s > 0 ? ttl_s * 1'000'000'000 : admin_.header().defaults.reservation_ttl_ns.load();
+    reply(res, 201, {{"reservation_id", std::to_string(r.id)},
+                     {"reserved_usd", d.cost.toString()},
+                     {"expires_at_unix_ms", (admin_.header().clock_unix_ns.load() + ttl_ns) / 1'000'000}});
+  });
+
+  s.Post(R"(/v1/reservations/(\d+)/commit)", [this](const httplib::Request& req, httplib::Response& res) {
+    const std::uint64_t id = reservationId(req);
+    const json b = parseBody(req);
+    const std::string provider = text(b, "provider", false);
+    const std::int64_t prompt = count(b, "prompt_tokens", true, 0, kMaxTokensPerCall);
+    const std::int64_t completion = count(b, "completion_tokens", true, 0, kMaxTokensPerCall);
+    const Decision d = engine_.commit({id}, provider, prompt, completion);
+    if (!d.allowed()) return denial(res, d, {});
+    reply(res, 200, {{"cost_usd", d.cost.toString()},
+                     {"ledger_seq", d.ledger_seq},
+                     {"reservation_expired", d.reservation_expired}});
+  });
+
+  s.Post(R"(/v1/reservations/(\d+)/charge)", [this](const httplib::Request& req, httplib::Response& res) {
+    const std::uint64_t id = reservationId(req);
+    const json b = parseBody(req);
+    const std::int64_t prompt = count(b, "prompt_tokens", false, 0, kMaxTokensPerCall);
+    const std::int64_t completion = count(b, "completion_tokens", true, 0, kMaxTokensPerCall);
+    const Decision d = engine_.charge({id}, prompt, completion);
+    if (!d.allowed()) return denial(res, d, {});
+    reply(res, 200, {{"allowed", true}, {"consumed_usd", d.cost.toString()}});
+  });
+
+  s.Delete(R"(/v1/reservations/(\d+))", [this](const httplib::Request& req, httplib::Response& res) {
+    const Decision d = engine_.release({reservationId(req)});
+    if (!d.allowed()) return denial(res, d, {});
+    res.status = 204;
+  });
+
+  s.Post("/v1/usage", [this](const httplib::Request& req, httplib::Response& res) {
+    const json b = parseBody(req);
+    const std::string project = text(b, "project_id", true), model = text(b, "model", true);
+    const std::string provider = text(b, "provider", true);
+    const std::string run = text(b, "run_id", false), agent = text(b, "agent_id", false);
+    const std::int64_t prompt = count(b, "prompt_tokens", true, 0, kMaxTokensPerCall);
+    const std::int64_t completion = count(b, "completion_tokens", true, 0, kMaxTokensPerCall);
+    const Decision d = engine_.record({project, model, provider, run, agent, prompt, completion});
+    if (!d.allowed()) return denial(res, d, project);
+    reply(res, 201, {{"cost_usd", d.cost.toString()}, {"ledger_seq", d.ledger_seq}});
+  });
+
+  s.Get(R"(/v1/tenants/([^/]{1,128}))", [this](const httplib::Request& req, httplib::Response& res) {
+    const std::string id = req.matches[1];
+    reply(res, 200, budgetJson("project_id", id, engine_.tenant(id)));
+  });
+  s.Get(R"(/v1/runs/([^/]{1,128}))", [this](const httplib::Request& req, httplib::Response& res) {
+    const std::string id = req.matches[1];
+    reply(res, 200, budgetJson("run_id", id, engine_.run(id)));
+  });
+  s.Get("/v1/platform", [this](const httplib::Request&, httplib::Response& res) {
+    json out = budgetJson("scope", "platform", engine_.platform());
+    reply(res, 200, out);
+  });
+
+  s.Put(R"(/v1/tenants/([^/]{1,128})/limit)", [this, admin_only](const httplib::Request& req, httplib::Response& res) {
+    admin_only(req);
+    const std::optional<NanoUsd> limit = limitField(parseBody(req), "daily_limit_usd");
+    if (Status st = admin_.setLimit(LimitTable::kTenant, std::string(req.matches[1]), limit); !st.ok()) {
+      throw BadRequest{400, "project_id", st.message()};
+    }
+    reply(res, 200, budgetJson("project_id", std::string(req.matches[1]), engine_.tenant(std::string(req.matches[1]))));
+  });
+  s.Put(R"(/v1/runs/([^/]{1,128})/limit)", [this, admin_only](const httplib::Request& req, httplib::Response& res) {
+    admin_only(req);
+    const std::optional<NanoUsd> limit = limitField(parseBody(req), "limit_usd");
+    if (Status st = admin_.setLimit(LimitTable::kRun, std::string(req.matches[1]), limit); !st.ok()) {
+      throw BadRequest{400, "run_id", st.message()};
+    }
+    reply(res, 200, budgetJson("run_id", std::string(req.matches[1]), engine_.run(std::string(req.matches[1]))));
+  });
+  s.Put("/v1/platform/limit", [this, admin_only](const httplib::Request& req, httplib::Response& res) {
+    admin_only(req);
+    admin_.setPlatformLimit(limitField(parseBody(req), "daily_limit_usd"));
+    reply(res, 200, budgetJson("scope", "platform", engine_.platform()));
+  });
+
+  auto kill_json = [this] {
+    const KillSwitchState k = engine_.killSwitch();
+    return json{{"active", k.active},
+                {"reason", k.reason},
+                {"since_unix_ms", k.since_unix_ns / 1'000'000},
+                {"expires_at_unix_ms", k.expires_unix_ns == 0 ? json(nullptr) : json(k.expires_unix_ns / 1'000'000)}};
+  };
+  s.Get("/v1/kill", [kill_json](const httplib::Request&, httplib::Response& res) { reply(res, 200, kill_json()); });
+  s.Put("/v1/kill", [this, admin_only, kill_json](const httplib::Request& req, httplib::Response& res) {
+    admin_only(req);
+    const json b = parseBody(req);
+    const std::string reason = text(b, "reason", true, 256);
+    const std::int64_t ttl_s = count(b, "ttl_s", false, 7 * 86400, 365 * 86400);   // the reference: 7 days
+    const std::int64_t now = admin_.header().clock_unix_ns.load();
+    admin_.setKill(reason, now, ttl_s == 0 ? 0 : now + ttl_s * 1'000'000'000);
+    reply(res, 200, kill_json());
+  });
+  s.Delete("/v1/kill", [this, admin_only](const httplib::Request& req, httplib::Response& res) {
+    admin_only(req);
+    admin_.clearKill();
+    res.status = 204;
+  });
+}
+
+}  // namespace tokenfuse

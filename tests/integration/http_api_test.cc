@@ -1,0 +1,199 @@
+// The localhost HTTP API against a real tokenfused on port 0.
+#include "agent_process.h"
+
+#include <httplib.h>
+
+#include <atomic>
+#include <thread>
+
+using namespace tokenfuse;
+using namespace tokenfuse::test;
+using nlohmann::json;
+
+namespace {
+
+struct HttpFixture : AgentFixture {
+  explicit HttpFixture(const char* what, const std::string& extra = "") : AgentFixture(what, extra) {
+    agent = start();
+    client = waitForRegion(agent->pid());
+    port = httpPort();
+    token = adminToken();
+  }
+  httplib::Client http() const {
+    httplib::Client c("127.0.0.1", port);
+    c.set_connection_timeout(10);
+    c.set_read_timeout(10);
+    return c;
+  }
+  // POST/PUT with a JSON body; returns (status, parsed body or null).
+  std::pair<int, json> send(const char* method, const std::string& path, const std::string& body,
+                            bool admin = false) const {
+    httplib::Client c = http();
+    httplib::Headers h;
+    if (admin) h.emplace("Authorization", "Bearer " + token);
+    httplib::Result r = std::string(method) == "POST"  ? c.Post(path, h, body, "application/json")
+                        : std::string(method) == "PUT" ? c.Put(path, h, body, "application/json")
+                        : std::string(method) == "DELETE" ? c.Delete(path, h)
+                                                          : c.Get(path, h);
+    REQUIRE_MESSAGE(r, "no answer from the agent for " << method << " " << path);
+    return {r->status, r->body.empty() ? json(nullptr) : json::parse(r->body)};
+  }
+
+  std::unique_ptr<Process> agent;
+  std::unique_ptr<Client> client;
+  int port = 0;
+  std::string token;
+};
+
+}  // namespace
+
+TEST_CASE("http: check, reserve, charge, commit, release and usage behave as the library does") {
+  HttpFixture f("http", "[budgets.tenants]\nacme = \"0.05\"\n");
+  auto [s1, check] = f.send("POST", "/v1/check", R"({"project_id":"acme","model":"gpt-4o"})");
+  CHECK(s1 == 200);
+  CHECK(check == json{{"allowed", true}, {"estimated_cost_usd", "0.020000"}});
+
+  auto [s2, res] = f.send("POST", "/v1/reservations",
+                          R"({"project_id":"acme","model":"gpt-4o","estimated_prompt_tokens":1000,
+                              "estimated_completion_tokens":1000,"run_id":"r1","agent_id":"a1","ttl_s":60})");
+  CHECK(s2 == 201);
+  CHECK(res["reserved_usd"] == "0.020000");
+  const std::string id = res["reservation_id"];
+  CHECK(f.client->tenant("acme").held == NanoUsd(20'000'000));
+
+  auto [s3, charge] = f.send("POST", "/v1/reservations/" + id + "/charge", R"({"prompt_tokens":1000,"completion_tokens":500})");
+  CHECK(s3 == 200);
+  CHECK(charge["consumed_usd"] == "0.012500");
+  auto [s4, commit] = f.send("POST", "/v1/reservations/" + id + "/commit",
+                             R"({"provider":"openai","prompt_tokens":1000,"completion_tokens":500})");
+  CHECK(s4 == 200);
+  CHECK(commit["cost_usd"] == "0.012500");
+  CHECK(commit["ledger_seq"] == 1);
+  CHECK(f.client->tenant("acme").committed == NanoUsd(12'500'000));
+  CHECK(f.client->tenant("acme").held == NanoUsd(0));
+
+  auto [s5, again] = f.send("POST", "/v1/reservations/" + id + "/commit", R"({"prompt_tokens":1,"completion_tokens":1})");
+  CHECK(s5 == 404);
+  CHECK(again["error_code"] == "E-TOKENFUSE-UNKNOWN-RESERVATION");
+
+  auto [s6, r2] = f.send("POST", "/v1/reservations", R"({"project_id":"acme","model":"gpt-4o","estimated_prompt_tokens":10})");
+  REQUIRE(s6 == 201);
+  CHECK(f.send("DELETE", "/v1/reservations/" + std::string(r2["reservation_id"]), "").first == 204);
+  CHECK(f.send("DELETE", "/v1/reservations/" + std::string(r2["reservation_id"]), "").first == 404);
+
+  auto [s7, usage] = f.send("POST", "/v1/usage",
+                            R"({"project_id":"acme","model":"qwen3:8b","provider":"ollama","prompt_tokens":5,"completion_tokens":7})");
+  CHECK(s7 == 201);
+  CHECK(usage["cost_usd"] == "0.000000");
+
+  // Over the limit now: 0.0125 + 0.04 > 0.05.
+  auto [s8, denied] = f.send("POST", "/v1/check", R"({"project_id":"acme","model":"gpt-4o","estimated_prompt_tokens":8000})");
+  CHECK(s8 == 402);
+  CHECK(denied["allowed"] == false);
+  CHECK(denied["error_code"] == "E-BUDGET-002");
+  CHECK(denied["message"] == "Tenant acme budget exhausted: used $0.0125 / $0.0500");
+
+  auto [s9, tenant] = f.send("GET", "/v1/tenants/acme", "");
+  CHECK(s9 == 200);
+  CHECK(tenant["used_usd"] == "0.012500");
+  CHECK(tenant["reserved_usd"] == "0.000000");
+  CHECK(tenant["limit_usd"] == "0.050000");
+  CHECK(tenant["usage_pct"] == 25.0);
+  CHECK(f.send("GET", "/v1/platform", "").second["limit_usd"].is_null());
+  CHECK(f.send("GET", "/v1/runs/r1", "").second["used_usd"] == "0.012500");
+  CHECK(f.send("GET", "/healthz", "").first == 200);
+}
+
+TEST_CASE("http: admin endpoints need the bearer token and change limits and the kill switch") {
+  HttpFixture f("httpadmin");
+  CHECK(f.send("PUT", "/v1/tenants/acme/limit", R"({"daily_limit_usd":"1.00"})").first == 401);
+  auto [s1, t] = f.send("PUT", "/v1/tenants/acme/limit", R"({"daily_limit_usd":"1.00"})", true);
+  CHECK(s1 == 200);
+  CHECK(t["limit_usd"] == "1.000000");
+  CHECK(f.client->tenant("acme").limit == NanoUsd::fromWholeUsd(1));
+  CHECK(f.send("PUT", "/v1/tenants/acme/limit", R"({"daily_limit_usd":null})", true).second["limit_usd"].is_null());
+  CHECK(f.send("PUT", "/v1/platform/limit", R"({"daily_limit_usd":"100"})", true).first == 200);
+  CHECK(f.client->platform().limit == NanoUsd::fromWholeUsd(100));
+  CHECK(f.send("PUT", "/v1/runs/run-9/limit", R"({"limit_usd":"0.5"})", true).first == 200);
+  CHECK(f.client->run("run-9").limit == NanoUsd(500'000'000));
+
+  CHECK(f.send("PUT", "/v1/kill", R"({"reason":"runaway loop"})").first == 401);
+  auto [s2, kill] = f.send("PUT", "/v1/kill", R"({"reason":"runaway loop"})", true);
+  CHECK(s2 == 200);
+  CHECK(kill["active"] == true);
+  CHECK_FALSE(kill["expires_at_unix_ms"].is_null());   // seven days, as the reference
+  CHECK(f.send("POST", "/v1/check", R"({"project_id":"x","model":"qwen3:8b"})").second["error_code"] == "E-BUDGET-004");
+  CHECK(f.send("GET", "/v1/kill", "").second["reason"] == "runaway loop");
+  CHECK(f.send("DELETE", "/v1/kill", "", true).first == 204);
+  CHECK(f.send("POST", "/v1/check", R"({"project_id":"x","model":"qwen3:8b"})").first == 200);
+}
+
+TEST_CASE("http: bad requests get 400 naming the field, and change nothing") {
+  HttpFixture f("httpbad");
+  const auto bad = [&](const std::string& path, const std::string& body, const char* field) {
+    auto [status, j] = f.send("POST", path, body);
+    CAPTURE(body);
+    CHECK(status == 400);
+    CHECK(j["field"] == field);
+  };
+  bad("/v1/check", "{not json", "body");
+  bad("/v1/check", "[1,2]", "body");
+  bad("/v1/check", R"({"model":"gpt-4o"})", "project_id");
+  bad("/v1/check", R"({"project_id":"acme","model":42})", "model");
+  bad("/v1/check", R"({"project_id":"acme","model":"m","estimated_prompt_tokens":-1})", "estimated_prompt_tokens");
+  bad("/v1/check", R"({"project_id":"acme","model":"m","estimated_prompt_tokens":1e30})", "estimated_prompt_tokens");
+  bad("/v1/check", R"({"project_id":")" + std::string(200, 'x') + R"(","model":"m"})", "project_id");
+  bad("/v1/reservations", R"({"project_id":"acme","model":"gpt-4o"})", "estimated_prompt_tokens");
+  bad("/v1/usage", R"({"project_id":"acme","model":"gpt-4o","provider":"o","prompt_tokens":"10","completion_tokens":1})",
+      "prompt_tokens");
+  auto [s1, j1] = f.send("PUT", "/v1/tenants/acme/limit", R"({"daily_limit_usd":1.5})", true);
+  CHECK(s1 == 400);
+  CHECK(j1["field"] == "daily_limit_usd");
+  CHECK(f.send("POST", "/v1/reservations/99999/commit", R"({"prompt_tokens":1,"completion_tokens":1})").first == 404);
+
+  httplib::Client c = f.http();
+  auto big = c.Post("/v1/check", std::string(100 * 1024, ' '), "application/json");
+  REQUIRE(big);
+  CHECK(big->status == 413);
+  auto rebinding = c.Get("/healthz", {{"Host", "attacker.example:8787"}});
+  REQUIRE(rebinding);
+  CHECK(rebinding->status == 400);
+  CHECK(json::parse(rebinding->body)["field"] == "Host");
+
+  // Nothing was booked or held by any of it.
+  CHECK(f.client->platform().committed == NanoUsd(0));
+  CHECK(f.client->platform().held == NanoUsd(0));
+  CHECK(f.client->info().live_reservations == 0);
+  CHECK_FALSE(f.client->tenant("acme").limit.has_value());
+}
+
+TEST_CASE("http: 200 concurrent reservations of $0.042 against $1.00 spend at most $1.00") {
+  HttpFixture f("http200", "[budgets.tenants]\nacme = \"1.00\"\n");
+  std::atomic<int> passed{0}, answered{0};
+  std::vector<std::thread> threads;
+  std::atomic<bool> go{false};
+  for (int i = 0; i < 200; ++i) {
+    threads.emplace_back([&] {
+      httplib::Client c = f.http();
+      while (!go.load()) std::this_thread::yield();
+      auto r = c.Post("/v1/reservations",
+                      R"({"project_id":"acme","model":"gpt-4o","estimated_prompt_tokens":8400})", "application/json");
+      if (!r) {
+        MESSAGE("no answer: " << httplib::to_string(r.error()));
+        return;
+      }
+      ++answered;
+      if (r->status != 201) return;
+      const std::string id = json::parse(r->body)["reservation_id"];
+      auto k = c.Post("/v1/reservations/" + id + "/commit", R"({"provider":"openai","prompt_tokens":8400,"completion_tokens":0})",
+                      "application/json");
+      if (k && k->status == 200) ++passed;
+    });
+  }
+  go = true;
+  for (auto& t : threads) t.join();
+  CHECK_MESSAGE(f.agent->wait(std::chrono::milliseconds(0)) == -1000, "the agent died:\n" << f.log());
+  CHECK(answered == 200);
+  CHECK(passed == 23);
+  CHECK(f.client->tenant("acme").committed == *NanoUsd::parse("0.966"));
+}
