@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -181,6 +182,9 @@ HttpApi::HttpApi(RegionAdmin& admin, Options options)
   }
   raiseBacklog(port_);
   thread_ = std::thread([this] { server_->listen_after_bind(); });
+  // Server::stop() does nothing until the loop runs: without this wait, a stop that comes right
+  // after start (a quick SIGTERM) would leave the loop running and the join hanging.
+  for (int i = 0; i < 5000 && !server_->is_running(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
 }
 
 HttpApi::~HttpApi() {
