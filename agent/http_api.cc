@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <charconv>
 #include <chrono>
 #include <fstream>
 #include <random>
@@ -90,9 +91,11 @@ void denial(httplib::Response& res, const Decision& d, std::string_view project_
 }
 
 std::uint64_t reservationId(const httplib::Request& req) {
-  const std::string& s = req.matches[1];
-  if (s.size() > 20) throw BadRequest{404, "reservation_id", "no such reservation"};
-  return std::stoull(s);
+  const std::string s = req.matches[1];
+  std::uint64_t id = 0;
+  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), id);
+  if (ec != std::errc{} || end != s.data() + s.size()) throw BadRequest{404, "reservation_id", "no such reservation"};
+  return id;
 }
 
 json budgetJson(const char* key, std::string_view id, const BudgetView& v) {

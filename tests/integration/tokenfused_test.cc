@@ -131,7 +131,7 @@ TEST_CASE("cli: status, usage and check read the region, and check exits 1 on a 
   CHECK(out.find("does not exist: start tokenfused") != std::string::npos);
 }
 
-TEST_CASE("cli: ledger list filters by tenant, run and time, and exports CSV and JSON lines; totals sum a day") {
+TEST_CASE("cli: ledger list filters by tenant, run and time, exports CSV and JSON lines, and totals sum a day") {
   AgentFixture f("cliledger");
   auto agent = f.start();
   auto client = f.waitForRegion(agent->pid());
