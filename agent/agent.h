@@ -45,12 +45,9 @@ class Agent {
   // Ticks every config.tick_ms, and writes the ledger from another thread, until `stop` is
   // requested; then writes what is left in the ring.
   void run(std::stop_token stop);
-  // One pass of the ledger writer (tests drive it by hand).
-  DrainStats drainLedger() { return writer_->drainOnce(); }
+
 
   RegionAdmin& admin() noexcept { return *admin_; }
-  const Config& config() const noexcept { return config_; }
-  const DayClock& days() const noexcept { return days_; }
   bool adoptedRegion() const noexcept { return adopted_; }
 
  private:

@@ -312,26 +312,21 @@ void HttpApi::routes() {
     reply(res, 200, budgetJson("run_id", id, engine_.run(id)));
   });
   s.Get("/v1/platform", [this](const httplib::Request&, httplib::Response& res) {
-    json out = budgetJson("scope", "platform", engine_.platform());
-    reply(res, 200, out);
+    reply(res, 200, budgetJson("scope", "platform", engine_.platform()));
   });
 
-  s.Put(R"(/v1/tenants/([^/]{1,128})/limit)", [this, admin_only](const httplib::Request& req, httplib::Response& res) {
-    admin_only(req);
-    const std::optional<NanoUsd> limit = limitField(parseBody(req), "daily_limit_usd");
-    if (Status st = admin_.setLimit(LimitTable::kTenant, std::string(req.matches[1]), limit); !st.ok()) {
-      throw BadRequest{400, "project_id", st.message()};
-    }
-    reply(res, 200, budgetJson("project_id", std::string(req.matches[1]), engine_.tenant(std::string(req.matches[1]))));
-  });
-  s.Put(R"(/v1/runs/([^/]{1,128})/limit)", [this, admin_only](const httplib::Request& req, httplib::Response& res) {
-    admin_only(req);
-    const std::optional<NanoUsd> limit = limitField(parseBody(req), "limit_usd");
-    if (Status st = admin_.setLimit(LimitTable::kRun, std::string(req.matches[1]), limit); !st.ok()) {
-      throw BadRequest{400, "run_id", st.message()};
-    }
-    reply(res, 200, budgetJson("run_id", std::string(req.matches[1]), engine_.run(std::string(req.matches[1]))));
-  });
+  // PUT /v1/tenants/{id}/limit {"daily_limit_usd"} and PUT /v1/runs/{id}/limit {"limit_usd"}.
+  auto put_limit = [this, admin_only](LimitTable table, const char* id_field, const char* limit_field) {
+    return [=, this](const httplib::Request& req, httplib::Response& res) {
+      admin_only(req);
+      const std::string id = req.matches[1];
+      const std::optional<NanoUsd> limit = limitField(parseBody(req), limit_field);
+      if (Status st = admin_.setLimit(table, id, limit); !st.ok()) throw BadRequest{400, id_field, st.message()};
+      reply(res, 200, budgetJson(id_field, id, table == LimitTable::kTenant ? engine_.tenant(id) : engine_.run(id)));
+    };
+  };
+  s.Put(R"(/v1/tenants/([^/]{1,128})/limit)", put_limit(LimitTable::kTenant, "project_id", "daily_limit_usd"));
+  s.Put(R"(/v1/runs/([^/]{1,128})/limit)", put_limit(LimitTable::kRun, "run_id", "limit_usd"));
   s.Put("/v1/platform/limit", [this, admin_only](const httplib::Request& req, httplib::Response& res) {
     admin_only(req);
     admin_.setPlatformLimit(limitField(parseBody(req), "daily_limit_usd"));

@@ -85,11 +85,6 @@ std::uint32_t selfPid() noexcept {
   return g_pid.load(kRelaxed);
 }
 
-std::uint64_t selfStartTime() noexcept {
-  initSelfOnce();
-  return g_start_time.load(kRelaxed);
-}
-
 Engine::Engine(const Region& region) noexcept
     : h_(region.header()),
       tenants_(region.tenants(), region.header().tenant_capacity),

@@ -69,8 +69,7 @@ class Engine {
   bool same_pidns_;
 };
 
-// The reservation table index's owner identity for this process (refreshed after fork).
+// This process's pid, cached and refreshed after fork (getpid() is a system call).
 std::uint32_t selfPid() noexcept;
-std::uint64_t selfStartTime() noexcept;
 
 }  // namespace tokenfuse
