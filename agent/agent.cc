@@ -24,6 +24,14 @@ namespace {
 
 std::string usdOrUnlimited(std::optional<NanoUsd> v) { return v ? v->toString() : "unlimited"; }
 
+const char* scopeName(Agent::Scope s) {
+  return s == Agent::Scope::kTenant ? "tenant" : s == Agent::Scope::kRun ? "run" : "platform";
+}
+
+std::optional<NanoUsd> limitOf(const LimitOverride& o) {
+  return o.limit_nano_usd ? std::optional(NanoUsd(*o.limit_nano_usd)) : std::nullopt;
+}
+
 }  // namespace
 
 Agent::Agent(Config config, Options options)
@@ -38,7 +46,8 @@ Agent::Agent(Config config, Options options)
       }()) {
   lockDataDir();
   try {
-    ledger_ = std::make_unique<Ledger>(config_.data_dir + "/ledger.db", config_.host_id);
+    ledger_ = std::make_unique<Ledger>(ledgerPath(), config_.host_id);
+    settings_ = std::make_unique<Ledger>(ledgerPath(), config_.host_id);
   } catch (const LedgerError& e) {
     throw AgentError(e.what());
   }
@@ -216,13 +225,21 @@ void Agent::applyConfig() {
   }
   a.setDefaultLimit(LimitTable::kTenant, config_.tenant_default_daily_limit);
   a.setDefaultLimit(LimitTable::kRun, config_.run_default_limit);
-  a.setPlatformLimit(config_.platform_daily_limit);
 
-  // The config is the source of limits for now: an entry whose explicit limit is no longer
-  // configured goes back to the default. (Set the new limits first, so no entry is ever briefly
-  // unlimited.)
-  for (auto [table, limits] : {std::pair{LimitTable::kTenant, &config_.tenant_limits},
-                               std::pair{LimitTable::kRun, &config_.run_limits}}) {
+  // Limits: the config file's, then the admin API's saved changes over them. An entry whose
+  // explicit limit is no longer set either way goes back to the default. (The new limits are set
+  // first, so no entry is ever briefly unlimited.)
+  std::optional<NanoUsd> platform = config_.platform_daily_limit;
+  auto tenant_limits = config_.tenant_limits;
+  auto run_limits = config_.run_limits;
+  const std::vector<LimitOverride> overrides = settings_->limitOverrides();
+  for (const LimitOverride& o : overrides) {
+    if (o.scope == "platform") platform = limitOf(o);
+    if (o.scope == "tenant") tenant_limits[o.id] = limitOf(o);
+    if (o.scope == "run") run_limits[o.id] = limitOf(o);
+  }
+  a.setPlatformLimit(platform);
+  for (auto [table, limits] : {std::pair{LimitTable::kTenant, &tenant_limits}, std::pair{LimitTable::kRun, &run_limits}}) {
     for (const auto& [id, limit] : *limits) {
       if (Status s = a.setLimit(table, id, limit); !s.ok()) throw AgentError("budgets: " + id + ": " + s.message());
     }
@@ -233,8 +250,13 @@ void Agent::applyConfig() {
     for (const std::string& id : stale) (void)a.clearLimit(table, id);
   }
 
-  if (config_.kill_active) {
-    const auto now = toUnixNs(clock_());
+  // The kill switch: the admin API's, while it lasts; else the config file's.
+  const std::int64_t now = toUnixNs(clock_());
+  const std::optional<StoredKill> saved = settings_->storedKill();
+  if (saved && saved->active && (saved->expires_unix_ns == 0 || saved->expires_unix_ns > now)) {
+    a.setKill(saved->reason, saved->since_unix_ns, saved->expires_unix_ns);
+    log::warn("budget_emergency_kill_active", {{"reason", saved->reason}, {"source", "admin_api"}});
+  } else if (config_.kill_active) {
     a.setKill(config_.kill_reason.empty() ? "activated" : config_.kill_reason, now, 0);
     log::warn("budget_emergency_kill_activated", {{"reason", config_.kill_reason}, {"source", "config"}});
   } else {
@@ -246,6 +268,7 @@ void Agent::applyConfig() {
              {"run_default_limit_usd", usdOrUnlimited(config_.run_default_limit)},
              {"tenant_limits", config_.tenant_limits.size()},
              {"run_limits", config_.run_limits.size()},
+             {"admin_limit_overrides", overrides.size()},
              {"models", config_.prices.size()},
              {"timezone", days_.zone()}});
 }
@@ -289,6 +312,84 @@ void Agent::run(std::stop_token stop) {
     std::unique_lock lock(mu);
     cv.wait_for(lock, stop, period, [] { return false; });
   }
+}
+
+Status Agent::setLimit(Scope scope, const std::string& id, std::optional<NanoUsd> limit) {
+  std::lock_guard lock(settings_mu_);
+  const std::int64_t now = toUnixNs(clock_());
+  RegionAdmin& a = *admin_;
+  // Into the region first: it checks the id and has room, or nothing is saved.
+  if (scope == Scope::kPlatform) {
+    a.setPlatformLimit(limit);
+  } else if (Status s = a.setLimit(scope == Scope::kTenant ? LimitTable::kTenant : LimitTable::kRun, id, limit); !s.ok()) {
+    return s;
+  }
+  try {
+    settings_->saveLimit({scopeName(scope), id, limit ? std::optional(limit->count()) : std::nullopt, now});
+  } catch (const LedgerError& e) {
+    // Applied but not saved: say so, rather than let a restart undo it silently.
+    log::error("limit_not_saved", {{"scope", scopeName(scope)}, {"id", id}, {"error", e.what()}});
+    return Status::error(std::string("the limit is in force but could not be saved, so a restart would undo it: ") +
+                         e.what());
+  }
+  log::info("budget_limit_set", {{"scope", scopeName(scope)}, {"id", id}, {"limit_usd", usdOrUnlimited(limit)}});
+  return {};
+}
+
+std::optional<NanoUsd> Agent::configuredLimit(Scope scope, const std::string& id) const {
+  if (scope == Scope::kPlatform) return config_.platform_daily_limit;
+  const auto& limits = scope == Scope::kTenant ? config_.tenant_limits : config_.run_limits;
+  const auto it = limits.find(id);
+  return it != limits.end() ? it->second
+                            : (scope == Scope::kTenant ? config_.tenant_default_daily_limit : config_.run_default_limit);
+}
+
+Status Agent::resetLimit(Scope scope, const std::string& id) {
+  std::lock_guard lock(settings_mu_);
+  try {
+    settings_->eraseLimit(scopeName(scope), id);
+  } catch (const LedgerError& e) {
+    return Status::error(e.what());
+  }
+  RegionAdmin& a = *admin_;
+  const std::optional<NanoUsd> limit = configuredLimit(scope, id);
+  if (scope == Scope::kPlatform) {
+    a.setPlatformLimit(limit);
+  } else {
+    const LimitTable table = scope == Scope::kTenant ? LimitTable::kTenant : LimitTable::kRun;
+    const auto& limits = scope == Scope::kTenant ? config_.tenant_limits : config_.run_limits;
+    if (Status s = limits.contains(id) ? a.setLimit(table, id, limit) : a.clearLimit(table, id); !s.ok()) return s;
+  }
+  log::info("budget_limit_reset", {{"scope", scopeName(scope)}, {"id", id}, {"limit_usd", usdOrUnlimited(limit)}});
+  return {};
+}
+
+Status Agent::setKill(const std::string& reason, std::int64_t ttl_s) {
+  std::lock_guard lock(settings_mu_);
+  const std::int64_t now = toUnixNs(clock_());
+  const StoredKill k{true, reason, now, ttl_s == 0 ? 0 : now + ttl_s * 1'000'000'000};
+  admin_->setKill(k.reason, k.since_unix_ns, k.expires_unix_ns);   // first: it must not wait for a disk
+  try {
+    settings_->saveKill(k);
+  } catch (const LedgerError& e) {
+    log::error("kill_switch_not_saved", {{"error", e.what()}});
+    return Status::error(std::string("the kill switch is on but could not be saved, so a restart would undo it: ") +
+                         e.what());
+  }
+  log::warn("budget_emergency_kill_activated", {{"reason", reason}, {"source", "admin_api"}, {"ttl_s", ttl_s}});
+  return {};
+}
+
+Status Agent::clearKill() {
+  std::lock_guard lock(settings_mu_);
+  try {
+    settings_->saveKill({false, {}, toUnixNs(clock_()), 0});
+  } catch (const LedgerError& e) {
+    return Status::error(e.what());
+  }
+  admin_->clearKill();
+  log::info("budget_emergency_kill_deactivated", {{"source", "admin_api"}});
+  return {};
 }
 
 }  // namespace tokenfuse

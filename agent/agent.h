@@ -18,6 +18,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <stop_token>
 
@@ -49,10 +50,25 @@ class Agent {
 
   RegionAdmin& admin() noexcept { return *admin_; }
   bool adoptedRegion() const noexcept { return adopted_; }
+  const Config& config() const noexcept { return config_; }
+  std::string ledgerPath() const { return config_.data_dir + "/ledger.db"; }
+
+  // Changes made through the admin API. Each is applied to the region and saved in the data
+  // dir, so that it outlives a restart of the agent and of the host, and wins over the config
+  // file (docs/operations.md, "Where limits come from"). Thread-safe. Return an error message a
+  // client can act on.
+  enum class Scope { kTenant, kRun, kPlatform };
+  Status setLimit(Scope scope, const std::string& id, std::optional<NanoUsd> limit);
+  // Forgets the admin API's limit: the config file's (or the default) applies again.
+  Status resetLimit(Scope scope, const std::string& id);
+  // ttl_s 0: until turned off.
+  Status setKill(const std::string& reason, std::int64_t ttl_s);
+  Status clearKill();
 
  private:
   void openRegion(bool recreate);
   void applyConfig();
+  std::optional<NanoUsd> configuredLimit(Scope scope, const std::string& id) const;
   void lockDataDir();
   void rebuildFromLedger(std::int32_t today);
   void resyncStatsFromLedger();
@@ -61,7 +77,9 @@ class Agent {
   Clock clock_;
   DayClock days_;
   int data_dir_lock_ = -1;
-  std::unique_ptr<Ledger> ledger_;
+  std::unique_ptr<Ledger> ledger_;         // the ledger writer's connection
+  std::mutex settings_mu_;                 // guards settings_ and the order of admin changes
+  std::unique_ptr<Ledger> settings_;       // the admin API's connection to the same file
   std::unique_ptr<Region> region_;
   std::unique_ptr<RegionAdmin> admin_;
   std::unique_ptr<LedgerWriter> writer_;

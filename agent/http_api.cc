@@ -1,5 +1,6 @@
 #include "http_api.h"
 
+#include "day_clock.h"
 #include "layout.h"
 
 #include <httplib.h>
@@ -99,7 +100,7 @@ std::uint64_t reservationId(const httplib::Request& req) {
 }
 
 json budgetJson(const char* key, std::string_view id, const BudgetView& v) {
-  json out = {{key, id}, {"day", v.day}};
+  json out = {{key, id}, {"day", DayClock::format(v.day)}};
   out["used_usd"] = v.committed.toString();
   out["reserved_usd"] = v.held.toString();
   out["limit_usd"] = v.limit ? json(v.limit->toString()) : json(nullptr);
@@ -112,6 +113,18 @@ json budgetJson(const char* key, std::string_view id, const BudgetView& v) {
     out["usage_pct"] = nullptr;
   }
   return out;
+}
+
+// A whole number from the query string, or `fallback` when absent.
+std::int64_t queryNumber(const httplib::Request& req, const char* name, std::int64_t fallback, std::int64_t max) {
+  if (!req.has_param(name)) return fallback;
+  const std::string s = req.get_param_value(name);
+  std::int64_t v = 0;
+  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc{} || end != s.data() + s.size() || v < 0 || v > max) {
+    throw BadRequest{400, name, "must be a whole number from 0 to " + std::to_string(max)};
+  }
+  return v;
 }
 
 // cpp-httplib 0.11 listens with a backlog of 5, compiled into Debian's libcpp-httplib, so a
@@ -168,9 +181,9 @@ std::string loadOrCreateToken(const std::string& path) {
   return token;
 }
 
-HttpApi::HttpApi(RegionAdmin& admin, Options options)
-    : admin_(admin), engine_(admin.engine()), options_(std::move(options)),
-      server_(std::make_unique<httplib::Server>()) {
+HttpApi::HttpApi(Agent& agent, Options options)
+    : agent_(agent), admin_(agent.admin()), engine_(admin_.engine()), options_(std::move(options)),
+      metrics_(admin_), server_(std::make_unique<httplib::Server>()) {
   server_->set_tcp_nodelay(true);
   server_->set_keep_alive_max_count(100000);
   server_->set_payload_max_length(options_.max_body_bytes);
@@ -212,6 +225,8 @@ void HttpApi::routes() {
       reply(res, e.status, {{"error", e.status == 404 ? "not_found" : e.status == 401 ? "unauthorized" : "bad_request"},
                             {"field", e.field},
                             {"message", e.field + " " + e.message}});
+    } catch (const LedgerError& e) {
+      reply(res, 503, {{"error", "unavailable"}, {"message", e.what()}});
     } catch (const std::exception& e) {
       reply(res, 500, {{"error", "internal"}, {"message", e.what()}});
     }
@@ -228,7 +243,7 @@ void HttpApi::routes() {
   };
 
   s.Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
-    reply(res, 200, {{"status", "ok"}, {"day", admin_.day()}, {"kill_switch", engine_.killed()}});
+    reply(res, 200, {{"status", "ok"}, {"day", DayClock::format(admin_.day())}, {"kill_switch", engine_.killed()}});
   });
 
   s.Post("/v1/check", [this](const httplib::Request& req, httplib::Response& res) {
@@ -239,6 +254,7 @@ void HttpApi::routes() {
     CallSite site;
     Decision d = engine_.prepare({project, model, run, agent, est, 0, 0}, &site, false);
     if (d.allowed()) d = engine_.check(site, est, 0);
+    metrics_.decision(Metrics::Endpoint::kCheck, d.code);
     if (!d.allowed()) return denial(res, d, project);
     reply(res, 200, {{"allowed", true}, {"estimated_cost_usd", d.cost.toString()}});
   });
@@ -254,6 +270,7 @@ void HttpApi::routes() {
     Reservation r;
     Decision d = engine_.prepare({project, model, run, agent, prompt, completion, 0}, &site, true);
     if (d.allowed()) d = engine_.reserve(site, prompt, completion, ttl_s * 1000, &r);
+    metrics_.decision(Metrics::Endpoint::kReserve, d.code);
     if (!d.allowed()) return denial(res, d, project);
     const std::int64_t ttl_ns =
         ttl_s > 0 ? ttl_s * 1'000'000'000 : admin_.header().defaults.reservation_ttl_ns.load();
@@ -269,6 +286,7 @@ void HttpApi::routes() {
     const std::int64_t prompt = count(b, "prompt_tokens", true, 0, kMaxTokensPerCall);
     const std::int64_t completion = count(b, "completion_tokens", true, 0, kMaxTokensPerCall);
     const Decision d = engine_.commit({id}, provider, prompt, completion);
+    metrics_.decision(Metrics::Endpoint::kCommit, d.code);
     if (!d.allowed()) return denial(res, d, {});
     reply(res, 200, {{"cost_usd", d.cost.toString()},
                      {"ledger_seq", d.ledger_seq},
@@ -281,12 +299,14 @@ void HttpApi::routes() {
     const std::int64_t prompt = count(b, "prompt_tokens", false, 0, kMaxTokensPerCall);
     const std::int64_t completion = count(b, "completion_tokens", true, 0, kMaxTokensPerCall);
     const Decision d = engine_.charge({id}, prompt, completion);
+    metrics_.decision(Metrics::Endpoint::kCharge, d.code);
     if (!d.allowed()) return denial(res, d, {});
     reply(res, 200, {{"allowed", true}, {"consumed_usd", d.cost.toString()}});
   });
 
   s.Delete(R"(/v1/reservations/(\d+))", [this](const httplib::Request& req, httplib::Response& res) {
     const Decision d = engine_.release({reservationId(req)});
+    metrics_.decision(Metrics::Endpoint::kRelease, d.code);
     if (!d.allowed()) return denial(res, d, {});
     res.status = 204;
   });
@@ -299,6 +319,7 @@ void HttpApi::routes() {
     const std::int64_t prompt = count(b, "prompt_tokens", true, 0, kMaxTokensPerCall);
     const std::int64_t completion = count(b, "completion_tokens", true, 0, kMaxTokensPerCall);
     const Decision d = engine_.record({project, model, provider, run, agent, prompt, completion});
+    metrics_.decision(Metrics::Endpoint::kUsage, d.code);
     if (!d.allowed()) return denial(res, d, project);
     reply(res, 201, {{"cost_usd", d.cost.toString()}, {"ledger_seq", d.ledger_seq}});
   });
@@ -315,23 +336,36 @@ void HttpApi::routes() {
     reply(res, 200, budgetJson("scope", "platform", engine_.platform()));
   });
 
-  // PUT /v1/tenants/{id}/limit {"daily_limit_usd"} and PUT /v1/runs/{id}/limit {"limit_usd"}.
-  auto put_limit = [this, admin_only](LimitTable table, const char* id_field, const char* limit_field) {
+  // PUT /v1/tenants/{id}/limit {"daily_limit_usd"}, PUT /v1/runs/{id}/limit {"limit_usd"},
+  // PUT /v1/platform/limit {"daily_limit_usd"}; DELETE of each goes back to the config file.
+  auto view_of = [this](Agent::Scope scope, const std::string& id) {
+    return scope == Agent::Scope::kTenant ? budgetJson("project_id", id, engine_.tenant(id))
+           : scope == Agent::Scope::kRun  ? budgetJson("run_id", id, engine_.run(id))
+                                          : budgetJson("scope", "platform", engine_.platform());
+  };
+  auto put_limit = [this, admin_only, view_of](Agent::Scope scope, const char* id_field, const char* limit_field) {
     return [=, this](const httplib::Request& req, httplib::Response& res) {
       admin_only(req);
-      const std::string id = req.matches[1];
+      const std::string id = scope == Agent::Scope::kPlatform ? std::string() : std::string(req.matches[1]);
       const std::optional<NanoUsd> limit = limitField(parseBody(req), limit_field);
-      if (Status st = admin_.setLimit(table, id, limit); !st.ok()) throw BadRequest{400, id_field, st.message()};
-      reply(res, 200, budgetJson(id_field, id, table == LimitTable::kTenant ? engine_.tenant(id) : engine_.run(id)));
+      if (Status st = agent_.setLimit(scope, id, limit); !st.ok()) throw BadRequest{400, id_field, st.message()};
+      reply(res, 200, view_of(scope, id));
     };
   };
-  s.Put(R"(/v1/tenants/([^/]{1,128})/limit)", put_limit(LimitTable::kTenant, "project_id", "daily_limit_usd"));
-  s.Put(R"(/v1/runs/([^/]{1,128})/limit)", put_limit(LimitTable::kRun, "run_id", "limit_usd"));
-  s.Put("/v1/platform/limit", [this, admin_only](const httplib::Request& req, httplib::Response& res) {
-    admin_only(req);
-    admin_.setPlatformLimit(limitField(parseBody(req), "daily_limit_usd"));
-    reply(res, 200, budgetJson("scope", "platform", engine_.platform()));
-  });
+  auto reset_limit = [this, admin_only, view_of](Agent::Scope scope, const char* id_field) {
+    return [=, this](const httplib::Request& req, httplib::Response& res) {
+      admin_only(req);
+      const std::string id = scope == Agent::Scope::kPlatform ? std::string() : std::string(req.matches[1]);
+      if (Status st = agent_.resetLimit(scope, id); !st.ok()) throw BadRequest{400, id_field, st.message()};
+      reply(res, 200, view_of(scope, id));
+    };
+  };
+  s.Put(R"(/v1/tenants/([^/]{1,128})/limit)", put_limit(Agent::Scope::kTenant, "project_id", "daily_limit_usd"));
+  s.Put(R"(/v1/runs/([^/]{1,128})/limit)", put_limit(Agent::Scope::kRun, "run_id", "limit_usd"));
+  s.Put("/v1/platform/limit", put_limit(Agent::Scope::kPlatform, "scope", "daily_limit_usd"));
+  s.Delete(R"(/v1/tenants/([^/]{1,128})/limit)", reset_limit(Agent::Scope::kTenant, "project_id"));
+  s.Delete(R"(/v1/runs/([^/]{1,128})/limit)", reset_limit(Agent::Scope::kRun, "run_id"));
+  s.Delete("/v1/platform/limit", reset_limit(Agent::Scope::kPlatform, "scope"));
 
   auto kill_json = [this] {
     const KillSwitchState k = engine_.killSwitch();
@@ -346,14 +380,33 @@ void HttpApi::routes() {
     const json b = parseBody(req);
     const std::string reason = text(b, "reason", true, 256);
     const std::int64_t ttl_s = count(b, "ttl_s", false, 7 * 86400, 365 * 86400);   // the reference: 7 days
-    const std::int64_t now = admin_.header().clock_unix_ns.load();
-    admin_.setKill(reason, now, ttl_s == 0 ? 0 : now + ttl_s * 1'000'000'000);
+    if (Status st = agent_.setKill(reason, ttl_s); !st.ok()) throw std::runtime_error(st.message());
     reply(res, 200, kill_json());
   });
   s.Delete("/v1/kill", [this, admin_only](const httplib::Request& req, httplib::Response& res) {
     admin_only(req);
-    admin_.clearKill();
+    if (Status st = agent_.clearKill(); !st.ok()) throw std::runtime_error(st.message());
     res.status = 204;
+  });
+
+  // GET /v1/ledger?project_id=&run_id=&since_seq=&limit=: durable entries, oldest first.
+  s.Get("/v1/ledger", [this, admin_only](const httplib::Request& req, httplib::Response& res) {
+    admin_only(req);
+    LedgerFilter f;
+    if (req.has_param("project_id")) f.project_id = req.get_param_value("project_id");
+    if (req.has_param("run_id")) f.run_id = req.get_param_value("run_id");
+    f.after_seq = static_cast<std::uint64_t>(queryNumber(req, "since_seq", 0, INT64_MAX));
+    f.limit = queryNumber(req, "limit", 1000, 10000);
+    const std::vector<LedgerEntry> rows = Ledger::openReadOnly(agent_.ledgerPath())->list(f);
+    json entries = json::array();
+    for (const LedgerEntry& e : rows) entries.push_back(toJson(e));
+    reply(res, 200, {{"entries", std::move(entries)},
+                     {"next_since_seq", rows.empty() ? f.after_seq : rows.back().seq},
+                     {"durable_seq", engine_.durableLedgerSeq()}});
+  });
+
+  s.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(metrics_.scrape(), "text/plain; version=0.0.4");
   });
 }
 

@@ -2,10 +2,12 @@
 // libtokenfuse. Reservations made over HTTP belong to the agent's process, so only their
 // deadline (ttl_s) returns an abandoned one.
 //
-// Thread-safety: handlers run on cpp-httplib's worker threads and use the lock-free engine.
+// Thread-safety: handlers run on cpp-httplib's worker threads; decisions use the lock-free
+// engine, admin changes go through the Agent, which serialises and saves them.
 #pragma once
 
-#include "admin.h"
+#include "agent.h"
+#include "metrics.h"
 
 #include <memory>
 #include <string>
@@ -27,7 +29,7 @@ class HttpApi {
   };
 
   // Binds, or throws std::runtime_error naming the address.
-  HttpApi(RegionAdmin& admin, Options options);
+  HttpApi(Agent& agent, Options options);
   ~HttpApi();   // stops and joins
 
   int port() const noexcept { return port_; }
@@ -35,9 +37,11 @@ class HttpApi {
  private:
   void routes();
 
+  Agent& agent_;
   RegionAdmin& admin_;
   Engine& engine_;
   Options options_;
+  Metrics metrics_;
   std::unique_ptr<httplib::Server> server_;
   int port_ = 0;
   std::thread thread_;

@@ -1,6 +1,10 @@
 #include "ledger.h"
 
 #include <SQLiteCpp/SQLiteCpp.h>
+#include <nlohmann/json.hpp>
+#include <tokenfuse/money.hpp>
+
+#include <ctime>
 
 namespace tokenfuse {
 
@@ -29,6 +33,21 @@ CREATE TABLE IF NOT EXISTS budget_ledger (
              (strftime('%Y-%m-%dT%H:%M:%fZ', created_at_unix_ns / 1000000000.0, 'unixepoch')) VIRTUAL
 );
 CREATE INDEX IF NOT EXISTS budget_ledger_day_project ON budget_ledger (day, project_id);
+-- Changes made through the admin API, which outlive a restart and win over the config file.
+CREATE TABLE IF NOT EXISTS limit_override (
+  scope          TEXT    NOT NULL CHECK (scope IN ('tenant', 'run', 'platform')),
+  id             TEXT    NOT NULL,          -- '' for the platform
+  limit_nano_usd INTEGER CHECK (limit_nano_usd >= 0),   -- NULL: unlimited
+  set_unix_ns    INTEGER NOT NULL,
+  PRIMARY KEY (scope, id)
+);
+CREATE TABLE IF NOT EXISTS kill_switch (
+  one             INTEGER PRIMARY KEY CHECK (one = 1),
+  active          INTEGER NOT NULL,
+  reason          TEXT    NOT NULL,
+  since_unix_ns   INTEGER NOT NULL,
+  expires_unix_ns INTEGER NOT NULL         -- 0: until turned off
+);
 )sql";
 
 void bindText(SQLite::Statement& q, int i, const std::string& s) {
@@ -191,5 +210,100 @@ std::vector<LedgerEntry> Ledger::list(const LedgerFilter& f) {
 }
 
 std::string Ledger::integrityCheck() { return db_->execAndGet("PRAGMA integrity_check").getString(); }
+
+// --- Admin settings -----------------------------------------------------------------------------
+
+void Ledger::saveLimit(const LimitOverride& o) {
+  try {
+    SQLite::Statement q(*db_,
+                        "INSERT INTO limit_override (scope, id, limit_nano_usd, set_unix_ns) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (scope, id) DO UPDATE SET limit_nano_usd = excluded.limit_nano_usd, "
+                        "set_unix_ns = excluded.set_unix_ns");
+    q.bind(1, o.scope);
+    q.bind(2, o.id);
+    if (o.limit_nano_usd) {
+      q.bind(3, *o.limit_nano_usd);
+    } else {
+      q.bind(3);
+    }
+    q.bind(4, o.set_unix_ns);
+    q.exec();
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("saving a limit: ") + e.what());
+  }
+}
+
+bool Ledger::eraseLimit(const std::string& scope, const std::string& id) {
+  try {
+    SQLite::Statement q(*db_, "DELETE FROM limit_override WHERE scope = ? AND id = ?");
+    q.bind(1, scope);
+    q.bind(2, id);
+    return q.exec() > 0;
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("erasing a limit: ") + e.what());
+  }
+}
+
+std::vector<LimitOverride> Ledger::limitOverrides() {
+  std::vector<LimitOverride> out;
+  SQLite::Statement q(*db_, "SELECT scope, id, limit_nano_usd, set_unix_ns FROM limit_override ORDER BY scope, id");
+  while (q.executeStep()) {
+    LimitOverride o{q.getColumn(0).getString(), q.getColumn(1).getString(), std::nullopt, q.getColumn(3).getInt64()};
+    if (!q.isColumnNull(2)) o.limit_nano_usd = q.getColumn(2).getInt64();
+    out.push_back(std::move(o));
+  }
+  return out;
+}
+
+void Ledger::saveKill(const StoredKill& k) {
+  try {
+    SQLite::Statement q(*db_,
+                        "INSERT OR REPLACE INTO kill_switch (one, active, reason, since_unix_ns, expires_unix_ns) "
+                        "VALUES (1, ?, ?, ?, ?)");
+    q.bind(1, k.active ? 1 : 0);
+    q.bind(2, k.reason);
+    q.bind(3, k.since_unix_ns);
+    q.bind(4, k.expires_unix_ns);
+    q.exec();
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("saving the kill switch: ") + e.what());
+  }
+}
+
+std::optional<StoredKill> Ledger::storedKill() {
+  SQLite::Statement q(*db_, "SELECT active, reason, since_unix_ns, expires_unix_ns FROM kill_switch WHERE one = 1");
+  if (!q.executeStep()) return std::nullopt;
+  return StoredKill{q.getColumn(0).getInt() != 0, q.getColumn(1).getString(), q.getColumn(2).getInt64(),
+                    q.getColumn(3).getInt64()};
+}
+
+std::string isoTime(std::int64_t unix_ns) {
+  const auto t = static_cast<std::time_t>(unix_ns / 1'000'000'000);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[40];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
+  char out[48];
+  std::snprintf(out, sizeof out, "%s.%03lldZ", buf, static_cast<long long>(unix_ns / 1'000'000 % 1000));
+  return out;
+}
+
+nlohmann::json toJson(const LedgerEntry& e) {
+  using nlohmann::json;
+  auto optional = [](const std::string& s) { return s.empty() ? json(nullptr) : json(s); };
+  return {{"seq", e.seq},
+          {"host_id", e.host_id},
+          {"created_at", isoTime(e.unix_ns)},
+          {"kind", e.kind},
+          {"project_id", e.project_id},
+          {"agent_id", optional(e.agent_id)},
+          {"run_id", optional(e.run_id)},
+          {"model", e.model},
+          {"provider", optional(e.provider)},
+          {"prompt_tokens", e.prompt_tokens},
+          {"completion_tokens", e.completion_tokens},
+          {"cost_usd", NanoUsd(e.cost_nano_usd).toString()},
+          {"reservation_id", e.reservation_id == 0 ? json(nullptr) : json(std::to_string(e.reservation_id))}};
+}
 
 }  // namespace tokenfuse

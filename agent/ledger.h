@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -50,6 +51,21 @@ struct LedgerFilter {
   std::int64_t limit = 1000;
 };
 
+// A limit set through the admin API: it outlives restarts and wins over the config file.
+struct LimitOverride {
+  std::string scope;   // "tenant", "run" or "platform"
+  std::string id;      // empty for the platform
+  std::optional<std::int64_t> limit_nano_usd;   // nullopt: unlimited
+  std::int64_t set_unix_ns = 0;
+};
+
+// The kill switch as the admin API last left it.
+struct StoredKill {
+  bool active = false;
+  std::string reason;
+  std::int64_t since_unix_ns = 0, expires_unix_ns = 0;   // expires 0: until turned off
+};
+
 class Ledger {
  public:
   // Opens (creating if needed) the ledger for writing. Throws LedgerError naming the file.
@@ -69,11 +85,24 @@ class Ledger {
   std::vector<LedgerEntry> list(const LedgerFilter& filter);
   std::string integrityCheck();           // "ok", or what SQLite found
 
+  // Admin settings, kept in the same file. Throw LedgerError.
+  void saveLimit(const LimitOverride& o);
+  bool eraseLimit(const std::string& scope, const std::string& id);   // false: there was none
+  std::vector<LimitOverride> limitOverrides();
+  void saveKill(const StoredKill& k);
+  std::optional<StoredKill> storedKill();
+
  private:
   explicit Ledger(std::unique_ptr<SQLite::Database> db);
   std::unique_ptr<SQLite::Database> db_;
   std::unique_ptr<SQLite::Statement> insert_;
   std::string host_id_;
 };
+
+// One entry as JSON, as the CLI and the HTTP API show it (ids of reservations as strings:
+// they do not fit a JavaScript number).
+nlohmann::json toJson(const LedgerEntry& e);
+// "2026-11-29T14:00:00.123Z".
+std::string isoTime(std::int64_t unix_ns);
 
 }  // namespace tokenfuse

@@ -1,16 +1,21 @@
 // tokenfuse: the admin CLI. It reads the region directly through libtokenfuse, as any
-// application does. Exit codes: 0 ok, 1 the check was denied, 2 bad usage, 3 no region.
+// application does, and makes changes (kill switch, limits) through the agent's admin API, so
+// that the agent saves them. Exit codes, for scripts:
+//   0 ok; 1 the check was denied; 2 bad usage; 3 no region, ledger or agent to talk to;
+//   4 the agent refused the change (bad token, bad value).
 #include <tokenfuse/tokenfuse.hpp>
 
 #include "ledger.h"
 
 #include <CLI/CLI.hpp>
+#include <httplib.h>
 #include <nlohmann/json.hpp>
 
 #include <chrono>
 #include <cstdio>
 #include <optional>
 #include <ctime>
+#include <fstream>
 #include <iostream>
 
 namespace {
@@ -19,8 +24,87 @@ using namespace tokenfuse;
 using nlohmann::json;
 
 constexpr int kDenied = 1;
-std::string civilDay(std::int32_t day);
+constexpr int kUsage = 2;
 constexpr int kNoRegion = 3;
+constexpr int kRefused = 4;
+std::string civilDay(std::int32_t day);
+
+// The agent's admin API: where it listens and the token that lets us change things.
+struct AdminEndpoint {
+  std::string url;          // empty: 127.0.0.1 and the port in <data_dir>/http.port, else 8787
+  std::string token_file;   // empty: <data_dir>/admin.token
+  std::string data_dir;
+};
+
+std::string firstLine(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  std::getline(in, line);
+  return line;
+}
+
+// Sends one admin request; sets *reply to the agent's answer. Returns the exit code.
+int adminRequest(const AdminEndpoint& ep, const std::string& method, const std::string& path, const json& body,
+                 json* reply) {
+  std::string url = ep.url;
+  if (url.empty()) {
+    const std::string port = firstLine(ep.data_dir + "/http.port");
+    url = "http://127.0.0.1:" + (port.empty() ? std::string("8787") : port);
+  }
+  const std::string token_file = ep.token_file.empty() ? ep.data_dir + "/admin.token" : ep.token_file;
+  const std::string token = firstLine(token_file);
+  if (token.empty()) {
+    std::fprintf(stderr, "tokenfuse: cannot read the admin token from %s (run as root or the tokenfuse user, or pass "
+                 "--token-file)\n", token_file.c_str());
+    return kNoRegion;
+  }
+  httplib::Client http(url);
+  http.set_connection_timeout(5);
+  http.set_read_timeout(30);
+  const httplib::Headers headers{{"Authorization", "Bearer " + token}};
+  const std::string payload = body.is_null() ? std::string() : body.dump();
+  httplib::Result r = method == "PUT"      ? http.Put(path.c_str(), headers, payload, "application/json")
+                      : method == "DELETE" ? http.Delete(path.c_str(), headers)
+                                           : http.Get(path.c_str(), headers);
+  if (!r) {
+    std::fprintf(stderr, "tokenfuse: cannot reach the agent at %s (%s): is tokenfused running with its HTTP API on? "
+                 "(--url, or --data-dir for its http.port)\n", url.c_str(), httplib::to_string(r.error()).c_str());
+    return kNoRegion;
+  }
+  *reply = r->body.empty() ? json::object() : json::parse(r->body, nullptr, false);
+  if (r->status >= 300) {
+    const json& msg = reply->is_object() ? reply->value("message", json(r->body)) : json(r->body);
+    std::fprintf(stderr, "tokenfuse: the agent refused: %s (HTTP %d)\n", msg.is_string() ? msg.get<std::string>().c_str() : "",
+                 r->status);
+    return kRefused;
+  }
+  if (reply->is_discarded()) {
+    std::fprintf(stderr, "tokenfuse: the agent at %s answered something that is not JSON\n", url.c_str());
+    return kNoRegion;
+  }
+  return 0;
+}
+
+void printKill(const json& k, bool as_json) {
+  if (as_json) {
+    std::cout << k.dump(2) << "\n";
+  } else if (k.value("active", false)) {
+    std::printf("kill switch ON: %s\n", k.value("reason", "").c_str());
+  } else {
+    std::printf("kill switch off\n");
+  }
+}
+
+void printLimit(const json& v, bool as_json) {
+  if (as_json) {
+    std::cout << v.dump(2) << "\n";
+    return;
+  }
+  const json& limit = v["limit_usd"];
+  std::printf("limit %s  (used $%s, reserved $%s, day %s)\n",
+              limit.is_string() ? ("$" + limit.get<std::string>()).c_str() : "unlimited",
+              v.value("used_usd", "?").c_str(), v.value("reserved_usd", "?").c_str(), v.value("day", "?").c_str());
+}
 
 json budgetJson(const BudgetView& v) {
   return {{"tracked", v.tracked},
@@ -63,34 +147,6 @@ std::string csvField(const std::string& s) {
   return out + "\"";
 }
 
-std::string isoTime(std::int64_t unix_ns) {
-  const std::time_t t = static_cast<std::time_t>(unix_ns / 1'000'000'000);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[40];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
-  char out[48];
-  std::snprintf(out, sizeof out, "%s.%03lldZ", buf, static_cast<long long>(unix_ns / 1'000'000 % 1000));
-  return out;
-}
-
-json entryJson(const LedgerEntry& e) {
-  auto opt = [](const std::string& s) { return s.empty() ? json(nullptr) : json(s); };
-  return {{"seq", e.seq},
-          {"host_id", e.host_id},
-          {"created_at", isoTime(e.unix_ns)},
-          {"kind", e.kind},
-          {"project_id", e.project_id},
-          {"agent_id", opt(e.agent_id)},
-          {"run_id", opt(e.run_id)},
-          {"model", e.model},
-          {"provider", opt(e.provider)},
-          {"prompt_tokens", e.prompt_tokens},
-          {"completion_tokens", e.completion_tokens},
-          {"cost_usd", NanoUsd(e.cost_nano_usd).toString()},
-          {"reservation_id", e.reservation_id == 0 ? json(nullptr) : json(e.reservation_id)}};
-}
-
 int ledgerCommand(const std::string& data_dir, bool list, const LedgerFilter& filter, const std::string& format,
                   const std::string& day_text, bool as_json) {
   std::unique_ptr<Ledger> ledger;
@@ -110,7 +166,7 @@ int ledgerCommand(const std::string& data_dir, bool list, const LedgerFilter& fi
                       e.reservation_id == 0 ? "" : std::to_string(e.reservation_id).c_str());
         }
       } else if (format == "jsonl" || as_json) {
-        for (const LedgerEntry& e : rows) std::printf("%s\n", entryJson(e).dump().c_str());
+        for (const LedgerEntry& e : rows) std::printf("%s\n", toJson(e).dump().c_str());
       } else {
         std::printf("%8s  %-24s  %-16s  %-16s  %-20s  %9s  %9s  %14s\n", "seq", "created_at", "project_id", "run_id",
                     "model", "prompt", "compl", "cost_usd");
@@ -130,7 +186,7 @@ int ledgerCommand(const std::string& data_dir, bool list, const LedgerFilter& fi
       day = static_cast<std::int32_t>(*t / 86400);
     } else {
       std::fprintf(stderr, "tokenfuse: --day: '%s' is not a date such as 2026-11-29\n", day_text.c_str());
-      return 2;
+      return kUsage;
     }
     const std::vector<LedgerTotal> totals = ledger->tenantTotals(day);
     if (as_json) {
@@ -205,7 +261,48 @@ int main(int argc, char** argv) {
   list->add_option("--format", format, "table, csv or jsonl")->check(CLI::IsMember({"table", "csv", "jsonl"}));
   auto* totals = ledger->add_subcommand("totals", "per-tenant totals for one budget day");
   totals->add_option("--day", day_text, "budget day, e.g. 2026-11-29 (default: today, UTC)");
-  CLI11_PARSE(app, argc, argv);
+
+  // Changes go through the agent's admin API.
+  AdminEndpoint ep;
+  auto add_endpoint = [&ep](CLI::App* cmd) {
+    cmd->add_option("--url", ep.url, "the agent's HTTP API (default: from --data-dir, else http://127.0.0.1:8787)")
+        ->envname("TOKENFUSE_URL");
+    cmd->add_option("--token-file", ep.token_file, "the admin token (default: <data-dir>/admin.token)")
+        ->envname("TOKENFUSE_ADMIN_TOKEN_FILE");
+    cmd->add_option("--data-dir", ep.data_dir, "the agent's data dir")->envname("TOKENFUSE_DATA_DIR");
+  };
+  ep.data_dir = "/var/lib/tokenfuse";
+  auto* kill_cmd = app.add_subcommand("kill", "the emergency kill switch: every paid and free call is refused (E-BUDGET-004)");
+  kill_cmd->require_subcommand(1);
+  add_endpoint(kill_cmd);
+  std::string reason;
+  std::int64_t ttl_s = 7 * 86400;
+  auto* kill_on = kill_cmd->add_subcommand("on", "turn it on (saved: it survives restarts of the agent)");
+  kill_on->add_option("--reason", reason, "why; shown to every refused caller")->required();
+  kill_on->add_option("--ttl", ttl_s, "seconds until it turns itself off; 0: never (default 7 days)")
+      ->check(CLI::Range(std::int64_t{0}, std::int64_t{365} * 86400));
+  auto* kill_off = kill_cmd->add_subcommand("off", "turn it off");
+  kill_cmd->add_subcommand("show", "print its state");
+
+  auto* limit = app.add_subcommand("limit", "budget limits (saved: they win over the config file until reset)");
+  limit->require_subcommand(1);
+  add_endpoint(limit);
+  std::string scope_id, amount;
+  bool scope_run = false, scope_platform = false;
+  for (CLI::App* cmd : {limit->add_subcommand("set", "set a daily limit in USD: limit set TENANT 5.00"),
+                        limit->add_subcommand("clear", "make it unlimited: limit clear TENANT"),
+                        limit->add_subcommand("reset", "forget the change: the config file's limit applies again")}) {
+    cmd->add_flag("--run", scope_run, "the id is a run id (a run's limit covers its whole life)");
+    cmd->add_flag("--platform", scope_platform, "the platform's daily limit (no id)");
+    cmd->add_option("id", scope_id, "tenant (project_id) or, with --run, run id");
+    if (cmd->get_name() == "set") cmd->add_option("usd", amount, "the limit, e.g. 5.00");
+  }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);   // prints help, or the error
+    return rc == 0 ? 0 : kUsage;
+  }
 
   if (*ledger) {
     for (auto [text, field] : {std::pair{&since, &filter.since_unix_ns}, {&until, &filter.until_unix_ns}}) {
@@ -214,11 +311,52 @@ int main(int argc, char** argv) {
       if (!t) {
         std::fprintf(stderr, "tokenfuse: '%s' is not a UTC time such as 2026-11-29 or 2026-11-29T14:00:00Z\n",
                      text->c_str());
-        return 2;
+        return kUsage;
       }
       *field = *t * 1'000'000'000;
     }
     return ledgerCommand(data_dir, list->parsed(), filter, format, day_text, as_json);
+  }
+
+  if (*kill_cmd) {
+    json reply;
+    int rc = 0;
+    if (kill_on->parsed()) {
+      rc = adminRequest(ep, "PUT", "/v1/kill", {{"reason", reason}, {"ttl_s", ttl_s}}, &reply);
+    } else {
+      if (kill_off->parsed()) rc = adminRequest(ep, "DELETE", "/v1/kill", nullptr, &reply);
+      if (rc == 0) rc = adminRequest(ep, "GET", "/v1/kill", nullptr, &reply);
+    }
+    if (rc == 0) printKill(reply, as_json);
+    return rc;
+  }
+  if (*limit) {
+    CLI::App* cmd = limit->get_subcommands().front();
+    if (cmd->get_name() == "set" && scope_platform && amount.empty()) std::swap(scope_id, amount);   // limit set --platform 100
+    if (scope_platform == !scope_id.empty() || (scope_platform && scope_run)) {
+      std::fprintf(stderr, "tokenfuse: limit %s: give a tenant id, --run RUN_ID, or --platform alone\n",
+                   cmd->get_name().c_str());
+      return kUsage;
+    }
+    if (cmd->get_name() == "set" && amount.empty()) {
+      std::fprintf(stderr, "tokenfuse: limit set: give the limit in USD, e.g. limit set acme 5.00\n");
+      return kUsage;
+    }
+    if (cmd->get_name() == "set" && !NanoUsd::parse(amount)) {
+      std::fprintf(stderr, "tokenfuse: limit set: '%s' is not a USD amount such as 5.00\n", amount.c_str());
+      return kUsage;
+    }
+    const std::string path = scope_platform ? "/v1/platform/limit"
+                             : scope_run    ? "/v1/runs/" + scope_id + "/limit"
+                                            : "/v1/tenants/" + scope_id + "/limit";
+    const char* field = scope_run ? "limit_usd" : "daily_limit_usd";
+    json reply;
+    const int rc = cmd->get_name() == "reset"
+                       ? adminRequest(ep, "DELETE", path, nullptr, &reply)
+                       : adminRequest(ep, "PUT", path, {{field, cmd->get_name() == "set" ? json(amount) : json(nullptr)}},
+                                      &reply);
+    if (rc == 0) printLimit(reply, as_json);
+    return rc;
   }
 
   std::unique_ptr<Client> client;

@@ -7,6 +7,7 @@
 #include <CLI/CLI.hpp>
 
 #include <csignal>
+#include <filesystem>
 #include <fstream>
 #include <cstdio>
 #include <iostream>
@@ -65,10 +66,12 @@ int main(int argc, char** argv) {
     if (config.http_port >= 0) {
       const std::string token_file =
           config.admin_token_file.empty() ? config.data_dir + "/admin.token" : config.admin_token_file;
-      http = std::make_unique<HttpApi>(agent.admin(),
+      http = std::make_unique<HttpApi>(agent,
                                        HttpApi::Options{config.http_host, config.http_port, loadOrCreateToken(token_file)});
-      // Where it listens, for scripts and tests that asked for port 0.
-      std::ofstream(config.data_dir + "/http.port") << http->port() << "\n";
+      // Where it listens, for the CLI and for tests that asked for port 0; written whole or not at all.
+      const std::string port_file = config.data_dir + "/http.port";
+      std::ofstream(port_file + ".tmp") << http->port() << "\n";
+      std::filesystem::rename(port_file + ".tmp", port_file);
       log::info("http_listening", {{"host", config.http_host}, {"port", http->port()}, {"token_file", token_file}});
     }
     log::info("agent_started", {{"shm_name", config.shm_name},
@@ -88,6 +91,8 @@ int main(int argc, char** argv) {
       break;
     }
     http.reset();
+    std::error_code ignored;
+    if (config.http_port >= 0) std::filesystem::remove(config.data_dir + "/http.port", ignored);
     loop.request_stop();
     loop.join();
     // The region stays: clients keep checking against it, and the next agent adopts it.

@@ -5,6 +5,7 @@
 #include "process.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 
 namespace tokenfuse::test {
@@ -19,6 +20,7 @@ struct AgentFixture {
                                << extra_toml;
   }
   std::unique_ptr<Process> start(std::vector<std::string> extra = {}) {
+    std::filesystem::remove(dir.path + "/state/http.port");   // a killed agent's
     std::vector<std::string> args{TOKENFUSED_PATH, "--config", config_path};
     args.insert(args.end(), extra.begin(), extra.end());
     return std::make_unique<Process>(args, dir.path + "/agent.log");

@@ -157,7 +157,7 @@ Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept
 
 Decision Engine::check(const CallSite& site, std::int64_t prompt, std::int64_t completion) const noexcept {
   if (!validTokens(prompt) || !validTokens(completion)) return fail(Code::kInvalidArgument);
-  if (killed()) return fail(Code::kEmergencyKill);
+  if (killed()) return fail(denied(Code::kEmergencyKill));
   const Price p = price(site);
   if (p.isFree()) return {};
   const auto cost = costOf(p, prompt, completion);
@@ -177,7 +177,7 @@ Decision Engine::check(const CallSite& site, std::int64_t prompt, std::int64_t c
     }
     if (limit != shm::kUnlimited && (used > limit || cost->count() > limit - used)) {
       if (Counters* c = layers.at[i]) c->denials.fetch_add(1, kRelaxed);
-      d.code = kLayerCode[i];
+      d.code = denied(kLayerCode[i]);
       d.used = NanoUsd(used);
       d.limit = NanoUsd(limit);
       return d;
@@ -204,7 +204,7 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
   if (!validTokens(prompt) || !validTokens(completion) || ttl_ms < 0 || ttl_ms > 7 * 86'400'000LL) {
     return fail(Code::kInvalidArgument);
   }
-  if (killed()) return fail(Code::kEmergencyKill);
+  if (killed()) return fail(denied(Code::kEmergencyKill));
   const Price p = price(site);
   const bool free = p.isFree();
   const auto estimate = free ? NanoUsd(0) : costOf(p, prompt, completion);
@@ -259,7 +259,7 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
         if (layers.at[j] != nullptr) layers.at[j]->spend.add(-estimate->count(), 0);
       }
       s.word.store(shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0), kRelease);
-      d.code = kLayerCode[i];
+      d.code = denied(kLayerCode[i]);
       return d;
     }
     s.word.store(shm::resWord(pid, gen, shm::kResReserving, i + 1), kRelease);
@@ -374,7 +374,7 @@ Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std:
 
 Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t more_completion) noexcept {
   if (!validTokens(more_prompt) || !validTokens(more_completion)) return fail(Code::kInvalidArgument);
-  if (killed()) return fail(Code::kEmergencyKill);
+  if (killed()) return fail(denied(Code::kEmergencyKill));
   std::uint64_t w = 0;
   const shm::ResState was = acquire(r, (1u << shm::kResActive) | (1u << shm::kResExpired), shm::kResCharging, &w);
   if (was == shm::kResFree) return fail(Code::kUnknownReservation);
@@ -416,7 +416,7 @@ Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t mo
           if (layers.at[j] != nullptr) layers.at[j]->spend.add(-delta, 0);
         }
         back(shm::kResActive);
-        d.code = kLayerCode[i];
+        d.code = denied(kLayerCode[i]);
         return d;
       }
       s.word.store(shm::resWord(pid, gen, shm::kResCharging, i + 1), kRelease);

@@ -49,6 +49,11 @@ class Engine {
   Layers layersOf(std::int32_t run, std::int32_t tenant) const noexcept;
   BudgetView view(const shm::Counters* c, std::int64_t default_limit) const;
   int claimSlot(std::uint32_t pid) noexcept;
+  // Counts a refusal (E-BUDGET-001 .. -004) in the region's statistics; returns `code`.
+  Code denied(Code code) const noexcept {
+    h_.stats.denied[static_cast<int>(code) - 1].fetch_add(1, std::memory_order_relaxed);
+    return code;
+  }
   // Ends a reservation: returns its hold and, if `book_cost`, books the call's cost.
   Decision settle(Reservation r, bool book_cost, std::int64_t prompt, std::int64_t completion,
                   shm::LedgerSlot* entry, std::string_view provider) noexcept;

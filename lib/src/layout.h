@@ -19,7 +19,7 @@ namespace tokenfuse::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'45'53'55'46'4e'4b'54ull;   // "TKNFUSE1"
 // Increment whenever anything in this file changes the bytes or the meaning of the region.
-inline constexpr std::uint32_t kLayoutVersion = 2;
+inline constexpr std::uint32_t kLayoutVersion = 3;
 
 inline constexpr std::size_t kKeyMax = 128;      // project_id, run_id, model, agent_id bytes
 inline constexpr std::size_t kReasonMax = 256;   // kill switch reason bytes
@@ -230,6 +230,9 @@ struct alignas(64) Stats {
   std::atomic<std::uint64_t> stuck_keys_cleared;  // half-written keys of dead inserters
   std::atomic<std::uint64_t> ledger_full;         // commits and records refused: ring full
   std::atomic<std::uint64_t> ledger_abandoned;    // ring slots skipped: their writer died
+  // Calls refused, by code (E-BUDGET-001 .. -004), since the region was created. Only refusals
+  // pay for this count: allowed checks count nothing, to stay a few loads.
+  std::atomic<std::uint64_t> denied[4];
 };
 
 struct alignas(64) Header {

@@ -4,6 +4,8 @@
 #include <httplib.h>
 
 #include <atomic>
+#include <csignal>
+#include <sstream>
 #include <thread>
 
 using namespace tokenfuse;
@@ -126,6 +128,118 @@ TEST_CASE("http: admin endpoints need the bearer token and change limits and the
   CHECK(f.send("GET", "/v1/kill", "").second["reason"] == "runaway loop");
   CHECK(f.send("DELETE", "/v1/kill", "", true).first == 204);
   CHECK(f.send("POST", "/v1/check", R"({"project_id":"x","model":"qwen3:8b"})").first == 200);
+}
+
+TEST_CASE("http: admin changes are saved, outlive a restart and win over the config file until reset") {
+  HttpFixture f("httpsaved", "[budgets]\nplatform_daily_limit_usd = \"50\"\n[budgets.tenants]\nacme = \"0.05\"\n");
+  CHECK(f.send("PUT", "/v1/tenants/acme/limit", R"({"daily_limit_usd":"1.00"})", true).first == 200);
+  CHECK(f.send("PUT", "/v1/tenants/beta/limit", R"({"daily_limit_usd":null})", true).first == 200);
+  CHECK(f.send("PUT", "/v1/platform/limit", R"({"daily_limit_usd":"70"})", true).first == 200);
+  CHECK(f.send("PUT", "/v1/kill", R"({"reason":"runaway loop","ttl_s":3600})", true).first == 200);
+
+  // A restart, with a new region as after a reboot: the changes come back from the data dir.
+  f.agent->signal(SIGTERM);
+  REQUIRE(f.agent->wait() == 0);
+  f.client.reset();
+  Region::remove(f.shm);
+  f.agent = f.start();
+  f.client = f.waitForRegion(f.agent->pid());
+  f.port = f.httpPort();
+  CHECK(f.client->tenant("acme").limit == NanoUsd::fromWholeUsd(1));
+  CHECK(f.client->platform().limit == NanoUsd::fromWholeUsd(70));
+  CHECK(f.client->killSwitch().active);
+  CHECK(f.client->killSwitch().reason == "runaway loop");
+  CHECK(f.send("POST", "/v1/check", R"({"project_id":"beta","model":"gpt-4o"})").second["error_code"] == "E-BUDGET-004");
+
+  // Reset: the config file's limits again; the kill switch off, and it stays off after a restart.
+  CHECK(f.send("DELETE", "/v1/tenants/acme/limit", "", true).second["limit_usd"] == "0.050000");
+  CHECK(f.send("DELETE", "/v1/platform/limit", "", true).second["limit_usd"] == "50.000000");
+  CHECK(f.send("DELETE", "/v1/tenants/acme/limit", "").first == 401);
+  CHECK(f.send("DELETE", "/v1/kill", "", true).first == 204);
+  f.agent->signal(SIGTERM);
+  REQUIRE(f.agent->wait() == 0);
+  f.agent = f.start();
+  f.client = f.waitForRegion(f.agent->pid());
+  f.port = f.httpPort();
+  CHECK(f.client->tenant("acme").limit == NanoUsd(50'000'000));
+  CHECK_FALSE(f.client->tenant("beta").limit.has_value());   // still the saved "unlimited"
+  CHECK(f.client->platform().limit == NanoUsd::fromWholeUsd(50));
+  CHECK_FALSE(f.client->killSwitch().active);
+}
+
+TEST_CASE("http: the ledger endpoint pages through durable entries, for the admin only") {
+  HttpFixture f("httpledger");
+  for (int i = 0; i < 5; ++i) {
+    const std::string body = R"({"project_id":")" + std::string(i % 2 == 0 ? "acme" : "beta") +
+                             R"(","model":"gpt-4o","provider":"openai","prompt_tokens":1000,"completion_tokens":0})";
+    REQUIRE(f.send("POST", "/v1/usage", body).first == 201);
+  }
+  REQUIRE(f.client->waitDurable(5, 10000));
+  CHECK(f.send("GET", "/v1/ledger", "").first == 401);
+  auto [s1, page1] = f.send("GET", "/v1/ledger?project_id=acme&limit=2", "", true);
+  CHECK(s1 == 200);
+  REQUIRE(page1["entries"].size() == 2);
+  CHECK(page1["entries"][0]["seq"] == 1);
+  CHECK(page1["entries"][1]["seq"] == 3);
+  CHECK(page1["entries"][0]["cost_usd"] == "0.005000");
+  CHECK(page1["entries"][0]["kind"] == "record");
+  CHECK(page1["entries"][0]["run_id"].is_null());
+  CHECK(page1["durable_seq"] == 5);
+  auto [s2, page2] = f.send("GET", "/v1/ledger?project_id=acme&since_seq=" + page1["next_since_seq"].dump(), "", true);
+  CHECK(s2 == 200);
+  REQUIRE(page2["entries"].size() == 1);
+  CHECK(page2["entries"][0]["seq"] == 5);
+  auto [s3, bad] = f.send("GET", "/v1/ledger?limit=-3", "", true);
+  CHECK(s3 == 400);
+  CHECK(bad["field"] == "limit");
+  CHECK(f.send("GET", "/v1/ledger?since_seq=abc", "", true).second["field"] == "since_seq");
+}
+
+// The value of one sample in Prometheus text ("name{labels} value"), or -1 if it is absent.
+double sampleValue(const std::string& text, const std::string& series) {
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind(series + " ", 0) == 0) return std::stod(line.substr(series.size() + 1));
+  }
+  return -1;
+}
+
+TEST_CASE("http: /metrics is Prometheus text, and its counters move with decisions") {
+  HttpFixture f("httpmetrics", "[budgets.tenants]\nacme = \"0.01\"\n");
+  auto scrape = [&] {
+    httplib::Client c = f.http();
+    auto r = c.Get("/metrics");
+    REQUIRE(r);
+    CHECK(r->status == 200);
+    CHECK(r->get_header_value("Content-Type").rfind("text/plain; version=0.0.4", 0) == 0);
+    return r->body;
+  };
+  const std::string before = scrape();
+  // Every line is a comment or "name{labels} value" with a number for value.
+  std::istringstream lines(before);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.empty() || line[0] == '#') continue;
+    CAPTURE(line);
+    const auto space = line.rfind(' ');
+    REQUIRE(space != std::string::npos);
+    CHECK(line.find_first_not_of("abcdefghijklmnopqrstuvwxyz_") > 0);
+    CHECK_NOTHROW((void)std::stod(line.substr(space + 1)));
+  }
+  CHECK(sampleValue(before, R"(tokenfuse_denials_total{error_code="E-BUDGET-002"})") == 0);
+  CHECK(sampleValue(before, "tokenfuse_kill_switch_active") == 0);
+
+  CHECK(f.send("POST", "/v1/check", R"({"project_id":"acme","model":"gpt-4o","estimated_prompt_tokens":100})").first == 200);
+  CHECK(f.send("POST", "/v1/check", R"({"project_id":"acme","model":"gpt-4o"})").first == 402);
+  CHECK(f.client->check("acme", "gpt-4o", 4000).code == Code::kTenantBudgetExhausted);   // the library counts too
+  Reservation r;
+  REQUIRE(f.client->reserve(Call{"acme", "gpt-4o", {}, {}, 100, 0, 0}, &r).allowed());
+  const std::string after = scrape();
+  CHECK(sampleValue(after, R"(tokenfuse_denials_total{error_code="E-BUDGET-002"})") == 2);
+  CHECK(sampleValue(after, R"(tokenfuse_http_decisions_total{endpoint="check",error_code="",result="allowed"})") == 1);
+  CHECK(sampleValue(after,
+                    R"(tokenfuse_http_decisions_total{endpoint="check",error_code="E-BUDGET-002",result="refused"})") == 1);
+  CHECK(sampleValue(after, "tokenfuse_reservations_live") == 1);
+  CHECK(sampleValue(after, "tokenfuse_platform_reserved_usd") == doctest::Approx(0.0005));
 }
 
 TEST_CASE("http: bad requests get 400 naming the field, and change nothing") {

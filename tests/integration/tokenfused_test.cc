@@ -172,3 +172,51 @@ TEST_CASE("cli: ledger list filters by tenant, run and time, exports CSV and JSO
   CHECK(f.cli({"ledger", "--data-dir", "/nonexistent", "list"}, &out) == 3);
   CHECK(out.find("/nonexistent/ledger.db") != std::string::npos);
 }
+
+TEST_CASE("cli: kill and limit change the agent through its admin API, with exit codes scripts can rely on") {
+  AgentFixture f("cliadmin", "[budgets.tenants]\nacme = \"0.05\"\n");
+  auto agent = f.start();
+  auto client = f.waitForRegion(agent->pid());
+  (void)f.httpPort();
+  const std::string data_dir = f.dir.path + "/state";
+  std::string out;
+  CHECK(f.cli({"kill", "on", "--reason", "runaway loop", "--data-dir", data_dir}, &out) == 0);
+  CHECK(out == "kill switch ON: runaway loop\n");
+  CHECK(client->killSwitch().active);
+  CHECK(f.cli({"check", "acme", "qwen3:8b"}, &out) == 1);
+  CHECK(f.cli({"kill", "show", "--json", "--data-dir", data_dir}, &out) == 0);
+  CHECK(nlohmann::json::parse(out)["reason"] == "runaway loop");
+  CHECK(f.cli({"kill", "off", "--data-dir", data_dir}, &out) == 0);
+  CHECK(out == "kill switch off\n");
+  CHECK_FALSE(client->killSwitch().active);
+
+  CHECK(f.cli({"limit", "set", "acme", "2.50", "--data-dir", data_dir}, &out) == 0);
+  CHECK(out.find("limit $2.500000") == 0);
+  CHECK(client->tenant("acme").limit == NanoUsd(2'500'000'000));
+  CHECK(f.cli({"limit", "set", "--platform", "100", "--data-dir", data_dir}, &out) == 0);
+  CHECK(client->platform().limit == NanoUsd::fromWholeUsd(100));
+  CHECK(f.cli({"limit", "set", "--run", "r1", "0.25", "--data-dir", data_dir, "--json"}, &out) == 0);
+  CHECK(nlohmann::json::parse(out)["limit_usd"] == "0.250000");
+  CHECK(f.cli({"limit", "clear", "acme", "--data-dir", data_dir}, &out) == 0);
+  CHECK(out.find("limit unlimited") == 0);
+  CHECK_FALSE(client->tenant("acme").limit.has_value());
+  CHECK(f.cli({"limit", "reset", "acme", "--data-dir", data_dir}, &out) == 0);
+  CHECK(client->tenant("acme").limit == NanoUsd(50'000'000));
+
+  // 2: bad usage, nothing sent.
+  CHECK(f.cli({"limit", "set", "acme", "1.2.3", "--data-dir", data_dir}, &out) == 2);
+  CHECK(out.find("'1.2.3' is not a USD amount") != std::string::npos);
+  CHECK(f.cli({"limit", "set", "--platform", "acme", "5", "--data-dir", data_dir}, &out) == 2);
+  CHECK(f.cli({"kill", "on", "--data-dir", data_dir}, &out) == 2);   // --reason is required
+  // 4: the agent refused (wrong token).
+  const std::string wrong = f.dir.path + "/wrong.token";
+  std::ofstream(wrong) << "0123456789abcdef0123456789abcdef\n";
+  CHECK(f.cli({"kill", "on", "--reason", "x", "--data-dir", data_dir, "--token-file", wrong}, &out) == 4);
+  CHECK(out.find("the agent refused: Authorization must be") != std::string::npos);
+  CHECK_FALSE(client->killSwitch().active);
+  // 3: no agent to talk to.
+  CHECK(f.cli({"kill", "on", "--reason", "x", "--data-dir", data_dir, "--url", "http://127.0.0.1:1"}, &out) == 3);
+  CHECK(out.find("cannot reach the agent at http://127.0.0.1:1") != std::string::npos);
+  CHECK(f.cli({"kill", "on", "--reason", "x", "--data-dir", f.dir.path + "/nowhere"}, &out) == 3);
+  CHECK(out.find("cannot read the admin token from") != std::string::npos);
+}

@@ -1,0 +1,151 @@
+#include "metrics.h"
+
+#include "admin.h"
+#include "layout.h"
+
+#include <prometheus/collectable.h>
+#include <prometheus/metric_family.h>
+#include <prometheus/text_serializer.h>
+
+namespace tokenfuse {
+
+namespace {
+
+using prometheus::ClientMetric;
+using prometheus::MetricFamily;
+using prometheus::MetricType;
+
+constexpr const char* kEndpointNames[] = {"check", "reserve", "commit", "charge", "release", "usage"};
+
+double usd(std::int64_t nano) { return static_cast<double>(nano) / 1e9; }
+
+MetricFamily family(std::string name, std::string help, MetricType type) {
+  return MetricFamily{std::move(name), std::move(help), type, {}};
+}
+
+void sample(MetricFamily& f, double value, std::vector<ClientMetric::Label> labels = {}) {
+  ClientMetric m;
+  m.label = std::move(labels);
+  if (f.type == MetricType::Counter) {
+    m.counter.value = value;
+  } else {
+    m.gauge.value = value;
+  }
+  f.metric.push_back(std::move(m));
+}
+
+// Reads the region at scrape time: nothing on the hot path feeds it but the counters the engine
+// keeps anyway.
+class RegionCollector final : public prometheus::Collectable {
+ public:
+  explicit RegionCollector(RegionAdmin& admin) : admin_(admin) {}
+
+  std::vector<MetricFamily> Collect() const override {
+    const shm::Header& h = admin_.header();
+    const shm::Stats& st = h.stats;
+    constexpr auto r = std::memory_order_relaxed;
+    std::vector<MetricFamily> out;
+
+    auto& denied = out.emplace_back(family("tokenfuse_denials_total",
+                                           "Calls refused by a budget layer or the kill switch, in every process "
+                                           "using this host's region, since the region was created",
+                                           MetricType::Counter));
+    for (int i = 0; i < 4; ++i) {
+      sample(denied, static_cast<double>(st.denied[i].load(r)), {{"error_code", errorCode(static_cast<Code>(i + 1))}});
+    }
+
+    const BudgetView p = admin_.engine().platform();
+    sample(out.emplace_back(family("tokenfuse_platform_spent_usd", "Committed spending of this budget day, USD",
+                                   MetricType::Gauge)),
+           usd(p.committed.count()));
+    sample(out.emplace_back(family("tokenfuse_platform_reserved_usd", "Held by live reservations, USD",
+                                   MetricType::Gauge)),
+           usd(p.held.count()));
+    auto& limit = out.emplace_back(
+        family("tokenfuse_platform_limit_usd", "The platform's daily limit, USD; absent when unlimited", MetricType::Gauge));
+    if (p.limit) sample(limit, usd(p.limit->count()));
+    sample(out.emplace_back(family("tokenfuse_platform_calls", "Calls booked this budget day (from the ledger)",
+                                   MetricType::Gauge)),
+           static_cast<double>(p.calls));
+
+    sample(out.emplace_back(family("tokenfuse_reservations_live", "Reservations holding budget now", MetricType::Gauge)),
+           static_cast<double>(admin_.engine().liveReservations()));
+    auto& reaped = out.emplace_back(
+        family("tokenfuse_reservations_reaped_total", "Holds the agent returned, by reason", MetricType::Counter));
+    sample(reaped, static_cast<double>(st.reaped_dead_owner.load(r)), {{"reason", "dead_owner"}});
+    sample(reaped, static_cast<double>(st.reaped_expired.load(r)), {{"reason", "expired"}});
+
+    const std::uint64_t tail = h.ledger_tail.load(r), head = h.ledger_head.load(r);
+    sample(out.emplace_back(family("tokenfuse_ledger_lag_entries",
+                                   "Ledger entries handed out but not yet durable in SQLite", MetricType::Gauge)),
+           static_cast<double>(tail > head ? tail - head : 0));
+    sample(out.emplace_back(family("tokenfuse_ledger_durable_seq", "Every ledger entry up to this one is on disk",
+                                   MetricType::Gauge)),
+           static_cast<double>(head));
+    sample(out.emplace_back(family("tokenfuse_ledger_capacity_entries", "Slots in the ledger ring", MetricType::Gauge)),
+           static_cast<double>(h.ledger_capacity));
+    sample(out.emplace_back(family("tokenfuse_ledger_full_total",
+                                   "Commits and records refused because the ledger ring was full (back-pressure)",
+                                   MetricType::Counter)),
+           static_cast<double>(st.ledger_full.load(r)));
+    sample(out.emplace_back(family("tokenfuse_ledger_abandoned_total",
+                                   "Ledger ring slots skipped because their writer died", MetricType::Counter)),
+           static_cast<double>(st.ledger_abandoned.load(r)));
+
+    sample(out.emplace_back(family("tokenfuse_kill_switch_active", "1 while the emergency kill switch is on",
+                                   MetricType::Gauge)),
+           admin_.engine().killed() ? 1 : 0);
+    sample(out.emplace_back(family("tokenfuse_budget_day", "The budget day, in days since 1970-01-01 (agent's zone)",
+                                   MetricType::Gauge)),
+           static_cast<double>(h.day.load(r)));
+    return out;
+  }
+
+ private:
+  RegionAdmin& admin_;
+};
+
+}  // namespace
+
+Metrics::Metrics(RegionAdmin& admin)
+    : registry_(std::make_shared<prometheus::Registry>()),
+      region_(std::make_shared<RegionCollector>(admin)),
+      decisions_family_(prometheus::BuildCounter()
+                            .Name("tokenfuse_http_decisions_total")
+                            .Help("Decisions made through the HTTP API, by endpoint, result and error code")
+                            .Register(*registry_)) {}
+
+Metrics::~Metrics() = default;
+
+std::size_t Metrics::codeIndex(Code code) noexcept {
+  const auto v = static_cast<std::int32_t>(code);
+  return v <= 4 ? static_cast<std::size_t>(v) : static_cast<std::size_t>(v - 100 + 5);
+}
+
+void Metrics::decision(Endpoint endpoint, Code code) noexcept {
+  const std::size_t c = codeIndex(code);
+  if (c >= kCodes) return;
+  const auto e = static_cast<std::size_t>(endpoint);
+  std::atomic<prometheus::Counter*>& slot = decisions_[e][c];
+  prometheus::Counter* counter = slot.load(std::memory_order_acquire);
+  if (counter == nullptr) {
+    // Family::Add is thread-safe and returns the same counter for the same labels.
+    try {
+      counter = &decisions_family_.Add({{"endpoint", kEndpointNames[e]},
+                                        {"result", code == Code::kOk ? "allowed" : "refused"},
+                                        {"error_code", code == Code::kOk ? "" : errorCode(code)}});
+    } catch (const std::exception&) {
+      return;   // out of memory: a metric is not worth failing a request for
+    }
+    slot.store(counter, std::memory_order_release);
+  }
+  counter->Increment();
+}
+
+std::string Metrics::scrape() const {
+  std::vector<MetricFamily> families = registry_->Collect();
+  for (MetricFamily& f : region_->Collect()) families.push_back(std::move(f));
+  return prometheus::TextSerializer().Serialize(families);
+}
+
+}  // namespace tokenfuse

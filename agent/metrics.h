@@ -1,0 +1,50 @@
+// The agent's Prometheus metrics (GET /metrics), built with prometheus-cpp.
+//
+// Two sources: the region, read at scrape time (refusals by error code from every process,
+// spending, live reservations, ledger lag and back-pressure, the reaper), and the HTTP API's
+// own decision counters. Allowed checks made through the library are not counted anywhere: a
+// check stays a few loads (docs/performance.md); allowed calls show up as ledger entries.
+//
+// Thread-safety: every member may be called from any thread.
+#pragma once
+
+#include <tokenfuse/tokenfuse.hpp>
+
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/registry.h>
+
+#include <array>
+#include <atomic>
+#include <memory>
+#include <string>
+
+namespace tokenfuse {
+
+class RegionAdmin;
+
+class Metrics {
+ public:
+  enum class Endpoint { kCheck, kReserve, kCommit, kCharge, kRelease, kUsage, kCount };
+
+  explicit Metrics(RegionAdmin& admin);
+  ~Metrics();
+
+  // Counts one decision made over HTTP.
+  void decision(Endpoint endpoint, Code code) noexcept;
+  // The Prometheus text exposition format.
+  std::string scrape() const;
+
+ private:
+  static constexpr std::size_t kCodes = 12;   // kOk, E-BUDGET-001..004, the seven others
+  static std::size_t codeIndex(Code code) noexcept;
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::shared_ptr<prometheus::Collectable> region_;
+  prometheus::Family<prometheus::Counter>& decisions_family_;
+  // Created on first use, so that only codes that occurred are exported.
+  std::array<std::array<std::atomic<prometheus::Counter*>, kCodes>, static_cast<std::size_t>(Endpoint::kCount)>
+      decisions_{};
+};
+
+}  // namespace tokenfuse
