@@ -2,6 +2,8 @@
 #include <tokenfuse/tokenfuse.h>
 #include <tokenfuse/tokenfuse.hpp>
 
+#include "pricing.h"
+
 #include <algorithm>
 #include <cstring>
 #include <new>
@@ -130,6 +132,17 @@ int tf_wait_durable(const tf_client* c, uint64_t ledger_seq, int64_t timeout_ms)
 int tf_price(const tf_client* c, const char* model, int64_t* prompt, int64_t* completion) {
   if (c == nullptr || model == nullptr || *model == '\0' || prompt == nullptr || completion == nullptr) return -1;
   const tokenfuse::Price p = c->client->price(model);
+  *prompt = p.prompt_nano_per_mtok;
+  *completion = p.completion_nano_per_mtok;
+  return 0;
+}
+
+int tf_reference_price(const char* model, int64_t* prompt, int64_t* completion) {
+  if (model == nullptr || prompt == nullptr || completion == nullptr) return -1;
+  tokenfuse::Price p = tokenfuse::kReferenceFallbackPrice;
+  for (const auto& [name, price] : tokenfuse::referencePrices()) {
+    if (name == model) p = price;
+  }
   *prompt = p.prompt_nano_per_mtok;
   *completion = p.completion_nano_per_mtok;
   return 0;

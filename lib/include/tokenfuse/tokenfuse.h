@@ -111,6 +111,11 @@ TOKENFUSE_EXPORT int tf_wait_durable(const tf_client* client, uint64_t ledger_se
 TOKENFUSE_EXPORT int tf_price(const tf_client* client, const char* model, int64_t* prompt_nano_per_mtok,
                               int64_t* completion_nano_per_mtok);
 
+/* The reference service's price for `model` (its table, else its fallback), without a region:
+ * what the agent loads unless its config says otherwise. Returns 0, or -1 for a bad argument. */
+TOKENFUSE_EXPORT int tf_reference_price(const char* model, int64_t* prompt_nano_per_mtok,
+                                        int64_t* completion_nano_per_mtok);
+
 /* Views: return 0, or -1 on a bad argument. */
 TOKENFUSE_EXPORT int tf_tenant_usage(const tf_client* client, const char* project_id, tf_budget_view* out);
 TOKENFUSE_EXPORT int tf_run_usage(const tf_client* client, const char* run_id, tf_budget_view* out);

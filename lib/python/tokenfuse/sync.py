@@ -1,0 +1,360 @@
+"""The reference module's API in synchronous form, over the agent's shared-memory region.
+
+Same names, signatures and behaviour as awooop_token_budget (see the package docstring); every
+decision is a call into libtokenfuse, nanoseconds and no system call. Configuration, from the
+environment or configure():
+
+  TOKENFUSE_SHM               the region tokenfused was started with (default "tokenfuse")
+  TOKENFUSE_FAIL_OPEN         "1" (default, as the reference): while no agent runs on this host,
+                              calls are allowed and a warning is logged once; "0": raise
+                              TokenfuseUnavailableError instead
+  TOKENFUSE_URL               the agent's HTTP API, for the kill-switch admin functions
+  TOKENFUSE_DATA_DIR          the agent's data dir (its http.port and admin.token files)
+  TOKENFUSE_ADMIN_TOKEN_FILE  the admin token (default <data dir>/admin.token)
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from decimal import ROUND_HALF_EVEN, Decimal
+
+from . import _native as n
+from ._native import logger
+
+BUDGET_ALERT_THRESHOLDS = {
+    "warn": Decimal("0.80"),
+    "critical": Decimal("0.95"),
+    "hard_kill": Decimal("1.00"),
+}
+
+
+class BudgetExhaustedError(Exception):
+    """The call was refused: a budget is spent (E-BUDGET-001..003) or the kill switch is on (-004)."""
+
+    def __init__(self, error_code: str, message: str) -> None:
+        self.error_code = error_code
+        super().__init__(f"[{error_code}] {message}")
+
+
+class TokenfuseError(RuntimeError):
+    """The agent could not take the call for a reason other than a budget (see error_code)."""
+
+    def __init__(self, error_code: str, message: str) -> None:
+        self.error_code = error_code
+        super().__init__(f"[{error_code}] {message}")
+
+
+class TokenfuseUnavailableError(TokenfuseError):
+    """No agent region on this host, and TOKENFUSE_FAIL_OPEN=0."""
+
+
+_settings = {
+    "shm_name": os.environ.get("TOKENFUSE_SHM", "tokenfuse"),
+    "fail_open": os.environ.get("TOKENFUSE_FAIL_OPEN", "1") != "0",
+}
+_client = n.Client(_settings["shm_name"])
+
+
+def configure(*, shm_name: str | None = None, fail_open: bool | None = None) -> None:
+    """Points the module at another region, or changes the fail-open policy."""
+    global _client
+    if fail_open is not None:
+        _settings["fail_open"] = fail_open
+    if shm_name is not None and shm_name != _client.shm_name:
+        _client.close()
+        _client = n.Client(shm_name)
+
+
+def _handle():
+    h = _client.handle()
+    if h is None and not _settings["fail_open"]:
+        raise TokenfuseUnavailableError("E-TOKENFUSE-UNAVAILABLE", getattr(_client, "error", "no region"))
+    return h
+
+
+def _raise_for(d: n.Decision, project_id: str | None) -> None:
+    if d.code == n.OK:
+        return
+    message = n.describe(d, project_id)
+    if d.code in n.BUDGET_CODES:
+        raise BudgetExhaustedError(n.error_code(d.code), message)
+    if d.code == n.INVALID_ARGUMENT:
+        raise ValueError(f"[{n.error_code(d.code)}] {message}")
+    raise TokenfuseError(n.error_code(d.code), message)
+
+
+def _check_tokens(**counts: int) -> None:
+    for name, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, not {value!r}")
+
+
+# --- Prices --------------------------------------------------------------------------------------
+
+def estimate_cost(prompt_tokens: int, completion_tokens: int, model: str) -> Decimal:
+    """The call's cost in USD at the agent's prices (the reference's table unless configured),
+    rounded to six places as the reference rounds it."""
+    _check_tokens(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    p, c = ctypes.c_int64(), ctypes.c_int64()
+    h = _client.handle()
+    rc = n.lib.tf_price(h, model.encode(), p, c) if h is not None else n.lib.tf_reference_price(model.encode(), p, c)
+    if rc != 0:
+        raise ValueError(f"model must be a non-empty name of at most 128 bytes, not {model!r}")
+    nano_times_mtok = prompt_tokens * p.value + completion_tokens * c.value   # nano-USD x 1e6
+    return (Decimal(nano_times_mtok) / Decimal(10**15)).quantize(Decimal("0.000001"), rounding=ROUND_HALF_EVEN)
+
+
+# --- Before the call -------------------------------------------------------------------------------
+
+def check_emergency_kill() -> None:
+    """Raises BudgetExhaustedError("E-BUDGET-004", ...) while the kill switch is on."""
+    if is_emergency_kill_active():
+        raise BudgetExhaustedError("E-BUDGET-004", "Emergency kill switch activated — contact platform admin")
+
+
+def check_budget_before_llm_call(
+    project_id: str,
+    model: str,
+    estimated_prompt_tokens: int = 4000,
+    *,
+    agent_id: str | None = None,
+    run_id: str | None = None,
+) -> None:
+    """Raises BudgetExhaustedError if the call may not be made: the kill switch first, then (for
+    paid models) the run, tenant and platform budgets. A check holds nothing: use reserve() to
+    make the limit exact under concurrency."""
+    _check_tokens(estimated_prompt_tokens=estimated_prompt_tokens)
+    h = _handle()
+    if h is None:
+        return   # fail open: logged once by the client
+    d = n.lib.tf_check(h, project_id.encode(), model.encode(), estimated_prompt_tokens, n.encode(run_id))
+    _raise_for(d, project_id)
+
+
+# --- After the call ----------------------------------------------------------------------------
+
+def record_token_usage(
+    *,
+    project_id: str,
+    model: str,
+    provider: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    agent_id: str | None = None,
+    run_id: str | None = None,
+) -> Decimal:
+    """Books a finished call and returns its cost in USD. The entry is in the host's ledger when
+    this returns (in the region, which outlives this process; on disk within milliseconds)."""
+    _check_tokens(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    h = _handle()
+    if h is None:
+        logger.error("token_usage_not_recorded: no tokenfuse agent on this host (project_id=%s model=%s)",
+                     project_id, model)
+        return estimate_cost(prompt_tokens, completion_tokens, model)
+    usage = n.Usage(project_id.encode(), model.encode(), provider.encode(), n.encode(run_id), n.encode(agent_id),
+                    prompt_tokens, completion_tokens)
+    d = _book(lambda: n.lib.tf_record(h, ctypes.byref(usage)))
+    if d.code == n.LEDGER_LOST:
+        logger.error("token_usage_ledger_lost: booked but not in the ledger (project_id=%s)", project_id)
+        return n.usd(d.cost_nano_usd)
+    _raise_for(d, project_id)
+    return n.usd(d.cost_nano_usd)
+
+
+def _book(call) -> n.Decision:
+    """Runs a commit or record, waiting out a full ledger ring (the agent is behind) for up to 5 s:
+    nothing is booked while the ring is full, so retrying is safe."""
+    deadline = time.monotonic() + 5.0
+    pause = 0.0005
+    while True:
+        d = call()
+        if d.code != n.LEDGER_FULL or time.monotonic() >= deadline:
+            return d
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+def wait_durable(ledger_seq: int, timeout_s: float = 5.0) -> bool:
+    """Waits until the ledger entry is on disk. Not needed for correctness; for tests and audits."""
+    h = _handle()
+    return h is not None and n.lib.tf_wait_durable(h, ledger_seq, int(timeout_s * 1000)) == 1
+
+
+# --- Reservations: the exact limit, and streaming --------------------------------------------------
+
+class Reservation:
+    """A hold on the estimated cost, ended by commit() or release(). As a context manager (with or
+    async with) it is released on exit unless committed, so an exception never leaks a hold."""
+
+    def __init__(self, project_id: str, model: str, estimated_prompt_tokens: int, estimated_completion_tokens: int,
+                 run_id: str | None, agent_id: str | None, ttl_s: float | None) -> None:
+        _check_tokens(estimated_prompt_tokens=estimated_prompt_tokens,
+                      estimated_completion_tokens=estimated_completion_tokens)
+        self.project_id, self.model = project_id, model
+        self.id = 0
+        self.reserved_usd = Decimal(0)
+        self.cost_usd: Decimal | None = None
+        self.ledger_seq = 0
+        self._h = _handle()
+        if self._h is None:   # fail open
+            self.reserved_usd = estimate_cost(estimated_prompt_tokens, estimated_completion_tokens, model)
+            return
+        call = n.Call(project_id.encode(), model.encode(), n.encode(run_id), n.encode(agent_id),
+                      estimated_prompt_tokens, estimated_completion_tokens, int((ttl_s or 0) * 1000))
+        rid = ctypes.c_uint64()
+        d = n.lib.tf_reserve(self._h, ctypes.byref(call), ctypes.byref(rid))
+        _raise_for(d, project_id)
+        self.id = rid.value
+        self.reserved_usd = n.usd(d.cost_nano_usd)
+
+    @property
+    def open(self) -> bool:
+        return self.id != 0
+
+    def charge(self, completion_tokens: int, prompt_tokens: int = 0) -> Decimal:
+        """Streaming: books more tokens against the hold as they arrive, growing it if needed.
+        Charge the prompt tokens with the first chunk. Raises BudgetExhaustedError when a budget
+        cannot cover them: stop the stream, then commit what was received. Returns the cost of
+        everything charged so far."""
+        _check_tokens(completion_tokens=completion_tokens, prompt_tokens=prompt_tokens)
+        if not self.open:
+            return Decimal(0)
+        d = n.lib.tf_charge(self._h, self.id, prompt_tokens, completion_tokens)
+        _raise_for(d, self.project_id)
+        return n.usd(d.cost_nano_usd)
+
+    def commit(self, provider: str, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        """Books the call's actual cost, returns the rest of the hold, and ends the reservation."""
+        _check_tokens(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        if self._h is None:
+            logger.error("token_usage_not_recorded: no tokenfuse agent on this host (project_id=%s)", self.project_id)
+            self.cost_usd = estimate_cost(prompt_tokens, completion_tokens, self.model)
+            return self.cost_usd
+        if not self.open:
+            raise TokenfuseError("E-TOKENFUSE-UNKNOWN-RESERVATION", "the reservation has already ended")
+        d = _book(lambda: n.lib.tf_commit(self._h, self.id, provider.encode(), prompt_tokens, completion_tokens))
+        if d.code not in (n.OK, n.LEDGER_LOST):
+            _raise_for(d, self.project_id)
+        if d.code == n.LEDGER_LOST:
+            logger.error("token_usage_ledger_lost: booked but not in the ledger (project_id=%s)", self.project_id)
+        self.id = 0
+        self.cost_usd = n.usd(d.cost_nano_usd)
+        self.ledger_seq = d.ledger_seq
+        return self.cost_usd
+
+    def release(self) -> None:
+        """Returns the hold without booking anything (the call was not made)."""
+        if self.open:
+            n.lib.tf_release(self._h, self.id)
+            self.id = 0
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    async def __aenter__(self) -> "Reservation":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.release()
+
+
+def reserve(
+    project_id: str,
+    model: str,
+    estimated_prompt_tokens: int = 4000,
+    estimated_completion_tokens: int = 0,
+    *,
+    run_id: str | None = None,
+    agent_id: str | None = None,
+    ttl_s: float | None = None,
+) -> Reservation:
+    """Holds the estimated cost against the run, tenant and platform budgets, all or nothing, or
+    raises BudgetExhaustedError. Concurrent reservations can never together pass a limit. Set
+    estimated_completion_tokens to the request's max_tokens to make the limit exact."""
+    return Reservation(project_id, model, estimated_prompt_tokens, estimated_completion_tokens, run_id, agent_id, ttl_s)
+
+
+# --- Views ---------------------------------------------------------------------------------------
+
+def tenant_usage(project_id: str) -> dict:
+    """Today's spending of a tenant: used_usd, reserved_usd, limit_usd (None = unlimited), calls."""
+    return _view(lambda h, v: n.lib.tf_tenant_usage(h, project_id.encode(), v))
+
+
+def platform_usage() -> dict:
+    return _view(lambda h, v: n.lib.tf_platform_usage(h, v))
+
+
+def _view(fill) -> dict:
+    h = _handle()
+    v = n.BudgetView()
+    if h is None or fill(h, ctypes.byref(v)) != 0:
+        raise TokenfuseUnavailableError("E-TOKENFUSE-UNAVAILABLE", getattr(_client, "error", "bad argument"))
+    return {
+        "used_usd": n.usd(v.committed_nano_usd),
+        "reserved_usd": n.usd(v.held_nano_usd),
+        "limit_usd": n.usd(v.limit_nano_usd) if v.has_limit else None,
+        "calls": v.calls,
+    }
+
+
+# --- The emergency kill switch -----------------------------------------------------------------------
+
+def is_emergency_kill_active() -> bool:
+    """Read from the region: no network. False while no agent runs (as the reference on a Redis error)."""
+    h = _client.handle()
+    if h is None:
+        return False
+    k = n.KillState()
+    return n.lib.tf_kill_switch(h, ctypes.byref(k)) == 0 and bool(k.active)
+
+
+def activate_emergency_kill(reason: str = "") -> None:
+    """Every call on this host is refused with E-BUDGET-004 for 7 days, or until deactivated.
+    A change: it goes through the agent's admin API and needs its token."""
+    _admin("PUT", "/v1/kill", {"reason": reason or "activated", "ttl_s": 7 * 86400})
+    logger.warning("budget_emergency_kill_activated: %s", reason)
+
+
+def deactivate_emergency_kill() -> None:
+    _admin("DELETE", "/v1/kill", None)
+    logger.info("budget_emergency_kill_deactivated")
+
+
+def _first_line(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().strip()
+    except OSError:
+        return ""
+
+
+def _admin(method: str, path: str, body: dict | None) -> None:
+    data_dir = os.environ.get("TOKENFUSE_DATA_DIR", "/var/lib/tokenfuse")
+    url = os.environ.get("TOKENFUSE_URL") or "http://127.0.0.1:" + (_first_line(data_dir + "/http.port") or "8787")
+    token_file = os.environ.get("TOKENFUSE_ADMIN_TOKEN_FILE") or data_dir + "/admin.token"
+    token = _first_line(token_file)
+    if not token:
+        raise TokenfuseError("E-TOKENFUSE-UNAUTHORIZED",
+                             f"cannot read the admin token from {token_file} (set TOKENFUSE_ADMIN_TOKEN_FILE)")
+    req = urllib.request.Request(url.rstrip("/") + path, method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10):
+            pass
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("message", str(exc))
+        except ValueError:
+            message = str(exc)
+        raise TokenfuseError("E-TOKENFUSE-ADMIN", f"the agent refused: {message} (HTTP {exc.code})") from None
+    except OSError as exc:
+        raise TokenfuseError("E-TOKENFUSE-UNAVAILABLE", f"cannot reach the agent at {url}: {exc}") from None
