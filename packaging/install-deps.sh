@@ -19,7 +19,7 @@ packages=(
   libhiredis-dev libpqxx-dev   # central link
   prometheus-cpp-dev           # metrics
   # tests and benchmarks
-  doctest-dev libbenchmark-dev python3
+  doctest-dev libbenchmark-dev python3 wrk
 )
 
 missing=()
