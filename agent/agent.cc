@@ -229,23 +229,31 @@ void Agent::applyConfig() {
   // Limits: the config file's, then the admin API's saved changes over them. An entry whose
   // explicit limit is no longer set either way goes back to the default. (The new limits are set
   // first, so no entry is ever briefly unlimited.)
-  std::optional<NanoUsd> platform = config_.platform_daily_limit;
-  auto tenant_limits = config_.tenant_limits;
-  auto run_limits = config_.run_limits;
-  const std::vector<LimitOverride> overrides = settings_->limitOverrides();
-  for (const LimitOverride& o : overrides) {
-    if (o.scope == "platform") platform = limitOf(o);
-    if (o.scope == "tenant") tenant_limits[o.id] = limitOf(o);
-    if (o.scope == "run") run_limits[o.id] = limitOf(o);
-  }
-  a.setPlatformLimit(platform);
-  for (auto [table, limits] : {std::pair{LimitTable::kTenant, &tenant_limits}, std::pair{LimitTable::kRun, &run_limits}}) {
+  a.setPlatformLimit(config_.platform_daily_limit);
+  std::set<std::pair<LimitTable, std::string>> explicit_ids;
+  for (auto [table, limits] : {std::pair{LimitTable::kTenant, &config_.tenant_limits},
+                               std::pair{LimitTable::kRun, &config_.run_limits}}) {
     for (const auto& [id, limit] : *limits) {
       if (Status s = a.setLimit(table, id, limit); !s.ok()) throw AgentError("budgets: " + id + ": " + s.message());
+      explicit_ids.emplace(table, id);
     }
+  }
+  const std::vector<LimitOverride> overrides = settings_->limitOverrides();
+  for (const LimitOverride& o : overrides) {
+    const Scope scope = o.scope == "platform" ? Scope::kPlatform : o.scope == "run" ? Scope::kRun : Scope::kTenant;
+    if (Status s = applyLimit(scope, o.id, limitOf(o)); !s.ok()) {
+      // A saved change must not stop the agent: the config's limit stays in force for it.
+      log::error("limit_override_skipped", {{"scope", o.scope}, {"id", o.id}, {"error", s.message()},
+                                            {"fix", "tokenfuse limit reset, or delete it from limit_override in " +
+                                                        ledgerPath()}});
+      continue;
+    }
+    if (scope != Scope::kPlatform) explicit_ids.emplace(tableOf(scope), o.id);
+  }
+  for (const LimitTable table : {LimitTable::kTenant, LimitTable::kRun}) {
     std::vector<std::string> stale;
     a.forEachExplicit(table, [&](std::string_view id, std::optional<NanoUsd>) {
-      if (!limits->contains(id)) stale.emplace_back(id);
+      if (!explicit_ids.contains({table, std::string(id)})) stale.emplace_back(id);
     });
     for (const std::string& id : stale) (void)a.clearLimit(table, id);
   }
@@ -263,7 +271,7 @@ void Agent::applyConfig() {
     a.clearKill();
   }
   log::info("config_applied",
-            {{"platform_daily_limit_usd", usdOrUnlimited(config_.platform_daily_limit)},
+            {{"platform_daily_limit_usd", usdOrUnlimited(a.engine().platform().limit)},
              {"tenant_default_daily_limit_usd", usdOrUnlimited(config_.tenant_default_daily_limit)},
              {"run_default_limit_usd", usdOrUnlimited(config_.run_default_limit)},
              {"tenant_limits", config_.tenant_limits.size()},
@@ -314,82 +322,72 @@ void Agent::run(std::stop_token stop) {
   }
 }
 
+LimitTable Agent::tableOf(Scope scope) { return scope == Scope::kRun ? LimitTable::kRun : LimitTable::kTenant; }
+
+std::optional<std::optional<NanoUsd>> Agent::configuredLimit(Scope scope, const std::string& id) const {
+  if (scope == Scope::kPlatform) return config_.platform_daily_limit;
+  const auto& limits = scope == Scope::kTenant ? config_.tenant_limits : config_.run_limits;
+  const auto it = limits.find(id);
+  if (it == limits.end()) return std::nullopt;
+  return it->second;
+}
+
+Status Agent::applyLimit(Scope scope, const std::string& id, std::optional<std::optional<NanoUsd>> limit) {
+  RegionAdmin& a = *admin_;
+  if (scope == Scope::kPlatform) {
+    a.setPlatformLimit(limit.value_or(config_.platform_daily_limit));
+    return {};
+  }
+  return limit ? a.setLimit(tableOf(scope), id, *limit) : a.clearLimit(tableOf(scope), id);
+}
+
 Status Agent::setLimit(Scope scope, const std::string& id, std::optional<NanoUsd> limit) {
   std::lock_guard lock(settings_mu_);
-  const std::int64_t now = toUnixNs(clock_());
-  RegionAdmin& a = *admin_;
   // Into the region first: it checks the id and has room, or nothing is saved.
-  if (scope == Scope::kPlatform) {
-    a.setPlatformLimit(limit);
-  } else if (Status s = a.setLimit(scope == Scope::kTenant ? LimitTable::kTenant : LimitTable::kRun, id, limit); !s.ok()) {
-    return s;
-  }
+  if (Status s = applyLimit(scope, id, limit); !s.ok()) return s;
   try {
-    settings_->saveLimit({scopeName(scope), id, limit ? std::optional(limit->count()) : std::nullopt, now});
+    settings_->saveLimit({scopeName(scope), id, limit ? std::optional(limit->count()) : std::nullopt,
+                          toUnixNs(clock_())});
   } catch (const LedgerError& e) {
     // Applied but not saved: say so, rather than let a restart undo it silently.
     log::error("limit_not_saved", {{"scope", scopeName(scope)}, {"id", id}, {"error", e.what()}});
-    return Status::error(std::string("the limit is in force but could not be saved, so a restart would undo it: ") +
-                         e.what());
+    throw NotSavedError(std::string("the limit is in force but could not be saved, so a restart would undo it: ") +
+                        e.what());
   }
   log::info("budget_limit_set", {{"scope", scopeName(scope)}, {"id", id}, {"limit_usd", usdOrUnlimited(limit)}});
   return {};
 }
 
-std::optional<NanoUsd> Agent::configuredLimit(Scope scope, const std::string& id) const {
-  if (scope == Scope::kPlatform) return config_.platform_daily_limit;
-  const auto& limits = scope == Scope::kTenant ? config_.tenant_limits : config_.run_limits;
-  const auto it = limits.find(id);
-  return it != limits.end() ? it->second
-                            : (scope == Scope::kTenant ? config_.tenant_default_daily_limit : config_.run_default_limit);
-}
-
 Status Agent::resetLimit(Scope scope, const std::string& id) {
   std::lock_guard lock(settings_mu_);
-  try {
-    settings_->eraseLimit(scopeName(scope), id);
-  } catch (const LedgerError& e) {
-    return Status::error(e.what());
-  }
-  RegionAdmin& a = *admin_;
-  const std::optional<NanoUsd> limit = configuredLimit(scope, id);
-  if (scope == Scope::kPlatform) {
-    a.setPlatformLimit(limit);
-  } else {
-    const LimitTable table = scope == Scope::kTenant ? LimitTable::kTenant : LimitTable::kRun;
-    const auto& limits = scope == Scope::kTenant ? config_.tenant_limits : config_.run_limits;
-    if (Status s = limits.contains(id) ? a.setLimit(table, id, limit) : a.clearLimit(table, id); !s.ok()) return s;
-  }
-  log::info("budget_limit_reset", {{"scope", scopeName(scope)}, {"id", id}, {"limit_usd", usdOrUnlimited(limit)}});
+  settings_->eraseLimit(scopeName(scope), id);   // throws LedgerError: nothing changed
+  const auto limit = configuredLimit(scope, id);
+  if (Status s = applyLimit(scope, id, limit); !s.ok()) return s;
+  log::info("budget_limit_reset", {{"scope", scopeName(scope)}, {"id", id},
+                                   {"limit_usd", limit ? usdOrUnlimited(*limit) : "the default"}});
   return {};
 }
 
-Status Agent::setKill(const std::string& reason, std::int64_t ttl_s) {
+void Agent::setKill(const std::string& reason, std::int64_t ttl_s) {
   std::lock_guard lock(settings_mu_);
   const std::int64_t now = toUnixNs(clock_());
   const StoredKill k{true, reason, now, ttl_s == 0 ? 0 : now + ttl_s * 1'000'000'000};
   admin_->setKill(k.reason, k.since_unix_ns, k.expires_unix_ns);   // first: it must not wait for a disk
+  log::warn("budget_emergency_kill_activated", {{"reason", reason}, {"source", "admin_api"}, {"ttl_s", ttl_s}});
   try {
     settings_->saveKill(k);
   } catch (const LedgerError& e) {
     log::error("kill_switch_not_saved", {{"error", e.what()}});
-    return Status::error(std::string("the kill switch is on but could not be saved, so a restart would undo it: ") +
-                         e.what());
+    throw NotSavedError(std::string("the kill switch is on but could not be saved, so a restart would undo it: ") +
+                        e.what());
   }
-  log::warn("budget_emergency_kill_activated", {{"reason", reason}, {"source", "admin_api"}, {"ttl_s", ttl_s}});
-  return {};
 }
 
-Status Agent::clearKill() {
+void Agent::clearKill() {
   std::lock_guard lock(settings_mu_);
-  try {
-    settings_->saveKill({false, {}, toUnixNs(clock_()), 0});
-  } catch (const LedgerError& e) {
-    return Status::error(e.what());
-  }
+  settings_->saveKill({false, {}, toUnixNs(clock_()), 0});   // throws LedgerError: nothing changed
   admin_->clearKill();
   log::info("budget_emergency_kill_deactivated", {{"source", "admin_api"}});
-  return {};
 }
 
 }  // namespace tokenfuse

@@ -29,6 +29,12 @@ class AgentError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// An admin change is in force, but saving it failed, so a restart would undo it.
+class NotSavedError : public AgentError {
+ public:
+  using AgentError::AgentError;
+};
+
 class Agent {
  public:
   using Clock = std::function<std::chrono::system_clock::time_point()>;
@@ -55,20 +61,25 @@ class Agent {
 
   // Changes made through the admin API. Each is applied to the region and saved in the data
   // dir, so that it outlives a restart of the agent and of the host, and wins over the config
-  // file (docs/operations.md, "Where limits come from"). Thread-safe. Return an error message a
-  // client can act on.
+  // file (docs/operations.md, "Where limits come from"). Thread-safe. A bad id or a full table
+  // is a Status error, and nothing changes; LedgerError: saving failed first, nothing changed;
+  // NotSavedError: in force, but not saved.
   enum class Scope { kTenant, kRun, kPlatform };
   Status setLimit(Scope scope, const std::string& id, std::optional<NanoUsd> limit);
   // Forgets the admin API's limit: the config file's (or the default) applies again.
   Status resetLimit(Scope scope, const std::string& id);
   // ttl_s 0: until turned off.
-  Status setKill(const std::string& reason, std::int64_t ttl_s);
-  Status clearKill();
+  void setKill(const std::string& reason, std::int64_t ttl_s);
+  void clearKill();
 
  private:
   void openRegion(bool recreate);
   void applyConfig();
-  std::optional<NanoUsd> configuredLimit(Scope scope, const std::string& id) const;
+  static LimitTable tableOf(Scope scope);
+  // The config file's limit for `id`: nullopt when it names none (the default applies).
+  std::optional<std::optional<NanoUsd>> configuredLimit(Scope scope, const std::string& id) const;
+  // `limit` nullopt: back to the default.
+  Status applyLimit(Scope scope, const std::string& id, std::optional<std::optional<NanoUsd>> limit);
   void lockDataDir();
   void rebuildFromLedger(std::int32_t today);
   void resyncStatsFromLedger();

@@ -225,8 +225,10 @@ void HttpApi::routes() {
       reply(res, e.status, {{"error", e.status == 404 ? "not_found" : e.status == 401 ? "unauthorized" : "bad_request"},
                             {"field", e.field},
                             {"message", e.field + " " + e.message}});
+    } catch (const NotSavedError& e) {
+      reply(res, 503, {{"error", "not_saved"}, {"applied", true}, {"message", e.what()}});
     } catch (const LedgerError& e) {
-      reply(res, 503, {{"error", "unavailable"}, {"message", e.what()}});
+      reply(res, 503, {{"error", "unavailable"}, {"applied", false}, {"message", e.what()}});
     } catch (const std::exception& e) {
       reply(res, 500, {{"error", "internal"}, {"message", e.what()}});
     }
@@ -380,12 +382,12 @@ void HttpApi::routes() {
     const json b = parseBody(req);
     const std::string reason = text(b, "reason", true, 256);
     const std::int64_t ttl_s = count(b, "ttl_s", false, 7 * 86400, 365 * 86400);   // the reference: 7 days
-    if (Status st = agent_.setKill(reason, ttl_s); !st.ok()) throw std::runtime_error(st.message());
+    agent_.setKill(reason, ttl_s);
     reply(res, 200, kill_json());
   });
   s.Delete("/v1/kill", [this, admin_only](const httplib::Request& req, httplib::Response& res) {
     admin_only(req);
-    if (Status st = agent_.clearKill(); !st.ok()) throw std::runtime_error(st.message());
+    agent_.clearKill();
     res.status = 204;
   });
 

@@ -171,6 +171,14 @@ std::vector<LedgerTotal> Ledger::runTotals() {
 }
 
 std::vector<LedgerEntry> Ledger::list(const LedgerFilter& f) {
+  try {
+    return listOrThrow(f);
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("reading the ledger: ") + e.what());
+  }
+}
+
+std::vector<LedgerEntry> Ledger::listOrThrow(const LedgerFilter& f) {
   std::string sql =
       "SELECT seq, host_id, created_at_unix_ns, day, kind, project_id, agent_id, run_id, model, provider, "
       "prompt_tokens, completion_tokens, cost_nano_usd, reservation_id FROM budget_ledger WHERE seq > ?";
@@ -246,11 +254,15 @@ bool Ledger::eraseLimit(const std::string& scope, const std::string& id) {
 
 std::vector<LimitOverride> Ledger::limitOverrides() {
   std::vector<LimitOverride> out;
-  SQLite::Statement q(*db_, "SELECT scope, id, limit_nano_usd, set_unix_ns FROM limit_override ORDER BY scope, id");
-  while (q.executeStep()) {
-    LimitOverride o{q.getColumn(0).getString(), q.getColumn(1).getString(), std::nullopt, q.getColumn(3).getInt64()};
-    if (!q.isColumnNull(2)) o.limit_nano_usd = q.getColumn(2).getInt64();
-    out.push_back(std::move(o));
+  try {
+    SQLite::Statement q(*db_, "SELECT scope, id, limit_nano_usd, set_unix_ns FROM limit_override ORDER BY scope, id");
+    while (q.executeStep()) {
+      LimitOverride o{q.getColumn(0).getString(), q.getColumn(1).getString(), std::nullopt, q.getColumn(3).getInt64()};
+      if (!q.isColumnNull(2)) o.limit_nano_usd = q.getColumn(2).getInt64();
+      out.push_back(std::move(o));
+    }
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("reading saved limits (limit_override): ") + e.what());
   }
   return out;
 }
@@ -271,10 +283,14 @@ void Ledger::saveKill(const StoredKill& k) {
 }
 
 std::optional<StoredKill> Ledger::storedKill() {
-  SQLite::Statement q(*db_, "SELECT active, reason, since_unix_ns, expires_unix_ns FROM kill_switch WHERE one = 1");
-  if (!q.executeStep()) return std::nullopt;
-  return StoredKill{q.getColumn(0).getInt() != 0, q.getColumn(1).getString(), q.getColumn(2).getInt64(),
-                    q.getColumn(3).getInt64()};
+  try {
+    SQLite::Statement q(*db_, "SELECT active, reason, since_unix_ns, expires_unix_ns FROM kill_switch WHERE one = 1");
+    if (!q.executeStep()) return std::nullopt;
+    return StoredKill{q.getColumn(0).getInt() != 0, q.getColumn(1).getString(), q.getColumn(2).getInt64(),
+                      q.getColumn(3).getInt64()};
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("reading the saved kill switch: ") + e.what());
+  }
 }
 
 std::string isoTime(std::int64_t unix_ns) {

@@ -94,6 +94,7 @@ class Ledger {
 
  private:
   explicit Ledger(std::unique_ptr<SQLite::Database> db);
+  std::vector<LedgerEntry> listOrThrow(const LedgerFilter& filter);
   std::unique_ptr<SQLite::Database> db_;
   std::unique_ptr<SQLite::Statement> insert_;
   std::string host_id_;

@@ -2,7 +2,8 @@
 // application does, and makes changes (kill switch, limits) through the agent's admin API, so
 // that the agent saves them. Exit codes, for scripts:
 //   0 ok; 1 the check was denied; 2 bad usage; 3 no region, ledger or agent to talk to;
-//   4 the agent refused the change (bad token, bad value).
+//   4 the agent refused the change (bad token, bad value); 5 the change is in force but the
+//   agent could not save it (a restart would undo it).
 #include <tokenfuse/tokenfuse.hpp>
 
 #include "ledger.h"
@@ -11,6 +12,7 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <optional>
@@ -27,6 +29,7 @@ constexpr int kDenied = 1;
 constexpr int kUsage = 2;
 constexpr int kNoRegion = 3;
 constexpr int kRefused = 4;
+constexpr int kNotSaved = 5;
 std::string civilDay(std::int32_t day);
 
 // The agent's admin API: where it listens and the token that lets us change things.
@@ -35,6 +38,22 @@ struct AdminEndpoint {
   std::string token_file;   // empty: <data_dir>/admin.token
   std::string data_dir;
 };
+
+// An id as one URL path segment.
+std::string pathSegment(const std::string& id) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  std::string out;
+  for (const unsigned char c : id) {
+    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
+      out += static_cast<char>(c);
+    } else {
+      out += '%';
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    }
+  }
+  return out;
+}
 
 std::string firstLine(const std::string& path) {
   std::ifstream in(path);
@@ -53,7 +72,7 @@ int adminRequest(const AdminEndpoint& ep, const std::string& method, const std::
   }
   const std::string token_file = ep.token_file.empty() ? ep.data_dir + "/admin.token" : ep.token_file;
   const std::string token = firstLine(token_file);
-  if (token.empty()) {
+  if (token.empty() && method != "GET") {   // reading needs no token
     std::fprintf(stderr, "tokenfuse: cannot read the admin token from %s (run as root or the tokenfuse user, or pass "
                  "--token-file)\n", token_file.c_str());
     return kNoRegion;
@@ -61,7 +80,8 @@ int adminRequest(const AdminEndpoint& ep, const std::string& method, const std::
   httplib::Client http(url);
   http.set_connection_timeout(5);
   http.set_read_timeout(30);
-  const httplib::Headers headers{{"Authorization", "Bearer " + token}};
+  httplib::Headers headers;
+  if (!token.empty()) headers.emplace("Authorization", "Bearer " + token);
   const std::string payload = body.is_null() ? std::string() : body.dump();
   httplib::Result r = method == "PUT"      ? http.Put(path.c_str(), headers, payload, "application/json")
                       : method == "DELETE" ? http.Delete(path.c_str(), headers)
@@ -74,9 +94,10 @@ int adminRequest(const AdminEndpoint& ep, const std::string& method, const std::
   *reply = r->body.empty() ? json::object() : json::parse(r->body, nullptr, false);
   if (r->status >= 300) {
     const json& msg = reply->is_object() ? reply->value("message", json(r->body)) : json(r->body);
-    std::fprintf(stderr, "tokenfuse: the agent refused: %s (HTTP %d)\n", msg.is_string() ? msg.get<std::string>().c_str() : "",
-                 r->status);
-    return kRefused;
+    const bool applied = reply->is_object() && reply->value("applied", false);
+    std::fprintf(stderr, "tokenfuse: %s: %s (HTTP %d)\n", applied ? "warning" : "the agent refused",
+                 msg.is_string() ? msg.get<std::string>().c_str() : "", r->status);
+    return applied ? kNotSaved : kRefused;
   }
   if (reply->is_discarded()) {
     std::fprintf(stderr, "tokenfuse: the agent at %s answered something that is not JSON\n", url.c_str());
@@ -347,8 +368,8 @@ int main(int argc, char** argv) {
       return kUsage;
     }
     const std::string path = scope_platform ? "/v1/platform/limit"
-                             : scope_run    ? "/v1/runs/" + scope_id + "/limit"
-                                            : "/v1/tenants/" + scope_id + "/limit";
+                             : scope_run    ? "/v1/runs/" + pathSegment(scope_id) + "/limit"
+                                            : "/v1/tenants/" + pathSegment(scope_id) + "/limit";
     const char* field = scope_run ? "limit_usd" : "daily_limit_usd";
     json reply;
     const int rc = cmd->get_name() == "reset"

@@ -39,6 +39,9 @@ void toC(const tokenfuse::BudgetView& v, tf_budget_view* out) noexcept {
   out->day = v.day;
 }
 
+// A model name the region accepts: 1 to 128 bytes.
+bool validModel(const char* model) noexcept { return model != nullptr && *model != '\0' && std::strlen(model) <= 128; }
+
 void copyError(const std::string& message, char* error, size_t len) noexcept {
   if (error == nullptr || len == 0) return;
   const size_t n = std::min(message.size(), len - 1);
@@ -130,7 +133,7 @@ int tf_wait_durable(const tf_client* c, uint64_t ledger_seq, int64_t timeout_ms)
 }
 
 int tf_price(const tf_client* c, const char* model, int64_t* prompt, int64_t* completion) {
-  if (c == nullptr || model == nullptr || *model == '\0' || prompt == nullptr || completion == nullptr) return -1;
+  if (c == nullptr || !validModel(model) || prompt == nullptr || completion == nullptr) return -1;
   const tokenfuse::Price p = c->client->price(model);
   *prompt = p.prompt_nano_per_mtok;
   *completion = p.completion_nano_per_mtok;
@@ -138,11 +141,12 @@ int tf_price(const tf_client* c, const char* model, int64_t* prompt, int64_t* co
 }
 
 int tf_reference_price(const char* model, int64_t* prompt, int64_t* completion) {
-  if (model == nullptr || prompt == nullptr || completion == nullptr) return -1;
+  if (!validModel(model) || prompt == nullptr || completion == nullptr) return -1;
   tokenfuse::Price p = tokenfuse::kReferenceFallbackPrice;
   for (const auto& [name, price] : tokenfuse::referencePrices()) {
     if (name == model) p = price;
   }
+  if (std::string_view(model).starts_with(tokenfuse::kFreeModelPrefix)) p = {};   // as the agent prices it
   *prompt = p.prompt_nano_per_mtok;
   *completion = p.completion_nano_per_mtok;
   return 0;

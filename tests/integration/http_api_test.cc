@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <csignal>
+#include <regex>
 #include <sstream>
 #include <thread>
 
@@ -131,11 +132,13 @@ TEST_CASE("http: admin endpoints need the bearer token and change limits and the
 }
 
 TEST_CASE("http: admin changes are saved, outlive a restart and win over the config file until reset") {
-  HttpFixture f("httpsaved", "[budgets]\nplatform_daily_limit_usd = \"50\"\n[budgets.tenants]\nacme = \"0.05\"\n");
+  HttpFixture f("httpsaved", "[budgets]\nplatform_daily_limit_usd = \"50\"\ntenant_default_daily_limit_usd = \"3\"\n"
+                             "[budgets.tenants]\nacme = \"0.05\"\n");
   CHECK(f.send("PUT", "/v1/tenants/acme/limit", R"({"daily_limit_usd":"1.00"})", true).first == 200);
   CHECK(f.send("PUT", "/v1/tenants/beta/limit", R"({"daily_limit_usd":null})", true).first == 200);
   CHECK(f.send("PUT", "/v1/platform/limit", R"({"daily_limit_usd":"70"})", true).first == 200);
   CHECK(f.send("PUT", "/v1/kill", R"({"reason":"runaway loop","ttl_s":3600})", true).first == 200);
+  CHECK_FALSE(f.client->tenant("beta").limit.has_value());
 
   // A restart, with a new region as after a reboot: the changes come back from the data dir.
   f.agent->signal(SIGTERM);
@@ -162,8 +165,24 @@ TEST_CASE("http: admin changes are saved, outlive a restart and win over the con
   f.client = f.waitForRegion(f.agent->pid());
   f.port = f.httpPort();
   CHECK(f.client->tenant("acme").limit == NanoUsd(50'000'000));
-  CHECK_FALSE(f.client->tenant("beta").limit.has_value());   // still the saved "unlimited"
+  CHECK_FALSE(f.client->tenant("beta").limit.has_value());   // still the saved "unlimited", not the default $3
+  CHECK(f.client->tenant("gamma").limit == NanoUsd::fromWholeUsd(3));
   CHECK(f.client->platform().limit == NanoUsd::fromWholeUsd(50));
+  CHECK_FALSE(f.client->killSwitch().active);
+  CHECK(f.send("DELETE", "/v1/tenants/beta/limit", "", true).second["limit_usd"] == "3.000000");
+}
+
+TEST_CASE("http: a saved kill switch that has expired is not restored at start") {
+  HttpFixture f("httpexpired");
+  CHECK(f.send("PUT", "/v1/kill", R"({"reason":"short","ttl_s":1})", true).first == 200);
+  CHECK(f.client->killSwitch().active);
+  f.agent->signal(SIGTERM);
+  REQUIRE(f.agent->wait() == 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  f.client.reset();
+  Region::remove(f.shm);
+  f.agent = f.start();
+  f.client = f.waitForRegion(f.agent->pid());
   CHECK_FALSE(f.client->killSwitch().active);
 }
 
@@ -222,7 +241,7 @@ TEST_CASE("http: /metrics is Prometheus text, and its counters move with decisio
     CAPTURE(line);
     const auto space = line.rfind(' ');
     REQUIRE(space != std::string::npos);
-    CHECK(line.find_first_not_of("abcdefghijklmnopqrstuvwxyz_") > 0);
+    CHECK(std::regex_match(line.substr(0, space), std::regex(R"([a-z_:][a-z0-9_:]*(\{([a-z_]+="[^"]*",?)*\})?)")));
     CHECK_NOTHROW((void)std::stod(line.substr(space + 1)));
   }
   CHECK(sampleValue(before, R"(tokenfuse_denials_total{error_code="E-BUDGET-002"})") == 0);

@@ -44,6 +44,7 @@ small = "0.05"
 tiny = "0.001"
 [budgets.runs]
 run-1 = "0.03"
+run-2 = "0.03"
 """
 
 
@@ -236,6 +237,24 @@ class Reservations(unittest.TestCase):
         self.assertLessEqual(cost, Decimal("0.03"))
         self.assertEqual(received, 1600)   # 0.005 + 16 x 0.0015 = 0.029; one more chunk would pass $0.03
 
+    def test_a_stream_stopped_by_its_budget_inside_with_books_what_was_received(self) -> None:
+        with self.assertRaises(tokenfuse.BudgetExhaustedError):
+            with tokenfuse.reserve("stream2", "gpt-4o", 1000, run_id="run-2", provider="openai") as r:   # $0.03
+                r.charge(prompt_tokens=1000, completion_tokens=0)
+                while True:
+                    r.charge(completion_tokens=100)
+        u = tokenfuse.tenant_usage("stream2")
+        self.assertEqual((u["used_usd"], u["reserved_usd"]), (Decimal("0.029"), Decimal(0)))
+        self.assertTrue(wait_for(lambda: len(agent.ledger("stream2")) == 1))
+        self.assertEqual(agent.ledger("stream2")[0]["completion_tokens"], 1600)
+
+    def test_estimates_may_be_floats_and_round_up(self) -> None:
+        with tokenfuse.reserve("floaty", "gpt-4o", 1000 * 1.5) as r:
+            self.assertEqual(r.reserved_usd, Decimal("0.0075"))
+        sync.check_budget_before_llm_call("floaty", "gpt-4o", 4000 * 1.5)
+        with self.assertRaises(ValueError):
+            sync.check_budget_before_llm_call("floaty", "gpt-4o", float("nan"))
+
     def test_200_concurrent_reservations_against_one_dollar_spend_at_most_one_dollar(self) -> None:
         passed = []
         barrier = threading.Barrier(50)
@@ -292,6 +311,17 @@ class WithoutAnAgent(unittest.TestCase):
         with self.assertRaises(tokenfuse.TokenfuseUnavailableError) as e:
             sync.check_budget_before_llm_call("acme", "gpt-4o")
         self.assertIn("does not exist: start tokenfused", str(e.exception))
+        with self.assertRaises(tokenfuse.TokenfuseUnavailableError):
+            asyncio.run(tokenfuse.check_emergency_kill())
+
+    def test_estimate_cost_is_the_same_with_and_without_an_agent(self) -> None:
+        cases = [(1000, 500, "gpt-4o"), (10, 10, "ollama/llama3"), (10, 10, "unknown-model"), (7, 0, "qwen3:8b")]
+        attached = [tokenfuse.estimate_cost(*c) for c in cases]
+        tokenfuse.configure(shm_name="tfpy-no-such-region-3")
+        self.assertEqual([tokenfuse.estimate_cost(*c) for c in cases], attached)
+        for bad in ("", "m" * 129):
+            with self.assertRaises(ValueError):
+                tokenfuse.estimate_cost(1, 1, bad)
 
 
 if __name__ == "__main__":

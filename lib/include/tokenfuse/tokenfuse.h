@@ -111,8 +111,9 @@ TOKENFUSE_EXPORT int tf_wait_durable(const tf_client* client, uint64_t ledger_se
 TOKENFUSE_EXPORT int tf_price(const tf_client* client, const char* model, int64_t* prompt_nano_per_mtok,
                               int64_t* completion_nano_per_mtok);
 
-/* The reference service's price for `model` (its table, else its fallback), without a region:
- * what the agent loads unless its config says otherwise. Returns 0, or -1 for a bad argument. */
+/* The reference service's price for `model` (its table, else its fallback; "ollama/" models are
+ * free), without a region: what the agent loads unless its config says otherwise. Returns 0, or
+ * -1 for a bad argument (a model name must be 1 to 128 bytes). */
 TOKENFUSE_EXPORT int tf_reference_price(const char* model, int64_t* prompt_nano_per_mtok,
                                         int64_t* completion_nano_per_mtok);
 

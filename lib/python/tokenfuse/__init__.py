@@ -15,9 +15,11 @@ functions. Beyond the reference, reserve() makes a limit exact under concurrency
 stream stop when its budget is spent:
 
     async with tokenfuse.reserve("acme", "gpt-4o", 2000, estimated_completion_tokens=1000) as r:
+        r.charge(prompt_tokens=2000, completion_tokens=0)
         for chunk in stream:
             r.charge(completion_tokens=chunk.tokens)     # raises BudgetExhaustedError to stop
         cost = r.commit("openai", prompt_tokens, completion_tokens)
+    # leaving the block commits what was charged if commit() was not reached
 
 Decisions read and update the shared-memory region in nanoseconds without blocking the event
 loop, so the async forms call them directly; the kill-switch changes go over the agent's HTTP
@@ -90,8 +92,9 @@ async def record_token_usage(
     agent_id: str | None = None,
     run_id: str | None = None,
 ) -> Decimal:
-    return sync.record_token_usage(project_id=project_id, model=model, provider=provider, prompt_tokens=prompt_tokens,
-                                   completion_tokens=completion_tokens, agent_id=agent_id, run_id=run_id)
+    return await sync._record_token_usage_async(project_id=project_id, model=model, provider=provider,
+                                                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                                agent_id=agent_id, run_id=run_id)
 
 
 async def activate_emergency_kill(reason: str = "") -> None:

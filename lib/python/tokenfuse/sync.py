@@ -14,8 +14,10 @@ environment or configure():
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
+import math
 import os
 import time
 import urllib.error
@@ -59,13 +61,17 @@ _settings = {
 _client = n.Client(_settings["shm_name"])
 
 
+_retired: list[n.Client] = []
+
+
 def configure(*, shm_name: str | None = None, fail_open: bool | None = None) -> None:
     """Points the module at another region, or changes the fail-open policy."""
     global _client
     if fail_open is not None:
         _settings["fail_open"] = fail_open
     if shm_name is not None and shm_name != _client.shm_name:
-        _client.close()
+        # Not detached: other threads and open reservations may still be using it.
+        _retired.append(_client)
         _client = n.Client(shm_name)
 
 
@@ -87,10 +93,12 @@ def _raise_for(d: n.Decision, project_id: str | None) -> None:
     raise TokenfuseError(n.error_code(d.code), message)
 
 
-def _check_tokens(**counts: int) -> None:
-    for name, value in counts.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, not {value!r}")
+def _tokens(name: str, value: int | float) -> int:
+    """A token count as the library takes it: estimates may be floats (the reference's callers
+    multiply by 1.5), and round up."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a non-negative number, not {value!r}")
+    return math.ceil(value)
 
 
 # --- Prices --------------------------------------------------------------------------------------
@@ -98,7 +106,8 @@ def _check_tokens(**counts: int) -> None:
 def estimate_cost(prompt_tokens: int, completion_tokens: int, model: str) -> Decimal:
     """The call's cost in USD at the agent's prices (the reference's table unless configured),
     rounded to six places as the reference rounds it."""
-    _check_tokens(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    prompt_tokens = _tokens("prompt_tokens", prompt_tokens)
+    completion_tokens = _tokens("completion_tokens", completion_tokens)
     p, c = ctypes.c_int64(), ctypes.c_int64()
     h = _client.handle()
     rc = n.lib.tf_price(h, model.encode(), p, c) if h is not None else n.lib.tf_reference_price(model.encode(), p, c)
@@ -111,7 +120,8 @@ def estimate_cost(prompt_tokens: int, completion_tokens: int, model: str) -> Dec
 # --- Before the call -------------------------------------------------------------------------------
 
 def check_emergency_kill() -> None:
-    """Raises BudgetExhaustedError("E-BUDGET-004", ...) while the kill switch is on."""
+    """Raises BudgetExhaustedError("E-BUDGET-004", ...) while the kill switch is on (and
+    TokenfuseUnavailableError with no agent, if TOKENFUSE_FAIL_OPEN=0)."""
     if is_emergency_kill_active():
         raise BudgetExhaustedError("E-BUDGET-004", "Emergency kill switch activated — contact platform admin")
 
@@ -127,7 +137,7 @@ def check_budget_before_llm_call(
     """Raises BudgetExhaustedError if the call may not be made: the kill switch first, then (for
     paid models) the run, tenant and platform budgets. A check holds nothing: use reserve() to
     make the limit exact under concurrency."""
-    _check_tokens(estimated_prompt_tokens=estimated_prompt_tokens)
+    estimated_prompt_tokens = _tokens("estimated_prompt_tokens", estimated_prompt_tokens)
     h = _handle()
     if h is None:
         return   # fail open: logged once by the client
@@ -148,34 +158,75 @@ def record_token_usage(
     run_id: str | None = None,
 ) -> Decimal:
     """Books a finished call and returns its cost in USD. The entry is in the host's ledger when
-    this returns (in the region, which outlives this process; on disk within milliseconds)."""
-    _check_tokens(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    this returns (in the region, which outlives this process; on disk within milliseconds).
+    As the reference, it never raises once the call has been made: a booking that fails is
+    logged (token_usage_not_recorded) and the estimated cost returned."""
+    usage = _usage(project_id, model, provider, prompt_tokens, completion_tokens, agent_id, run_id)
+    if usage is None:
+        return _not_recorded(project_id, model, prompt_tokens, completion_tokens, "no tokenfuse agent on this host")
+    h, u = usage
+    d = n.Decision()
+    for pause in _ring_full_pauses():
+        d = n.lib.tf_record(h, ctypes.byref(u))
+        if d.code != n.LEDGER_FULL:
+            break
+        time.sleep(pause)
+    return _recorded(d, project_id, model, prompt_tokens, completion_tokens)
+
+
+async def _record_token_usage_async(**kwargs) -> Decimal:
+    """record_token_usage for the event loop: waits out a full ledger ring without blocking it."""
+    usage = _usage(kwargs["project_id"], kwargs["model"], kwargs["provider"], kwargs["prompt_tokens"],
+                   kwargs["completion_tokens"], kwargs.get("agent_id"), kwargs.get("run_id"))
+    if usage is None:
+        return _not_recorded(kwargs["project_id"], kwargs["model"], kwargs["prompt_tokens"],
+                             kwargs["completion_tokens"], "no tokenfuse agent on this host")
+    h, u = usage
+    d = n.Decision()
+    for pause in _ring_full_pauses():
+        d = n.lib.tf_record(h, ctypes.byref(u))
+        if d.code != n.LEDGER_FULL:
+            break
+        await asyncio.sleep(pause)
+    return _recorded(d, kwargs["project_id"], kwargs["model"], kwargs["prompt_tokens"], kwargs["completion_tokens"])
+
+
+def _usage(project_id, model, provider, prompt_tokens, completion_tokens, agent_id, run_id):
+    """(handle, tf_usage) for a record, or None while no agent runs (fail open)."""
+    u = n.Usage(project_id.encode(), model.encode(), provider.encode(), n.encode(run_id), n.encode(agent_id),
+                _tokens("prompt_tokens", prompt_tokens), _tokens("completion_tokens", completion_tokens))
     h = _handle()
-    if h is None:
-        logger.error("token_usage_not_recorded: no tokenfuse agent on this host (project_id=%s model=%s)",
-                     project_id, model)
-        return estimate_cost(prompt_tokens, completion_tokens, model)
-    usage = n.Usage(project_id.encode(), model.encode(), provider.encode(), n.encode(run_id), n.encode(agent_id),
-                    prompt_tokens, completion_tokens)
-    d = _book(lambda: n.lib.tf_record(h, ctypes.byref(usage)))
-    if d.code == n.LEDGER_LOST:
-        logger.error("token_usage_ledger_lost: booked but not in the ledger (project_id=%s)", project_id)
-        return n.usd(d.cost_nano_usd)
-    _raise_for(d, project_id)
-    return n.usd(d.cost_nano_usd)
+    return None if h is None else (h, u)
 
 
-def _book(call) -> n.Decision:
-    """Runs a commit or record, waiting out a full ledger ring (the agent is behind) for up to 5 s:
-    nothing is booked while the ring is full, so retrying is safe."""
+def _ring_full_pauses():
+    """Pauses between attempts of a commit or record that meets a full ledger ring (the agent is
+    behind): nothing is booked then, so retrying is safe. About 5 s in all."""
     deadline = time.monotonic() + 5.0
     pause = 0.0005
     while True:
-        d = call()
-        if d.code != n.LEDGER_FULL or time.monotonic() >= deadline:
-            return d
-        time.sleep(pause)
+        yield pause
+        if time.monotonic() >= deadline:
+            return
         pause = min(pause * 2, 0.05)
+
+
+def _recorded(d: n.Decision, project_id: str, model: str, prompt_tokens, completion_tokens) -> Decimal:
+    """The cost of a commit or record that was attempted after the call was made."""
+    if d.code == n.OK:
+        return n.usd(d.cost_nano_usd)
+    if d.code == n.LEDGER_LOST:
+        logger.error("token_usage_ledger_lost: booked, but not in the ledger (project_id=%s model=%s)", project_id, model)
+        return n.usd(d.cost_nano_usd)
+    if d.code == n.INVALID_ARGUMENT:
+        _raise_for(d, project_id)
+    return _not_recorded(project_id, model, prompt_tokens, completion_tokens,
+                         f"[{n.error_code(d.code)}] {n.describe(d, project_id)}")
+
+
+def _not_recorded(project_id: str, model: str, prompt_tokens, completion_tokens, why: str) -> Decimal:
+    logger.error("token_usage_not_recorded: %s (project_id=%s model=%s)", why, project_id, model)
+    return estimate_cost(prompt_tokens, completion_tokens, model)
 
 
 def wait_durable(ledger_seq: int, timeout_s: float = 5.0) -> bool:
@@ -188,23 +239,26 @@ def wait_durable(ledger_seq: int, timeout_s: float = 5.0) -> bool:
 
 class Reservation:
     """A hold on the estimated cost, ended by commit() or release(). As a context manager (with or
-    async with) it is released on exit unless committed, so an exception never leaks a hold."""
+    async with) it ends on exit: what was charged (a stream stopped half-way) is committed, and
+    a reservation nothing was charged to is released, so an exception never leaks a hold nor
+    loses tokens that were received."""
 
-    def __init__(self, project_id: str, model: str, estimated_prompt_tokens: int, estimated_completion_tokens: int,
-                 run_id: str | None, agent_id: str | None, ttl_s: float | None) -> None:
-        _check_tokens(estimated_prompt_tokens=estimated_prompt_tokens,
-                      estimated_completion_tokens=estimated_completion_tokens)
-        self.project_id, self.model = project_id, model
+    def __init__(self, project_id: str, model: str, estimated_prompt_tokens, estimated_completion_tokens,
+                 run_id: str | None, agent_id: str | None, ttl_s: float | None, provider: str | None) -> None:
+        self.project_id, self.model, self.provider = project_id, model, provider or ""
         self.id = 0
         self.reserved_usd = Decimal(0)
         self.cost_usd: Decimal | None = None
         self.ledger_seq = 0
+        self._charged = (0, 0)
+        prompt = _tokens("estimated_prompt_tokens", estimated_prompt_tokens)
+        completion = _tokens("estimated_completion_tokens", estimated_completion_tokens)
         self._h = _handle()
         if self._h is None:   # fail open
-            self.reserved_usd = estimate_cost(estimated_prompt_tokens, estimated_completion_tokens, model)
+            self.reserved_usd = estimate_cost(prompt, completion, model)
             return
-        call = n.Call(project_id.encode(), model.encode(), n.encode(run_id), n.encode(agent_id),
-                      estimated_prompt_tokens, estimated_completion_tokens, int((ttl_s or 0) * 1000))
+        call = n.Call(project_id.encode(), model.encode(), n.encode(run_id), n.encode(agent_id), prompt, completion,
+                      int((ttl_s or 0) * 1000))
         rid = ctypes.c_uint64()
         d = n.lib.tf_reserve(self._h, ctypes.byref(call), ctypes.byref(rid))
         _raise_for(d, project_id)
@@ -218,32 +272,38 @@ class Reservation:
     def charge(self, completion_tokens: int, prompt_tokens: int = 0) -> Decimal:
         """Streaming: books more tokens against the hold as they arrive, growing it if needed.
         Charge the prompt tokens with the first chunk. Raises BudgetExhaustedError when a budget
-        cannot cover them: stop the stream, then commit what was received. Returns the cost of
-        everything charged so far."""
-        _check_tokens(completion_tokens=completion_tokens, prompt_tokens=prompt_tokens)
+        cannot cover them: stop the stream (leaving the with block commits what was charged).
+        Returns the cost of everything charged so far."""
+        completion_tokens = _tokens("completion_tokens", completion_tokens)
+        prompt_tokens = _tokens("prompt_tokens", prompt_tokens)
         if not self.open:
             return Decimal(0)
         d = n.lib.tf_charge(self._h, self.id, prompt_tokens, completion_tokens)
         _raise_for(d, self.project_id)
+        self._charged = (self._charged[0] + prompt_tokens, self._charged[1] + completion_tokens)
         return n.usd(d.cost_nano_usd)
 
     def commit(self, provider: str, prompt_tokens: int, completion_tokens: int) -> Decimal:
-        """Books the call's actual cost, returns the rest of the hold, and ends the reservation."""
-        _check_tokens(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        """Books the call's actual cost, returns the rest of the hold, and ends the reservation.
+        Never raises for the budget: the call has been made (see record_token_usage)."""
+        prompt_tokens = _tokens("prompt_tokens", prompt_tokens)
+        completion_tokens = _tokens("completion_tokens", completion_tokens)
         if self._h is None:
-            logger.error("token_usage_not_recorded: no tokenfuse agent on this host (project_id=%s)", self.project_id)
-            self.cost_usd = estimate_cost(prompt_tokens, completion_tokens, self.model)
+            self.cost_usd = _not_recorded(self.project_id, self.model, prompt_tokens, completion_tokens,
+                                          "no tokenfuse agent on this host")
             return self.cost_usd
         if not self.open:
             raise TokenfuseError("E-TOKENFUSE-UNKNOWN-RESERVATION", "the reservation has already ended")
-        d = _book(lambda: n.lib.tf_commit(self._h, self.id, provider.encode(), prompt_tokens, completion_tokens))
-        if d.code not in (n.OK, n.LEDGER_LOST):
-            _raise_for(d, self.project_id)
-        if d.code == n.LEDGER_LOST:
-            logger.error("token_usage_ledger_lost: booked but not in the ledger (project_id=%s)", self.project_id)
-        self.id = 0
-        self.cost_usd = n.usd(d.cost_nano_usd)
+        d = n.Decision()
+        for pause in _ring_full_pauses():
+            d = n.lib.tf_commit(self._h, self.id, provider.encode(), prompt_tokens, completion_tokens)
+            if d.code != n.LEDGER_FULL:
+                break
+            time.sleep(pause)
+        if d.code != n.LEDGER_FULL:
+            self.id = 0
         self.ledger_seq = d.ledger_seq
+        self.cost_usd = _recorded(d, self.project_id, self.model, prompt_tokens, completion_tokens)
         return self.cost_usd
 
     def release(self) -> None:
@@ -252,17 +312,22 @@ class Reservation:
             n.lib.tf_release(self._h, self.id)
             self.id = 0
 
+    def _end(self) -> None:
+        if self.open and self._charged != (0, 0):
+            self.commit(self.provider, *self._charged)
+        self.release()
+
     def __enter__(self) -> "Reservation":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.release()
+        self._end()
 
     async def __aenter__(self) -> "Reservation":
         return self
 
     async def __aexit__(self, *exc) -> None:
-        self.release()
+        self._end()
 
 
 def reserve(
@@ -274,11 +339,14 @@ def reserve(
     run_id: str | None = None,
     agent_id: str | None = None,
     ttl_s: float | None = None,
+    provider: str | None = None,
 ) -> Reservation:
     """Holds the estimated cost against the run, tenant and platform budgets, all or nothing, or
     raises BudgetExhaustedError. Concurrent reservations can never together pass a limit. Set
-    estimated_completion_tokens to the request's max_tokens to make the limit exact."""
-    return Reservation(project_id, model, estimated_prompt_tokens, estimated_completion_tokens, run_id, agent_id, ttl_s)
+    estimated_completion_tokens to the request's max_tokens to make the limit exact. `provider`
+    is what the ledger records if the with block ends with tokens charged but not committed."""
+    return Reservation(project_id, model, estimated_prompt_tokens, estimated_completion_tokens, run_id, agent_id, ttl_s,
+                       provider)
 
 
 # --- Views ---------------------------------------------------------------------------------------
@@ -293,10 +361,12 @@ def platform_usage() -> dict:
 
 
 def _view(fill) -> dict:
-    h = _handle()
+    h = _client.handle()
+    if h is None:
+        raise TokenfuseUnavailableError("E-TOKENFUSE-UNAVAILABLE", getattr(_client, "error", "no region"))
     v = n.BudgetView()
-    if h is None or fill(h, ctypes.byref(v)) != 0:
-        raise TokenfuseUnavailableError("E-TOKENFUSE-UNAVAILABLE", getattr(_client, "error", "bad argument"))
+    if fill(h, ctypes.byref(v)) != 0:
+        raise ValueError("the id must be a non-empty string of at most 128 bytes")
     return {
         "used_usd": n.usd(v.committed_nano_usd),
         "reserved_usd": n.usd(v.held_nano_usd),
@@ -308,8 +378,9 @@ def _view(fill) -> dict:
 # --- The emergency kill switch -----------------------------------------------------------------------
 
 def is_emergency_kill_active() -> bool:
-    """Read from the region: no network. False while no agent runs (as the reference on a Redis error)."""
-    h = _client.handle()
+    """Read from the region: no network. With no agent: False (as the reference on a Redis
+    error), or TokenfuseUnavailableError if TOKENFUSE_FAIL_OPEN=0."""
+    h = _handle()
     if h is None:
         return False
     k = n.KillState()
