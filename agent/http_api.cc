@@ -103,10 +103,12 @@ json budgetJson(const char* key, std::string_view id, const BudgetView& v) {
   json out = {{key, id}, {"day", DayClock::format(v.day)}};
   out["used_usd"] = v.committed.toString();
   out["reserved_usd"] = v.held.toString();
+  out["elsewhere_usd"] = v.elsewhere.toString();
   out["limit_usd"] = v.limit ? json(v.limit->toString()) : json(nullptr);
   if (v.limit && v.limit->count() > 0) {
-    // Basis points, exact: the share of the limit that is committed or held.
-    const shm::U128 bp = shm::U128{static_cast<std::uint64_t>(v.committed.count() + v.held.count())} * 10000 /
+    // Basis points, exact: the share of the limit that is committed or held, here or elsewhere.
+    const std::int64_t used = v.committed.count() + v.held.count() + v.elsewhere.count();
+    const shm::U128 bp = shm::U128{static_cast<std::uint64_t>(used)} * 10000 /
                          static_cast<std::uint64_t>(v.limit->count());
     out["usage_pct"] = static_cast<double>(static_cast<std::uint64_t>(bp)) / 100.0;   // display only
   } else {

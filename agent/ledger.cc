@@ -33,6 +33,16 @@ CREATE TABLE IF NOT EXISTS budget_ledger (
              (strftime('%Y-%m-%dT%H:%M:%fZ', created_at_unix_ns / 1000000000.0, 'unixepoch')) VIRTUAL
 );
 CREATE INDEX IF NOT EXISTS budget_ledger_day_project ON budget_ledger (day, project_id);
+-- Each tenant's spending per budget day, kept with the entries in the same transaction, so the
+-- central link pushes per-tenant totals at a cost that grows with the tenants touched, not calls.
+CREATE TABLE IF NOT EXISTS spend_by_day (
+  day           INTEGER NOT NULL,
+  project_id    TEXT    NOT NULL,
+  cost_nano_usd INTEGER NOT NULL,
+  updated_seq   INTEGER NOT NULL,           -- the newest ledger entry in it
+  PRIMARY KEY (day, project_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS spend_by_day_updated ON spend_by_day (updated_seq);
 -- Changes made through the admin API, which outlive a restart and win over the config file.
 CREATE TABLE IF NOT EXISTS limit_override (
   scope          TEXT    NOT NULL CHECK (scope IN ('tenant', 'run', 'platform')),
@@ -82,6 +92,20 @@ Ledger::Ledger(const std::string& path, std::string host_id) : host_id_(std::mov
     db_->exec(kSchema);
     SQLite::Statement meta(*db_, "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1')");
     meta.exec();
+    if (metaInt("spend_by_day_filled") == 0) {
+      // A ledger from before spend_by_day: fill it once from the entries.
+      SQLite::Transaction txn(*db_);
+      db_->exec("DELETE FROM spend_by_day");
+      db_->exec("INSERT INTO spend_by_day (day, project_id, cost_nano_usd, updated_seq) "
+                "SELECT day, project_id, SUM(cost_nano_usd), MAX(seq) FROM budget_ledger GROUP BY day, project_id");
+      setMetaInt("spend_by_day_filled", 1);
+      txn.commit();
+    }
+    add_spend_ = std::make_unique<SQLite::Statement>(
+        *db_,
+        "INSERT INTO spend_by_day (day, project_id, cost_nano_usd, updated_seq) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (day, project_id) DO UPDATE SET cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd, "
+        "updated_seq = MAX(updated_seq, excluded.updated_seq)");
     insert_ = std::make_unique<SQLite::Statement>(
         *db_,
         "INSERT OR IGNORE INTO budget_ledger (seq, host_id, created_at_unix_ns, day, kind, project_id, agent_id, "
@@ -137,10 +161,27 @@ std::size_t Ledger::append(std::vector<LedgerEntry>& entries) {
       e.written = q.exec() == 1;
       added += e.written ? 1 : 0;
       q.reset();
+      if (e.written) {
+        auto& [cost, seq] = spend_[{e.day, e.project_id}];
+        cost += e.cost_nano_usd;
+        seq = std::max(seq, e.seq);
+      }
     }
+    for (const auto& [key, value] : spend_) {
+      SQLite::Statement& a = *add_spend_;
+      a.bind(1, key.first);
+      a.bindNoCopy(2, key.second);
+      a.bind(3, value.first);
+      a.bind(4, static_cast<std::int64_t>(value.second));
+      a.exec();
+      a.reset();
+    }
+    spend_.clear();
     txn.commit();
   } catch (const SQLite::Exception& e) {
     insert_->reset();
+    add_spend_->reset();
+    spend_.clear();
     throw LedgerError(std::string("cannot write the ledger: ") + e.what());
   }
   return added;
@@ -320,6 +361,53 @@ nlohmann::json toJson(const LedgerEntry& e) {
           {"completion_tokens", e.completion_tokens},
           {"cost_usd", NanoUsd(e.cost_nano_usd).toString()},
           {"reservation_id", e.reservation_id == 0 ? json(nullptr) : json(std::to_string(e.reservation_id))}};
+}
+
+// --- For the central link ---------------------------------------------------------------------
+
+std::int64_t Ledger::metaInt(const std::string& key) {
+  SQLite::Statement q(*db_, "SELECT value FROM meta WHERE key = ?");
+  q.bind(1, key);
+  return q.executeStep() ? std::stoll(q.getColumn(0).getString()) : 0;
+}
+
+void Ledger::setMetaInt(const std::string& key, std::int64_t value) {
+  try {
+    SQLite::Statement q(*db_, "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)");
+    q.bind(1, key);
+    q.bind(2, std::to_string(value));
+    q.exec();
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError("saving " + key + ": " + e.what());
+  }
+}
+
+std::vector<DaySpend> Ledger::spendUpdatedAfter(std::uint64_t seq) {
+  try {
+    SQLite::Statement q(*db_,
+                        "SELECT day, project_id, cost_nano_usd, updated_seq FROM spend_by_day WHERE updated_seq > ? "
+                        "ORDER BY day, project_id");
+    q.bind(1, static_cast<std::int64_t>(seq));
+    std::vector<DaySpend> out;
+    while (q.executeStep()) {
+      out.push_back({q.getColumn(0).getInt(), q.getColumn(1).getString(), q.getColumn(2).getInt64(),
+                     static_cast<std::uint64_t>(q.getColumn(3).getInt64())});
+    }
+    return out;
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("reading spend_by_day: ") + e.what());
+  }
+}
+
+std::int64_t Ledger::daySpend(std::int32_t day) {
+  try {
+    SQLite::Statement q(*db_, "SELECT COALESCE(SUM(cost_nano_usd), 0) FROM spend_by_day WHERE day = ?");
+    q.bind(1, day);
+    q.executeStep();
+    return q.getColumn(0).getInt64();
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("reading spend_by_day: ") + e.what());
+  }
 }
 
 }  // namespace tokenfuse

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <nlohmann/json_fwd.hpp>
 #include <optional>
@@ -51,6 +52,14 @@ struct LedgerFilter {
   std::int64_t limit = 1000;
 };
 
+// A tenant's spending on one budget day, on this host.
+struct DaySpend {
+  std::int32_t day = 0;
+  std::string project_id;
+  std::int64_t cost_nano_usd = 0;
+  std::uint64_t updated_seq = 0;   // the newest entry in it
+};
+
 // A limit set through the admin API: it outlives restarts and wins over the config file.
 struct LimitOverride {
   std::string scope;   // "tenant", "run" or "platform"
@@ -85,6 +94,13 @@ class Ledger {
   std::vector<LedgerEntry> list(const LedgerFilter& filter);
   std::string integrityCheck();           // "ok", or what SQLite found
 
+  // For the central link. Throw LedgerError.
+  std::int64_t metaInt(const std::string& key);   // 0 if unset
+  void setMetaInt(const std::string& key, std::int64_t value);
+  // Per-tenant day totals that changed after ledger entry `seq`.
+  std::vector<DaySpend> spendUpdatedAfter(std::uint64_t seq);
+  std::int64_t daySpend(std::int32_t day);   // the platform's: all tenants
+
   // Admin settings, kept in the same file. Throw LedgerError.
   void saveLimit(const LimitOverride& o);
   bool eraseLimit(const std::string& scope, const std::string& id);   // false: there was none
@@ -97,6 +113,8 @@ class Ledger {
   std::vector<LedgerEntry> listOrThrow(const LedgerFilter& filter);
   std::unique_ptr<SQLite::Database> db_;
   std::unique_ptr<SQLite::Statement> insert_;
+  std::unique_ptr<SQLite::Statement> add_spend_;
+  std::map<std::pair<std::int32_t, std::string>, std::pair<std::int64_t, std::uint64_t>> spend_;   // per batch
   std::string host_id_;
 };
 

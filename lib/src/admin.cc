@@ -36,6 +36,7 @@ void resetDay(shm::Counters& c) noexcept {
   // Takes today's bookings out of `used` and leaves the holds of calls still in flight, in one
   // atomic step: a commit lands wholly in one day or the other.
   c.spend.takeCommitted();
+  c.elsewhere.store(0, kRelaxed);   // other hosts' spending is per day too
   c.prompt_tokens.store(0, kRelaxed);
   c.completion_tokens.store(0, kRelaxed);
   c.calls.store(0, kRelaxed);
@@ -95,6 +96,32 @@ Status RegionAdmin::setLimit(LimitTable t, std::string_view id, std::optional<Na
   c.limit.store(raw(limit), kRelease);
   c.limit_explicit.store(1, kRelaxed);
   return {};
+}
+
+Status RegionAdmin::setElsewhere(std::int32_t day, std::string_view project_id, NanoUsd spent) {
+  std::lock_guard lock(stats_mu_);   // not into a day that has just ended
+  if (day != region_.header().day.load(kAcquire)) return Status::error("the budget day has changed");
+  shm::Counters* c = &region_.header().platform;
+  if (!project_id.empty()) {
+    if (auto p = idProblem(LimitTable::kTenant, project_id); !p.empty()) return Status::error(p);
+    const auto& def = region_.header().defaults.tenant_limit;
+    const Found f = table(LimitTable::kTenant).findOrInsert(project_id, engine_.regionPid(),
+                                                            [&](shm::BudgetSlot& s) noexcept {
+                                                              s.c.limit.store(def.load(kRelaxed), kRelaxed);
+                                                            });
+    if (f.index < 0) return Status::error("tenant table is full or busy");
+    c = &table(LimitTable::kTenant).at(f.index).c;
+  }
+  c->elsewhere.store(spent.count(), kRelease);
+  return {};
+}
+
+void RegionAdmin::forEachTenant(const std::function<void(std::string_view)>& fn) const {
+  const KeyedTable<shm::BudgetSlot> tab = table(LimitTable::kTenant);
+  for (std::uint32_t i = 0; i < tab.capacity(); ++i) {
+    const shm::BudgetSlot& s = tab.at(static_cast<std::int32_t>(i));
+    if (shm::keyState(s.k.word.load(kAcquire)) == shm::kKeyReady) fn(std::string_view(s.k.key, s.k.key_len));
+  }
 }
 
 Status RegionAdmin::clearLimit(LimitTable t, std::string_view id) {

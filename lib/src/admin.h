@@ -53,6 +53,13 @@ class RegionAdmin {
   void forEachExplicit(LimitTable table,
                        const std::function<void(std::string_view, std::optional<NanoUsd>)>& fn) const;
 
+  // What the fleet's other hosts spent on budget day `day` (the central link), for a tenant
+  // (creating its entry) or, with an empty id, the platform. Decisions count it as used. Refused
+  // once the region has moved to another day, so a late answer never lands in the new day.
+  Status setElsewhere(std::int32_t day, std::string_view project_id, NanoUsd spent);
+  // Calls fn(project_id) for every tenant in the region.
+  void forEachTenant(const std::function<void(std::string_view)>& fn) const;
+
   Status setPrice(std::string_view model, Price price);
   // Every model name in the price table.
   std::vector<std::string> models() const;

@@ -37,6 +37,7 @@ void toC(const tokenfuse::BudgetView& v, tf_budget_view* out) noexcept {
   out->calls = v.calls;
   out->denials = v.denials;
   out->day = v.day;
+  out->elsewhere_nano_usd = v.elsewhere.count();
 }
 
 // A model name the region accepts: 1 to 128 bytes.

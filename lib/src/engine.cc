@@ -54,11 +54,17 @@ bool validTokens(std::int64_t n) noexcept { return n >= 0 && n <= kMaxTokensPerC
 
 // Adds `amount` to the layer's `used` unless that would pass its limit. The compare-and-swap
 // is what makes committed + held <= limit hold under any concurrency.
+// Other hosts' spending (`elsewhere`) counts as used: this host may hold up to limit - elsewhere.
 bool tryHold(Counters& c, std::int64_t amount, Decision* denial) noexcept {
   const std::int64_t limit = c.limit.load(kRelaxed);
+  const std::int64_t elsewhere = limit == shm::kUnlimited ? 0 : c.elsewhere.load(kRelaxed);
   std::int64_t seen = 0;
-  if (c.spend.tryHold(amount, limit, &seen)) return true;
-  denial->used = NanoUsd(seen);
+  if (elsewhere <= limit || limit == shm::kUnlimited) {
+    if (c.spend.tryHold(amount, limit == shm::kUnlimited ? limit : limit - elsewhere, &seen)) return true;
+  } else {
+    seen = c.spend.used();   // the fleet is already past the limit
+  }
+  denial->used = NanoUsd(seen + elsewhere);
   denial->limit = NanoUsd(limit);
   return false;
 }
@@ -169,7 +175,7 @@ Decision Engine::check(const CallSite& site, std::int64_t prompt, std::int64_t c
     std::int64_t used = 0;
     std::int64_t limit = shm::kUnlimited;
     if (Counters* c = layers.at[i]) {
-      used = c->spend.used();
+      used = c->spend.used() + c->elsewhere.load(kRelaxed);
       limit = c->limit.load(kRelaxed);
     } else if (i == shm::kLayerTenant || (i == shm::kLayerRun && site.run != CallSite::kNone)) {
       // Not in the table yet: nothing spent, and the default limit is what it will get.
@@ -482,6 +488,7 @@ BudgetView Engine::view(const Counters* c, std::int64_t default_limit) const {
   v.committed = NanoUsd(committed);
   // Two separate loads: clamp the transient a concurrent commit can show between them.
   v.held = NanoUsd(std::max<std::int64_t>(0, c->spend.used() - committed));
+  v.elsewhere = NanoUsd(c->elsewhere.load(kRelaxed));
   v.prompt_tokens = c->prompt_tokens.load(kRelaxed);
   v.completion_tokens = c->completion_tokens.load(kRelaxed);
   v.calls = c->calls.load(kRelaxed);

@@ -19,7 +19,7 @@ namespace tokenfuse::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'45'53'55'46'4e'4b'54ull;   // "TKNFUSE1"
 // Increment whenever anything in this file changes the bytes or the meaning of the region.
-inline constexpr std::uint32_t kLayoutVersion = 3;
+inline constexpr std::uint32_t kLayoutVersion = 4;
 
 inline constexpr std::size_t kKeyMax = 128;      // project_id, run_id, model, agent_id bytes
 inline constexpr std::size_t kReasonMax = 256;   // kill switch reason bytes
@@ -55,20 +55,24 @@ struct alignas(16) Spend {
 };
 static_assert(sizeof(Spend) == 16);
 
-// One budget layer: the platform, a tenant or a run. Money in nano-USD.
+// One budget layer: the platform, a tenant or a run. Money in nano-USD. The first cache line is
+// what decisions read and write; the second holds statistics the agent writes.
 struct alignas(64) Counters {
   Spend spend;                             // CAS-guarded against limit; applications keep it
   std::atomic<std::int64_t> limit;         // kUnlimited, or the most committed + held may reach
-  // Statistics the agent keeps from the ledger entries it writes, so that the hot path pays for
-  // money only. They trail the ledger by at most its flush interval.
-  std::atomic<std::int64_t> prompt_tokens;
-  std::atomic<std::int64_t> completion_tokens;
-  std::atomic<std::int64_t> calls;
+  // Spent today on other hosts of the fleet (the central link; 0 without one). The agent sets it;
+  // decisions count it as used, so the layer allows limit - elsewhere here.
+  std::atomic<std::int64_t> elsewhere;
   std::atomic<std::int64_t> denials;       // applications count their denials
   std::atomic<std::uint32_t> limit_explicit;  // 0: limit follows the region default
   std::uint32_t pad_;
+  // Statistics the agent keeps from the ledger entries it writes, so that the hot path pays for
+  // money only. They trail the ledger by at most its flush interval.
+  alignas(64) std::atomic<std::int64_t> prompt_tokens;
+  std::atomic<std::int64_t> completion_tokens;
+  std::atomic<std::int64_t> calls;
 };
-static_assert(sizeof(Counters) == 64);
+static_assert(sizeof(Counters) == 128);
 
 // Key slot state word: [63..32] hash tag | [31..30] state | [29..0] pid of the inserter.
 enum KeyState : std::uint32_t { kKeyEmpty = 0, kKeyInit = 1, kKeyReady = 2, kKeyTombstone = 3 };
@@ -84,7 +88,7 @@ struct alignas(64) BudgetSlot {
   KeyHeader k;
   alignas(64) Counters c;
 };
-static_assert(sizeof(BudgetSlot) == 256);
+static_assert(sizeof(BudgetSlot) == 320);
 static_assert(offsetof(BudgetSlot, c) == 192);
 
 // A price table entry. Rates are atomics so the agent can change a price while clients read it.

@@ -311,3 +311,43 @@ TEST_CASE("price: the table's price, the fallback for an unknown model, zero for
   CHECK(t.client->price("gpt-4o") == Price{1, 2});
   CHECK_FALSE(t.admin->setPrice("x", {kMaxPriceNanoPerMtok + 1, 0}).ok());
 }
+
+TEST_CASE("fleet: what other hosts spent counts as used, in checks, reservations and streaming charges") {
+  TestRegion t;
+  REQUIRE(t.admin->setLimit(LimitTable::kTenant, "acme", usd("1.00")).ok());
+  REQUIRE(t.admin->setElsewhere(t.admin->day(), "acme", usd("0.98")).ok());
+  CHECK(t.client->tenant("acme").elsewhere == usd("0.98"));
+  // 4000 sonnet prompt tokens: $0.012; 0.98 + 0.012 <= 1.00, and a second would not fit.
+  CHECK(t.client->check("acme", "claude-sonnet-4-6", kPrompt).allowed());
+  Reservation r;
+  REQUIRE(t.client->reserve({"acme", "claude-sonnet-4-6", {}, {}, kPrompt, 0, 0}, &r).allowed());
+  const Decision d = t.client->check("acme", "claude-sonnet-4-6", kPrompt);
+  CHECK(d.code == Code::kTenantBudgetExhausted);
+  CHECK(d.used == usd("0.992"));   // held here + spent elsewhere
+  Reservation r2;
+  const Decision d2 = t.client->reserve({"acme", "claude-sonnet-4-6", {}, {}, kPrompt, 0, 0}, &r2);
+  CHECK(d2.code == Code::kTenantBudgetExhausted);
+  CHECK(d2.used == usd("0.992"));
+  // A stream may grow its hold only up to what is left: 1.00 - 0.98 = 0.02 in all.
+  CHECK(t.client->charge(r, kPrompt, 500).allowed());                        // $0.0195
+  CHECK(t.client->charge(r, 0, 100).code == Code::kTenantBudgetExhausted);   // $0.021
+  CHECK(t.client->release(r).allowed());
+
+  // The fleet already past the limit: even a zero estimate of a paid model is refused.
+  REQUIRE(t.admin->setElsewhere(t.admin->day(), "acme", usd("1.5")).ok());
+  CHECK(t.client->check("acme", "claude-sonnet-4-6", 0).code == Code::kTenantBudgetExhausted);
+  CHECK(t.client->reserve({"acme", "claude-sonnet-4-6", {}, {}, 0, 0, 0}, &r).code == Code::kTenantBudgetExhausted);
+  CHECK(t.client->check("acme", "qwen3:8b", kPrompt).allowed());   // free models skip the money layers
+
+  // The platform layer likewise; and a new day forgets what other hosts spent yesterday.
+  REQUIRE(t.admin->setElsewhere(t.admin->day(), "", usd("10")).ok());
+  t.admin->setPlatformLimit(usd("10"));
+  CHECK(t.client->check("beta", "claude-sonnet-4-6", kPrompt).code == Code::kPlatformBudgetExhausted);
+  const std::int32_t yesterday = t.admin->day();
+  t.admin->rollover(yesterday + 1);
+  CHECK(t.client->platform().elsewhere == NanoUsd(0));
+  CHECK(t.client->tenant("acme").elsewhere == NanoUsd(0));
+  CHECK(t.client->check("acme", "claude-sonnet-4-6", kPrompt).allowed());
+  CHECK_FALSE(t.admin->setElsewhere(yesterday, "acme", usd("0.5")).ok());   // a late answer for yesterday
+  CHECK(t.client->tenant("acme").elsewhere == NanoUsd(0));
+}

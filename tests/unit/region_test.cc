@@ -81,7 +81,7 @@ TEST_CASE("region: the header layout is what docs/shm-format.md says") {
   CHECK(offsetof(shm::Header, ledger_tail) == 192);
   CHECK(offsetof(shm::Header, ledger_head) == 256);
   CHECK(offsetof(shm::Header, kill) == 320);
-  CHECK(sizeof(shm::BudgetSlot) == 256);
+  CHECK(sizeof(shm::BudgetSlot) == 320);
   CHECK(sizeof(shm::ModelSlot) == 256);
   CHECK(sizeof(shm::ReservationSlot) == 640);
   CHECK(sizeof(shm::LedgerSlot) == 768);

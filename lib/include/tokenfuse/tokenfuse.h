@@ -75,6 +75,7 @@ typedef struct tf_budget_view {
   int64_t denials;
   int32_t day;
   int32_t reserved_;
+  int64_t elsewhere_nano_usd; /* spent today on the fleet's other hosts (central link) */
 } tf_budget_view;
 
 typedef struct tf_kill_state {

@@ -134,6 +134,7 @@ struct BudgetView {
   std::optional<NanoUsd> limit;       // nullopt: unlimited
   NanoUsd committed;                  // booked in the current budget day
   NanoUsd held;                       // held by live reservations
+  NanoUsd elsewhere;                  // spent today on the fleet's other hosts (central link)
   // From the ledger: these trail committed by at most the agent's ledger flush interval.
   std::int64_t prompt_tokens = 0;
   std::int64_t completion_tokens = 0;

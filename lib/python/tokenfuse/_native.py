@@ -77,6 +77,7 @@ class BudgetView(ctypes.Structure):
         ("denials", ctypes.c_int64),
         ("day", ctypes.c_int32),
         ("reserved_", ctypes.c_int32),
+        ("elsewhere_nano_usd", ctypes.c_int64),
     ]
 
 

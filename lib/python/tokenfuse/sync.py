@@ -352,7 +352,8 @@ def reserve(
 # --- Views ---------------------------------------------------------------------------------------
 
 def tenant_usage(project_id: str) -> dict:
-    """Today's spending of a tenant: used_usd, reserved_usd, limit_usd (None = unlimited), calls."""
+    """Today's spending of a tenant on this host: used_usd, reserved_usd, elsewhere_usd (the
+    fleet's other hosts, with a central link), limit_usd (None = unlimited), calls."""
     return _view(lambda h, v: n.lib.tf_tenant_usage(h, project_id.encode(), v))
 
 
@@ -370,6 +371,7 @@ def _view(fill) -> dict:
     return {
         "used_usd": n.usd(v.committed_nano_usd),
         "reserved_usd": n.usd(v.held_nano_usd),
+        "elsewhere_usd": n.usd(v.elsewhere_nano_usd),
         "limit_usd": n.usd(v.limit_nano_usd) if v.has_limit else None,
         "calls": v.calls,
     }
