@@ -58,6 +58,11 @@ Agent::Agent(Config config, Options options)
       LedgerWriter::Options{65536, std::chrono::milliseconds(config_.ledger_flush_interval_ms),
                             std::chrono::milliseconds(5000)});
   applyConfig();
+  if (config_.central.enabled()) {
+    central_ = std::make_unique<CentralLink>(
+        config_.central, *admin_, ledgerPath(), config_.host_id, [this] { return toUnixNs(clock_()); },
+        [this](bool active, const std::string& reason, std::int64_t expires) { applyFleetKill(active, reason, expires); });
+  }
 
   const auto now = clock_();
   const std::int32_t today = days_.dayOf(now);
@@ -239,8 +244,14 @@ void Agent::applyConfig() {
     }
   }
   const std::vector<LimitOverride> overrides = settings_->limitOverrides();
+  const bool tenants_from_postgres = !config_.central.postgres_url.empty();
   for (const LimitOverride& o : overrides) {
     const Scope scope = o.scope == "platform" ? Scope::kPlatform : o.scope == "run" ? Scope::kRun : Scope::kTenant;
+    if (scope == Scope::kTenant && tenants_from_postgres) {
+      log::warn("limit_override_ignored", {{"scope", o.scope}, {"id", o.id},
+                                           {"why", "tenant limits come from awooop_projects (central.postgres_url)"}});
+      continue;
+    }
     if (Status s = applyLimit(scope, o.id, limitOf(o)); !s.ok()) {
       // A saved change must not stop the agent: the config's limit stays in force for it.
       log::error("limit_override_skipped", {{"scope", o.scope}, {"id", o.id}, {"error", s.message()},
@@ -251,6 +262,7 @@ void Agent::applyConfig() {
     if (scope != Scope::kPlatform) explicit_ids.emplace(tableOf(scope), o.id);
   }
   for (const LimitTable table : {LimitTable::kTenant, LimitTable::kRun}) {
+    if (table == LimitTable::kTenant && tenants_from_postgres) continue;   // the central link keeps them
     std::vector<std::string> stale;
     a.forEachExplicit(table, [&](std::string_view id, std::optional<NanoUsd>) {
       if (!explicit_ids.contains({table, std::string(id)})) stale.emplace_back(id);
@@ -312,6 +324,8 @@ void Agent::tick() {
 
 void Agent::run(std::stop_token stop) {
   std::jthread writer([this](std::stop_token s) { writer_->run(s); });
+  std::jthread central;
+  if (central_) central = std::jthread([this](std::stop_token s) { central_->run(s); });
   std::mutex mu;
   std::condition_variable_any cv;
   const auto period = std::chrono::milliseconds(config_.tick_ms);
@@ -343,6 +357,15 @@ Status Agent::applyLimit(Scope scope, const std::string& id, std::optional<std::
 
 Status Agent::setLimit(Scope scope, const std::string& id, std::optional<NanoUsd> limit) {
   std::lock_guard lock(settings_mu_);
+  if (scope == Scope::kTenant && central_ && central_->hasPostgres()) {
+    // The fleet's source of tenant limits: Postgres first (throws LinkError), then here at once.
+    if (Status s = admin_->setLimit(LimitTable::kTenant, id, admin_->engine().tenant(id).limit); !s.ok()) return s;
+    central_->writeTenantLimit(id, limit);
+    (void)applyLimit(scope, id, limit);
+    log::info("budget_limit_set", {{"scope", "tenant"}, {"id", id}, {"limit_usd", usdOrUnlimited(limit)},
+                                   {"saved_in", "awooop_projects"}});
+    return {};
+  }
   // Into the region first: it checks the id and has room, or nothing is saved.
   if (Status s = applyLimit(scope, id, limit); !s.ok()) return s;
   try {
@@ -360,6 +383,10 @@ Status Agent::setLimit(Scope scope, const std::string& id, std::optional<NanoUsd
 
 Status Agent::resetLimit(Scope scope, const std::string& id) {
   std::lock_guard lock(settings_mu_);
+  if (scope == Scope::kTenant && central_ && central_->hasPostgres()) {
+    return Status::error("tenant limits come from awooop_projects.budget_limit_usd: set one (limit set) or make it "
+                         "unlimited (limit clear)");
+  }
   settings_->eraseLimit(scopeName(scope), id);   // throws LedgerError: nothing changed
   const auto limit = configuredLimit(scope, id);
   if (Status s = applyLimit(scope, id, limit); !s.ok()) return s;
@@ -374,6 +401,7 @@ void Agent::setKill(const std::string& reason, std::int64_t ttl_s) {
   const StoredKill k{true, reason, now, ttl_s == 0 ? 0 : now + ttl_s * 1'000'000'000};
   admin_->setKill(k.reason, k.since_unix_ns, k.expires_unix_ns);   // first: it must not wait for a disk
   log::warn("budget_emergency_kill_activated", {{"reason", reason}, {"source", "admin_api"}, {"ttl_s", ttl_s}});
+  if (central_) central_->publishKill(true, reason, ttl_s);   // to every host, now or once Redis is back
   try {
     settings_->saveKill(k);
   } catch (const LedgerError& e) {
@@ -387,7 +415,26 @@ void Agent::clearKill() {
   std::lock_guard lock(settings_mu_);
   settings_->saveKill({false, {}, toUnixNs(clock_()), 0});   // throws LedgerError: nothing changed
   admin_->clearKill();
+  if (central_) central_->publishKill(false, {}, 0);
   log::info("budget_emergency_kill_deactivated", {{"source", "admin_api"}});
+}
+
+void Agent::applyFleetKill(bool active, const std::string& reason, std::int64_t expires_unix_ns) {
+  std::lock_guard lock(settings_mu_);
+  if (!active && config_.kill_active) return;   // this host's config file keeps it on
+  const std::int64_t now = toUnixNs(clock_());
+  if (active) {
+    admin_->setKill(reason, now, expires_unix_ns);
+    log::warn("budget_emergency_kill_activated", {{"reason", reason}, {"source", "fleet"}});
+  } else {
+    admin_->clearKill();
+    log::info("budget_emergency_kill_deactivated", {{"source", "fleet"}});
+  }
+  try {
+    settings_->saveKill({active, reason, now, expires_unix_ns});
+  } catch (const LedgerError& e) {
+    log::error("kill_switch_not_saved", {{"error", e.what()}, {"source", "fleet"}});
+  }
 }
 
 }  // namespace tokenfuse

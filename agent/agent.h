@@ -6,6 +6,7 @@
 // Thread-safety: construct and destroy on one thread; tick() and run() on one thread at a time.
 #pragma once
 
+#include "central.h"
 #include "config.h"
 #include "day_clock.h"
 #include "ledger.h"
@@ -57,6 +58,7 @@ class Agent {
   RegionAdmin& admin() noexcept { return *admin_; }
   bool adoptedRegion() const noexcept { return adopted_; }
   const Config& config() const noexcept { return config_; }
+  CentralLink* central() noexcept { return central_.get(); }   // nullptr: alone
   std::string ledgerPath() const { return config_.data_dir + "/ledger.db"; }
 
   // Changes made through the admin API. Each is applied to the region and saved in the data
@@ -78,6 +80,8 @@ class Agent {
   static LimitTable tableOf(Scope scope);
   // The config file's limit for `id`: nullopt when it names none (the default applies).
   std::optional<std::optional<NanoUsd>> configuredLimit(Scope scope, const std::string& id) const;
+  // The kill switch as the fleet has it (the central link).
+  void applyFleetKill(bool active, const std::string& reason, std::int64_t expires_unix_ns);
   // `limit` nullopt: back to the default.
   Status applyLimit(Scope scope, const std::string& id, std::optional<std::optional<NanoUsd>> limit);
   void lockDataDir();
@@ -94,6 +98,7 @@ class Agent {
   std::unique_ptr<Region> region_;
   std::unique_ptr<RegionAdmin> admin_;
   std::unique_ptr<LedgerWriter> writer_;
+  std::unique_ptr<CentralLink> central_;
   bool adopted_ = false;
   bool warned_clock_behind_ = false;
 };

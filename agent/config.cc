@@ -140,7 +140,7 @@ Config parseConfig(const std::string& text, const std::string& origin) {
     throw ConfigError(msg.str());
   }
   Config c = defaultConfig();
-  rejectUnknown(root, origin, "", {"agent", "region", "ledger", "http", "budgets", "kill_switch", "prices"});
+  rejectUnknown(root, origin, "", {"agent", "region", "ledger", "http", "budgets", "kill_switch", "prices", "central"});
   if (const toml::table* h = subtable(root, "http", origin, "")) {
     rejectUnknown(*h, origin, "http.", {"listen", "admin_token_file"});
     if (h->get("listen") != nullptr) {
@@ -227,7 +227,78 @@ Config parseConfig(const std::string& text, const std::string& origin) {
                                         " models; raise region.model_capacity to at least twice that");
     }
   }
+
+  if (const toml::table* ct = subtable(root, "central", origin, "")) {
+    rejectUnknown(*ct, origin, "central.",
+                  {"redis_url", "postgres_url", "sync_interval_ms", "limits_interval_ms", "push_batch",
+                   "reference_keys", "lease_fraction", "connect_timeout_ms"});
+    CentralConfig& cc = c.central;
+    cc.redis_url = getString(*ct, "redis_url", origin, "central.redis_url", "");
+    if (!cc.redis_url.empty()) {
+      if (auto why = parseRedisUrl(cc.redis_url, &cc.redis); !why.empty()) fail(origin, "central.redis_url", why);
+    }
+    cc.postgres_url = getString(*ct, "postgres_url", origin, "central.postgres_url", "");
+    if (!cc.postgres_url.empty() && cc.postgres_url.rfind("postgresql://", 0) != 0 &&
+        cc.postgres_url.rfind("postgres://", 0) != 0) {
+      fail(origin, "central.postgres_url", "must be a URL such as postgresql://user@host:5432/db");
+    }
+    cc.sync_interval_ms = getInt(*ct, "sync_interval_ms", origin, "central.sync_interval_ms", 1000, 10, 600'000);
+    cc.limits_interval_ms = getInt(*ct, "limits_interval_ms", origin, "central.limits_interval_ms", 10'000, 100, 3'600'000);
+    cc.connect_timeout_ms = getInt(*ct, "connect_timeout_ms", origin, "central.connect_timeout_ms", 2000, 10, 60'000);
+    cc.push_batch = getInt(*ct, "push_batch", origin, "central.push_batch", 50'000, 1, 1'000'000);
+    if (const toml::node* n = ct->get("reference_keys")) {
+      if (!n->is_boolean()) fail(origin, "central.reference_keys", "must be true or false");
+      cc.reference_keys = n->as_boolean()->get();
+    }
+    if (const toml::node* n = ct->get("lease_fraction")) {
+      if (!n->is_string()) fail(origin, "central.lease_fraction", "must be a string such as \"0.25\" (or \"0\": off)");
+      std::string why;
+      const auto v = NanoUsd::parse(n->as_string()->get(), &why);   // a decimal with up to 9 digits
+      if (!v || v->count() > 1'000'000'000) fail(origin, "central.lease_fraction", "must be a fraction from 0 to 1");
+      cc.lease_fraction_ppb = v->count();
+    }
+    if (cc.enabled() && !c.tenant_limits.empty() && !cc.postgres_url.empty()) {
+      fail(origin, "budgets.tenants",
+           "with central.postgres_url, tenant limits come from awooop_projects.budget_limit_usd: remove "
+           "[budgets.tenants] (and set them there, or with tokenfuse limit set)");
+    }
+  }
   return c;
+}
+
+std::string parseRedisUrl(const std::string& url, RedisEndpoint* out) {
+  // redis://[[user]:password@]host[:port][/db]
+  constexpr std::string_view kScheme = "redis://";
+  if (url.rfind(kScheme, 0) != 0) return "must be a URL such as redis://127.0.0.1:6379/0";
+  std::string rest = url.substr(kScheme.size());
+  RedisEndpoint e;
+  if (const auto at = rest.rfind('@'); at != std::string::npos) {
+    const std::string auth = rest.substr(0, at);
+    rest = rest.substr(at + 1);
+    const auto colon = auth.find(':');
+    e.user = colon == std::string::npos ? std::string() : auth.substr(0, colon);
+    e.password = colon == std::string::npos ? auth : auth.substr(colon + 1);
+  }
+  if (const auto slash = rest.find('/'); slash != std::string::npos) {
+    const std::string db = rest.substr(slash + 1);
+    rest = rest.substr(0, slash);
+    if (!db.empty()) {
+      const auto [end, ec] = std::from_chars(db.data(), db.data() + db.size(), e.db);
+      if (ec != std::errc{} || end != db.data() + db.size() || e.db < 0) return "the database after '/' must be a number";
+    }
+  }
+  if (const auto colon = rest.rfind(':'); colon != std::string::npos && rest.find(']') == std::string::npos) {
+    const std::string port = rest.substr(colon + 1);
+    rest = rest.substr(0, colon);
+    const auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), e.port);
+    if (ec != std::errc{} || end != port.data() + port.size() || e.port <= 0 || e.port > 65535) {
+      return "the port must be a number from 1 to 65535";
+    }
+  }
+  if (rest.empty()) return "names no host";
+  e.host = rest;
+  *out = e;
+  return {};
 }
 
 void parseListen(const std::string& text, const std::string& key, Config* config) {

@@ -19,6 +19,28 @@ class ConfigError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+struct RedisEndpoint {
+  std::string host;
+  int port = 6379;
+  std::string user, password;   // empty: no AUTH
+  int db = 0;
+};
+
+// [central]: the fleet link. Without a URL the agent runs alone on its SQLite ledger.
+struct CentralConfig {
+  std::string redis_url;      // redis://[[user]:password@]host[:port][/db]
+  RedisEndpoint redis;
+  std::string postgres_url;   // postgresql://user[:password]@host[:port]/db (libpq)
+  std::int64_t sync_interval_ms = 1000;      // push and pull this often
+  std::int64_t limits_interval_ms = 10'000;  // read awooop_projects this often
+  std::int64_t connect_timeout_ms = 2000;
+  std::int64_t push_batch = 50'000;          // ledger entries per Postgres transaction
+  bool reference_keys = false;               // also keep the reference service's Redis keys current
+  std::int64_t lease_fraction_ppb = 0;       // 0: off; else the share of a tenant's remaining budget
+                                             // (parts per billion) this host may spend while the link is down
+  bool enabled() const { return !redis_url.empty() || !postgres_url.empty(); }
+};
+
 struct Config {
   // [agent]
   std::string shm_name = "tokenfuse";
@@ -59,6 +81,9 @@ struct Config {
   Price fallback_price;                              // set from the reference unless configured
   bool replace_reference_prices = false;             // true: only [prices.models] is loaded
   std::map<std::string, Price, std::less<>> prices;  // the effective table
+
+  // [central]
+  CentralConfig central;
 };
 
 // The defaults, including the reference's price table.
@@ -68,6 +93,8 @@ Config loadConfig(const std::string& path);
 // Parses "127.0.0.1:8787", "[::1]:0" or "off" into config.http_host/http_port. Throws ConfigError
 // naming `key`.
 void parseListen(const std::string& text, const std::string& key, Config* config);
+// Parses a redis:// URL. Returns what is wrong with it, or "" (and sets *out).
+std::string parseRedisUrl(const std::string& url, RedisEndpoint* out);
 // Parses TOML text over the defaults; `origin` names it in messages. Throws ConfigError.
 Config parseConfig(const std::string& toml_text, const std::string& origin);
 

@@ -185,7 +185,7 @@ std::string loadOrCreateToken(const std::string& path) {
 
 HttpApi::HttpApi(Agent& agent, Options options)
     : agent_(agent), admin_(agent.admin()), engine_(admin_.engine()), options_(std::move(options)),
-      metrics_(admin_), server_(std::make_unique<httplib::Server>()) {
+      metrics_(admin_, agent.central() != nullptr ? &agent.central()->stats() : nullptr), server_(std::make_unique<httplib::Server>()) {
   server_->set_tcp_nodelay(true);
   server_->set_keep_alive_max_count(100000);
   server_->set_payload_max_length(options_.max_body_bytes);
@@ -230,6 +230,8 @@ void HttpApi::routes() {
     } catch (const NotSavedError& e) {
       reply(res, 503, {{"error", "not_saved"}, {"applied", true}, {"message", e.what()}});
     } catch (const LedgerError& e) {
+      reply(res, 503, {{"error", "unavailable"}, {"applied", false}, {"message", e.what()}});
+    } catch (const LinkError& e) {
       reply(res, 503, {{"error", "unavailable"}, {"applied", false}, {"message", e.what()}});
     } catch (const std::exception& e) {
       reply(res, 500, {{"error", "internal"}, {"message", e.what()}});

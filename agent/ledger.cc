@@ -382,12 +382,15 @@ void Ledger::setMetaInt(const std::string& key, std::int64_t value) {
   }
 }
 
-std::vector<DaySpend> Ledger::spendUpdatedAfter(std::uint64_t seq) {
+std::vector<DaySpend> Ledger::spendUpdatedAfter(std::uint64_t seq) { return spend("updated_seq > ?", seq); }
+
+std::vector<DaySpend> Ledger::spendOfDay(std::int32_t day) { return spend("day = ?", day); }
+
+std::vector<DaySpend> Ledger::spend(const char* where, std::int64_t value) {
   try {
-    SQLite::Statement q(*db_,
-                        "SELECT day, project_id, cost_nano_usd, updated_seq FROM spend_by_day WHERE updated_seq > ? "
-                        "ORDER BY day, project_id");
-    q.bind(1, static_cast<std::int64_t>(seq));
+    SQLite::Statement q(*db_, std::string("SELECT day, project_id, cost_nano_usd, updated_seq FROM spend_by_day WHERE ") +
+                                  where + " ORDER BY day, project_id");
+    q.bind(1, value);
     std::vector<DaySpend> out;
     while (q.executeStep()) {
       out.push_back({q.getColumn(0).getInt(), q.getColumn(1).getString(), q.getColumn(2).getInt64(),

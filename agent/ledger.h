@@ -99,6 +99,7 @@ class Ledger {
   void setMetaInt(const std::string& key, std::int64_t value);
   // Per-tenant day totals that changed after ledger entry `seq`.
   std::vector<DaySpend> spendUpdatedAfter(std::uint64_t seq);
+  std::vector<DaySpend> spendOfDay(std::int32_t day);
   std::int64_t daySpend(std::int32_t day);   // the platform's: all tenants
 
   // Admin settings, kept in the same file. Throw LedgerError.
@@ -111,6 +112,7 @@ class Ledger {
  private:
   explicit Ledger(std::unique_ptr<SQLite::Database> db);
   std::vector<LedgerEntry> listOrThrow(const LedgerFilter& filter);
+  std::vector<DaySpend> spend(const char* where, std::int64_t value);
   std::unique_ptr<SQLite::Database> db_;
   std::unique_ptr<SQLite::Statement> insert_;
   std::unique_ptr<SQLite::Statement> add_spend_;

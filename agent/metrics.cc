@@ -1,11 +1,14 @@
 #include "metrics.h"
 
 #include "admin.h"
+#include "central.h"
 #include "layout.h"
 
 #include <prometheus/collectable.h>
 #include <prometheus/metric_family.h>
 #include <prometheus/text_serializer.h>
+
+#include <tuple>
 
 namespace tokenfuse {
 
@@ -105,11 +108,50 @@ class RegionCollector final : public prometheus::Collectable {
   RegionAdmin& admin_;
 };
 
+// The central link: up or down, how far behind, how much it pushed.
+class LinkCollector final : public prometheus::Collectable {
+ public:
+  explicit LinkCollector(const LinkStats& s) : s_(s) {}
+
+  std::vector<MetricFamily> Collect() const override {
+    std::vector<MetricFamily> out;
+    auto& up = out.emplace_back(family("tokenfuse_central_up", "1 while the link to the central store works",
+                                       MetricType::Gauge));
+    auto& backlog = out.emplace_back(family("tokenfuse_central_backlog_entries",
+                                            "Durable ledger entries not yet in the central store", MetricType::Gauge));
+    auto& age = out.emplace_back(family("tokenfuse_central_last_success_unix_seconds",
+                                        "When a sync with the central store last succeeded", MetricType::Gauge));
+    const std::uint64_t ledger = s_.ledger_seq.load();
+    for (const auto& [name, configured, is_up, seq, ok] :
+         {std::tuple{"redis", &s_.redis_configured, &s_.redis_up, &s_.redis_seq, &s_.redis_ok_unix_ns},
+          std::tuple{"postgres", &s_.postgres_configured, &s_.postgres_up, &s_.postgres_seq, &s_.postgres_ok_unix_ns}}) {
+      if (!configured->load()) continue;
+      sample(up, is_up->load() ? 1 : 0, {{"link", name}});
+      sample(backlog, static_cast<double>(ledger > seq->load() ? ledger - seq->load() : 0), {{"link", name}});
+      sample(age, static_cast<double>(ok->load()) / 1e9, {{"link", name}});
+    }
+    sample(out.emplace_back(family("tokenfuse_central_pushed_entries_total", "Ledger entries pushed to Postgres",
+                                   MetricType::Counter)),
+           static_cast<double>(s_.pushed_entries.load()));
+    sample(out.emplace_back(family("tokenfuse_central_pushed_totals_total",
+                                   "Per-tenant day totals pushed to Redis", MetricType::Counter)),
+           static_cast<double>(s_.pushed_totals.load()));
+    sample(out.emplace_back(family("tokenfuse_central_sync_errors_total", "Failed syncs with the central store",
+                                   MetricType::Counter)),
+           static_cast<double>(s_.sync_errors.load()));
+    return out;
+  }
+
+ private:
+  const LinkStats& s_;
+};
+
 }  // namespace
 
-Metrics::Metrics(RegionAdmin& admin)
+Metrics::Metrics(RegionAdmin& admin, const LinkStats* link)
     : registry_(std::make_shared<prometheus::Registry>()),
       region_(std::make_shared<RegionCollector>(admin)),
+      link_(link != nullptr ? std::make_shared<LinkCollector>(*link) : nullptr),
       decisions_family_(prometheus::BuildCounter()
                             .Name("tokenfuse_http_decisions_total")
                             .Help("Decisions made through the HTTP API, by endpoint, result and error code")
@@ -145,6 +187,9 @@ void Metrics::decision(Endpoint endpoint, Code code) noexcept {
 std::string Metrics::scrape() const {
   std::vector<MetricFamily> families = registry_->Collect();
   for (MetricFamily& f : region_->Collect()) families.push_back(std::move(f));
+  if (link_) {
+    for (MetricFamily& f : link_->Collect()) families.push_back(std::move(f));
+  }
   return prometheus::TextSerializer().Serialize(families);
 }
 

@@ -22,12 +22,14 @@
 namespace tokenfuse {
 
 class RegionAdmin;
+struct LinkStats;
 
 class Metrics {
  public:
   enum class Endpoint { kCheck, kReserve, kCommit, kCharge, kRelease, kUsage, kCount };
 
-  explicit Metrics(RegionAdmin& admin);
+  // `link`: the central link's state, or nullptr when the agent runs alone.
+  Metrics(RegionAdmin& admin, const LinkStats* link);
   ~Metrics();
 
   // Counts one decision made over HTTP.
@@ -41,6 +43,7 @@ class Metrics {
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<prometheus::Collectable> region_;
+  std::shared_ptr<prometheus::Collectable> link_;   // nullptr: no central link
   prometheus::Family<prometheus::Counter>& decisions_family_;
   // Created on first use, so that only codes that occurred are exported.
   std::array<std::array<std::atomic<prometheus::Counter*>, kCodes>, static_cast<std::size_t>(Endpoint::kCount)>

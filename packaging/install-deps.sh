@@ -20,6 +20,7 @@ packages=(
   prometheus-cpp-dev           # metrics
   # tests and benchmarks
   doctest-dev libbenchmark-dev python3 wrk
+  redis-server postgresql      # the central link's tests start their own, on free ports
 )
 
 missing=()

@@ -1,0 +1,570 @@
+#include "central.h"
+
+#include "day_clock.h"
+#include "layout.h"
+#include "log.h"
+
+#include <hiredis/hiredis.h>
+#include <pqxx/pqxx>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <tuple>
+
+namespace tokenfuse {
+
+// --- Redis ---------------------------------------------------------------------------------------
+
+namespace {
+
+struct ReplyDeleter {
+  void operator()(redisReply* r) const noexcept { freeReplyObject(r); }
+};
+using Reply = std::unique_ptr<redisReply, ReplyDeleter>;
+
+std::string text(const redisReply* r) {
+  return r != nullptr && (r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_STATUS) ? std::string(r->str, r->len)
+                                                                                          : std::string();
+}
+
+std::int64_t integer(const redisReply* r) {
+  if (r == nullptr) return 0;
+  if (r->type == REDIS_REPLY_INTEGER) return r->integer;
+  if (r->type == REDIS_REPLY_STRING) return std::strtoll(r->str, nullptr, 10);
+  return 0;
+}
+
+}  // namespace
+
+// One connection, commands as argument vectors (no string formatting, so ids cannot inject).
+class RedisConnection {
+ public:
+  RedisConnection(const RedisEndpoint& e, std::int64_t timeout_ms) {
+    timeval tv{static_cast<time_t>(timeout_ms / 1000), static_cast<suseconds_t>(timeout_ms % 1000 * 1000)};
+    ctx_ = redisConnectWithTimeout(e.host.c_str(), e.port, tv);
+    if (ctx_ == nullptr || ctx_->err != 0) {
+      const std::string why = ctx_ != nullptr ? ctx_->errstr : "out of memory";
+      if (ctx_ != nullptr) redisFree(ctx_);
+      ctx_ = nullptr;
+      throw LinkError("redis " + e.host + ":" + std::to_string(e.port) + ": " + why);
+    }
+    redisSetTimeout(ctx_, tv);
+    if (!e.password.empty()) {
+      if (e.user.empty()) {
+        command({"AUTH", e.password});
+      } else {
+        command({"AUTH", e.user, e.password});
+      }
+    }
+    if (e.db != 0) command({"SELECT", std::to_string(e.db)});
+  }
+  ~RedisConnection() {
+    if (ctx_ != nullptr) redisFree(ctx_);
+  }
+  RedisConnection(const RedisConnection&) = delete;
+  RedisConnection& operator=(const RedisConnection&) = delete;
+
+  Reply command(const std::vector<std::string>& args) {
+    append(args);
+    return next();
+  }
+  // Pipelining: append several, then read as many replies.
+  void append(const std::vector<std::string>& args) {
+    std::vector<const char*> argv;
+    std::vector<std::size_t> lens;
+    for (const std::string& a : args) {
+      argv.push_back(a.data());
+      lens.push_back(a.size());
+    }
+    if (redisAppendCommandArgv(ctx_, static_cast<int>(args.size()), argv.data(), lens.data()) != REDIS_OK) fail();
+  }
+  Reply next() {
+    void* raw = nullptr;
+    if (redisGetReply(ctx_, &raw) != REDIS_OK || raw == nullptr) fail();
+    Reply r(static_cast<redisReply*>(raw));
+    if (r->type == REDIS_REPLY_ERROR) throw LinkError("redis: " + std::string(r->str, r->len));
+    return r;
+  }
+
+ private:
+  [[noreturn]] void fail() { throw LinkError(std::string("redis: ") + (ctx_->err != 0 ? ctx_->errstr : "no reply")); }
+  redisContext* ctx_ = nullptr;
+};
+
+namespace {
+
+constexpr const char* kKillKey = "platform:budget:emergency_kill";   // the reference's
+constexpr const char* kRefTenantPrefix = "budget:tenant:";             // the reference's
+constexpr const char* kRefPlatformKey = "budget:platform:daily_used_usd";
+constexpr std::int64_t kKeyTtlS = 3 * 86400;   // a day's keys outlive the day (time zones, late hosts)
+
+// Sets this host's cumulative spending for each field, adding only the difference to the fleet
+// total: running it twice with the same values changes nothing. Returns field, delta pairs.
+// Lua numbers are doubles: exact for totals below 2^53 nano-USD (9 million USD a tenant a day).
+constexpr const char* kPushScript = R"lua(
+local out = {}
+for i = 1, #ARGV, 2 do
+  local field, new = ARGV[i], tonumber(ARGV[i + 1])
+  local old = tonumber(redis.call('HGET', KEYS[2], field) or '0')
+  if new > old then
+    redis.call('HINCRBY', KEYS[1], field, new - old)
+    redis.call('HSET', KEYS[2], field, ARGV[i + 1])
+    out[#out + 1] = field
+    out[#out + 1] = tostring(new - old)
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV_TTL)
+redis.call('EXPIRE', KEYS[2], ARGV_TTL)
+return out
+)lua";
+
+std::string pushScript() {
+  std::string s = kPushScript;
+  const std::string ttl = std::to_string(kKeyTtlS);
+  for (std::size_t at; (at = s.find("ARGV_TTL")) != std::string::npos;) s.replace(at, 8, ttl);
+  return s;
+}
+
+std::string dayTag(std::int32_t day) { return "{tokenfuse:" + DayClock::format(day) + "}"; }
+std::string totalKey(std::int32_t day) { return dayTag(day) + ":total"; }
+std::string hostKey(std::int32_t day, const std::string& host) { return dayTag(day) + ":host:" + host; }
+std::string tenantField(std::string_view project_id) { return "t:" + std::string(project_id); }
+
+// "0.0125" (the reference's INCRBYFLOAT value) in nano-USD, rounded up; 0 if unreadable.
+std::int64_t floatUsdToNano(const std::string& s) {
+  char* end = nullptr;
+  const double v = std::strtod(s.c_str(), &end);
+  if (end == s.c_str() || !std::isfinite(v) || v <= 0) return 0;
+  return static_cast<std::int64_t>(std::ceil(v * 1e9));
+}
+
+std::string usdText(std::int64_t nano) { return NanoUsd(nano).toString(); }
+
+}  // namespace
+
+struct PgConnection {
+  explicit PgConnection(const std::string& url) : c(url) {}
+  pqxx::connection c;
+};
+
+// --- The link ------------------------------------------------------------------------------------
+
+CentralLink::CentralLink(const CentralConfig& config, RegionAdmin& admin, const std::string& ledger_path,
+                         std::string host_id, Clock clock, KillSink on_kill)
+    : config_(config), admin_(admin), host_id_(std::move(host_id)), clock_(std::move(clock)),
+      on_kill_(std::move(on_kill)) {
+  ledger_ = std::make_unique<Ledger>(ledger_path, host_id_);
+  stats_.redis_configured = hasRedis();
+  stats_.postgres_configured = hasPostgres();
+  stats_.redis_seq = static_cast<std::uint64_t>(ledger_->metaInt("central_redis_seq"));
+  stats_.postgres_seq = static_cast<std::uint64_t>(ledger_->metaInt("central_postgres_seq"));
+}
+
+CentralLink::~CentralLink() = default;
+
+void CentralLink::linkDown(const char* link, const std::string& why, std::atomic<bool>& up) {
+  ++stats_.sync_errors;
+  if (up.exchange(false) || !warned_.contains(link)) {
+    // Once per change: no log line per failed attempt.
+    warned_.insert(link);
+    log::warn("central_link_down", {{"link", link}, {"error", why}, {"fail_open", true}});
+  }
+}
+
+void CentralLink::linkUp(const char* link, std::atomic<bool>& up) {
+  if (!up.exchange(true)) log::info("central_link_up", {{"link", link}});
+  warned_.erase(link);
+}
+
+void CentralLink::syncOnce() {
+  stats_.ledger_seq = ledger_->maxSeq();
+  if (hasRedis()) syncRedis();
+  if (hasPostgres()) syncPostgres();
+}
+
+void CentralLink::run(std::stop_token stop) {
+  while (!stop.stop_requested()) {
+    syncOnce();
+    // A backlog drains at once; otherwise wait the interval, or until woken.
+    const bool backlog = stats_.postgres_up && stats_.postgres_seq < stats_.ledger_seq;
+    std::unique_lock lock(mu_);
+    if (!backlog) {
+      cv_.wait_for(lock, stop, std::chrono::milliseconds(config_.sync_interval_ms), [this] { return wake_; });
+    }
+    wake_ = false;
+  }
+}
+
+void CentralLink::wake() {
+  {
+    std::lock_guard lock(mu_);
+    wake_ = true;
+  }
+  cv_.notify_all();
+}
+
+void CentralLink::publishKill(bool active, const std::string& reason, std::int64_t ttl_s) {
+  {
+    std::lock_guard lock(mu_);
+    pending_kill_ = PendingKill{active, reason, ttl_s};
+  }
+  wake();
+}
+
+// --- Redis: totals and the kill switch -------------------------------------------------------------
+
+void CentralLink::syncRedis() {
+  const std::int64_t now = clock_();
+  if (redis_ == nullptr) {
+    if (now < next_redis_attempt_ns_) return;
+    try {
+      redis_ = std::make_unique<RedisConnection>(config_.redis, config_.connect_timeout_ms);
+    } catch (const LinkError& e) {
+      next_redis_attempt_ns_ = now + config_.sync_interval_ms * 1'000'000;
+      linkDown("redis", e.what(), stats_.redis_up);
+      applyLeases();
+      return;
+    }
+  }
+  try {
+    pushPendingKill();
+    pushTotals();
+    pullKill();
+    pullTotals();
+    stats_.redis_ok_unix_ns = clock_();
+    linkUp("redis", stats_.redis_up);
+    leases_applied_ = false;
+  } catch (const LinkError& e) {
+    redis_.reset();
+    linkDown("redis", e.what(), stats_.redis_up);
+    applyLeases();
+  } catch (const LedgerError& e) {
+    ++stats_.sync_errors;
+    log::error("central_sync_failed", {{"link", "redis"}, {"error", e.what()}});
+  }
+}
+
+void CentralLink::pushPendingKill() {
+  std::optional<PendingKill> k;
+  {
+    std::lock_guard lock(mu_);
+    k = pending_kill_;
+  }
+  if (!k) return;
+  if (k->active) {
+    std::vector<std::string> set{"SET", kKillKey, k->reason.empty() ? "activated" : k->reason};
+    if (k->ttl_s > 0) {
+      set.emplace_back("EX");
+      set.push_back(std::to_string(k->ttl_s));
+    }
+    redis_->command(set);
+  } else {
+    redis_->command({"DEL", kKillKey});
+  }
+  std::lock_guard lock(mu_);
+  if (pending_kill_ && pending_kill_->active == k->active && pending_kill_->reason == k->reason) pending_kill_.reset();
+}
+
+void CentralLink::pushTotals() {
+  // A Redis that lost its data (restarted without persistence, failed over, flushed) has lost
+  // this host's share too: put back all of today's, rather than forget spending as the
+  // reference did. The marker is this host's "seq" field, written after every push.
+  const std::int32_t today = admin_.day();
+  std::vector<DaySpend> changed;
+  if (stats_.redis_seq > 0 && redis_->command({"HEXISTS", hostKey(today, host_id_), "seq"})->integer == 0) {
+    changed = ledger_->spendOfDay(today);
+    if (!changed.empty()) log::warn("central_totals_repushed", {{"day", DayClock::format(today)}, {"tenants", changed.size()}});
+  }
+  for (DaySpend& d : ledger_->spendUpdatedAfter(stats_.redis_seq)) {
+    if (d.day != today || std::none_of(changed.begin(), changed.end(), [&](const DaySpend& c) {
+          return c.project_id == d.project_id;
+        })) {
+      changed.push_back(std::move(d));
+    }
+  }
+  if (changed.empty()) return;
+  std::sort(changed.begin(), changed.end(), [](const DaySpend& a, const DaySpend& b) {
+    return std::tie(a.day, a.project_id) < std::tie(b.day, b.project_id);
+  });
+  static const std::string script = pushScript();
+  std::uint64_t newest = stats_.redis_seq;
+  std::map<std::string, std::int64_t> ref_deltas;   // the reference's keys, mixed fleets only
+  for (auto it = changed.begin(); it != changed.end();) {
+    const std::int32_t day = it->day;
+    std::vector<std::string> cmd{"EVAL", script, "2", totalKey(day), hostKey(day, host_id_)};
+    for (; it != changed.end() && it->day == day; ++it) {
+      cmd.push_back(tenantField(it->project_id));
+      cmd.push_back(std::to_string(it->cost_nano_usd));
+      newest = std::max(newest, it->updated_seq);
+    }
+    cmd.emplace_back("p");
+    cmd.push_back(std::to_string(ledger_->daySpend(day)));
+    const std::size_t fields = (cmd.size() - 5) / 2;
+    const Reply r = redis_->command(cmd);
+    for (std::size_t i = 0; r->type == REDIS_REPLY_ARRAY && i + 1 < r->elements; i += 2) {
+      ref_deltas[text(r->element[i])] += integer(r->element[i + 1]);
+    }
+    stats_.pushed_totals += fields;
+  }
+  if (config_.reference_keys) {
+    // The reference service's own counters (USD floats with a 24 h TTL), so that its hosts and
+    // ours see each other's spending during a migration. Best effort: a crash between the script
+    // and these can leave them short by one sync's spending.
+    for (const auto& [field, delta] : ref_deltas) {
+      const std::string key = field == "p" ? std::string(kRefPlatformKey) : kRefTenantPrefix + field.substr(2);
+      redis_->append({"INCRBYFLOAT", key, usdText(delta)});
+      redis_->append({"EXPIRE", key, "86400"});
+    }
+    for (std::size_t i = 0; i < ref_deltas.size() * 2; ++i) redis_->next();
+  }
+  ledger_->setMetaInt("central_redis_seq", static_cast<std::int64_t>(newest));
+  stats_.redis_seq = newest;
+  redis_->command({"HSET", hostKey(today, host_id_), "seq", std::to_string(newest)});
+  redis_->command({"EXPIRE", hostKey(today, host_id_), std::to_string(kKeyTtlS)});
+}
+
+void CentralLink::pullKill() {
+  redis_->append({"GET", kKillKey});
+  redis_->append({"PTTL", kKillKey});
+  const Reply value = redis_->next();
+  const Reply pttl = redis_->next();
+  const KillSwitchState local = admin_.engine().killSwitch();
+  if (value->type == REDIS_REPLY_STRING) {
+    const std::string reason = text(value.get());
+    const std::int64_t ttl_ms = integer(pttl.get());
+    if (!local.active || local.reason != reason) on_kill_(true, reason, ttl_ms > 0 ? clock_() + ttl_ms * 1'000'000 : 0);
+  } else if (local.active) {
+    // Redis is the fleet's kill switch: off there is off here, unless this host's config file
+    // says otherwise (the agent keeps that rule).
+    on_kill_(false, {}, 0);
+  }
+}
+
+void CentralLink::pullTotals() {
+  const std::int32_t day = admin_.day();
+  std::vector<std::string> tenants;
+  admin_.forEachTenant([&](std::string_view id) { tenants.emplace_back(id); });
+  tenants.emplace_back();   // "" = the platform, last
+  constexpr std::size_t kChunk = 1000;
+  for (std::size_t begin = 0; begin < tenants.size(); begin += kChunk) {
+    const std::size_t end = std::min(tenants.size(), begin + kChunk);
+    std::vector<std::string> fields;
+    for (std::size_t i = begin; i < end; ++i) fields.push_back(tenants[i].empty() ? "p" : tenantField(tenants[i]));
+    std::vector<std::string> total{"HMGET", totalKey(day)}, mine{"HMGET", hostKey(day, host_id_)};
+    total.insert(total.end(), fields.begin(), fields.end());
+    mine.insert(mine.end(), fields.begin(), fields.end());
+    redis_->append(total);
+    redis_->append(mine);
+    if (config_.reference_keys) {
+      for (std::size_t i = begin; i < end; ++i) {
+        redis_->append({"GET", tenants[i].empty() ? std::string(kRefPlatformKey) : kRefTenantPrefix + tenants[i]});
+      }
+    }
+    const Reply t = redis_->next();
+    const Reply m = redis_->next();
+    for (std::size_t i = begin; i < end; ++i) {
+      const std::size_t k = i - begin;
+      const std::int64_t fleet = k < t->elements ? integer(t->element[k]) : 0;
+      const std::int64_t here = k < m->elements ? integer(m->element[k]) : 0;
+      std::int64_t elsewhere = std::max<std::int64_t>(0, fleet - here);
+      if (config_.reference_keys) {
+        // The reference's counter holds everyone's spending (ours too) over a sliding 24 h: the
+        // larger of the two keeps the budget at least as strict as the reference's.
+        const Reply ref = redis_->next();
+        elsewhere = std::max(elsewhere, floatUsdToNano(text(ref.get())) - here);
+      }
+      (void)admin_.setElsewhere(day, tenants[i], NanoUsd(elsewhere));
+      // For leases: what is left of the limit, as the fleet sees it now.
+      const BudgetView v = tenants[i].empty() ? admin_.engine().platform() : admin_.engine().tenant(tenants[i]);
+      if (v.limit) {
+        leases_[tenants[i]] = {v.limit->count() - v.committed.count() - v.held.count() - elsewhere, v.limit->count()};
+      } else {
+        leases_.erase(tenants[i]);
+      }
+    }
+  }
+}
+
+void CentralLink::applyLeases() {
+  // While Redis is down, this host may spend beyond what it had spent only its lease: a share of
+  // each limited tenant's remaining budget, as last seen. Applied once per outage.
+  if (config_.lease_fraction_ppb == 0 || leases_applied_) return;
+  leases_applied_ = true;
+  const std::int32_t day = admin_.day();
+  std::size_t n = 0;
+  for (const auto& [id, lease] : leases_) {
+    const BudgetView v = id.empty() ? admin_.engine().platform() : admin_.engine().tenant(id);
+    if (!v.limit) continue;
+    const std::int64_t share =
+        static_cast<std::int64_t>(shm::U128{static_cast<std::uint64_t>(std::max<std::int64_t>(0, lease.remaining))} *
+                                  static_cast<std::uint64_t>(config_.lease_fraction_ppb) / 1'000'000'000);
+    // limit - elsewhere = used here now + lease: the most this host can reach until Redis is back.
+    const std::int64_t used_here = v.committed.count() + v.held.count();
+    const std::int64_t elsewhere = std::max(v.elsewhere.count(), v.limit->count() - used_here - share);
+    (void)admin_.setElsewhere(day, id, NanoUsd(elsewhere));
+    ++n;
+  }
+  log::warn("central_leases_applied", {{"scopes", n}, {"lease_fraction", usdText(config_.lease_fraction_ppb)}});
+}
+
+// --- Postgres: the ledger and tenant limits -----------------------------------------------------------
+
+void CentralLink::ensureSchema(PgConnection& pg) {
+  pqxx::work w(pg.c);
+  // Several agents may start at once: one creates, the others wait.
+  w.exec("SELECT pg_advisory_xact_lock(7384626151)");
+  w.exec(R"sql(
+CREATE TABLE IF NOT EXISTS budget_ledger (
+  id                BIGSERIAL PRIMARY KEY,
+  project_id        TEXT        NOT NULL,
+  agent_id          TEXT,
+  run_id            TEXT,
+  model             TEXT        NOT NULL,
+  provider          TEXT,
+  prompt_tokens     BIGINT      NOT NULL,
+  completion_tokens BIGINT      NOT NULL,
+  cost_usd          NUMERIC(20, 9) NOT NULL,
+  created_at        TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS host_id TEXT;
+ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS host_seq BIGINT;
+ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS budget_day DATE;
+ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS kind TEXT;
+ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS cost_nano_usd BIGINT;
+ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS reservation_id BIGINT;
+CREATE UNIQUE INDEX IF NOT EXISTS budget_ledger_host_seq ON budget_ledger (host_id, host_seq);
+CREATE TABLE IF NOT EXISTS awooop_projects (
+  project_id       TEXT PRIMARY KEY,
+  budget_limit_usd NUMERIC(20, 9)
+);
+)sql");
+  const pqxx::result type = w.exec(
+      "SELECT data_type FROM information_schema.columns WHERE table_name = 'budget_ledger' AND column_name = 'run_id'");
+  if (!type.empty() && type[0][0].as<std::string>() == "uuid") {
+    throw LinkError("postgres: budget_ledger.run_id is a uuid column (the reference's), and tokenfuse run ids are any "
+                    "text: ALTER TABLE budget_ledger ALTER COLUMN run_id TYPE text");
+  }
+  w.exec("CREATE TEMP TABLE IF NOT EXISTS tf_stage (LIKE budget_ledger INCLUDING DEFAULTS) ON COMMIT DELETE ROWS");
+  w.commit();
+}
+
+void CentralLink::syncPostgres() {
+  const std::int64_t now = clock_();
+  if (pg_ == nullptr) {
+    if (now < next_pg_attempt_ns_) return;
+    try {
+      std::string url = config_.postgres_url;
+      url += url.find('?') == std::string::npos ? "?" : "&";
+      url += "connect_timeout=" + std::to_string(std::max<std::int64_t>(1, config_.connect_timeout_ms / 1000)) +
+             "&application_name=tokenfused";
+      pg_ = std::make_unique<PgConnection>(url);
+      ensureSchema(*pg_);
+    } catch (const std::exception& e) {
+      pg_.reset();
+      next_pg_attempt_ns_ = now + config_.sync_interval_ms * 1'000'000;
+      linkDown("postgres", e.what(), stats_.postgres_up);
+      return;
+    }
+  }
+  try {
+    pushLedger();
+    if (now >= next_limits_ns_) {
+      pullLimits();
+      next_limits_ns_ = now + config_.limits_interval_ms * 1'000'000;
+    }
+    stats_.postgres_ok_unix_ns = clock_();
+    linkUp("postgres", stats_.postgres_up);
+  } catch (const LedgerError& e) {
+    ++stats_.sync_errors;
+    log::error("central_sync_failed", {{"link", "postgres"}, {"error", e.what()}});
+  } catch (const std::exception& e) {   // pqxx: broken connection, SQL errors
+    pg_.reset();
+    linkDown("postgres", e.what(), stats_.postgres_up);
+  }
+}
+
+void CentralLink::pushLedger() {
+  // One batch per round; run() comes straight back while there is a backlog. Exactly once: the
+  // unique (host_id, host_seq) drops rows a crash between commit and saving the position resends.
+  LedgerFilter f;
+  f.after_seq = stats_.postgres_seq;
+  f.limit = config_.push_batch;
+  const std::vector<LedgerEntry> rows = ledger_->list(f);
+  if (rows.empty()) return;
+  pqxx::work w(pg_->c);
+  {
+    static const std::vector<std::string> kColumns{
+        "project_id", "agent_id",   "run_id", "model", "provider", "prompt_tokens", "completion_tokens", "cost_usd",
+        "created_at", "host_id",    "host_seq", "budget_day", "kind", "cost_nano_usd", "reservation_id"};
+    pqxx::stream_to copy(w, "tf_stage", kColumns);
+    auto opt = [](const std::string& s) { return s.empty() ? std::optional<std::string>() : std::optional(s); };
+    for (const LedgerEntry& e : rows) {
+      copy << std::make_tuple(e.project_id, opt(e.agent_id), opt(e.run_id), e.model, opt(e.provider), e.prompt_tokens,
+                              e.completion_tokens, NanoUsd(e.cost_nano_usd).toString(), isoTime(e.unix_ns), host_id_,
+                              static_cast<std::int64_t>(e.seq), DayClock::format(e.day), e.kind, e.cost_nano_usd,
+                              e.reservation_id == 0 ? std::optional<std::int64_t>()
+                                                    : std::optional(static_cast<std::int64_t>(e.reservation_id)));
+    }
+    copy.complete();
+  }
+  w.exec(
+      "INSERT INTO budget_ledger (project_id, agent_id, run_id, model, provider, prompt_tokens, completion_tokens, "
+      "cost_usd, created_at, host_id, host_seq, budget_day, kind, cost_nano_usd, reservation_id) "
+      "SELECT project_id, agent_id, run_id, model, provider, prompt_tokens, completion_tokens, cost_usd, created_at, "
+      "host_id, host_seq, budget_day, kind, cost_nano_usd, reservation_id FROM tf_stage "
+      "ON CONFLICT (host_id, host_seq) DO NOTHING");
+  w.commit();
+  const std::uint64_t last = rows.back().seq;
+  ledger_->setMetaInt("central_postgres_seq", static_cast<std::int64_t>(last));
+  stats_.postgres_seq = last;
+  stats_.pushed_entries += rows.size();
+}
+
+void CentralLink::pullLimits() {
+  pqxx::work w(pg_->c);
+  const pqxx::result rows = w.exec("SELECT project_id, budget_limit_usd::text FROM awooop_projects");
+  w.commit();
+  std::set<std::string> seen;
+  for (const auto& row : rows) {
+    const std::string id = row[0].as<std::string>();
+    std::optional<NanoUsd> limit;
+    if (!row[1].is_null()) {
+      std::string why;
+      limit = NanoUsd::parse(row[1].as<std::string>(), &why);
+      if (!limit) {
+        log::warn("tenant_limit_skipped", {{"project_id", id}, {"budget_limit_usd", row[1].as<std::string>()},
+                                           {"error", why}});
+        continue;
+      }
+    }
+    if (Status s = admin_.setLimit(LimitTable::kTenant, id, limit); !s.ok()) {
+      log::warn("tenant_limit_skipped", {{"project_id", id}, {"error", s.message()}});
+      continue;
+    }
+    seen.insert(id);
+  }
+  // A project that left awooop_projects goes back to the default limit.
+  for (const std::string& id : fleet_limited_) {
+    if (!seen.contains(id)) (void)admin_.clearLimit(LimitTable::kTenant, id);
+  }
+  fleet_limited_ = std::move(seen);
+}
+
+void CentralLink::writeTenantLimit(const std::string& project_id, std::optional<NanoUsd> limit) {
+  try {
+    pqxx::connection c(config_.postgres_url);
+    pqxx::work w(c);
+    const std::optional<std::string> value = limit ? std::optional(limit->toString()) : std::nullopt;
+    w.exec_params(
+        "INSERT INTO awooop_projects (project_id, budget_limit_usd) VALUES ($1, $2::numeric) "
+        "ON CONFLICT (project_id) DO UPDATE SET budget_limit_usd = excluded.budget_limit_usd",
+        project_id, value);
+    w.commit();
+  } catch (const std::exception& e) {
+    throw LinkError(std::string("postgres: cannot set awooop_projects.budget_limit_usd: ") + e.what());
+  }
+}
+
+}  // namespace tokenfuse

@@ -1,0 +1,137 @@
+// The central link: a fleet of agents shares one budget through Redis and Postgres, and a
+// broken link never blocks a call.
+//
+// Push (idempotent, so a retry, a reconnect or an agent killed half-way never counts twice):
+//  * ledger entries go to Postgres `budget_ledger` with (host_id, host_seq) unique, in batches
+//    through COPY into a staging table and INSERT ... ON CONFLICT DO NOTHING;
+//  * each tenant's and the platform's spending per budget day goes to Redis as this host's
+//    cumulative total (exact nano-USD integers), by a script that adds only the difference to the
+//    fleet total: setting a cumulative value twice changes nothing.
+// Pull:
+//  * fleet totals for today, so that the region holds "spent elsewhere" beside "spent here" and
+//    checks stay in shared memory;
+//  * the emergency kill switch, the reference's key platform:budget:emergency_kill;
+//  * tenant limits from the reference's awooop_projects.budget_limit_usd (NULL = unlimited).
+// Fail open: while Redis or Postgres is unreachable, decisions go on with the last-known fleet
+// totals plus local spending; entries wait in SQLite and drain exactly once when it is back.
+// Link state changes are logged once. With a lease fraction set, a host that loses Redis may
+// spend only its share of each tenant's remaining budget until it is back.
+//
+// Keys (all of one day share a hash tag, so the scripts work on a Redis Cluster):
+//   {tokenfuse:YYYY-MM-DD}:total            field "t:<project_id>" | "p" -> fleet nano-USD
+//   {tokenfuse:YYYY-MM-DD}:host:<host_id>   field "t:<project_id>" | "p" -> this host's nano-USD
+//
+// Thread-safety: syncOnce()/run() on one thread; publishKill(), wake(), writeTenantLimit() and
+// stats() from any thread.
+#pragma once
+
+#include "config.h"
+#include "ledger.h"
+
+#include "admin.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <stdexcept>
+#include <stop_token>
+#include <string>
+
+namespace tokenfuse {
+
+class LinkError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+class RedisConnection;
+struct PgConnection;
+
+// What /metrics and `tokenfuse status` show of the link.
+struct LinkStats {
+  std::atomic<bool> redis_configured{false}, postgres_configured{false};
+  std::atomic<bool> redis_up{false}, postgres_up{false};
+  std::atomic<std::uint64_t> redis_seq{0};      // ledger entries whose spending is in Redis
+  std::atomic<std::uint64_t> postgres_seq{0};   // ledger entries in Postgres
+  std::atomic<std::uint64_t> ledger_seq{0};     // the newest durable entry, at the last sync
+  std::atomic<std::int64_t> redis_ok_unix_ns{0}, postgres_ok_unix_ns{0};   // last success
+  std::atomic<std::uint64_t> pushed_entries{0}, pushed_totals{0};
+  std::atomic<std::uint64_t> sync_errors{0};
+};
+
+class CentralLink {
+ public:
+  using Clock = std::function<std::int64_t()>;   // unix ns
+  // The kill switch as the fleet has it: the agent applies it (and saves it, and logs a change).
+  using KillSink = std::function<void(bool active, const std::string& reason, std::int64_t expires_unix_ns)>;
+
+  CentralLink(const CentralConfig& config, RegionAdmin& admin, const std::string& ledger_path, std::string host_id,
+              Clock clock, KillSink on_kill);
+  ~CentralLink();
+
+  // One round: push, then pull. Never throws: a link that fails is marked down and retried.
+  void syncOnce();
+  // syncOnce every sync interval (at once after wake()) until stopped.
+  void run(std::stop_token stop);
+  void wake();
+
+  // The admin API changed the kill switch here: publish it to the fleet (now, or once Redis is back).
+  void publishKill(bool active, const std::string& reason, std::int64_t ttl_s);
+  // Sets a tenant's limit in awooop_projects, over a connection of its own. Throws LinkError.
+  void writeTenantLimit(const std::string& project_id, std::optional<NanoUsd> limit);
+
+  bool hasPostgres() const noexcept { return !config_.postgres_url.empty(); }
+  bool hasRedis() const noexcept { return !config_.redis_url.empty(); }
+  const LinkStats& stats() const noexcept { return stats_; }
+
+ private:
+  void syncRedis();
+  void pushTotals();
+  void pushPendingKill();
+  void pullKill();
+  void pullTotals();
+  void applyLeases();
+  void syncPostgres();
+  void pushLedger();
+  void pullLimits();
+  void ensureSchema(PgConnection& c);
+  void linkDown(const char* link, const std::string& why, std::atomic<bool>& up);
+  void linkUp(const char* link, std::atomic<bool>& up);
+
+  CentralConfig config_;
+  RegionAdmin& admin_;
+  std::unique_ptr<Ledger> ledger_;   // this thread's connection
+  std::string host_id_;
+  Clock clock_;
+  KillSink on_kill_;
+  std::unique_ptr<RedisConnection> redis_;
+  std::unique_ptr<PgConnection> pg_;
+  std::int64_t next_redis_attempt_ns_ = 0, next_pg_attempt_ns_ = 0, next_limits_ns_ = 0;
+  std::set<std::string> warned_;          // links whose failure was logged, until they are back
+  std::set<std::string> fleet_limited_;   // tenants whose limit came from awooop_projects   // tenants whose limit came from awooop_projects
+
+  struct Lease {
+    std::int64_t remaining = 0;   // limit - used - elsewhere when last seen, nano-USD
+    std::int64_t limit = 0;
+  };
+  std::map<std::string, Lease, std::less<>> leases_;   // tenant ("" = platform) -> last view
+  bool leases_applied_ = false;
+
+  std::mutex mu_;   // guards pending_kill_ and wake_
+  struct PendingKill {
+    bool active;
+    std::string reason;
+    std::int64_t ttl_s;
+  };
+  std::optional<PendingKill> pending_kill_;
+  bool wake_ = false;
+  std::condition_variable_any cv_;
+  LinkStats stats_;
+};
+
+}  // namespace tokenfuse
