@@ -146,3 +146,157 @@ TEST_CASE("central: Redis killed under load and restarted empty: no call refused
   CHECK(load.booked > 1000);
   f.checkCentralEqualsLedgers();
 }
+
+TEST_CASE("central: Postgres stopped under load and restarted: the spooled ledger drains exactly once") {
+  Fleet f(3, "");
+  Load load(f, 1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  f.postgres.stop();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  f.postgres.start();
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  load.finish();
+  CHECK(load.refused == 0);
+  CHECK(load.booked > 1000);
+  f.checkCentralEqualsLedgers();
+}
+
+TEST_CASE("central: an agent SIGKILLed again and again while it drains a backlog counts nothing twice") {
+  Fleet f(1, "push_batch = 2000\n");
+  FleetAgent& a = *f.agents[0];
+  f.postgres.stop();
+  {
+    Load load(f, 2);   // a backlog while Postgres is away
+    REQUIRE(eventually([&] { return load.booked > 20000; }, std::chrono::seconds(60)));
+  }
+  a.waitDurable();
+  f.postgres.start();
+  // Kill it at different points of the drain (each batch is a COPY, an INSERT, a commit, then the
+  // saved position), restarting each time.
+  for (int i = 0; i < 4; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(40 + 35 * i));
+    a.agent->signal(SIGKILL);
+    REQUIRE(a.agent->wait() == -SIGKILL);
+    a.restart();
+  }
+  f.checkCentralEqualsLedgers();
+}
+
+TEST_CASE("central: the kill switch set in Redis reaches every agent within two sync intervals") {
+  Fleet f(3, "");
+  const auto all = [&](bool active) {
+    for (auto& a : f.agents) {
+      if (a->client->killSwitch().active != active) return false;
+    }
+    return true;
+  };
+  // Set by any tool, as the reference's activate_emergency_kill does.
+  const auto t0 = std::chrono::steady_clock::now();
+  f.redis.command({"SET", "platform:budget:emergency_kill", "runaway loop", "EX", "604800"});
+  REQUIRE(eventually([&] { return all(true); }));
+  const auto took = std::chrono::steady_clock::now() - t0;
+  MESSAGE("reached all three agents in " << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+                                         << " ms (sync interval 100 ms)");
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+  CHECK(took <= std::chrono::milliseconds(200));
+#endif
+  CHECK(f.agents[1]->client->killSwitch().reason == "runaway loop");
+  CHECK(f.agents[2]->client->check("acme", "qwen3:8b").code == Code::kEmergencyKill);
+
+  f.redis.command({"DEL", "platform:budget:emergency_kill"});
+  REQUIRE(eventually([&] { return all(false); }));
+
+  // Set through one agent's admin API: the others follow, and Redis has the reference's key.
+  httplib::Client http("127.0.0.1", f.agents[0]->httpPort());
+  auto r = http.Put("/v1/kill", {{"Authorization", "Bearer " + f.agents[0]->adminToken()}},
+                    R"({"reason":"from host 0","ttl_s":600})", "application/json");
+  REQUIRE(r);
+  CHECK(r->status == 200);
+  REQUIRE(eventually([&] { return all(true); }));
+  CHECK(f.redis.command({"GET", "platform:budget:emergency_kill"}) == "from host 0");
+  const std::int64_t ttl = std::stoll(f.redis.command({"TTL", "platform:budget:emergency_kill"}));
+  CHECK((ttl > 590 && ttl <= 600));
+  r = http.Delete("/v1/kill", {{"Authorization", "Bearer " + f.agents[0]->adminToken()}});
+  REQUIRE(r);
+  REQUIRE(eventually([&] { return all(false); }));
+  CHECK(f.redis.command({"EXISTS", "platform:budget:emergency_kill"}) == "0");
+}
+
+namespace {
+
+// Each agent's thread reserves and commits $0.01 calls for `tenant` every `pause` until it has
+// been refused 20 times in a row. Returns the calls booked per agent.
+std::vector<int> spendUntilRefused(Fleet& f, const std::string& tenant, std::chrono::milliseconds pause,
+                                   std::chrono::seconds limit = std::chrono::seconds(20)) {
+  std::vector<int> booked(f.agents.size());
+  std::vector<std::thread> threads;
+  const auto until = std::chrono::steady_clock::now() + limit;
+  for (std::size_t i = 0; i < f.agents.size(); ++i) {
+    threads.emplace_back([&, i, c = f.agents[i]->client.get()] {
+      for (int refused = 0; refused < 20 && std::chrono::steady_clock::now() < until;) {
+        Reservation r;
+        if (c->reserve({tenant, "gpt-4o", {}, {}, 2000, 0, 0}, &r).allowed()) {   // $0.01
+          REQUIRE(c->commit(r, "openai", 2000, 0).allowed());
+          ++booked[i];
+          refused = 0;
+        } else {
+          ++refused;
+        }
+        std::this_thread::sleep_for(pause);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  return booked;
+}
+
+}  // namespace
+
+TEST_CASE("central: a tenant limit holds across three agents spending at once, within one sync's slack") {
+  Fleet f(3, "");
+  f.postgres.query("INSERT INTO awooop_projects VALUES ('shared', 1.00)");
+  for (auto& a : f.agents) {
+    REQUIRE(eventually([&] { return a->client->tenant("shared").limit == NanoUsd::fromWholeUsd(1); }));
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::vector<int> booked = spendUntilRefused(f, "shared", std::chrono::milliseconds(10));
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const std::int64_t total = f.ledgerTotals()["shared"];
+  const std::int64_t overshoot = std::max<std::int64_t>(0, total - 1'000'000'000);
+  // What one host can spend before the others see it: its rate over its wait to push, the other
+  // host's wait to pull, and the syncs themselves: three sync intervals of 100 ms at most. The
+  // other two hosts can each do that once.
+  const double rate = static_cast<double>(total) / seconds / 3;   // nano-USD per second per host
+  const auto allowed = static_cast<std::int64_t>(2 * rate * 0.3);
+  MESSAGE("booked " << booked[0] << " + " << booked[1] << " + " << booked[2] << " calls of $0.01 in " << seconds
+                    << " s: fleet total $" << NanoUsd(total).toString() << ", overshoot $"
+                    << NanoUsd(overshoot).toString() << " (three sync intervals at the measured rate allow $"
+                    << NanoUsd(allowed).toString() << ")");
+  CHECK(total >= 1'000'000'000 - 30'000'000);   // the budget was used, not refused early
+  CHECK(overshoot <= allowed);
+  f.checkCentralEqualsLedgers();
+}
+
+TEST_CASE("central: with leases, hosts cut off from Redis together spend no more than what was left") {
+  Fleet f(3, "lease_fraction = \"0.333333333\"\n");
+  f.postgres.query("INSERT INTO awooop_projects VALUES ('leased', 1.00)");
+  for (auto& a : f.agents) {
+    REQUIRE(eventually([&] { return a->client->tenant("leased").limit == NanoUsd::fromWholeUsd(1); }));
+  }
+  for (int i = 0; i < 30; ++i) REQUIRE(f.agents[0]->client->record({"leased", "gpt-4o", "openai", {}, {}, 2000, 0}).allowed());
+  for (std::size_t i = 1; i < 3; ++i) {
+    REQUIRE(eventually([&] { return f.agents[i]->client->tenant("leased").elsewhere == *NanoUsd::parse("0.30"); }));
+  }
+  f.redis.kill();
+  // Each host now holds a third of the $0.70 left: its lease.
+  for (auto& a : f.agents) {
+    REQUIRE(eventually([&] { return a->client->tenant("leased").elsewhere > *NanoUsd::parse("0.30"); }));
+  }
+  const std::vector<int> booked = spendUntilRefused(f, "leased", std::chrono::milliseconds(0));
+  const std::int64_t total = f.ledgerTotals()["leased"];
+  MESSAGE("while Redis was down the hosts booked " << booked[0] << " + " << booked[1] << " + " << booked[2]
+                                                   << " calls of $0.01: fleet total $" << NanoUsd(total).toString());
+  CHECK(total <= 1'000'000'000);
+  CHECK(total >= 1'000'000'000 - 30'000'000);   // each lease was used, rounded down to whole calls
+  for (int b : booked) CHECK((b >= 22 && b <= 23));
+}
