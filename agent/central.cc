@@ -435,6 +435,10 @@ ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS kind TEXT;
 ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS cost_nano_usd BIGINT;
 ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS reservation_id BIGINT;
 CREATE UNIQUE INDEX IF NOT EXISTS budget_ledger_host_seq ON budget_ledger (host_id, host_seq);
+CREATE TABLE IF NOT EXISTS tokenfuse_push (
+  host_id  TEXT PRIMARY KEY,
+  host_seq BIGINT NOT NULL            -- every entry of this host up to here is in budget_ledger
+);
 CREATE TABLE IF NOT EXISTS awooop_projects (
   project_id       TEXT PRIMARY KEY,
   budget_limit_usd NUMERIC(20, 9)
@@ -447,7 +451,10 @@ CREATE TABLE IF NOT EXISTS awooop_projects (
                     "text: ALTER TABLE budget_ledger ALTER COLUMN run_id TYPE text");
   }
   w.exec("CREATE TEMP TABLE IF NOT EXISTS tf_stage (LIKE budget_ledger INCLUDING DEFAULTS) ON COMMIT DELETE ROWS");
+  // Where this host's entries stop: committed with them, so it is exact whatever happened here.
+  const pqxx::result pushed = w.exec_params("SELECT host_seq FROM tokenfuse_push WHERE host_id = $1", host_id_);
   w.commit();
+  stats_.postgres_seq = pushed.empty() ? 0 : static_cast<std::uint64_t>(pushed[0][0].as<std::int64_t>());
 }
 
 void CentralLink::syncPostgres() {
@@ -487,39 +494,70 @@ void CentralLink::syncPostgres() {
 
 void CentralLink::pushLedger() {
   // One batch per round; run() comes straight back while there is a backlog. Exactly once: the
-  // unique (host_id, host_seq) drops rows a crash between commit and saving the position resends.
+  // rows and this host's position (tokenfuse_push) commit in one transaction, and the position
+  // is read back from Postgres on every connect.
   LedgerFilter f;
   f.after_seq = stats_.postgres_seq;
   f.limit = config_.push_batch;
   const std::vector<LedgerEntry> rows = ledger_->list(f);
   if (rows.empty()) return;
+  try {
+    copyRows(rows, "budget_ledger", false);
+  } catch (const pqxx::unique_violation&) {
+    // Rows of this batch are there already, without the position that should have come with
+    // them (written by an older agent, or restored from a backup): merge, skipping them.
+    log::warn("central_push_merged", {{"from_seq", rows.front().seq}, {"entries", rows.size()}});
+    copyRows(rows, "tf_stage", true);
+  }
+  const std::uint64_t last = rows.back().seq;
+  ledger_->setMetaInt("central_postgres_seq", static_cast<std::int64_t>(last));   // for status only
+  stats_.postgres_seq = last;
+  stats_.pushed_entries += rows.size();
+}
+
+void CentralLink::copyRows(const std::vector<LedgerEntry>& rows, const char* table, bool merge) {
+  static const std::vector<std::string> kColumns{
+      "project_id", "agent_id", "run_id",   "model",      "provider", "prompt_tokens", "completion_tokens", "cost_usd",
+      "created_at", "host_id",  "host_seq", "budget_day", "kind",     "cost_nano_usd", "reservation_id"};
   pqxx::work w(pg_->c);
   {
-    static const std::vector<std::string> kColumns{
-        "project_id", "agent_id",   "run_id", "model", "provider", "prompt_tokens", "completion_tokens", "cost_usd",
-        "created_at", "host_id",    "host_seq", "budget_day", "kind", "cost_nano_usd", "reservation_id"};
-    pqxx::stream_to copy(w, "tf_stage", kColumns);
+    pqxx::stream_to copy(w, table, kColumns);
     auto opt = [](const std::string& s) { return s.empty() ? std::optional<std::string>() : std::optional(s); };
+    // Formatting dates and times is slow, and a batch is nearly always one day and few seconds.
+    std::int32_t day = -1;
+    std::string day_text, time_text;
+    std::int64_t second = -1;
     for (const LedgerEntry& e : rows) {
+      if (e.day != day) {
+        day = e.day;
+        day_text = DayClock::format(day);
+      }
+      if (e.unix_ns / 1'000'000'000 != second) {
+        second = e.unix_ns / 1'000'000'000;
+        time_text = isoTime(second * 1'000'000'000);   // "....T14:00:00.000Z"
+      }
+      const auto ms = static_cast<int>(e.unix_ns / 1'000'000 % 1000);
+      time_text[20] = static_cast<char>('0' + ms / 100);
+      time_text[21] = static_cast<char>('0' + ms / 10 % 10);
+      time_text[22] = static_cast<char>('0' + ms % 10);
       copy << std::make_tuple(e.project_id, opt(e.agent_id), opt(e.run_id), e.model, opt(e.provider), e.prompt_tokens,
-                              e.completion_tokens, NanoUsd(e.cost_nano_usd).toString(), isoTime(e.unix_ns), host_id_,
-                              static_cast<std::int64_t>(e.seq), DayClock::format(e.day), e.kind, e.cost_nano_usd,
+                              e.completion_tokens, NanoUsd(e.cost_nano_usd).toString(), time_text, host_id_,
+                              static_cast<std::int64_t>(e.seq), day_text, e.kind, e.cost_nano_usd,
                               e.reservation_id == 0 ? std::optional<std::int64_t>()
                                                     : std::optional(static_cast<std::int64_t>(e.reservation_id)));
     }
     copy.complete();
   }
-  w.exec(
-      "INSERT INTO budget_ledger (project_id, agent_id, run_id, model, provider, prompt_tokens, completion_tokens, "
-      "cost_usd, created_at, host_id, host_seq, budget_day, kind, cost_nano_usd, reservation_id) "
-      "SELECT project_id, agent_id, run_id, model, provider, prompt_tokens, completion_tokens, cost_usd, created_at, "
-      "host_id, host_seq, budget_day, kind, cost_nano_usd, reservation_id FROM tf_stage "
-      "ON CONFLICT (host_id, host_seq) DO NOTHING");
+  if (merge) {
+    w.exec("INSERT INTO budget_ledger (" + pqxx::separated_list(", ", kColumns.begin(), kColumns.end()) + ") SELECT " +
+           pqxx::separated_list(", ", kColumns.begin(), kColumns.end()) +
+           " FROM tf_stage ON CONFLICT (host_id, host_seq) DO NOTHING");
+  }
+  w.exec_params(
+      "INSERT INTO tokenfuse_push (host_id, host_seq) VALUES ($1, $2) "
+      "ON CONFLICT (host_id) DO UPDATE SET host_seq = excluded.host_seq",
+      host_id_, static_cast<std::int64_t>(rows.back().seq));
   w.commit();
-  const std::uint64_t last = rows.back().seq;
-  ledger_->setMetaInt("central_postgres_seq", static_cast<std::int64_t>(last));
-  stats_.postgres_seq = last;
-  stats_.pushed_entries += rows.size();
 }
 
 void CentralLink::pullLimits() {

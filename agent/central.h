@@ -98,6 +98,8 @@ class CentralLink {
   void applyLeases();
   void syncPostgres();
   void pushLedger();
+  // COPY into `table` (budget_ledger, or the staging table to merge), and this host's position.
+  void copyRows(const std::vector<LedgerEntry>& rows, const char* table, bool merge);
   void pullLimits();
   void ensureSchema(PgConnection& c);
   void linkDown(const char* link, const std::string& why, std::atomic<bool>& up);

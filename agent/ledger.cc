@@ -36,10 +36,13 @@ CREATE INDEX IF NOT EXISTS budget_ledger_day_project ON budget_ledger (day, proj
 -- Each tenant's spending per budget day, kept with the entries in the same transaction, so the
 -- central link pushes per-tenant totals at a cost that grows with the tenants touched, not calls.
 CREATE TABLE IF NOT EXISTS spend_by_day (
-  day           INTEGER NOT NULL,
-  project_id    TEXT    NOT NULL,
-  cost_nano_usd INTEGER NOT NULL,
-  updated_seq   INTEGER NOT NULL,           -- the newest ledger entry in it
+  day               INTEGER NOT NULL,
+  project_id        TEXT    NOT NULL,
+  cost_nano_usd     INTEGER NOT NULL,
+  prompt_tokens     INTEGER NOT NULL,
+  completion_tokens INTEGER NOT NULL,
+  calls             INTEGER NOT NULL,
+  updated_seq       INTEGER NOT NULL,       -- the newest ledger entry in it
   PRIMARY KEY (day, project_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spend_by_day_updated ON spend_by_day (updated_seq);
@@ -84,7 +87,8 @@ Ledger::Ledger(std::unique_ptr<SQLite::Database> db) : db_(std::move(db)) {}
 
 Ledger::Ledger(const std::string& path, std::string host_id) : host_id_(std::move(host_id)) {
   try {
-    db_ = std::make_unique<SQLite::Database>(path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+    // NOMUTEX: a Ledger is used by one thread at a time, so SQLite need not lock every call.
+    db_ = std::make_unique<SQLite::Database>(path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE | SQLite::OPEN_NOMUTEX);
     db_->setBusyTimeout(5000);
     db_->exec("PRAGMA journal_mode=WAL");
     // FULL: a transaction is on disk when commit returns; group commit amortises the fsync.
@@ -96,15 +100,17 @@ Ledger::Ledger(const std::string& path, std::string host_id) : host_id_(std::mov
       // A ledger from before spend_by_day: fill it once from the entries.
       SQLite::Transaction txn(*db_);
       db_->exec("DELETE FROM spend_by_day");
-      db_->exec("INSERT INTO spend_by_day (day, project_id, cost_nano_usd, updated_seq) "
-                "SELECT day, project_id, SUM(cost_nano_usd), MAX(seq) FROM budget_ledger GROUP BY day, project_id");
+      db_->exec("INSERT INTO spend_by_day SELECT day, project_id, SUM(cost_nano_usd), SUM(prompt_tokens), "
+                "SUM(completion_tokens), COUNT(*), MAX(seq) FROM budget_ledger GROUP BY day, project_id");
       setMetaInt("spend_by_day_filled", 1);
       txn.commit();
     }
     add_spend_ = std::make_unique<SQLite::Statement>(
         *db_,
-        "INSERT INTO spend_by_day (day, project_id, cost_nano_usd, updated_seq) VALUES (?, ?, ?, ?) "
+        "INSERT INTO spend_by_day VALUES (?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (day, project_id) DO UPDATE SET cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd, "
+        "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+        "completion_tokens = completion_tokens + excluded.completion_tokens, calls = calls + excluded.calls, "
         "updated_seq = MAX(updated_seq, excluded.updated_seq)");
     insert_ = std::make_unique<SQLite::Statement>(
         *db_,
@@ -118,7 +124,7 @@ Ledger::Ledger(const std::string& path, std::string host_id) : host_id_(std::mov
 
 std::unique_ptr<Ledger> Ledger::openReadOnly(const std::string& path) {
   try {
-    auto db = std::make_unique<SQLite::Database>(path, SQLite::OPEN_READONLY);
+    auto db = std::make_unique<SQLite::Database>(path, SQLite::OPEN_READONLY | SQLite::OPEN_NOMUTEX);
     db->setBusyTimeout(5000);
     (void)db->execAndGet("SELECT COUNT(*) FROM budget_ledger WHERE seq < 0");   // is it a ledger?
     return std::unique_ptr<Ledger>(new Ledger(std::move(db)));
@@ -130,7 +136,9 @@ std::unique_ptr<Ledger> Ledger::openReadOnly(const std::string& path) {
 Ledger::~Ledger() = default;
 
 std::uint64_t Ledger::maxSeq() {
-  return static_cast<std::uint64_t>(db_->execAndGet("SELECT COALESCE(MAX(seq), 0) FROM budget_ledger").getInt64());
+  // Exactly "SELECT MAX(seq)": SQLite then reads the last row of the b-tree instead of scanning.
+  const SQLite::Column c = db_->execAndGet("SELECT MAX(seq) FROM budget_ledger");
+  return c.isNull() ? 0 : static_cast<std::uint64_t>(c.getInt64());
 }
 
 std::size_t Ledger::append(std::vector<LedgerEntry>& entries) {
@@ -162,17 +170,23 @@ std::size_t Ledger::append(std::vector<LedgerEntry>& entries) {
       added += e.written ? 1 : 0;
       q.reset();
       if (e.written) {
-        auto& [cost, seq] = spend_[{e.day, e.project_id}];
-        cost += e.cost_nano_usd;
-        seq = std::max(seq, e.seq);
+        BatchSpend& b = spend_[{e.day, e.project_id}];
+        b.cost += e.cost_nano_usd;
+        b.prompt += e.prompt_tokens;
+        b.completion += e.completion_tokens;
+        ++b.calls;
+        b.seq = std::max(b.seq, e.seq);
       }
     }
-    for (const auto& [key, value] : spend_) {
+    for (const auto& [key, b] : spend_) {
       SQLite::Statement& a = *add_spend_;
       a.bind(1, key.first);
       a.bindNoCopy(2, key.second);
-      a.bind(3, value.first);
-      a.bind(4, static_cast<std::int64_t>(value.second));
+      a.bind(3, b.cost);
+      a.bind(4, b.prompt);
+      a.bind(5, b.completion);
+      a.bind(6, b.calls);
+      a.bind(7, static_cast<std::int64_t>(b.seq));
       a.exec();
       a.reset();
     }
@@ -187,9 +201,12 @@ std::size_t Ledger::append(std::vector<LedgerEntry>& entries) {
   return added;
 }
 
+// A day's totals come from spend_by_day, which the writer keeps with the entries: one row a
+// tenant, rather than a scan of the day's entries.
 std::vector<LedgerTotal> Ledger::tenantTotals(std::int32_t day) {
-  SQLite::Statement q(*db_, std::string("SELECT project_id, ") + kSums +
-                                " FROM budget_ledger WHERE day = ? GROUP BY project_id ORDER BY project_id");
+  SQLite::Statement q(*db_,
+                      "SELECT project_id, cost_nano_usd, prompt_tokens, completion_tokens, calls FROM spend_by_day "
+                      "WHERE day = ? ORDER BY project_id");
   q.bind(1, day);
   std::vector<LedgerTotal> out;
   while (q.executeStep()) out.push_back(total(q));
@@ -197,7 +214,9 @@ std::vector<LedgerTotal> Ledger::tenantTotals(std::int32_t day) {
 }
 
 LedgerTotal Ledger::platformTotal(std::int32_t day) {
-  SQLite::Statement q(*db_, std::string("SELECT NULL, ") + kSums + " FROM budget_ledger WHERE day = ?");
+  SQLite::Statement q(*db_,
+                      "SELECT NULL, COALESCE(SUM(cost_nano_usd), 0), COALESCE(SUM(prompt_tokens), 0), "
+                      "COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(calls), 0) FROM spend_by_day WHERE day = ?");
   q.bind(1, day);
   q.executeStep();
   return total(q);

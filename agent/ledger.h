@@ -116,7 +116,11 @@ class Ledger {
   std::unique_ptr<SQLite::Database> db_;
   std::unique_ptr<SQLite::Statement> insert_;
   std::unique_ptr<SQLite::Statement> add_spend_;
-  std::map<std::pair<std::int32_t, std::string>, std::pair<std::int64_t, std::uint64_t>> spend_;   // per batch
+  struct BatchSpend {
+    std::int64_t cost = 0, prompt = 0, completion = 0, calls = 0;
+    std::uint64_t seq = 0;
+  };
+  std::map<std::pair<std::int32_t, std::string>, BatchSpend> spend_;   // one batch's, by (day, tenant)
   std::string host_id_;
 };
 
