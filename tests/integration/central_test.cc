@@ -180,6 +180,33 @@ TEST_CASE("central: an agent SIGKILLed again and again while it drains a backlog
     a.restart();
   }
   f.checkCentralEqualsLedgers();
+
+  // Postgres forgets where this host stopped (a restored backup): the rows are merged, not doubled.
+  f.postgres.query("DELETE FROM tokenfuse_push");
+  a.agent->signal(SIGTERM);
+  REQUIRE(a.agent->wait() == 0);
+  a.restart();
+  REQUIRE(eventually([&] { return !f.postgres.query("SELECT 1 FROM tokenfuse_push").empty(); }, std::chrono::seconds(30)));
+  f.checkCentralEqualsLedgers();
+}
+
+TEST_CASE("central: with reference_keys, hosts still on the reference service and tokenfuse see each other") {
+  Fleet f(2, "reference_keys = true\n");
+  f.postgres.query("INSERT INTO awooop_projects VALUES ('mixed', 1.00)");
+  REQUIRE(eventually([&] { return f.agents[1]->client->tenant("mixed").limit == NanoUsd::fromWholeUsd(1); }));
+  for (int i = 0; i < 10; ++i) REQUIRE(f.agents[0]->client->record({"mixed", "gpt-4o", "openai", {}, {}, 2000, 0}).allowed());
+  // tokenfuse's spending shows in the reference's keys, as its _update_budget_cache would write it.
+  REQUIRE(eventually([&] {
+    const std::string v = f.redis.command({"GET", "budget:tenant:mixed"});
+    return !v.empty() && std::abs(std::stod(v) - 0.10) < 1e-9;
+  }));
+  CHECK(std::abs(std::stod(f.redis.command({"GET", "budget:platform:daily_used_usd"})) - 0.10) < 1e-9);
+  CHECK(std::stoll(f.redis.command({"TTL", "budget:tenant:mixed"})) > 86000);
+  // A reference host spends $0.85 of the tenant's budget: tokenfuse hosts count it as elsewhere.
+  f.redis.command({"INCRBYFLOAT", "budget:tenant:mixed", "0.85"});
+  REQUIRE(eventually([&] { return f.agents[1]->client->tenant("mixed").elsewhere == *NanoUsd::parse("0.95"); }));
+  CHECK(f.agents[1]->client->check("mixed", "gpt-4o", 20000).code == Code::kTenantBudgetExhausted);   // $0.10 more
+  CHECK(f.agents[1]->client->check("mixed", "gpt-4o", 8000).allowed());                                 // $0.04 fits
 }
 
 TEST_CASE("central: the kill switch set in Redis reaches every agent within two sync intervals") {
