@@ -277,52 +277,60 @@ void CentralLink::pushTotals() {
     changed = ledger_->spendOfDay(today);
     if (!changed.empty()) log::warn("central_totals_repushed", {{"day", DayClock::format(today)}, {"tenants", changed.size()}});
   }
-  for (DaySpend& d : ledger_->spendUpdatedAfter(stats_.redis_seq)) {
-    if (d.day != today || std::none_of(changed.begin(), changed.end(), [&](const DaySpend& c) {
-          return c.project_id == d.project_id;
-        })) {
-      changed.push_back(std::move(d));
-    }
-  }
+  for (DaySpend& d : ledger_->spendUpdatedAfter(stats_.redis_seq)) changed.push_back(std::move(d));
   if (changed.empty()) return;
-  std::sort(changed.begin(), changed.end(), [](const DaySpend& a, const DaySpend& b) {
-    return std::tie(a.day, a.project_id) < std::tie(b.day, b.project_id);
-  });
+  const auto key = [](const DaySpend& d) { return std::tie(d.day, d.project_id); };
+  std::sort(changed.begin(), changed.end(), [&](const DaySpend& a, const DaySpend& b) { return key(a) < key(b); });
+  changed.erase(std::unique(changed.begin(), changed.end(), [&](const DaySpend& a, const DaySpend& b) {
+                  return key(a) == key(b);   // the same row, read twice
+                }),
+                changed.end());
+
+  // One script call per day and 1000 tenants, so Redis is never blocked for long; pipelined.
   static const std::string script = pushScript();
+  constexpr std::size_t kFieldsPerCall = 1000;
   std::uint64_t newest = stats_.redis_seq;
-  std::map<std::string, std::int64_t> ref_deltas;   // the reference's keys, mixed fleets only
+  std::size_t calls = 0;
   for (auto it = changed.begin(); it != changed.end();) {
     const std::int32_t day = it->day;
     std::vector<std::string> cmd{"EVAL", script, "2", totalKey(day), hostKey(day, host_id_)};
-    for (; it != changed.end() && it->day == day; ++it) {
+    for (std::size_t n = 0; it != changed.end() && it->day == day && n < kFieldsPerCall; ++it, ++n) {
       cmd.push_back(tenantField(it->project_id));
       cmd.push_back(std::to_string(it->cost_nano_usd));
       newest = std::max(newest, it->updated_seq);
     }
-    cmd.emplace_back("p");
-    cmd.push_back(std::to_string(ledger_->daySpend(day)));
-    const std::size_t fields = (cmd.size() - 5) / 2;
-    const Reply r = redis_->command(cmd);
-    for (std::size_t i = 0; r->type == REDIS_REPLY_ARRAY && i + 1 < r->elements; i += 2) {
-      ref_deltas[text(r->element[i])] += integer(r->element[i + 1]);
+    if (it == changed.end() || it->day != day) {   // the day's last call carries the platform
+      cmd.emplace_back("p");
+      cmd.push_back(std::to_string(ledger_->daySpend(day)));
     }
-    stats_.pushed_totals += fields;
+    stats_.pushed_totals += (cmd.size() - 5) / 2;
+    redis_->append(cmd);
+    ++calls;
+  }
+  std::map<std::string, std::int64_t> ref_deltas;   // for the reference's keys, mixed fleets only
+  for (std::size_t i = 0; i < calls; ++i) {
+    const Reply r = redis_->next();
+    for (std::size_t j = 0; r->type == REDIS_REPLY_ARRAY && j + 1 < r->elements; j += 2) {
+      ref_deltas[text(r->element[j])] += integer(r->element[j + 1]);
+    }
   }
   if (config_.reference_keys) {
     // The reference service's own counters (USD floats with a 24 h TTL), so that its hosts and
     // ours see each other's spending during a migration. Best effort: a crash between the script
     // and these can leave them short by one sync's spending.
     for (const auto& [field, delta] : ref_deltas) {
-      const std::string key = field == "p" ? std::string(kRefPlatformKey) : kRefTenantPrefix + field.substr(2);
-      redis_->append({"INCRBYFLOAT", key, usdText(delta)});
-      redis_->append({"EXPIRE", key, "86400"});
+      const std::string k = field == "p" ? std::string(kRefPlatformKey) : kRefTenantPrefix + field.substr(2);
+      redis_->append({"INCRBYFLOAT", k, usdText(delta)});
+      redis_->append({"EXPIRE", k, "86400"});
     }
     for (std::size_t i = 0; i < ref_deltas.size() * 2; ++i) redis_->next();
   }
   ledger_->setMetaInt("central_redis_seq", static_cast<std::int64_t>(newest));
   stats_.redis_seq = newest;
-  redis_->command({"HSET", hostKey(today, host_id_), "seq", std::to_string(newest)});
-  redis_->command({"EXPIRE", hostKey(today, host_id_), std::to_string(kKeyTtlS)});
+  redis_->append({"HSET", hostKey(today, host_id_), "seq", std::to_string(newest)});
+  redis_->append({"EXPIRE", hostKey(today, host_id_), std::to_string(kKeyTtlS)});
+  redis_->next();
+  redis_->next();
 }
 
 void CentralLink::pullKill() {

@@ -92,6 +92,35 @@ TEST_CASE("config: a bad file gets an error that names the key and the rule") {
   CHECK(parseError("[agent\n").rfind("t.toml:1:", 0) == 0);   // syntax errors carry line and column
 }
 
+TEST_CASE("config: [central] reads its URLs exactly and names what is wrong with them") {
+  const Config c = parseConfig(R"(
+[central]
+redis_url = "redis://:s3cret@10.0.0.5:6380/2"
+postgres_url = "postgresql://tokenfuse@db:5432/awooop"
+sync_interval_ms = 250
+lease_fraction = "0.25"
+reference_keys = true
+)",
+                               "t.toml");
+  CHECK(c.central.enabled());
+  CHECK(c.central.redis.host == "10.0.0.5");
+  CHECK(c.central.redis.port == 6380);
+  CHECK(c.central.redis.password == "s3cret");
+  CHECK(c.central.redis.db == 2);
+  CHECK(c.central.sync_interval_ms == 250);
+  CHECK(c.central.lease_fraction_ppb == 250'000'000);
+  CHECK(c.central.reference_keys);
+  CHECK_FALSE(defaultConfig().central.enabled());
+  CHECK(parseError("[central]\nredis_url = \"http://x\"\n") ==
+        "t.toml: central.redis_url: must be a URL such as redis://127.0.0.1:6379/0");
+  CHECK(parseError("[central]\nredis_url = \"redis://h:99999\"\n").find("port must be a number") != std::string::npos);
+  CHECK(parseError("[central]\nlease_fraction = 0.5\n").find("central.lease_fraction: must be a string") !=
+        std::string::npos);
+  CHECK(parseError("[central]\nlease_fraction = \"1.5\"\n").find("a fraction from 0 to 1") != std::string::npos);
+  CHECK(parseError("[budgets.tenants]\nacme = \"1\"\n[central]\npostgres_url = \"postgresql://h/db\"\n")
+            .find("tenant limits come from awooop_projects") != std::string::npos);
+}
+
 TEST_CASE("agent: an unknown time zone in the config stops start-up with a message naming it") {
   TempDir dir;
   Config c = testConfig(dir, "badtz");
