@@ -475,6 +475,9 @@ void CentralLink::syncPostgres() {
       url += "connect_timeout=" + std::to_string(std::max<std::int64_t>(1, config_.connect_timeout_ms / 1000)) +
              "&application_name=tokenfused";
       pg_ = std::make_unique<PgConnection>(url);
+      // A commit lost to a Postgres crash is lost with its position (they commit together), and
+      // is pushed again from SQLite: waiting for Postgres's WAL flush buys nothing here.
+      pqxx::nontransaction(pg_->c).exec("SET synchronous_commit = off");
       ensureSchema(*pg_);
     } catch (const std::exception& e) {
       pg_.reset();

@@ -47,7 +47,9 @@ class RedisServer {
   }
   bool ping() {
     redisContext* c = redisConnect("127.0.0.1", port_);
-    const bool ok = c != nullptr && c->err == 0 && redisCommand(c, "PING") != nullptr;
+    void* reply = c != nullptr && c->err == 0 ? redisCommand(c, "PING") : nullptr;
+    const bool ok = reply != nullptr;
+    if (reply != nullptr) freeReplyObject(reply);
     if (c != nullptr) redisFree(c);
     return ok;
   }
