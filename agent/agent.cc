@@ -62,6 +62,11 @@ Agent::Agent(Config config, Options options)
     central_ = std::make_unique<CentralLink>(
         config_.central, *admin_, ledgerPath(), config_.host_id, [this] { return toUnixNs(clock_()); },
         [this](bool active, const std::string& reason, std::int64_t expires) { applyFleetKill(active, reason, expires); });
+    // A change made here while Redis was away, then a restart: it still goes to the fleet.
+    if (const auto k = settings_->storedKill(); k && !k->published) {
+      const std::int64_t left_s = k->expires_unix_ns == 0 ? 0 : (k->expires_unix_ns - toUnixNs(clock_())) / 1'000'000'000;
+      if (!k->active || k->expires_unix_ns == 0 || left_s > 0) central_->publishKill(k->active, k->reason, left_s);
+    }
   }
 
   const auto now = clock_();
@@ -398,10 +403,10 @@ Status Agent::resetLimit(Scope scope, const std::string& id) {
 void Agent::setKill(const std::string& reason, std::int64_t ttl_s) {
   std::lock_guard lock(settings_mu_);
   const std::int64_t now = toUnixNs(clock_());
-  const StoredKill k{true, reason, now, ttl_s == 0 ? 0 : now + ttl_s * 1'000'000'000};
+  const StoredKill k{true, reason, now, ttl_s == 0 ? 0 : now + ttl_s * 1'000'000'000, !fleetKill()};
   admin_->setKill(k.reason, k.since_unix_ns, k.expires_unix_ns);   // first: it must not wait for a disk
   log::warn("budget_emergency_kill_activated", {{"reason", reason}, {"source", "admin_api"}, {"ttl_s", ttl_s}});
-  if (central_) central_->publishKill(true, reason, ttl_s);   // to every host, now or once Redis is back
+  if (fleetKill()) central_->publishKill(true, reason, ttl_s);   // to every host, now or once Redis is back
   try {
     settings_->saveKill(k);
   } catch (const LedgerError& e) {
@@ -413,15 +418,16 @@ void Agent::setKill(const std::string& reason, std::int64_t ttl_s) {
 
 void Agent::clearKill() {
   std::lock_guard lock(settings_mu_);
-  settings_->saveKill({false, {}, toUnixNs(clock_()), 0});   // throws LedgerError: nothing changed
+  settings_->saveKill({false, {}, toUnixNs(clock_()), 0, !fleetKill()});   // throws LedgerError: nothing changed
   admin_->clearKill();
-  if (central_) central_->publishKill(false, {}, 0);
+  if (fleetKill()) central_->publishKill(false, {}, 0);
   log::info("budget_emergency_kill_deactivated", {{"source", "admin_api"}});
 }
 
 void Agent::applyFleetKill(bool active, const std::string& reason, std::int64_t expires_unix_ns) {
   std::lock_guard lock(settings_mu_);
   if (!active && config_.kill_active) return;   // this host's config file keeps it on
+  if (central_->killPublishPending()) return;    // this host's own change is on its way to the fleet
   const std::int64_t now = toUnixNs(clock_());
   if (active) {
     admin_->setKill(reason, now, expires_unix_ns);
@@ -431,7 +437,7 @@ void Agent::applyFleetKill(bool active, const std::string& reason, std::int64_t 
     log::info("budget_emergency_kill_deactivated", {{"source", "fleet"}});
   }
   try {
-    settings_->saveKill({active, reason, now, expires_unix_ns});
+    settings_->saveKill({active, reason, now, expires_unix_ns, true});
   } catch (const LedgerError& e) {
     log::error("kill_switch_not_saved", {{"error", e.what()}, {"source", "fleet"}});
   }

@@ -80,6 +80,8 @@ class Agent {
   static LimitTable tableOf(Scope scope);
   // The config file's limit for `id`: nullopt when it names none (the default applies).
   std::optional<std::optional<NanoUsd>> configuredLimit(Scope scope, const std::string& id) const;
+  // Whether the kill switch is the fleet's (a central Redis).
+  bool fleetKill() const noexcept { return central_ != nullptr && central_->hasRedis(); }
   // The kill switch as the fleet has it (the central link).
   void applyFleetKill(bool active, const std::string& reason, std::int64_t expires_unix_ns);
   // `limit` nullopt: back to the default.

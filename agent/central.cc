@@ -51,14 +51,20 @@ class RedisConnection {
       throw LinkError("redis " + e.host + ":" + std::to_string(e.port) + ": " + why);
     }
     redisSetTimeout(ctx_, tv);
-    if (!e.password.empty()) {
-      if (e.user.empty()) {
-        command({"AUTH", e.password});
-      } else {
-        command({"AUTH", e.user, e.password});
+    try {
+      if (!e.password.empty()) {
+        if (e.user.empty()) {
+          command({"AUTH", e.password});
+        } else {
+          command({"AUTH", e.user, e.password});
+        }
       }
+      if (e.db != 0) command({"SELECT", std::to_string(e.db)});
+    } catch (...) {
+      redisFree(ctx_);   // the destructor does not run for a constructor that throws
+      ctx_ = nullptr;
+      throw;
     }
-    if (e.db != 0) command({"SELECT", std::to_string(e.db)});
   }
   ~RedisConnection() {
     if (ctx_ != nullptr) redisFree(ctx_);
@@ -112,7 +118,7 @@ for i = 1, #ARGV, 2 do
     redis.call('HINCRBY', KEYS[1], field, new - old)
     redis.call('HSET', KEYS[2], field, ARGV[i + 1])
     out[#out + 1] = field
-    out[#out + 1] = tostring(new - old)
+    out[#out + 1] = string.format('%.0f', new - old)   -- tostring() would say 1e+14
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV_TTL)
@@ -186,9 +192,14 @@ void CentralLink::syncOnce() {
 
 void CentralLink::run(std::stop_token stop) {
   while (!stop.stop_requested()) {
-    syncOnce();
+    try {
+      syncOnce();
+    } catch (const std::exception& e) {   // never the agent's end: the link is retried
+      ++stats_.sync_errors;
+      log::error("central_sync_failed", {{"error", e.what()}});
+    }
     // A backlog drains at once; otherwise wait the interval, or until woken.
-    const bool backlog = stats_.postgres_up && stats_.postgres_seq < stats_.ledger_seq;
+    const bool backlog = stats_.postgres_up && stats_.postgres_seq < stats_.ledger_seq && !push_failed_;
     std::unique_lock lock(mu_);
     if (!backlog) {
       cv_.wait_for(lock, stop, std::chrono::milliseconds(config_.sync_interval_ms), [this] { return wake_; });
@@ -240,7 +251,9 @@ void CentralLink::syncRedis() {
     redis_.reset();
     linkDown("redis", e.what(), stats_.redis_up);
     applyLeases();
-  } catch (const LedgerError& e) {
+  } catch (const std::exception& e) {
+    // SQLite failed half-way: replies may be queued on the connection, so it goes too.
+    redis_.reset();
     ++stats_.sync_errors;
     log::error("central_sync_failed", {{"link", "redis"}, {"error", e.what()}});
   }
@@ -263,8 +276,20 @@ void CentralLink::pushPendingKill() {
   } else {
     redis_->command({"DEL", kKillKey});
   }
+  {
+    std::lock_guard lock(mu_);
+    if (pending_kill_ && pending_kill_->active == k->active && pending_kill_->reason == k->reason) pending_kill_.reset();
+  }
+  try {
+    ledger_->markKillPublished();
+  } catch (const LedgerError& e) {
+    log::error("kill_switch_not_saved", {{"error", e.what()}});
+  }
+}
+
+bool CentralLink::killPublishPending() {
   std::lock_guard lock(mu_);
-  if (pending_kill_ && pending_kill_->active == k->active && pending_kill_->reason == k->reason) pending_kill_.reset();
+  return pending_kill_.has_value();
 }
 
 void CentralLink::pushTotals() {
@@ -289,6 +314,9 @@ void CentralLink::pushTotals() {
   // One script call per day and 1000 tenants, so Redis is never blocked for long; pipelined.
   static const std::string script = pushScript();
   constexpr std::size_t kFieldsPerCall = 1000;
+  std::map<std::int32_t, std::int64_t> platform;   // read from SQLite before anything is queued
+  for (const DaySpend& d : changed) platform.try_emplace(d.day, 0);
+  for (auto& [day, total] : platform) total = ledger_->daySpend(day);
   std::uint64_t newest = stats_.redis_seq;
   std::size_t calls = 0;
   for (auto it = changed.begin(); it != changed.end();) {
@@ -301,7 +329,7 @@ void CentralLink::pushTotals() {
     }
     if (it == changed.end() || it->day != day) {   // the day's last call carries the platform
       cmd.emplace_back("p");
-      cmd.push_back(std::to_string(ledger_->daySpend(day)));
+      cmd.push_back(std::to_string(platform.at(day)));
     }
     stats_.pushed_totals += (cmd.size() - 5) / 2;
     redis_->append(cmd);
@@ -340,7 +368,7 @@ void CentralLink::pullKill() {
   const Reply pttl = redis_->next();
   const KillSwitchState local = admin_.engine().killSwitch();
   if (value->type == REDIS_REPLY_STRING) {
-    const std::string reason = text(value.get());
+    const std::string reason = text(value.get()).substr(0, 256);   // as much as the region keeps
     const std::int64_t ttl_ms = integer(pttl.get());
     if (!local.active || local.reason != reason) on_kill_(true, reason, ttl_ms > 0 ? clock_() + ttl_ms * 1'000'000 : 0);
   } else if (local.active) {
@@ -352,6 +380,11 @@ void CentralLink::pullKill() {
 
 void CentralLink::pullTotals() {
   const std::int32_t day = admin_.day();
+  if (day != leases_day_) {
+    leases_.clear();
+    ref_base_.clear();
+  }
+  leases_day_ = day;
   std::vector<std::string> tenants;
   admin_.forEachTenant([&](std::string_view id) { tenants.emplace_back(id); });
   tenants.emplace_back();   // "" = the platform, last
@@ -378,10 +411,15 @@ void CentralLink::pullTotals() {
       const std::int64_t here = k < m->elements ? integer(m->element[k]) : 0;
       std::int64_t elsewhere = std::max<std::int64_t>(0, fleet - here);
       if (config_.reference_keys) {
-        // The reference's counter holds everyone's spending (ours too) over a sliding 24 h: the
-        // larger of the two keeps the budget at least as strict as the reference's.
+        // The reference's counter holds everyone's spending (ours too), but over a sliding 24 h
+        // that every write renews: what it held at this host's first look of the day beyond
+        // tokenfuse's own spending today is taken as yesterday's. Above that, the larger of the
+        // two views counts.
         const Reply ref = redis_->next();
-        elsewhere = std::max(elsewhere, floatUsdToNano(text(ref.get())) - here);
+        const std::int64_t ref_nano = floatUsdToNano(text(ref.get()));
+        const std::int64_t base =
+            ref_base_.try_emplace(tenants[i], std::max<std::int64_t>(0, ref_nano - fleet)).first->second;
+        elsewhere = std::max(elsewhere, ref_nano - base - here);
       }
       (void)admin_.setElsewhere(day, tenants[i], NanoUsd(elsewhere));
       // For leases: what is left of the limit, as the fleet sees it now.
@@ -401,6 +439,7 @@ void CentralLink::applyLeases() {
   if (config_.lease_fraction_ppb == 0 || leases_applied_) return;
   leases_applied_ = true;
   const std::int32_t day = admin_.day();
+  if (day != leases_day_) return;   // what was left yesterday says nothing about today
   std::size_t n = 0;
   for (const auto& [id, lease] : leases_) {
     const BudgetView v = id.empty() ? admin_.engine().platform() : admin_.engine().tenant(id);
@@ -418,6 +457,13 @@ void CentralLink::applyLeases() {
 }
 
 // --- Postgres: the ledger and tenant limits -----------------------------------------------------------
+
+// libpq parameters appended to the configured URL: a bounded connect, and a name in pg_stat_activity.
+std::string CentralLink::pgOptions() const {
+  return std::string(config_.postgres_url.find('?') == std::string::npos ? "?" : "&") + "connect_timeout=" +
+         std::to_string(std::max<std::int64_t>(1, (config_.connect_timeout_ms + 999) / 1000)) +
+         "&application_name=tokenfused";
+}
 
 void CentralLink::ensureSchema(PgConnection& pg) {
   pqxx::work w(pg.c);
@@ -470,14 +516,11 @@ void CentralLink::syncPostgres() {
   if (pg_ == nullptr) {
     if (now < next_pg_attempt_ns_) return;
     try {
-      std::string url = config_.postgres_url;
-      url += url.find('?') == std::string::npos ? "?" : "&";
-      url += "connect_timeout=" + std::to_string(std::max<std::int64_t>(1, config_.connect_timeout_ms / 1000)) +
-             "&application_name=tokenfused";
-      pg_ = std::make_unique<PgConnection>(url);
+      const std::string& url = config_.postgres_url;
+      pg_ = std::make_unique<PgConnection>(url + pgOptions());
       // A commit lost to a Postgres crash is lost with its position (they commit together), and
       // is pushed again from SQLite: waiting for Postgres's WAL flush buys nothing here.
-      pqxx::nontransaction(pg_->c).exec("SET synchronous_commit = off");
+      pqxx::nontransaction(pg_->c).exec("SET synchronous_commit = off; SET statement_timeout = '60s'");
       ensureSchema(*pg_);
     } catch (const std::exception& e) {
       pg_.reset();
@@ -486,8 +529,10 @@ void CentralLink::syncPostgres() {
       return;
     }
   }
+  push_failed_ = true;   // until this round gets through
   try {
     pushLedger();
+    push_failed_ = false;
     if (now >= next_limits_ns_) {
       pullLimits();
       next_limits_ns_ = now + config_.limits_interval_ms * 1'000'000;
@@ -521,9 +566,12 @@ void CentralLink::pushLedger() {
     copyRows(rows, "tf_stage", true);
   }
   const std::uint64_t last = rows.back().seq;
-  ledger_->setMetaInt("central_postgres_seq", static_cast<std::int64_t>(last));   // for status only
-  stats_.postgres_seq = last;
+  stats_.postgres_seq = last;   // Postgres holds the position; the copy in SQLite is for status only
   stats_.pushed_entries += rows.size();
+  try {
+    ledger_->setMetaInt("central_postgres_seq", static_cast<std::int64_t>(last));
+  } catch (const LedgerError&) {
+  }
 }
 
 void CentralLink::copyRows(const std::vector<LedgerEntry>& rows, const char* table, bool merge) {
@@ -603,8 +651,9 @@ void CentralLink::pullLimits() {
 
 void CentralLink::writeTenantLimit(const std::string& project_id, std::optional<NanoUsd> limit) {
   try {
-    pqxx::connection c(config_.postgres_url);
+    pqxx::connection c(config_.postgres_url + pgOptions());
     pqxx::work w(c);
+    w.exec("SET LOCAL statement_timeout = '10s'");
     const std::optional<std::string> value = limit ? std::optional(limit->toString()) : std::nullopt;
     w.exec_params(
         "INSERT INTO awooop_projects (project_id, budget_limit_usd) VALUES ($1, $2::numeric) "

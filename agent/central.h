@@ -82,6 +82,8 @@ class CentralLink {
 
   // The admin API changed the kill switch here: publish it to the fleet (now, or once Redis is back).
   void publishKill(bool active, const std::string& reason, std::int64_t ttl_s);
+  // Whether a change of this host's is still to be published: the fleet's state must not undo it.
+  bool killPublishPending();
   // Sets a tenant's limit in awooop_projects, over a connection of its own. Throws LinkError.
   void writeTenantLimit(const std::string& project_id, std::optional<NanoUsd> limit);
 
@@ -102,6 +104,7 @@ class CentralLink {
   void copyRows(const std::vector<LedgerEntry>& rows, const char* table, bool merge);
   void pullLimits();
   void ensureSchema(PgConnection& c);
+  std::string pgOptions() const;
   void linkDown(const char* link, const std::string& why, std::atomic<bool>& up);
   void linkUp(const char* link, std::atomic<bool>& up);
 
@@ -123,6 +126,9 @@ class CentralLink {
   };
   std::map<std::string, Lease, std::less<>> leases_;   // tenant ("" = platform) -> last view
   bool leases_applied_ = false;
+  std::int32_t leases_day_ = 0;   // the budget day leases_ and ref_base_ were seen on
+  std::map<std::string, std::int64_t, std::less<>> ref_base_;   // reference keys at the day's first look
+  bool push_failed_ = false;      // the last Postgres round failed: wait before the next
 
   std::mutex mu_;   // guards pending_kill_ and wake_
   struct PendingKill {

@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS kill_switch (
   active          INTEGER NOT NULL,
   reason          TEXT    NOT NULL,
   since_unix_ns   INTEGER NOT NULL,
-  expires_unix_ns INTEGER NOT NULL         -- 0: until turned off
+  expires_unix_ns INTEGER NOT NULL,        -- 0: until turned off
+  published       INTEGER NOT NULL DEFAULT 1   -- 0: the fleet (Redis) has not been told yet
 );
 )sql";
 
@@ -330,13 +331,22 @@ std::vector<LimitOverride> Ledger::limitOverrides() {
 void Ledger::saveKill(const StoredKill& k) {
   try {
     SQLite::Statement q(*db_,
-                        "INSERT OR REPLACE INTO kill_switch (one, active, reason, since_unix_ns, expires_unix_ns) "
-                        "VALUES (1, ?, ?, ?, ?)");
+                        "INSERT OR REPLACE INTO kill_switch (one, active, reason, since_unix_ns, expires_unix_ns, "
+                        "published) VALUES (1, ?, ?, ?, ?, ?)");
     q.bind(1, k.active ? 1 : 0);
     q.bind(2, k.reason);
     q.bind(3, k.since_unix_ns);
     q.bind(4, k.expires_unix_ns);
+    q.bind(5, k.published ? 1 : 0);
     q.exec();
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("saving the kill switch: ") + e.what());
+  }
+}
+
+void Ledger::markKillPublished() {
+  try {
+    db_->exec("UPDATE kill_switch SET published = 1");
   } catch (const SQLite::Exception& e) {
     throw LedgerError(std::string("saving the kill switch: ") + e.what());
   }
@@ -344,10 +354,11 @@ void Ledger::saveKill(const StoredKill& k) {
 
 std::optional<StoredKill> Ledger::storedKill() {
   try {
-    SQLite::Statement q(*db_, "SELECT active, reason, since_unix_ns, expires_unix_ns FROM kill_switch WHERE one = 1");
+    SQLite::Statement q(*db_,
+                        "SELECT active, reason, since_unix_ns, expires_unix_ns, published FROM kill_switch WHERE one = 1");
     if (!q.executeStep()) return std::nullopt;
     return StoredKill{q.getColumn(0).getInt() != 0, q.getColumn(1).getString(), q.getColumn(2).getInt64(),
-                      q.getColumn(3).getInt64()};
+                      q.getColumn(3).getInt64(), q.getColumn(4).getInt() != 0};
   } catch (const SQLite::Exception& e) {
     throw LedgerError(std::string("reading the saved kill switch: ") + e.what());
   }

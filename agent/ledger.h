@@ -73,6 +73,7 @@ struct StoredKill {
   bool active = false;
   std::string reason;
   std::int64_t since_unix_ns = 0, expires_unix_ns = 0;   // expires 0: until turned off
+  bool published = true;   // false: set here while the fleet's Redis could not be told yet
 };
 
 class Ledger {
@@ -108,6 +109,7 @@ class Ledger {
   std::vector<LimitOverride> limitOverrides();
   void saveKill(const StoredKill& k);
   std::optional<StoredKill> storedKill();
+  void markKillPublished();
 
  private:
   explicit Ledger(std::unique_ptr<SQLite::Database> db);

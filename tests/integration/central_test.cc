@@ -40,8 +40,10 @@ struct FleetAgent : AgentFixture {
 };
 
 struct Fleet {
-  Fleet(int n, const std::string& central_extra, bool with_redis = true, bool with_postgres = true) {
-    std::string toml = "[central]\nsync_interval_ms = 100\nlimits_interval_ms = 200\n" + central_extra;
+  Fleet(int n, const std::string& central_extra, int sync_interval_ms = 100, bool with_redis = true,
+        bool with_postgres = true) {
+    std::string toml = "[central]\nsync_interval_ms = " + std::to_string(sync_interval_ms) +
+                       "\nlimits_interval_ms = 200\n" + central_extra;
     if (with_redis) toml += "redis_url = \"" + redis.url() + "\"\n";
     if (with_postgres) toml += "postgres_url = \"" + postgres.url() + "\"\n";
     for (int i = 0; i < n; ++i) agents.push_back(std::make_unique<FleetAgent>(i, toml));
@@ -76,8 +78,12 @@ struct Fleet {
                         for (const auto& [id, nano] : expected) {
                           if (redisTotal(id.empty() ? "p" : "t:" + id) != std::to_string(nano)) return false;
                         }
-                        const auto r = postgres.query("SELECT count(*) FROM budget_ledger");
-                        return r[0][0].as<std::int64_t>() == rows;
+                        try {
+                          const auto r = postgres.query("SELECT count(*) FROM budget_ledger");
+                          return r[0][0].as<std::int64_t>() == rows;
+                        } catch (const pqxx::sql_error&) {
+                          return false;   // the agents have not created their tables yet
+                        }
                       },
                       std::chrono::seconds(30)),
                   "central totals did not converge to the ledgers");
@@ -98,18 +104,26 @@ struct Fleet {
   std::vector<std::unique_ptr<FleetAgent>> agents;
 };
 
-// Each of `threads` per agent records gpt-4o calls for tenants t0..t4 until `stop`; counts refusals.
+// Each of `threads` per agent reserves and commits gpt-4o calls (about $0.005) for tenants
+// t0..t4 until `stop` or `max_calls`; counts refusals.
 struct Load {
-  Load(Fleet& f, int threads_per_agent) {
+  Load(Fleet& f, int threads_per_agent, int max_calls = INT32_MAX,
+       std::chrono::microseconds pause = std::chrono::microseconds(200)) {
     for (auto& a : f.agents) {
       for (int t = 0; t < threads_per_agent; ++t) {
-        threads.emplace_back([this, c = a->client.get(), t] {
-          for (int i = 0; !stop.load(); ++i) {
+        threads.emplace_back([this, c = a->client.get(), t, max_calls, pause] {
+          for (int i = 0; !stop.load() && i < max_calls; ++i) {
             const std::string tenant = "t" + std::to_string((i + t) % 5);
-            const Decision d = c->record({tenant, "gpt-4o", "openai", {}, {}, 1000 + i % 7, 10});
-            if (d.code == Code::kLedgerFull) continue;   // back-pressure: nothing booked, retry
-            (d.allowed() ? booked : refused)++;
-            std::this_thread::sleep_for(std::chrono::microseconds(200));
+            Reservation r;
+            const Decision d = c->reserve({tenant, "gpt-4o", {}, {}, 1000 + i % 7, 10, 0}, &r);
+            if (!d.allowed()) {
+              ++refused;
+            } else if (c->commit(r, "openai", 1000 + i % 7, 10).code == Code::kLedgerFull) {
+              (void)c->release(r);   // back-pressure: nothing booked
+            } else {
+              ++booked;
+            }
+            std::this_thread::sleep_for(pause);
           }
         });
       }
@@ -130,12 +144,16 @@ struct Load {
 
 TEST_CASE("central: Redis killed under load and restarted empty: no call refused, totals rebuilt exactly") {
   Fleet f(3, "");
-  f.postgres.query("INSERT INTO awooop_projects VALUES ('t0', 1000), ('t1', 1000), ('t2', NULL)");
-  REQUIRE(eventually([&] { return f.agents[2]->client->tenant("t0").limit == NanoUsd::fromWholeUsd(1000); }));
+  // At most 3 agents x 3000 calls of about $0.00516 over 5 tenants: $9.30 a tenant. A limit of
+  // $14 is never reached, unless the link miscounts (spending elsewhere counted twice would pass it).
+  f.postgres.query("INSERT INTO awooop_projects VALUES ('t0', 14), ('t1', 14), ('t2', 14), ('t3', 14), ('t4', 14)");
+  for (auto& a : f.agents) {
+    REQUIRE(eventually([&] { return a->client->tenant("t4").limit == NanoUsd::fromWholeUsd(14); }));
+  }
   // A tenant that spends only before Redis is lost: nothing after the restart reminds Redis of it.
   REQUIRE(f.agents[1]->client->record({"quiet", "gpt-4o", "openai", {}, {}, 5000, 0}).allowed());
   REQUIRE(eventually([&] { return f.redisTotal("t:quiet") == "25000000"; }));
-  Load load(f, 1);
+  Load load(f, 1, 3000, std::chrono::microseconds(1000));
   std::this_thread::sleep_for(std::chrono::milliseconds(800));
   f.redis.kill();   // no persistence: everything it held is gone
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));
@@ -171,14 +189,24 @@ TEST_CASE("central: an agent SIGKILLed again and again while it drains a backlog
   }
   a.waitDurable();
   f.postgres.start();
-  // Kill it at different points of the drain (each batch is a COPY, an INSERT, a commit, then the
-  // saved position), restarting each time.
+  // Kill it while it drains, as soon as each restart has pushed another batch, so the kill falls
+  // inside the next one (a COPY, the position, a commit), and restart it.
+  const auto pushed = [&]() -> std::int64_t {
+    try {
+      return f.postgres.query("SELECT COALESCE(max(host_seq), 0) FROM tokenfuse_push")[0][0].as<std::int64_t>();
+    } catch (const pqxx::sql_error&) {
+      return 0;   // the agent has not created its tables yet
+    }
+  };
+  std::int64_t seen = 0;
   for (int i = 0; i < 4; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(40 + 35 * i));
+    REQUIRE(eventually([&] { return pushed() > seen; }, std::chrono::seconds(60)));
+    seen = pushed();
     a.agent->signal(SIGKILL);
     REQUIRE(a.agent->wait() == -SIGKILL);
     a.restart();
   }
+  CHECK(seen < static_cast<std::int64_t>(a.client->info().ledger_appended));   // it was killed mid-drain
   f.checkCentralEqualsLedgers();
 
   // Postgres forgets where this host stopped (a restored backup): the rows are merged, not doubled.
@@ -203,6 +231,9 @@ TEST_CASE("central: with reference_keys, hosts still on the reference service an
   CHECK(std::abs(std::stod(f.redis.command({"GET", "budget:platform:daily_used_usd"})) - 0.10) < 1e-9);
   CHECK(std::stoll(f.redis.command({"TTL", "budget:tenant:mixed"})) > 86000);
   // A reference host spends $0.85 of the tenant's budget: tokenfuse hosts count it as elsewhere.
+  // (What the key held at an agent's first look of the day counts as yesterday's: its 24 h TTL
+  // slides.)
+  REQUIRE(eventually([&] { return f.agents[1]->client->tenant("mixed").elsewhere == *NanoUsd::parse("0.10"); }));
   f.redis.command({"INCRBYFLOAT", "budget:tenant:mixed", "0.85"});
   REQUIRE(eventually([&] { return f.agents[1]->client->tenant("mixed").elsewhere == *NanoUsd::parse("0.95"); }));
   CHECK(f.agents[1]->client->check("mixed", "gpt-4o", 20000).code == Code::kTenantBudgetExhausted);   // $0.10 more
@@ -210,7 +241,7 @@ TEST_CASE("central: with reference_keys, hosts still on the reference service an
 }
 
 TEST_CASE("central: the kill switch set in Redis reaches every agent within two sync intervals") {
-  Fleet f(3, "");
+  Fleet f(3, "", 250);
   const auto all = [&](bool active) {
     for (auto& a : f.agents) {
       if (a->client->killSwitch().active != active) return false;
@@ -223,9 +254,9 @@ TEST_CASE("central: the kill switch set in Redis reaches every agent within two 
   REQUIRE(eventually([&] { return all(true); }));
   const auto took = std::chrono::steady_clock::now() - t0;
   MESSAGE("reached all three agents in " << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
-                                         << " ms (sync interval 100 ms)");
+                                         << " ms (sync interval 250 ms)");
 #if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
-  CHECK(took <= std::chrono::milliseconds(200));
+  CHECK(took <= std::chrono::milliseconds(500));
 #endif
   CHECK(f.agents[1]->client->killSwitch().reason == "runaway loop");
   CHECK(f.agents[2]->client->check("acme", "qwen3:8b").code == Code::kEmergencyKill);
@@ -239,6 +270,13 @@ TEST_CASE("central: the kill switch set in Redis reaches every agent within two 
                     R"({"reason":"from host 0","ttl_s":600})", "application/json");
   REQUIRE(r);
   CHECK(r->status == 200);
+  // On the host that set it, it never flickers off while it travels to Redis and back.
+  bool always_on = true;
+  for (int i = 0; i < 400; ++i) {
+    always_on = always_on && f.agents[0]->client->killSwitch().active;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  CHECK(always_on);
   REQUIRE(eventually([&] { return all(true); }));
   CHECK(f.redis.command({"GET", "platform:budget:emergency_kill"}) == "from host 0");
   const std::int64_t ttl = std::stoll(f.redis.command({"TTL", "platform:budget:emergency_kill"}));
@@ -300,7 +338,9 @@ TEST_CASE("central: a tenant limit holds across three agents spending at once, w
                     << NanoUsd(overshoot).toString() << " (three sync intervals at the measured rate allow $"
                     << NanoUsd(allowed).toString() << ")");
   CHECK(total >= 1'000'000'000 - 30'000'000);   // the budget was used, not refused early
-  CHECK(overshoot <= allowed);
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+  CHECK(overshoot <= allowed);   // sanitized builds cannot keep a 100 ms sync on two cores
+#endif
   f.checkCentralEqualsLedgers();
 }
 
