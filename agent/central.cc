@@ -162,6 +162,8 @@ CentralLink::CentralLink(const CentralConfig& config, RegionAdmin& admin, const 
     : config_(config), admin_(admin), host_id_(std::move(host_id)), clock_(std::move(clock)),
       on_kill_(std::move(on_kill)) {
   ledger_ = std::make_unique<Ledger>(ledger_path, host_id_);
+  ledger_id_ = ledger_->ledgerId();
+  origin_ = host_id_ + "/" + ledger_id_;
   stats_.redis_configured = hasRedis();
   stats_.postgres_configured = hasPostgres();
   stats_.redis_seq = static_cast<std::uint64_t>(ledger_->metaInt("central_redis_seq"));
@@ -298,7 +300,7 @@ void CentralLink::pushTotals() {
   // reference did. The marker is this host's "seq" field, written after every push.
   const std::int32_t today = admin_.day();
   std::vector<DaySpend> changed;
-  if (stats_.redis_seq > 0 && redis_->command({"HEXISTS", hostKey(today, host_id_), "seq"})->integer == 0) {
+  if (stats_.redis_seq > 0 && redis_->command({"HEXISTS", hostKey(today, origin_), "seq"})->integer == 0) {
     changed = ledger_->spendOfDay(today);
     if (!changed.empty()) log::warn("central_totals_repushed", {{"day", DayClock::format(today)}, {"tenants", changed.size()}});
   }
@@ -321,7 +323,7 @@ void CentralLink::pushTotals() {
   std::size_t calls = 0;
   for (auto it = changed.begin(); it != changed.end();) {
     const std::int32_t day = it->day;
-    std::vector<std::string> cmd{"EVAL", script, "2", totalKey(day), hostKey(day, host_id_)};
+    std::vector<std::string> cmd{"EVAL", script, "2", totalKey(day), hostKey(day, origin_)};
     for (std::size_t n = 0; it != changed.end() && it->day == day && n < kFieldsPerCall; ++it, ++n) {
       cmd.push_back(tenantField(it->project_id));
       cmd.push_back(std::to_string(it->cost_nano_usd));
@@ -355,8 +357,8 @@ void CentralLink::pushTotals() {
   }
   ledger_->setMetaInt("central_redis_seq", static_cast<std::int64_t>(newest));
   stats_.redis_seq = newest;
-  redis_->append({"HSET", hostKey(today, host_id_), "seq", std::to_string(newest)});
-  redis_->append({"EXPIRE", hostKey(today, host_id_), std::to_string(kKeyTtlS)});
+  redis_->append({"HSET", hostKey(today, origin_), "seq", std::to_string(newest)});
+  redis_->append({"EXPIRE", hostKey(today, origin_), std::to_string(kKeyTtlS)});
   redis_->next();
   redis_->next();
 }
@@ -393,7 +395,7 @@ void CentralLink::pullTotals() {
     const std::size_t end = std::min(tenants.size(), begin + kChunk);
     std::vector<std::string> fields;
     for (std::size_t i = begin; i < end; ++i) fields.push_back(tenants[i].empty() ? "p" : tenantField(tenants[i]));
-    std::vector<std::string> total{"HMGET", totalKey(day)}, mine{"HMGET", hostKey(day, host_id_)};
+    std::vector<std::string> total{"HMGET", totalKey(day)}, mine{"HMGET", hostKey(day, origin_)};
     total.insert(total.end(), fields.begin(), fields.end());
     mine.insert(mine.end(), fields.begin(), fields.end());
     redis_->append(total);
@@ -483,15 +485,18 @@ CREATE TABLE IF NOT EXISTS budget_ledger (
   created_at        TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS host_id TEXT;
+ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS ledger_id TEXT;
 ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS host_seq BIGINT;
 ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS budget_day DATE;
 ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS kind TEXT;
 ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS cost_nano_usd BIGINT;
 ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS reservation_id BIGINT;
-CREATE UNIQUE INDEX IF NOT EXISTS budget_ledger_host_seq ON budget_ledger (host_id, host_seq);
+CREATE UNIQUE INDEX IF NOT EXISTS budget_ledger_host_seq ON budget_ledger (host_id, ledger_id, host_seq);
 CREATE TABLE IF NOT EXISTS tokenfuse_push (
-  host_id  TEXT PRIMARY KEY,
-  host_seq BIGINT NOT NULL            -- every entry of this host up to here is in budget_ledger
+  host_id   TEXT NOT NULL,
+  ledger_id TEXT NOT NULL,
+  host_seq  BIGINT NOT NULL,          -- every entry of this ledger up to here is in budget_ledger
+  PRIMARY KEY (host_id, ledger_id)
 );
 CREATE TABLE IF NOT EXISTS awooop_projects (
   project_id       TEXT PRIMARY KEY,
@@ -506,7 +511,8 @@ CREATE TABLE IF NOT EXISTS awooop_projects (
   }
   w.exec("CREATE TEMP TABLE IF NOT EXISTS tf_stage (LIKE budget_ledger INCLUDING DEFAULTS) ON COMMIT DELETE ROWS");
   // Where this host's entries stop: committed with them, so it is exact whatever happened here.
-  const pqxx::result pushed = w.exec_params("SELECT host_seq FROM tokenfuse_push WHERE host_id = $1", host_id_);
+  const pqxx::result pushed =
+      w.exec_params("SELECT host_seq FROM tokenfuse_push WHERE host_id = $1 AND ledger_id = $2", host_id_, ledger_id_);
   w.commit();
   stats_.postgres_seq = pushed.empty() ? 0 : static_cast<std::uint64_t>(pushed[0][0].as<std::int64_t>());
 }
@@ -577,7 +583,7 @@ void CentralLink::pushLedger() {
 void CentralLink::copyRows(const std::vector<LedgerEntry>& rows, const char* table, bool merge) {
   static const std::vector<std::string> kColumns{
       "project_id", "agent_id", "run_id",   "model",      "provider", "prompt_tokens", "completion_tokens", "cost_usd",
-      "created_at", "host_id",  "host_seq", "budget_day", "kind",     "cost_nano_usd", "reservation_id"};
+      "created_at", "host_id",  "ledger_id", "host_seq", "budget_day", "kind", "cost_nano_usd", "reservation_id"};
   pqxx::work w(pg_->c);
   {
     pqxx::stream_to copy(w, table, kColumns);
@@ -600,7 +606,7 @@ void CentralLink::copyRows(const std::vector<LedgerEntry>& rows, const char* tab
       time_text[21] = static_cast<char>('0' + ms / 10 % 10);
       time_text[22] = static_cast<char>('0' + ms % 10);
       copy << std::make_tuple(e.project_id, opt(e.agent_id), opt(e.run_id), e.model, opt(e.provider), e.prompt_tokens,
-                              e.completion_tokens, NanoUsd(e.cost_nano_usd).toString(), time_text, host_id_,
+                              e.completion_tokens, NanoUsd(e.cost_nano_usd).toString(), time_text, host_id_, ledger_id_,
                               static_cast<std::int64_t>(e.seq), day_text, e.kind, e.cost_nano_usd,
                               e.reservation_id == 0 ? std::optional<std::int64_t>()
                                                     : std::optional(static_cast<std::int64_t>(e.reservation_id)));
@@ -610,12 +616,12 @@ void CentralLink::copyRows(const std::vector<LedgerEntry>& rows, const char* tab
   if (merge) {
     w.exec("INSERT INTO budget_ledger (" + pqxx::separated_list(", ", kColumns.begin(), kColumns.end()) + ") SELECT " +
            pqxx::separated_list(", ", kColumns.begin(), kColumns.end()) +
-           " FROM tf_stage ON CONFLICT (host_id, host_seq) DO NOTHING");
+           " FROM tf_stage ON CONFLICT (host_id, ledger_id, host_seq) DO NOTHING");
   }
   w.exec_params(
-      "INSERT INTO tokenfuse_push (host_id, host_seq) VALUES ($1, $2) "
-      "ON CONFLICT (host_id) DO UPDATE SET host_seq = excluded.host_seq",
-      host_id_, static_cast<std::int64_t>(rows.back().seq));
+      "INSERT INTO tokenfuse_push (host_id, ledger_id, host_seq) VALUES ($1, $2, $3) "
+      "ON CONFLICT (host_id, ledger_id) DO UPDATE SET host_seq = excluded.host_seq",
+      host_id_, ledger_id_, static_cast<std::int64_t>(rows.back().seq));
   w.commit();
 }
 

@@ -112,6 +112,8 @@ class CentralLink {
   RegionAdmin& admin_;
   std::unique_ptr<Ledger> ledger_;   // this thread's connection
   std::string host_id_;
+  std::string ledger_id_;   // this data dir's ledger: with host_id_, who pushes
+  std::string origin_;      // host_id/ledger_id, in Redis keys
   Clock clock_;
   KillSink on_kill_;
   std::unique_ptr<RedisConnection> redis_;

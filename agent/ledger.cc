@@ -5,6 +5,7 @@
 #include <tokenfuse/money.hpp>
 
 #include <ctime>
+#include <random>
 
 namespace tokenfuse {
 
@@ -97,6 +98,16 @@ Ledger::Ledger(const std::string& path, std::string host_id) : host_id_(std::mov
     db_->exec(kSchema);
     SQLite::Statement meta(*db_, "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1')");
     meta.exec();
+    if (ledgerId().empty()) {
+      // Names this ledger, so that a host id used again (a replaced host, a wiped data dir) is
+      // not taken for the same sequence of entries by the central store.
+      std::random_device rd;
+      char id[17];
+      std::snprintf(id, sizeof id, "%08x%08x", rd(), rd());
+      SQLite::Statement q(*db_, "INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_id', ?)");
+      q.bind(1, std::string(id));
+      q.exec();
+    }
     if (metaInt("spend_by_day_filled") == 0) {
       // A ledger from before spend_by_day: fill it once from the entries.
       SQLite::Transaction txn(*db_);
@@ -394,6 +405,11 @@ nlohmann::json toJson(const LedgerEntry& e) {
 }
 
 // --- For the central link ---------------------------------------------------------------------
+
+std::string Ledger::ledgerId() {
+  SQLite::Statement q(*db_, "SELECT value FROM meta WHERE key = 'ledger_id'");
+  return q.executeStep() ? q.getColumn(0).getString() : std::string();
+}
 
 std::int64_t Ledger::metaInt(const std::string& key) {
   SQLite::Statement q(*db_, "SELECT value FROM meta WHERE key = ?");

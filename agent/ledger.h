@@ -96,6 +96,7 @@ class Ledger {
   std::string integrityCheck();           // "ok", or what SQLite found
 
   // For the central link. Throw LedgerError.
+  std::string ledgerId();   // random, made when the ledger was created
   std::int64_t metaInt(const std::string& key);   // 0 if unset
   void setMetaInt(const std::string& key, std::int64_t value);
   // Per-tenant day totals that changed after ledger entry `seq`.

@@ -92,7 +92,7 @@ struct Fleet {
       CHECK(redisTotal(id.empty() ? "p" : "t:" + id) == std::to_string(nano));
     }
     const auto r = postgres.query(
-        "SELECT count(*), count(DISTINCT (host_id, host_seq)), COALESCE(sum(cost_nano_usd), 0) FROM budget_ledger");
+        "SELECT count(*), count(DISTINCT (host_id, ledger_id, host_seq)), COALESCE(sum(cost_nano_usd), 0) FROM budget_ledger");
     CHECK(r[0][0].as<std::int64_t>() == rows);
     CHECK(r[0][1].as<std::int64_t>() == rows);
     CHECK(r[0][2].as<std::int64_t>() == expected.at(""));
@@ -366,4 +366,28 @@ TEST_CASE("central: with leases, hosts cut off from Redis together spend no more
   CHECK(total <= 1'000'000'000);
   CHECK(total >= 1'000'000'000 - 30'000'000);   // each lease was used, rounded down to whole calls
   for (int b : booked) CHECK((b >= 22 && b <= 23));
+}
+
+TEST_CASE("central: a host id used again with a new data dir is not taken for the old ledger") {
+  Fleet f(1, "");
+  FleetAgent& a = *f.agents[0];
+  for (int i = 0; i < 5; ++i) REQUIRE(a.client->record({"reused", "gpt-4o", "openai", {}, {}, 2000, 0}).allowed());
+  REQUIRE(eventually([&] { return f.redisTotal("t:reused") == "50000000"; }));
+  // The host is replaced: same host_id, a fresh data dir (and region), sequence numbers from 1.
+  a.agent->signal(SIGTERM);
+  REQUIRE(a.agent->wait() == 0);
+  a.client.reset();
+  Region::remove(a.shm);
+  std::filesystem::remove_all(a.dir.path + "/state");
+  a.restart();
+  for (int i = 0; i < 3; ++i) REQUIRE(a.client->record({"reused", "gpt-4o", "openai", {}, {}, 2000, 0}).allowed());
+  REQUIRE(eventually([&] { return f.redisTotal("t:reused") == "80000000"; }));
+  REQUIRE(eventually([&] {
+    try {
+      return f.postgres.query("SELECT count(*) FROM budget_ledger WHERE project_id = 'reused'")[0][0].as<int>() == 8;
+    } catch (const pqxx::sql_error&) {
+      return false;
+    }
+  }));
+  CHECK(f.postgres.query("SELECT count(DISTINCT ledger_id) FROM budget_ledger")[0][0].as<int>() == 2);
 }
