@@ -57,6 +57,11 @@ Agent::Agent(Config config, Options options)
       *admin_, *ledger_, config_.host_id,
       LedgerWriter::Options{65536, std::chrono::milliseconds(config_.ledger_flush_interval_ms),
                             std::chrono::milliseconds(5000)});
+  try {
+    alerter_ = std::make_unique<Alerter>(config_.alerts, *admin_, ledgerPath(), [this] { return toUnixNs(clock_()); });
+  } catch (const LedgerError& e) {
+    throw AgentError(e.what());
+  }
   applyConfig();
   if (config_.central.enabled()) {
     central_ = std::make_unique<CentralLink>(
@@ -303,7 +308,10 @@ void Agent::tick() {
   const std::int64_t ns = toUnixNs(now);
   RegionAdmin& a = *admin_;
   a.setClock(ns);
-  if (a.expireKill(ns)) log::info("budget_emergency_kill_expired");
+  if (a.expireKill(ns)) {
+    log::info("budget_emergency_kill_expired");
+    alerter_->killChanged(false, "expired", "expiry");
+  }
 
   const ReapStats r = a.reap(ns);
   if (r.any()) {
@@ -325,12 +333,18 @@ void Agent::tick() {
     log::warn("clock_behind_budget_day", {{"clock_day", DayClock::format(today)}, {"budget_day", DayClock::format(current)}});
     warned_clock_behind_ = true;
   }
+  try {
+    alerter_->scan();
+  } catch (const std::exception& e) {   // an alert is never worth stopping the tick
+    log::error("alert_scan_failed", {{"error", e.what()}});
+  }
 }
 
 void Agent::run(std::stop_token stop) {
   std::jthread writer([this](std::stop_token s) { writer_->run(s); });
   std::jthread central;
   if (central_) central = std::jthread([this](std::stop_token s) { central_->run(s); });
+  std::jthread alerts([this](std::stop_token s) { alerter_->run(s); });
   std::mutex mu;
   std::condition_variable_any cv;
   const auto period = std::chrono::milliseconds(config_.tick_ms);
@@ -405,7 +419,7 @@ void Agent::setKill(const std::string& reason, std::int64_t ttl_s) {
   const std::int64_t now = toUnixNs(clock_());
   const StoredKill k{true, reason, now, ttl_s == 0 ? 0 : now + ttl_s * 1'000'000'000, !fleetKill()};
   admin_->setKill(k.reason, k.since_unix_ns, k.expires_unix_ns);   // first: it must not wait for a disk
-  log::warn("budget_emergency_kill_activated", {{"reason", reason}, {"source", "admin_api"}, {"ttl_s", ttl_s}});
+  alerter_->killChanged(true, reason, "admin_api");
   if (fleetKill()) central_->publishKill(true, reason, ttl_s);   // to every host, now or once Redis is back
   try {
     settings_->saveKill(k);
@@ -421,7 +435,7 @@ void Agent::clearKill() {
   settings_->saveKill({false, {}, toUnixNs(clock_()), 0, !fleetKill()});   // throws LedgerError: nothing changed
   admin_->clearKill();
   if (fleetKill()) central_->publishKill(false, {}, 0);
-  log::info("budget_emergency_kill_deactivated", {{"source", "admin_api"}});
+  alerter_->killChanged(false, {}, "admin_api");
 }
 
 void Agent::applyFleetKill(bool active, const std::string& reason, std::int64_t expires_unix_ns) {
@@ -431,11 +445,10 @@ void Agent::applyFleetKill(bool active, const std::string& reason, std::int64_t 
   const std::int64_t now = toUnixNs(clock_());
   if (active) {
     admin_->setKill(reason, now, expires_unix_ns);
-    log::warn("budget_emergency_kill_activated", {{"reason", reason}, {"source", "fleet"}});
   } else {
     admin_->clearKill();
-    log::info("budget_emergency_kill_deactivated", {{"source", "fleet"}});
   }
+  alerter_->killChanged(active, reason, "fleet");
   try {
     settings_->saveKill({active, reason, now, expires_unix_ns, true});
   } catch (const LedgerError& e) {

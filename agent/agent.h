@@ -6,6 +6,7 @@
 // Thread-safety: construct and destroy on one thread; tick() and run() on one thread at a time.
 #pragma once
 
+#include "alerts.h"
 #include "central.h"
 #include "config.h"
 #include "day_clock.h"
@@ -59,6 +60,7 @@ class Agent {
   bool adoptedRegion() const noexcept { return adopted_; }
   const Config& config() const noexcept { return config_; }
   CentralLink* central() noexcept { return central_.get(); }   // nullptr: alone
+  const Alerter& alerter() const noexcept { return *alerter_; }
   std::string ledgerPath() const { return config_.data_dir + "/ledger.db"; }
 
   // Changes made through the admin API. Each is applied to the region and saved in the data
@@ -101,6 +103,7 @@ class Agent {
   std::unique_ptr<RegionAdmin> admin_;
   std::unique_ptr<LedgerWriter> writer_;
   std::unique_ptr<CentralLink> central_;
+  std::unique_ptr<Alerter> alerter_;
   bool adopted_ = false;
   bool warned_clock_behind_ = false;
 };

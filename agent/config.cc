@@ -6,6 +6,7 @@
 #include <toml++/toml.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <bit>
 #include <charconv>
 #include <fstream>
@@ -140,7 +141,8 @@ Config parseConfig(const std::string& text, const std::string& origin) {
     throw ConfigError(msg.str());
   }
   Config c = defaultConfig();
-  rejectUnknown(root, origin, "", {"agent", "region", "ledger", "http", "budgets", "kill_switch", "prices", "central"});
+  rejectUnknown(root, origin, "",
+                {"agent", "region", "ledger", "http", "budgets", "kill_switch", "prices", "central", "alerts"});
   if (const toml::table* h = subtable(root, "http", origin, "")) {
     rejectUnknown(*h, origin, "http.", {"listen", "admin_token_file"});
     if (h->get("listen") != nullptr) {
@@ -261,6 +263,59 @@ Config parseConfig(const std::string& text, const std::string& origin) {
       fail(origin, "budgets.tenants",
            "with central.postgres_url, tenant limits come from awooop_projects.budget_limit_usd: remove "
            "[budgets.tenants] (and set them there, or with tokenfuse limit set)");
+    }
+  }
+  if (const toml::table* al = subtable(root, "alerts", origin, "")) {
+    rejectUnknown(*al, origin, "alerts.", {"thresholds_pct", "notifiers", "queue_limit"});
+    AlertsConfig& a = c.alerts;
+    if (const toml::node* n = al->get("thresholds_pct")) {
+      const toml::array* arr = n->as_array();
+      if (arr == nullptr || arr->empty()) fail(origin, "alerts.thresholds_pct", "must be a list such as [80, 95, 100]");
+      a.thresholds_pct.clear();
+      for (const toml::node& v : *arr) {
+        if (!v.is_integer() || v.as_integer()->get() < 1 || v.as_integer()->get() > 1000) {
+          fail(origin, "alerts.thresholds_pct", "must hold whole percentages from 1 to 1000");
+        }
+        a.thresholds_pct.push_back(v.as_integer()->get());
+      }
+      std::sort(a.thresholds_pct.begin(), a.thresholds_pct.end());
+      a.thresholds_pct.erase(std::unique(a.thresholds_pct.begin(), a.thresholds_pct.end()), a.thresholds_pct.end());
+    }
+    a.queue_limit = getInt(*al, "queue_limit", origin, "alerts.queue_limit", a.queue_limit, 1, 10'000'000);
+    if (const toml::node* n = al->get("notifiers")) {
+      const toml::array* arr = n->as_array();
+      if (arr == nullptr) fail(origin, "alerts.notifiers", "must be a list of [[alerts.notifiers]] tables");
+      for (std::size_t i = 0; i < arr->size(); ++i) {
+        const std::string key = "alerts.notifiers[" + std::to_string(i) + "].";
+        const toml::table* t = arr->get(i)->as_table();
+        if (t == nullptr) fail(origin, key, "must be a table");
+        rejectUnknown(*t, origin, key, {"kind", "url", "url_file", "bot_token_file", "chat_id", "api_base"});
+        NotifierConfig nc;
+        nc.kind = getString(*t, "kind", origin, key + "kind", "");
+        if (nc.kind != "webhook" && nc.kind != "slack" && nc.kind != "telegram") {
+          fail(origin, key + "kind", "must be webhook, slack or telegram");
+        }
+        auto secret = [&](const char* name) {   // the first line of a file; the file is named, never its content
+          const std::string path = getString(*t, name, origin, key + name, "");
+          if (path.empty()) return std::string();
+          std::ifstream in(path);
+          std::string line;
+          if (!in || !std::getline(in, line) || line.empty()) fail(origin, key + name, "cannot read " + path);
+          return line;
+        };
+        nc.url = getString(*t, "url", origin, key + "url", "");
+        if (nc.url.empty()) nc.url = secret("url_file");
+        nc.bot_token = secret("bot_token_file");
+        nc.chat_id = getString(*t, "chat_id", origin, key + "chat_id", "");
+        nc.api_base = getString(*t, "api_base", origin, key + "api_base", nc.api_base);
+        if (nc.kind != "telegram" && nc.url.rfind("http://", 0) != 0 && nc.url.rfind("https://", 0) != 0) {
+          fail(origin, key + "url", "must be an http:// or https:// URL (or give url_file)");
+        }
+        if (nc.kind == "telegram" && (nc.bot_token.empty() || nc.chat_id.empty())) {
+          fail(origin, key + "kind", "telegram needs bot_token_file and chat_id");
+        }
+        a.notifiers.push_back(std::move(nc));
+      }
     }
   }
   return c;

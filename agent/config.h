@@ -11,6 +11,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace tokenfuse {
 
@@ -39,6 +40,24 @@ struct CentralConfig {
   std::int64_t lease_fraction_ppb = 0;       // 0: off; else the share of a tenant's remaining budget
                                              // (parts per billion) this host may spend while the link is down
   bool enabled() const { return !redis_url.empty() || !postgres_url.empty(); }
+};
+
+// [[alerts.notifiers]]: where an alert goes. Secrets (a webhook URL, a bot token) may come from
+// files, which are read at start and never logged.
+struct NotifierConfig {
+  std::string kind;        // "webhook", "slack" or "telegram"
+  std::string url;         // webhook, slack: where to POST
+  std::string bot_token;   // telegram
+  std::string chat_id;     // telegram
+  std::string api_base = "https://api.telegram.org";   // telegram (tests point it at a local receiver)
+  std::string name() const { return kind; }
+};
+
+// [alerts]
+struct AlertsConfig {
+  std::vector<std::int64_t> thresholds_pct{80, 95, 100};   // the reference's warn, critical, hard_kill
+  std::vector<NotifierConfig> notifiers;
+  std::int64_t queue_limit = 10'000;   // undelivered messages kept; the oldest go first beyond it
 };
 
 struct Config {
@@ -84,6 +103,9 @@ struct Config {
 
   // [central]
   CentralConfig central;
+
+  // [alerts]
+  AlertsConfig alerts;
 };
 
 // The defaults, including the reference's price table.

@@ -185,7 +185,8 @@ std::string loadOrCreateToken(const std::string& path) {
 
 HttpApi::HttpApi(Agent& agent, Options options)
     : agent_(agent), admin_(agent.admin()), engine_(admin_.engine()), options_(std::move(options)),
-      metrics_(admin_, agent.central() != nullptr ? &agent.central()->stats() : nullptr), server_(std::make_unique<httplib::Server>()) {
+      metrics_(admin_, agent.central() != nullptr ? &agent.central()->stats() : nullptr, &agent.alerter().stats()),
+      server_(std::make_unique<httplib::Server>()) {
   server_->set_tcp_nodelay(true);
   server_->set_keep_alive_max_count(100000);
   server_->set_payload_max_length(options_.max_body_bytes);

@@ -1,6 +1,7 @@
 #include "metrics.h"
 
 #include "admin.h"
+#include "alerts.h"
 #include "central.h"
 #include "layout.h"
 
@@ -146,12 +147,36 @@ class LinkCollector final : public prometheus::Collectable {
   const LinkStats& s_;
 };
 
+class AlertCollector final : public prometheus::Collectable {
+ public:
+  explicit AlertCollector(const AlertStats& s) : s_(s) {}
+  std::vector<MetricFamily> Collect() const override {
+    std::vector<MetricFamily> out;
+    sample(out.emplace_back(family("tokenfuse_alerts_fired_total", "Alerts raised (each threshold once per scope and day)",
+                                   MetricType::Counter)),
+           static_cast<double>(s_.fired.load()));
+    auto& d = out.emplace_back(family("tokenfuse_alert_deliveries_total", "Alert messages sent to notifiers, by result",
+                                      MetricType::Counter));
+    sample(d, static_cast<double>(s_.delivered.load()), {{"result", "delivered"}});
+    sample(d, static_cast<double>(s_.failed.load()), {{"result", "failed_attempt"}});
+    sample(d, static_cast<double>(s_.dropped.load()), {{"result", "dropped"}});
+    sample(out.emplace_back(family("tokenfuse_alert_queue_messages", "Alert messages waiting for delivery",
+                                   MetricType::Gauge)),
+           static_cast<double>(s_.queued.load()));
+    return out;
+  }
+
+ private:
+  const AlertStats& s_;
+};
+
 }  // namespace
 
-Metrics::Metrics(RegionAdmin& admin, const LinkStats* link)
+Metrics::Metrics(RegionAdmin& admin, const LinkStats* link, const AlertStats* alerts)
     : registry_(std::make_shared<prometheus::Registry>()),
       region_(std::make_shared<RegionCollector>(admin)),
       link_(link != nullptr ? std::make_shared<LinkCollector>(*link) : nullptr),
+      alerts_(alerts != nullptr ? std::make_shared<AlertCollector>(*alerts) : nullptr),
       decisions_family_(prometheus::BuildCounter()
                             .Name("tokenfuse_http_decisions_total")
                             .Help("Decisions made through the HTTP API, by endpoint, result and error code")
@@ -187,8 +212,10 @@ void Metrics::decision(Endpoint endpoint, Code code) noexcept {
 std::string Metrics::scrape() const {
   std::vector<MetricFamily> families = registry_->Collect();
   for (MetricFamily& f : region_->Collect()) families.push_back(std::move(f));
-  if (link_) {
-    for (MetricFamily& f : link_->Collect()) families.push_back(std::move(f));
+  for (const auto& c : {link_, alerts_}) {
+    if (c) {
+      for (MetricFamily& f : c->Collect()) families.push_back(std::move(f));
+    }
   }
   return prometheus::TextSerializer().Serialize(families);
 }

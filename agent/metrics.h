@@ -23,13 +23,14 @@ namespace tokenfuse {
 
 class RegionAdmin;
 struct LinkStats;
+struct AlertStats;
 
 class Metrics {
  public:
   enum class Endpoint { kCheck, kReserve, kCommit, kCharge, kRelease, kUsage, kCount };
 
   // `link`: the central link's state, or nullptr when the agent runs alone.
-  Metrics(RegionAdmin& admin, const LinkStats* link);
+  Metrics(RegionAdmin& admin, const LinkStats* link, const AlertStats* alerts);
   ~Metrics();
 
   // Counts one decision made over HTTP.
@@ -44,6 +45,7 @@ class Metrics {
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<prometheus::Collectable> region_;
   std::shared_ptr<prometheus::Collectable> link_;   // nullptr: no central link
+  std::shared_ptr<prometheus::Collectable> alerts_;
   prometheus::Family<prometheus::Counter>& decisions_family_;
   // Created on first use, so that only codes that occurred are exported.
   std::array<std::array<std::atomic<prometheus::Counter*>, kCodes>, static_cast<std::size_t>(Endpoint::kCount)>

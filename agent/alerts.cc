@@ -1,0 +1,270 @@
+#include "alerts.h"
+
+#include "day_clock.h"
+#include "layout.h"
+#include "ledger.h"
+#include "log.h"
+
+#include <SQLiteCpp/SQLiteCpp.h>
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+
+namespace tokenfuse {
+
+namespace {
+
+constexpr const char* kSchema = R"sql(
+CREATE TABLE IF NOT EXISTS alert_fired (
+  day           INTEGER NOT NULL,
+  scope         TEXT    NOT NULL,   -- tenant, run, platform
+  scope_id      TEXT    NOT NULL,   -- '' for the platform
+  level_pct     INTEGER NOT NULL,
+  fired_unix_ns INTEGER NOT NULL,
+  PRIMARY KEY (day, scope, scope_id, level_pct)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alert_outbox (
+  id                INTEGER PRIMARY KEY,
+  notifier          INTEGER NOT NULL,   -- index in [[alerts.notifiers]]
+  body              TEXT    NOT NULL,   -- the alert as JSON
+  attempts          INTEGER NOT NULL DEFAULT 0,
+  next_unix_ns      INTEGER NOT NULL,
+  delivered_unix_ns INTEGER
+);
+CREATE INDEX IF NOT EXISTS alert_outbox_due ON alert_outbox (delivered_unix_ns, next_unix_ns);
+)sql";
+
+constexpr std::int64_t kFirstRetryNs = 250'000'000;   // doubles up to a minute
+constexpr std::int64_t kLastRetryNs = 60'000'000'000;
+
+std::unique_ptr<SQLite::Database> open(const std::string& path) {
+  auto db = std::make_unique<SQLite::Database>(path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE |
+                                                         SQLite::OPEN_NOMUTEX);
+  db->setBusyTimeout(5000);
+  return db;
+}
+
+// The reference's names: warn (80 %), critical (95 %), hard_kill (100 %).
+const char* levelName(std::int64_t pct) { return pct >= 100 ? "hard_kill" : pct >= 95 ? "critical" : "warn"; }
+
+std::string text(const nlohmann::json& body) {
+  const std::string event = body.value("event", "");
+  if (event.rfind("budget_emergency_kill", 0) == 0) {
+    return body.value("active", false) ? "tokenfuse: emergency kill switch ON (" + body.value("reason", "") +
+                                             "): every LLM call is refused"
+                                       : "tokenfuse: emergency kill switch off";
+  }
+  const std::string who = body.value("scope", "") == "platform"
+                              ? std::string("The platform")
+                              : body.value("scope", "") + " " + body.value("scope_id", "");
+  return "tokenfuse: " + who + " has used " + std::to_string(body.value("level_pct", 0)) + "% of its budget ($" +
+         body.value("used_usd", "") + " of $" + body.value("limit_usd", "") + ", " + body.value("day", "") + ")";
+}
+
+}  // namespace
+
+struct Alerter::Event {
+  nlohmann::json body;
+  std::string scope, id;
+  std::int64_t level_pct = -1;   // -1: not a threshold (the kill switch)
+};
+
+Alerter::Alerter(const AlertsConfig& config, RegionAdmin& admin, const std::string& ledger_path, Clock clock)
+    : config_(config), admin_(admin), clock_(std::move(clock)) {
+  try {
+    db_ = open(ledger_path);
+    db_->exec(kSchema);
+    deliver_ = open(ledger_path);
+    SQLite::Statement q(*db_, "SELECT COUNT(*) FROM alert_outbox WHERE delivered_unix_ns IS NULL");
+    q.executeStep();
+    stats_.queued = static_cast<std::uint64_t>(q.getColumn(0).getInt64());
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError("alerts in " + ledger_path + ": " + e.what());
+  }
+}
+
+Alerter::~Alerter() = default;
+
+void Alerter::scan() {
+  const std::int32_t day = admin_.day();
+  if (day != day_) {
+    // A new day (or the first scan): what already fired today, from SQLite, so a restart adds none.
+    fired_.clear();
+    SQLite::Statement q(*db_, "SELECT scope, scope_id, MAX(level_pct) FROM alert_fired WHERE day = ? GROUP BY 1, 2");
+    q.bind(1, day);
+    while (q.executeStep()) fired_[{q.getColumn(0).getString(), q.getColumn(1).getString()}] = q.getColumn(2).getInt64();
+    day_ = day;
+  }
+  Engine& engine = admin_.engine();
+  scanOne("platform", "", engine.platform());
+  admin_.forEachTenant([&](std::string_view id) { scanOne("tenant", id, engine.tenant(id)); });
+}
+
+void Alerter::scanOne(const char* scope, std::string_view id, const BudgetView& v) {
+  if (!v.limit || v.limit->count() == 0) return;
+  // What was spent, here and elsewhere in the fleet; holds are not spending yet.
+  const std::int64_t used = v.committed.count() + v.elsewhere.count();
+  const auto key = std::pair{std::string(scope), std::string(id)};
+  const auto it = fired_.find(key);
+  const std::int64_t done = it == fired_.end() ? 0 : it->second;
+  for (const std::int64_t pct : config_.thresholds_pct) {
+    if (pct <= done) continue;
+    if (shm::U128{static_cast<std::uint64_t>(std::max<std::int64_t>(0, used))} * 100 <
+        shm::U128{static_cast<std::uint64_t>(v.limit->count())} * static_cast<std::uint64_t>(pct)) {
+      break;
+    }
+    Event e;
+    e.scope = scope;
+    e.id = std::string(id);
+    e.level_pct = pct;
+    e.body = {{"event", std::string("budget_") + scope + "_" + levelName(pct)},
+              {"scope", scope},
+              {"scope_id", e.id},
+              {"day", DayClock::format(v.day)},
+              {"level_pct", pct},
+              {"used_usd", NanoUsd(used).toString()},
+              {"limit_usd", v.limit->toString()}};
+    raise(e);
+    fired_[key] = pct;
+  }
+}
+
+void Alerter::killChanged(bool active, const std::string& reason, const std::string& source) {
+  Event e;
+  e.body = {{"event", active ? "budget_emergency_kill_activated" : "budget_emergency_kill_deactivated"},
+            {"active", active},
+            {"reason", reason},
+            {"source", source}};
+  raise(e);
+}
+
+void Alerter::raise(const Event& e) {
+  const std::int64_t now = clock_();
+  nlohmann::json body = e.body;
+  body["unix_ms"] = now / 1'000'000;
+  try {
+    SQLite::Transaction txn(*db_);
+    if (e.level_pct >= 0) {
+      SQLite::Statement f(*db_, "INSERT OR IGNORE INTO alert_fired VALUES (?, ?, ?, ?, ?)");
+      f.bind(1, admin_.day());
+      f.bind(2, e.scope);
+      f.bind(3, e.id);
+      f.bind(4, e.level_pct);
+      f.bind(5, now);
+      if (f.exec() == 0) return;   // fired before (this day, this scope, this level)
+    }
+    const std::string text = body.dump();
+    for (std::size_t i = 0; i < config_.notifiers.size(); ++i) {
+      SQLite::Statement q(*db_, "INSERT INTO alert_outbox (notifier, body, next_unix_ns) VALUES (?, ?, ?)");
+      q.bind(1, static_cast<std::int64_t>(i));
+      q.bind(2, text);
+      q.bind(3, now);
+      q.exec();
+    }
+    // Bounded: beyond queue_limit undelivered messages, the oldest go.
+    SQLite::Statement drop(*db_,
+                           "DELETE FROM alert_outbox WHERE id IN (SELECT id FROM alert_outbox WHERE delivered_unix_ns "
+                           "IS NULL ORDER BY id DESC LIMIT -1 OFFSET ?)");
+    drop.bind(1, config_.queue_limit);
+    stats_.dropped += static_cast<std::uint64_t>(drop.exec());
+    txn.commit();
+  } catch (const SQLite::Exception& ex) {
+    log::error("alert_not_saved", {{"event", body.value("event", "")}, {"error", ex.what()}});
+  }
+  ++stats_.fired;
+  stats_.queued += config_.notifiers.size();
+  nlohmann::ordered_json fields;
+  for (const auto& [k, v] : body.items()) fields[k] = v;
+  log::warn(body.value("event", "budget_alert"), fields);
+  {
+    std::lock_guard lock(mu_);
+    wake_ = true;
+  }
+  cv_.notify_all();
+}
+
+bool Alerter::send(const NotifierConfig& n, const std::string& body_text) {
+  const nlohmann::json body = nlohmann::json::parse(body_text);
+  std::string url = n.url, payload;
+  if (n.kind == "webhook") {
+    payload = body_text;
+  } else if (n.kind == "slack") {
+    payload = nlohmann::json{{"text", text(body)}}.dump();
+  } else {   // telegram: the Bot API's sendMessage
+    url = n.api_base + "/bot" + n.bot_token + "/sendMessage";
+    payload = nlohmann::json{{"chat_id", n.chat_id}, {"text", text(body)}}.dump();
+  }
+  // scheme://host[:port] and the path, for httplib.
+  const auto host_end = url.find('/', url.find("://") + 3);
+  httplib::Client http(url.substr(0, host_end));
+  http.set_connection_timeout(5);
+  http.set_read_timeout(10);
+  const auto r = http.Post(host_end == std::string::npos ? "/" : url.substr(host_end).c_str(), payload,
+                           "application/json");
+  return r && r->status >= 200 && r->status < 300;
+}
+
+std::size_t Alerter::deliverDue() {
+  const std::int64_t now = clock_();
+  struct Row {
+    std::int64_t id, notifier, attempts;
+    std::string body;
+  };
+  std::vector<Row> due;
+  try {
+    SQLite::Statement q(*deliver_,
+                        "SELECT id, notifier, attempts, body FROM alert_outbox WHERE delivered_unix_ns IS NULL AND "
+                        "next_unix_ns <= ? ORDER BY id LIMIT 50");
+    q.bind(1, now);
+    while (q.executeStep()) {
+      due.push_back({q.getColumn(0).getInt64(), q.getColumn(1).getInt64(), q.getColumn(2).getInt64(),
+                     q.getColumn(3).getString()});
+    }
+  } catch (const SQLite::Exception& e) {
+    log::error("alert_delivery_failed", {{"error", e.what()}});
+    return 0;
+  }
+  std::size_t sent = 0;
+  for (const Row& r : due) {
+    const bool known = r.notifier >= 0 && static_cast<std::size_t>(r.notifier) < config_.notifiers.size();
+    const bool ok = known && send(config_.notifiers[static_cast<std::size_t>(r.notifier)], r.body);
+    try {
+      if (ok || !known) {   // a notifier no longer configured: nothing to send it to
+        SQLite::Statement u(*deliver_, "UPDATE alert_outbox SET delivered_unix_ns = ?, attempts = attempts + 1 WHERE id = ?");
+        u.bind(1, clock_());
+        u.bind(2, r.id);
+        u.exec();
+        if (stats_.queued > 0) --stats_.queued;
+        if (ok) ++stats_.delivered, ++sent;
+      } else {
+        const std::int64_t backoff = std::min(kLastRetryNs, kFirstRetryNs << std::min<std::int64_t>(r.attempts, 8));
+        SQLite::Statement u(*deliver_, "UPDATE alert_outbox SET attempts = attempts + 1, next_unix_ns = ? WHERE id = ?");
+        u.bind(1, clock_() + backoff);
+        u.bind(2, r.id);
+        u.exec();
+        ++stats_.failed;
+        // The notifier is named by kind and position: its URL or token is a secret.
+        log::warn("alert_delivery_failed", {{"notifier", config_.notifiers[static_cast<std::size_t>(r.notifier)].kind},
+                                            {"index", r.notifier},
+                                            {"attempt", r.attempts + 1},
+                                            {"retry_in_ms", backoff / 1'000'000}});
+      }
+    } catch (const SQLite::Exception& e) {
+      log::error("alert_delivery_failed", {{"error", e.what()}});
+    }
+  }
+  return sent;
+}
+
+void Alerter::run(std::stop_token stop) {
+  while (!stop.stop_requested()) {
+    deliverDue();
+    std::unique_lock lock(mu_);
+    cv_.wait_for(lock, stop, std::chrono::milliseconds(100), [this] { return wake_; });
+    wake_ = false;
+  }
+}
+
+}  // namespace tokenfuse

@@ -1,0 +1,78 @@
+// Budget alerts: each threshold (default 80 %, 95 %, 100 % of a limit: the reference's warn,
+// critical and hard_kill) fires once per scope (a tenant, a run, the platform) and budget day,
+// not once per call, and not again after a restart. A firing is logged (budget_tenant_warn,
+// budget_tenant_critical, budget_tenant_hard_kill, ...) and queued in SQLite for each notifier
+// (a JSON webhook, Slack, Telegram) in the same transaction that records it, so a crash can
+// neither lose it nor send it twice as a new alert. A delivery thread sends the queue with retry
+// and backoff; nothing of it touches a decision.
+//
+// Thread-safety: scan() and killChanged() on one thread (the agent's tick); run() on another;
+// stats() anywhere.
+#pragma once
+
+#include "config.h"
+
+#include "admin.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stop_token>
+#include <string>
+
+namespace SQLite {
+class Database;
+}
+
+namespace tokenfuse {
+
+struct AlertStats {
+  std::atomic<std::uint64_t> fired{0};        // alerts raised (each once)
+  std::atomic<std::uint64_t> delivered{0};    // messages a notifier accepted
+  std::atomic<std::uint64_t> failed{0};       // delivery attempts that failed (each is retried)
+  std::atomic<std::uint64_t> dropped{0};      // undelivered messages dropped beyond queue_limit
+  std::atomic<std::uint64_t> queued{0};       // undelivered now
+};
+
+class Alerter {
+ public:
+  using Clock = std::function<std::int64_t()>;   // unix ns
+
+  // Opens its tables in the ledger file. Throws LedgerError.
+  Alerter(const AlertsConfig& config, RegionAdmin& admin, const std::string& ledger_path, Clock clock);
+  ~Alerter();
+
+  // Raises what the thresholds say about every limited tenant, every limited run and the platform.
+  void scan();
+  // The kill switch turned on or off: an alert too.
+  void killChanged(bool active, const std::string& reason, const std::string& source);
+  // Delivers queued messages until stopped.
+  void run(std::stop_token stop);
+  // Delivers what is due now; returns how many were sent (tests and run()).
+  std::size_t deliverDue();
+
+  const AlertStats& stats() const noexcept { return stats_; }
+
+ private:
+  struct Event;
+  void raise(const Event& e);
+  void scanOne(const char* scope, std::string_view id, const BudgetView& v);
+  bool send(const NotifierConfig& n, const std::string& body);
+
+  AlertsConfig config_;
+  RegionAdmin& admin_;
+  Clock clock_;
+  std::unique_ptr<SQLite::Database> db_;        // scan() and killChanged()
+  std::unique_ptr<SQLite::Database> deliver_;   // run()
+  std::int32_t day_ = -1;
+  std::map<std::pair<std::string, std::string>, std::int64_t> fired_;   // (scope, id) -> highest level today
+  std::mutex mu_;
+  std::condition_variable_any cv_;
+  bool wake_ = false;
+  AlertStats stats_;
+};
+
+}  // namespace tokenfuse
