@@ -100,6 +100,7 @@ void Alerter::scan() {
   Engine& engine = admin_.engine();
   scanOne("platform", "", engine.platform());
   admin_.forEachTenant([&](std::string_view id) { scanOne("tenant", id, engine.tenant(id)); });
+  admin_.forEachEntry(LimitTable::kRun, [&](std::string_view id) { scanOne("run", id, engine.run(id)); });
 }
 
 void Alerter::scanOne(const char* scope, std::string_view id, const BudgetView& v) {

@@ -9,6 +9,7 @@
 #include <prometheus/metric_family.h>
 #include <prometheus/text_serializer.h>
 
+#include <algorithm>
 #include <tuple>
 
 namespace tokenfuse {
@@ -95,6 +96,37 @@ class RegionCollector final : public prometheus::Collectable {
     sample(out.emplace_back(family("tokenfuse_ledger_abandoned_total",
                                    "Ledger ring slots skipped because their writer died", MetricType::Counter)),
            static_cast<double>(st.ledger_abandoned.load(r)));
+
+    // Per tenant, for a dashboard: the tenants nearest their limit (or spending most, if
+    // unlimited), at most kTenantSeries of them, so the label set stays small.
+    struct Row {
+      std::string id;
+      BudgetView v;
+      double key;
+    };
+    std::vector<Row> rows;
+    admin_.forEachTenant([&](std::string_view id) {
+      BudgetView v = admin_.engine().tenant(id);
+      const double spent = static_cast<double>(v.committed.count() + v.elsewhere.count());
+      const double key = v.limit && v.limit->count() > 0 ? 1e6 + spent / static_cast<double>(v.limit->count()) : spent / 1e18;
+      rows.push_back({std::string(id), v, key});
+    });
+    constexpr std::size_t kTenantSeries = 100;
+    if (rows.size() > kTenantSeries) {
+      std::partial_sort(rows.begin(), rows.begin() + kTenantSeries, rows.end(),
+                        [](const Row& a, const Row& b) { return a.key > b.key; });
+      rows.resize(kTenantSeries);
+    }
+    auto& spent = out.emplace_back(family("tokenfuse_tenant_spent_usd",
+                                          "Spent today by a tenant, here and elsewhere in the fleet (the 100 nearest "
+                                          "their limit)",
+                                          MetricType::Gauge));
+    auto& limit_t = out.emplace_back(
+        family("tokenfuse_tenant_limit_usd", "A tenant's daily limit (absent when unlimited)", MetricType::Gauge));
+    for (const Row& row : rows) {
+      sample(spent, usd(row.v.committed.count() + row.v.elsewhere.count()), {{"project_id", row.id}});
+      if (row.v.limit) sample(limit_t, usd(row.v.limit->count()), {{"project_id", row.id}});
+    }
 
     sample(out.emplace_back(family("tokenfuse_kill_switch_active", "1 while the emergency kill switch is on",
                                    MetricType::Gauge)),

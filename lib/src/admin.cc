@@ -117,7 +117,11 @@ Status RegionAdmin::setElsewhere(std::int32_t day, std::string_view project_id, 
 }
 
 void RegionAdmin::forEachTenant(const std::function<void(std::string_view)>& fn) const {
-  const KeyedTable<shm::BudgetSlot> tab = table(LimitTable::kTenant);
+  forEachEntry(LimitTable::kTenant, fn);
+}
+
+void RegionAdmin::forEachEntry(LimitTable t, const std::function<void(std::string_view)>& fn) const {
+  const KeyedTable<shm::BudgetSlot> tab = table(t);
   for (std::uint32_t i = 0; i < tab.capacity(); ++i) {
     const shm::BudgetSlot& s = tab.at(static_cast<std::int32_t>(i));
     if (shm::keyState(s.k.word.load(kAcquire)) == shm::kKeyReady) fn(std::string_view(s.k.key, s.k.key_len));

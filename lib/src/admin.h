@@ -59,6 +59,8 @@ class RegionAdmin {
   Status setElsewhere(std::int32_t day, std::string_view project_id, NanoUsd spent);
   // Calls fn(project_id) for every tenant in the region.
   void forEachTenant(const std::function<void(std::string_view)>& fn) const;
+  // Calls fn(id) for every entry of `table`.
+  void forEachEntry(LimitTable table, const std::function<void(std::string_view)>& fn) const;
 
   Status setPrice(std::string_view model, Price price);
   // Every model name in the price table.

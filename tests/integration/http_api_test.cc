@@ -258,6 +258,7 @@ TEST_CASE("http: /metrics is Prometheus text, and its counters move with decisio
   CHECK(sampleValue(after,
                     R"(tokenfuse_http_decisions_total{endpoint="check",error_code="E-BUDGET-002",result="refused"})") == 1);
   CHECK(sampleValue(after, "tokenfuse_reservations_live") == 1);
+  CHECK(sampleValue(after, R"(tokenfuse_tenant_limit_usd{project_id="acme"})") == doctest::Approx(0.01));
   CHECK(sampleValue(after, "tokenfuse_platform_reserved_usd") == doctest::Approx(0.0005));
 }
 
