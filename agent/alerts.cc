@@ -89,6 +89,7 @@ Alerter::~Alerter() = default;
 
 void Alerter::scan() {
   const std::int32_t day = admin_.day();
+  std::lock_guard lock(db_mu_);
   if (day != day_) {
     // A new day (or the first scan): what already fired today, from SQLite, so a restart adds none.
     fired_.clear();
@@ -133,6 +134,7 @@ void Alerter::scanOne(const char* scope, std::string_view id, const BudgetView& 
 }
 
 void Alerter::killChanged(bool active, const std::string& reason, const std::string& source) {
+  std::lock_guard lock(db_mu_);
   Event e;
   e.body = {{"event", active ? "budget_emergency_kill_activated" : "budget_emergency_kill_deactivated"},
             {"active", active},
@@ -169,8 +171,10 @@ void Alerter::raise(const Event& e) {
                            "DELETE FROM alert_outbox WHERE id IN (SELECT id FROM alert_outbox WHERE delivered_unix_ns "
                            "IS NULL ORDER BY id DESC LIMIT -1 OFFSET ?)");
     drop.bind(1, config_.queue_limit);
-    stats_.dropped += static_cast<std::uint64_t>(drop.exec());
+    const auto dropped = static_cast<std::uint64_t>(drop.exec());
     txn.commit();
+    stats_.dropped += dropped;
+    stats_.queued -= std::min<std::uint64_t>(stats_.queued, dropped);
   } catch (const SQLite::Exception& ex) {
     log::error("alert_not_saved", {{"event", body.value("event", "")}, {"error", ex.what()}});
   }
@@ -230,7 +234,11 @@ std::size_t Alerter::deliverDue() {
   std::size_t sent = 0;
   for (const Row& r : due) {
     const bool known = r.notifier >= 0 && static_cast<std::size_t>(r.notifier) < config_.notifiers.size();
-    const bool ok = known && send(config_.notifiers[static_cast<std::size_t>(r.notifier)], r.body);
+    bool ok = false;
+    try {
+      ok = known && send(config_.notifiers[static_cast<std::size_t>(r.notifier)], r.body);
+    } catch (const std::exception&) {   // a body that does not parse, a URL httplib refuses: a failed attempt
+    }
     try {
       if (ok || !known) {   // a notifier no longer configured: nothing to send it to
         SQLite::Statement u(*deliver_, "UPDATE alert_outbox SET delivered_unix_ns = ?, attempts = attempts + 1 WHERE id = ?");

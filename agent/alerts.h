@@ -6,8 +6,8 @@
 // neither lose it nor send it twice as a new alert. A delivery thread sends the queue with retry
 // and backoff; nothing of it touches a decision.
 //
-// Thread-safety: scan() and killChanged() on one thread (the agent's tick); run() on another;
-// stats() anywhere.
+// Thread-safety: scan() and killChanged() from any thread (they take db_mu_); run() on one
+// thread; stats() anywhere.
 #pragma once
 
 #include "config.h"
@@ -65,6 +65,7 @@ class Alerter {
   AlertsConfig config_;
   RegionAdmin& admin_;
   Clock clock_;
+  std::mutex db_mu_;                            // guards db_, day_ and fired_
   std::unique_ptr<SQLite::Database> db_;        // scan() and killChanged()
   std::unique_ptr<SQLite::Database> deliver_;   // run()
   std::int32_t day_ = -1;
