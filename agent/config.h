@@ -50,7 +50,6 @@ struct NotifierConfig {
   std::string bot_token;   // telegram
   std::string chat_id;     // telegram
   std::string api_base = "https://api.telegram.org";   // telegram (tests point it at a local receiver)
-  std::string name() const { return kind; }
 };
 
 // [alerts]
