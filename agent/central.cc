@@ -382,10 +382,7 @@ void CentralLink::pullKill() {
 
 void CentralLink::pullTotals() {
   const std::int32_t day = admin_.day();
-  if (day != leases_day_) {
-    leases_.clear();
-    ref_base_.clear();
-  }
+  if (day != leases_day_) ref_base_.clear();
   leases_day_ = day;
   std::vector<std::string> tenants;
   admin_.forEachTenant([&](std::string_view id) { tenants.emplace_back(id); });
@@ -424,37 +421,33 @@ void CentralLink::pullTotals() {
         elsewhere = std::max(elsewhere, ref_nano - base - here);
       }
       (void)admin_.setElsewhere(day, tenants[i], NanoUsd(elsewhere));
-      // For leases: what is left of the limit, as the fleet sees it now.
-      const BudgetView v = tenants[i].empty() ? admin_.engine().platform() : admin_.engine().tenant(tenants[i]);
-      if (v.limit) {
-        leases_[tenants[i]] = {v.limit->count() - v.committed.count() - v.held.count() - elsewhere, v.limit->count()};
-      } else {
-        leases_.erase(tenants[i]);
-      }
     }
   }
 }
 
 void CentralLink::applyLeases() {
-  // While Redis is down, this host may spend beyond what it had spent only its lease: a share of
-  // each limited tenant's remaining budget, as last seen. Applied once per outage.
+  // While Redis is down, this host may spend beyond what it has spent only its lease: a share of
+  // what each limited tenant (and the platform) has left, as this host knows it now: the last
+  // fleet totals it pulled and its own spending since. Applied once per outage, and only on the
+  // day those totals are from.
   if (config_.lease_fraction_ppb == 0 || leases_applied_) return;
   leases_applied_ = true;
   const std::int32_t day = admin_.day();
   if (day != leases_day_) return;   // what was left yesterday says nothing about today
   std::size_t n = 0;
-  for (const auto& [id, lease] : leases_) {
+  const auto lease = [&](std::string_view id) {
     const BudgetView v = id.empty() ? admin_.engine().platform() : admin_.engine().tenant(id);
-    if (!v.limit) continue;
-    const std::int64_t share =
-        static_cast<std::int64_t>(shm::U128{static_cast<std::uint64_t>(std::max<std::int64_t>(0, lease.remaining))} *
-                                  static_cast<std::uint64_t>(config_.lease_fraction_ppb) / 1'000'000'000);
-    // limit - elsewhere = used here now + lease: the most this host can reach until Redis is back.
+    if (!v.limit) return;
     const std::int64_t used_here = v.committed.count() + v.held.count();
-    const std::int64_t elsewhere = std::max(v.elsewhere.count(), v.limit->count() - used_here - share);
-    (void)admin_.setElsewhere(day, id, NanoUsd(elsewhere));
+    const std::int64_t left = std::max<std::int64_t>(0, v.limit->count() - used_here - v.elsewhere.count());
+    const auto share = static_cast<std::int64_t>(shm::U128{static_cast<std::uint64_t>(left)} *
+                                                 static_cast<std::uint64_t>(config_.lease_fraction_ppb) / 1'000'000'000);
+    // limit - elsewhere = used here now + share: the most this host can reach until Redis is back.
+    (void)admin_.setElsewhere(day, id, NanoUsd(std::max(v.elsewhere.count(), v.limit->count() - used_here - share)));
     ++n;
-  }
+  };
+  lease("");
+  admin_.forEachTenant(lease);
   log::warn("central_leases_applied", {{"scopes", n}, {"lease_fraction", usdText(config_.lease_fraction_ppb)}});
 }
 

@@ -122,13 +122,8 @@ class CentralLink {
   std::set<std::string> warned_;          // links whose failure was logged, until they are back
   std::set<std::string> fleet_limited_;   // tenants whose limit came from awooop_projects   // tenants whose limit came from awooop_projects
 
-  struct Lease {
-    std::int64_t remaining = 0;   // limit - used - elsewhere when last seen, nano-USD
-    std::int64_t limit = 0;
-  };
-  std::map<std::string, Lease, std::less<>> leases_;   // tenant ("" = platform) -> last view
   bool leases_applied_ = false;
-  std::int32_t leases_day_ = 0;   // the budget day leases_ and ref_base_ were seen on
+  std::int32_t leases_day_ = 0;   // the budget day of the last pulled totals (and of ref_base_)
   std::map<std::string, std::int64_t, std::less<>> ref_base_;   // reference keys at the day's first look
   bool push_failed_ = false;      // the last Postgres round failed: wait before the next
 
