@@ -58,7 +58,8 @@ Agent::Agent(Config config, Options options)
       LedgerWriter::Options{65536, std::chrono::milliseconds(config_.ledger_flush_interval_ms),
                             std::chrono::milliseconds(5000)});
   try {
-    alerter_ = std::make_unique<Alerter>(config_.alerts, *admin_, ledgerPath(), [this] { return toUnixNs(clock_()); });
+    alerter_ = std::make_unique<Alerter>(config_.alerts, config_.central, config_.host_id + "/" + ledger_->ledgerId(),
+                                         *admin_, ledgerPath(), [this] { return toUnixNs(clock_()); });
   } catch (const LedgerError& e) {
     throw AgentError(e.what());
   }

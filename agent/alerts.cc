@@ -18,7 +18,7 @@ namespace {
 
 constexpr const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS alert_fired (
-  day           INTEGER NOT NULL,
+  day           INTEGER NOT NULL,   -- the budget day (days since 1970-01-01); -1 for a run's alerts
   scope         TEXT    NOT NULL,   -- tenant, run, platform
   scope_id      TEXT    NOT NULL,   -- '' for the platform
   level_pct     INTEGER NOT NULL,
@@ -38,6 +38,35 @@ CREATE INDEX IF NOT EXISTS alert_outbox_due ON alert_outbox (delivered_unix_ns, 
 
 constexpr std::int64_t kFirstRetryNs = 250'000'000;   // doubles up to a minute
 constexpr std::int64_t kLastRetryNs = 60'000'000'000;
+constexpr std::int32_t kLifetime = -1;   // alert_fired.day of a run's alerts: a run budget never resets
+constexpr std::int64_t kRedisRetryNs = 5'000'000'000;   // a Redis that failed a claim is asked again after this
+
+// Fleet claims: the first host to ask owns the alert; asking again (a restart, a second notifier)
+// answers the same. KEYS[1] the alert, ARGV[1] this host, ARGV[2] the key's life in seconds.
+constexpr const char* kClaimScript = R"lua(
+local owner = redis.call('GET', KEYS[1])
+if not owner then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 1
+end
+if owner == ARGV[1] then return 1 end
+return 0
+)lua";
+
+// The fleet-wide name of an alert, and how long its claim is kept.
+std::pair<std::string, std::int64_t> claimKey(const nlohmann::json& body) {
+  const std::string prefix = "{tokenfuse:alerts}:";
+  if (body.contains("active")) {   // the kill switch: one change seen by every host within a sync interval
+    const std::string reason = body.value("reason", "");
+    return {prefix + (body.value("active", false) ? "kill:on:" + (reason.empty() ? "activated" : reason) : "kill:off"),
+            60};
+  }
+  const std::string scope = body.value("scope", "");
+  const bool run = scope == "run";
+  return {prefix + (run ? "run" : body.value("day", "")) + ":" + scope + ":" +
+              std::to_string(body.value("level_pct", 0)) + ":" + body.value("scope_id", ""),
+          run ? 90 * 86400 : 3 * 86400};
+}
 
 std::unique_ptr<SQLite::Database> open(const std::string& path) {
   auto db = std::make_unique<SQLite::Database>(path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE |
@@ -71,8 +100,9 @@ struct Alerter::Event {
   std::int64_t level_pct = -1;   // -1: not a threshold (the kill switch)
 };
 
-Alerter::Alerter(const AlertsConfig& config, RegionAdmin& admin, const std::string& ledger_path, Clock clock)
-    : config_(config), admin_(admin), clock_(std::move(clock)) {
+Alerter::Alerter(const AlertsConfig& config, const CentralConfig& central, std::string origin, RegionAdmin& admin,
+                 const std::string& ledger_path, Clock clock)
+    : config_(config), central_(central), origin_(std::move(origin)), admin_(admin), clock_(std::move(clock)) {
   try {
     db_ = open(ledger_path);
     db_->exec(kSchema);
@@ -91,10 +121,13 @@ void Alerter::scan() {
   const std::int32_t day = admin_.day();
   std::lock_guard lock(db_mu_);
   if (day != day_) {
-    // A new day (or the first scan): what already fired today, from SQLite, so a restart adds none.
+    // A new day (or the first scan): what already fired today, and runs' alerts, from SQLite, so a
+    // restart adds none.
     fired_.clear();
-    SQLite::Statement q(*db_, "SELECT scope, scope_id, MAX(level_pct) FROM alert_fired WHERE day = ? GROUP BY 1, 2");
+    SQLite::Statement q(
+        *db_, "SELECT scope, scope_id, MAX(level_pct) FROM alert_fired WHERE day IN (?, ?) GROUP BY 1, 2");
     q.bind(1, day);
+    q.bind(2, kLifetime);
     while (q.executeStep()) fired_[{q.getColumn(0).getString(), q.getColumn(1).getString()}] = q.getColumn(2).getInt64();
     day_ = day;
   }
@@ -111,7 +144,7 @@ void Alerter::scanOne(const char* scope, std::string_view id, const BudgetView& 
   const auto key = std::pair{std::string(scope), std::string(id)};
   const auto it = fired_.find(key);
   const std::int64_t done = it == fired_.end() ? 0 : it->second;
-  for (const std::int64_t pct : config_.thresholds_pct) {
+  for (const std::int64_t pct : config_.thresholdsFor(scope, id)) {
     if (pct <= done) continue;
     if (shm::U128{static_cast<std::uint64_t>(std::max<std::int64_t>(0, used))} * 100 <
         shm::U128{static_cast<std::uint64_t>(v.limit->count())} * static_cast<std::uint64_t>(pct)) {
@@ -151,7 +184,7 @@ void Alerter::raise(const Event& e) {
     SQLite::Transaction txn(*db_);
     if (e.level_pct >= 0) {
       SQLite::Statement f(*db_, "INSERT OR IGNORE INTO alert_fired VALUES (?, ?, ?, ?, ?)");
-      f.bind(1, admin_.day());
+      f.bind(1, e.scope == "run" ? kLifetime : admin_.day());
       f.bind(2, e.scope);
       f.bind(3, e.id);
       f.bind(4, e.level_pct);
@@ -188,6 +221,28 @@ void Alerter::raise(const Event& e) {
     wake_ = true;
   }
   cv_.notify_all();
+}
+
+bool Alerter::claim(const std::string& body_text) {
+  if (central_.redis_url.empty()) return true;
+  const auto [key, ttl_s] = claimKey(nlohmann::json::parse(body_text));
+  const std::int64_t now = clock_();
+  try {
+    if (!redis_) {
+      if (now < next_redis_attempt_ns_) return true;
+      redis_ = std::make_unique<RedisConnection>(central_.redis, central_.connect_timeout_ms);
+    }
+    const RedisReply r = redis_->command({"EVAL", kClaimScript, "1", key, origin_, std::to_string(ttl_s)});
+    if (redis_warned_) log::info("alert_fleet_claims_back");
+    redis_warned_ = false;
+    return replyInteger(r.get()) == 1;
+  } catch (const LinkError& e) {
+    redis_.reset();
+    next_redis_attempt_ns_ = now + kRedisRetryNs;
+    if (!redis_warned_) log::warn("alert_fleet_claims_unavailable", {{"error", e.what()}, {"sending_anyway", true}});
+    redis_warned_ = true;
+    return true;
+  }
 }
 
 bool Alerter::send(const NotifierConfig& n, const std::string& body_text) {
@@ -232,21 +287,26 @@ std::size_t Alerter::deliverDue() {
     return 0;
   }
   std::size_t sent = 0;
+  std::map<std::string, bool, std::less<>> mine;   // body -> claimed, once per pass for all its notifiers
   for (const Row& r : due) {
     const bool known = r.notifier >= 0 && static_cast<std::size_t>(r.notifier) < config_.notifiers.size();
-    bool ok = false;
+    bool ok = false, other_host = false;
     try {
-      ok = known && send(config_.notifiers[static_cast<std::size_t>(r.notifier)], r.body);
+      auto it = mine.find(r.body);
+      if (it == mine.end()) it = mine.emplace(r.body, claim(r.body)).first;
+      other_host = !it->second;
+      ok = known && !other_host && send(config_.notifiers[static_cast<std::size_t>(r.notifier)], r.body);
     } catch (const std::exception&) {   // a body that does not parse, a URL httplib refuses: a failed attempt
     }
     try {
-      if (ok || !known) {   // a notifier no longer configured: nothing to send it to
+      if (ok || !known || other_host) {   // a notifier no longer configured: nothing to send it to
         SQLite::Statement u(*deliver_, "UPDATE alert_outbox SET delivered_unix_ns = ?, attempts = attempts + 1 WHERE id = ?");
         u.bind(1, clock_());
         u.bind(2, r.id);
         u.exec();
         if (stats_.queued > 0) --stats_.queued;
         if (ok) ++stats_.delivered, ++sent;
+        if (other_host) ++stats_.other_host;
       } else {
         const std::int64_t backoff = std::min(kLastRetryNs, kFirstRetryNs << std::min<std::int64_t>(r.attempts, 8));
         SQLite::Statement u(*deliver_, "UPDATE alert_outbox SET attempts = attempts + 1, next_unix_ns = ? WHERE id = ?");

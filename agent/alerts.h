@@ -1,16 +1,26 @@
 // Budget alerts: each threshold (default 80 %, 95 %, 100 % of a limit: the reference's warn,
-// critical and hard_kill) fires once per scope (a tenant, a run, the platform) and budget day,
+// critical and hard_kill; configurable per scope and per tenant) fires once per scope and budget
+// day for tenants and the platform, and once in its life for a run (run budgets do not reset),
 // not once per call, and not again after a restart. A firing is logged (budget_tenant_warn,
 // budget_tenant_critical, budget_tenant_hard_kill, ...) and queued in SQLite for each notifier
 // (a JSON webhook, Slack, Telegram) in the same transaction that records it, so a crash can
 // neither lose it nor send it twice as a new alert. A delivery thread sends the queue with retry
 // and backoff; nothing of it touches a decision.
 //
+// With a central Redis, an alert goes out once per fleet: before sending, the delivery thread
+// claims the alert's key (SET if absent, per day, scope, level and id); a host that finds another
+// host's claim marks its copy sent_by_other_host. A Redis that cannot be asked does not hold an
+// alert back: the host sends it (a duplicate beats silence).
+//
+// Keys: {tokenfuse:alerts}:<YYYY-MM-DD|run>:<scope>:<pct>:<id>     value: host_id/ledger_id
+//       {tokenfuse:alerts}:kill:<on:reason|off>                    (a minute: one change, many hosts)
+//
 // Thread-safety: scan() and killChanged() from any thread (they take db_mu_); run() on one
 // thread; stats() anywhere.
 #pragma once
 
 #include "config.h"
+#include "redis.h"
 
 #include "admin.h"
 
@@ -34,6 +44,7 @@ struct AlertStats {
   std::atomic<std::uint64_t> delivered{0};    // messages a notifier accepted
   std::atomic<std::uint64_t> failed{0};       // delivery attempts that failed (each is retried)
   std::atomic<std::uint64_t> dropped{0};      // undelivered messages dropped beyond queue_limit
+  std::atomic<std::uint64_t> other_host{0};   // not sent: another host of the fleet claimed the alert
   std::atomic<std::uint64_t> queued{0};       // undelivered now
 };
 
@@ -41,8 +52,10 @@ class Alerter {
  public:
   using Clock = std::function<std::int64_t()>;   // unix ns
 
-  // Opens its tables in the ledger file. Throws LedgerError.
-  Alerter(const AlertsConfig& config, RegionAdmin& admin, const std::string& ledger_path, Clock clock);
+  // Opens its tables in the ledger file. With central.redis_url set, alerts are claimed in that
+  // Redis under `origin` (host_id/ledger_id). Throws LedgerError.
+  Alerter(const AlertsConfig& config, const CentralConfig& central, std::string origin, RegionAdmin& admin,
+          const std::string& ledger_path, Clock clock);
   ~Alerter();
 
   // Raises what the thresholds say about every limited tenant, every limited run and the platform.
@@ -61,15 +74,24 @@ class Alerter {
   void raise(const Event& e);
   void scanOne(const char* scope, std::string_view id, const BudgetView& v);
   bool send(const NotifierConfig& n, const std::string& body);
+  // Whether this host is the one to send the alert `body`: true without a central Redis, or when
+  // Redis cannot be asked.
+  bool claim(const std::string& body);
 
   AlertsConfig config_;
+  CentralConfig central_;
+  std::string origin_;
   RegionAdmin& admin_;
   Clock clock_;
   std::mutex db_mu_;                            // guards db_, day_ and fired_
   std::unique_ptr<SQLite::Database> db_;        // scan() and killChanged()
   std::unique_ptr<SQLite::Database> deliver_;   // run()
+  std::unique_ptr<RedisConnection> redis_;      // run(): fleet claims
+  std::int64_t next_redis_attempt_ns_ = 0;
+  bool redis_warned_ = false;
   std::int32_t day_ = -1;
-  std::map<std::pair<std::string, std::string>, std::int64_t> fired_;   // (scope, id) -> highest level today
+  // (scope, id) -> the highest level fired today (runs: ever)
+  std::map<std::pair<std::string, std::string>, std::int64_t> fired_;
   std::mutex mu_;
   std::condition_variable_any cv_;
   bool wake_ = false;

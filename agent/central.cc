@@ -3,6 +3,7 @@
 #include "day_clock.h"
 #include "layout.h"
 #include "log.h"
+#include "redis.h"
 
 #include <hiredis/hiredis.h>
 #include <pqxx/pqxx>
@@ -14,90 +15,6 @@
 #include <tuple>
 
 namespace tokenfuse {
-
-// --- Redis ---------------------------------------------------------------------------------------
-
-namespace {
-
-struct ReplyDeleter {
-  void operator()(redisReply* r) const noexcept { freeReplyObject(r); }
-};
-using Reply = std::unique_ptr<redisReply, ReplyDeleter>;
-
-std::string text(const redisReply* r) {
-  return r != nullptr && (r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_STATUS) ? std::string(r->str, r->len)
-                                                                                          : std::string();
-}
-
-std::int64_t integer(const redisReply* r) {
-  if (r == nullptr) return 0;
-  if (r->type == REDIS_REPLY_INTEGER) return r->integer;
-  if (r->type == REDIS_REPLY_STRING) return std::strtoll(r->str, nullptr, 10);
-  return 0;
-}
-
-}  // namespace
-
-// One connection, commands as argument vectors (no string formatting, so ids cannot inject).
-class RedisConnection {
- public:
-  RedisConnection(const RedisEndpoint& e, std::int64_t timeout_ms) {
-    timeval tv{static_cast<time_t>(timeout_ms / 1000), static_cast<suseconds_t>(timeout_ms % 1000 * 1000)};
-    ctx_ = redisConnectWithTimeout(e.host.c_str(), e.port, tv);
-    if (ctx_ == nullptr || ctx_->err != 0) {
-      const std::string why = ctx_ != nullptr ? ctx_->errstr : "out of memory";
-      if (ctx_ != nullptr) redisFree(ctx_);
-      ctx_ = nullptr;
-      throw LinkError("redis " + e.host + ":" + std::to_string(e.port) + ": " + why);
-    }
-    redisSetTimeout(ctx_, tv);
-    try {
-      if (!e.password.empty()) {
-        if (e.user.empty()) {
-          command({"AUTH", e.password});
-        } else {
-          command({"AUTH", e.user, e.password});
-        }
-      }
-      if (e.db != 0) command({"SELECT", std::to_string(e.db)});
-    } catch (...) {
-      redisFree(ctx_);   // the destructor does not run for a constructor that throws
-      ctx_ = nullptr;
-      throw;
-    }
-  }
-  ~RedisConnection() {
-    if (ctx_ != nullptr) redisFree(ctx_);
-  }
-  RedisConnection(const RedisConnection&) = delete;
-  RedisConnection& operator=(const RedisConnection&) = delete;
-
-  Reply command(const std::vector<std::string>& args) {
-    append(args);
-    return next();
-  }
-  // Pipelining: append several, then read as many replies.
-  void append(const std::vector<std::string>& args) {
-    std::vector<const char*> argv;
-    std::vector<std::size_t> lens;
-    for (const std::string& a : args) {
-      argv.push_back(a.data());
-      lens.push_back(a.size());
-    }
-    if (redisAppendCommandArgv(ctx_, static_cast<int>(args.size()), argv.data(), lens.data()) != REDIS_OK) fail();
-  }
-  Reply next() {
-    void* raw = nullptr;
-    if (redisGetReply(ctx_, &raw) != REDIS_OK || raw == nullptr) fail();
-    Reply r(static_cast<redisReply*>(raw));
-    if (r->type == REDIS_REPLY_ERROR) throw LinkError("redis: " + std::string(r->str, r->len));
-    return r;
-  }
-
- private:
-  [[noreturn]] void fail() { throw LinkError(std::string("redis: ") + (ctx_->err != 0 ? ctx_->errstr : "no reply")); }
-  redisContext* ctx_ = nullptr;
-};
 
 namespace {
 
@@ -339,9 +256,9 @@ void CentralLink::pushTotals() {
   }
   std::map<std::string, std::int64_t> ref_deltas;   // for the reference's keys, mixed fleets only
   for (std::size_t i = 0; i < calls; ++i) {
-    const Reply r = redis_->next();
+    const RedisReply r = redis_->next();
     for (std::size_t j = 0; r->type == REDIS_REPLY_ARRAY && j + 1 < r->elements; j += 2) {
-      ref_deltas[text(r->element[j])] += integer(r->element[j + 1]);
+      ref_deltas[replyText(r->element[j])] += replyInteger(r->element[j + 1]);
     }
   }
   if (config_.reference_keys) {
@@ -366,12 +283,12 @@ void CentralLink::pushTotals() {
 void CentralLink::pullKill() {
   redis_->append({"GET", kKillKey});
   redis_->append({"PTTL", kKillKey});
-  const Reply value = redis_->next();
-  const Reply pttl = redis_->next();
+  const RedisReply value = redis_->next();
+  const RedisReply pttl = redis_->next();
   const KillSwitchState local = admin_.engine().killSwitch();
   if (value->type == REDIS_REPLY_STRING) {
-    const std::string reason = text(value.get()).substr(0, 256);   // as much as the region keeps
-    const std::int64_t ttl_ms = integer(pttl.get());
+    const std::string reason = replyText(value.get()).substr(0, 256);   // as much as the region keeps
+    const std::int64_t ttl_ms = replyInteger(pttl.get());
     if (!local.active || local.reason != reason) on_kill_(true, reason, ttl_ms > 0 ? clock_() + ttl_ms * 1'000'000 : 0);
   } else if (local.active) {
     // Redis is the fleet's kill switch: off there is off here, unless this host's config file
@@ -402,20 +319,20 @@ void CentralLink::pullTotals() {
         redis_->append({"GET", tenants[i].empty() ? std::string(kRefPlatformKey) : kRefTenantPrefix + tenants[i]});
       }
     }
-    const Reply t = redis_->next();
-    const Reply m = redis_->next();
+    const RedisReply t = redis_->next();
+    const RedisReply m = redis_->next();
     for (std::size_t i = begin; i < end; ++i) {
       const std::size_t k = i - begin;
-      const std::int64_t fleet = k < t->elements ? integer(t->element[k]) : 0;
-      const std::int64_t here = k < m->elements ? integer(m->element[k]) : 0;
+      const std::int64_t fleet = k < t->elements ? replyInteger(t->element[k]) : 0;
+      const std::int64_t here = k < m->elements ? replyInteger(m->element[k]) : 0;
       std::int64_t elsewhere = std::max<std::int64_t>(0, fleet - here);
       if (config_.reference_keys) {
         // The reference's counter holds everyone's spending (ours too), but over a sliding 24 h
         // that every write renews: what it held at this host's first look of the day beyond
         // tokenfuse's own spending today is taken as yesterday's. Above that, the larger of the
         // two views counts.
-        const Reply ref = redis_->next();
-        const std::int64_t ref_nano = floatUsdToNano(text(ref.get()));
+        const RedisReply ref = redis_->next();
+        const std::int64_t ref_nano = floatUsdToNano(replyText(ref.get()));
         const std::int64_t base =
             ref_base_.try_emplace(tenants[i], std::max<std::int64_t>(0, ref_nano - fleet)).first->second;
         elsewhere = std::max(elsewhere, ref_nano - base - here);

@@ -27,6 +27,7 @@
 
 #include "config.h"
 #include "ledger.h"
+#include "redis.h"
 
 #include "admin.h"
 
@@ -44,12 +45,6 @@
 
 namespace tokenfuse {
 
-class LinkError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-class RedisConnection;
 struct PgConnection;
 
 // What /metrics and `tokenfuse status` show of the link.
@@ -120,7 +115,7 @@ class CentralLink {
   std::unique_ptr<PgConnection> pg_;
   std::int64_t next_redis_attempt_ns_ = 0, next_pg_attempt_ns_ = 0, next_limits_ns_ = 0;
   std::set<std::string> warned_;          // links whose failure was logged, until they are back
-  std::set<std::string> fleet_limited_;   // tenants whose limit came from awooop_projects   // tenants whose limit came from awooop_projects
+  std::set<std::string> fleet_limited_;   // tenants whose limit came from awooop_projects
 
   bool leases_applied_ = false;
   std::int32_t leases_day_ = 0;   // the budget day of the last pulled totals (and of ref_base_)

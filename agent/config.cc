@@ -120,7 +120,35 @@ void readLimits(const toml::table* t, const std::string& origin, const std::stri
   }
 }
 
+// A list of alert thresholds: whole percentages of a limit, returned ascending without repeats.
+AlertsConfig::Thresholds thresholds(const toml::node& n, const std::string& origin, const std::string& key) {
+  const toml::array* arr = n.as_array();
+  if (arr == nullptr) fail(origin, key, "must be a list such as [80, 95, 100] ([] for none)");
+  AlertsConfig::Thresholds out;
+  for (const toml::node& v : *arr) {
+    if (!v.is_integer() || v.as_integer()->get() < 1 || v.as_integer()->get() > 1000) {
+      fail(origin, key, "must hold whole percentages from 1 to 1000");
+    }
+    out.push_back(v.as_integer()->get());
+  }
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
 }  // namespace
+
+const AlertsConfig::Thresholds& AlertsConfig::thresholdsFor(std::string_view scope, std::string_view id) const {
+  if (scope == "tenant") {
+    if (const auto it = tenant_pct_by_id.find(id); it != tenant_pct_by_id.end()) return it->second;
+    if (tenant_pct) return *tenant_pct;
+  } else if (scope == "run") {
+    if (run_pct) return *run_pct;
+  } else if (platform_pct) {
+    return *platform_pct;
+  }
+  return thresholds_pct;
+}
 
 Config defaultConfig() {
   Config c;
@@ -266,20 +294,25 @@ Config parseConfig(const std::string& text, const std::string& origin) {
     }
   }
   if (const toml::table* al = subtable(root, "alerts", origin, "")) {
-    rejectUnknown(*al, origin, "alerts.", {"thresholds_pct", "notifiers", "queue_limit"});
+    rejectUnknown(*al, origin, "alerts.",
+                  {"thresholds_pct", "platform_thresholds_pct", "tenant_thresholds_pct", "run_thresholds_pct", "tenants",
+                   "notifiers", "queue_limit"});
     AlertsConfig& a = c.alerts;
-    if (const toml::node* n = al->get("thresholds_pct")) {
-      const toml::array* arr = n->as_array();
-      if (arr == nullptr || arr->empty()) fail(origin, "alerts.thresholds_pct", "must be a list such as [80, 95, 100]");
-      a.thresholds_pct.clear();
-      for (const toml::node& v : *arr) {
-        if (!v.is_integer() || v.as_integer()->get() < 1 || v.as_integer()->get() > 1000) {
-          fail(origin, "alerts.thresholds_pct", "must hold whole percentages from 1 to 1000");
-        }
-        a.thresholds_pct.push_back(v.as_integer()->get());
+    if (const toml::node* n = al->get("thresholds_pct")) a.thresholds_pct = thresholds(*n, origin, "alerts.thresholds_pct");
+    if (const toml::node* n = al->get("platform_thresholds_pct")) {
+      a.platform_pct = thresholds(*n, origin, "alerts.platform_thresholds_pct");
+    }
+    if (const toml::node* n = al->get("tenant_thresholds_pct")) {
+      a.tenant_pct = thresholds(*n, origin, "alerts.tenant_thresholds_pct");
+    }
+    if (const toml::node* n = al->get("run_thresholds_pct")) a.run_pct = thresholds(*n, origin, "alerts.run_thresholds_pct");
+    if (const toml::table* t = subtable(*al, "tenants", origin, "alerts.")) {
+      for (const auto& [k, v] : *t) {
+        const std::string id(k.str());
+        const std::string key = "alerts.tenants.\"" + id + "\"";
+        if (id.empty() || id.size() > 128) fail(origin, key, "a project_id must be 1 to 128 bytes");
+        a.tenant_pct_by_id[id] = thresholds(v, origin, key);
       }
-      std::sort(a.thresholds_pct.begin(), a.thresholds_pct.end());
-      a.thresholds_pct.erase(std::unique(a.thresholds_pct.begin(), a.thresholds_pct.end()), a.thresholds_pct.end());
     }
     a.queue_limit = getInt(*al, "queue_limit", origin, "alerts.queue_limit", a.queue_limit, 1, 10'000'000);
     if (const toml::node* n = al->get("notifiers")) {

@@ -54,9 +54,16 @@ struct NotifierConfig {
 
 // [alerts]
 struct AlertsConfig {
-  std::vector<std::int64_t> thresholds_pct{80, 95, 100};   // the reference's warn, critical, hard_kill
+  using Thresholds = std::vector<std::int64_t>;   // whole percentages of a limit, ascending; [] = none
+  Thresholds thresholds_pct{80, 95, 100};   // the reference's warn, critical, hard_kill
+  // Per scope, over thresholds_pct: platform_, tenant_, run_thresholds_pct, and [alerts.tenants].
+  std::optional<Thresholds> platform_pct, tenant_pct, run_pct;
+  std::map<std::string, Thresholds, std::less<>> tenant_pct_by_id;
   std::vector<NotifierConfig> notifiers;
   std::int64_t queue_limit = 10'000;   // undelivered messages kept; the oldest go first beyond it
+
+  // The thresholds for one scope ("platform", "tenant", "run") and id.
+  const Thresholds& thresholdsFor(std::string_view scope, std::string_view id) const;
 };
 
 struct Config {

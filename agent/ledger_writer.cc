@@ -84,8 +84,18 @@ DrainStats LedgerWriter::drainOnce() {
   if (pos == head) return stats;
   ledger_.append(batch_);   // on disk when it returns; throws on failure, leaving the ring as is
   stats.written = batch_.size();
+  const bool log_each = spdlog::default_logger_raw()->should_log(spdlog::level::debug);
   for (const LedgerEntry& e : batch_) {
-    if (e.written) admin_.addStats(e.project_id, e.run_id, e.day, e.prompt_tokens, e.completion_tokens);
+    if (!e.written) continue;
+    admin_.addStats(e.project_id, e.run_id, e.day, e.prompt_tokens, e.completion_tokens);
+    // The reference's per-call line, asked for by log level debug: here, not on the hot path.
+    if (log_each) {
+      log::event(spdlog::level::debug, "token_usage_recorded",
+                 {{"seq", e.seq}, {"kind", e.kind}, {"project_id", e.project_id}, {"run_id", e.run_id},
+                  {"agent_id", e.agent_id}, {"model", e.model}, {"provider", e.provider},
+                  {"prompt_tokens", e.prompt_tokens}, {"completion_tokens", e.completion_tokens},
+                  {"cost_usd", NanoUsd(e.cost_nano_usd).toString()}});
+    }
   }
   // Durable position first, then the slots: a crash in between leaves slots that the next
   // agent's repairBefore() hands back, never a head behind slots already reused.

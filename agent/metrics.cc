@@ -184,7 +184,7 @@ class AlertCollector final : public prometheus::Collectable {
   explicit AlertCollector(const AlertStats& s) : s_(s) {}
   std::vector<MetricFamily> Collect() const override {
     std::vector<MetricFamily> out;
-    sample(out.emplace_back(family("tokenfuse_alerts_fired_total", "Alerts raised (each threshold once per scope and day)",
+    sample(out.emplace_back(family("tokenfuse_alerts_fired_total", "Alerts raised on this host (each threshold once per scope and day)",
                                    MetricType::Counter)),
            static_cast<double>(s_.fired.load()));
     auto& d = out.emplace_back(family("tokenfuse_alert_deliveries_total", "Alert messages sent to notifiers, by result",
@@ -192,6 +192,7 @@ class AlertCollector final : public prometheus::Collectable {
     sample(d, static_cast<double>(s_.delivered.load()), {{"result", "delivered"}});
     sample(d, static_cast<double>(s_.failed.load()), {{"result", "failed_attempt"}});
     sample(d, static_cast<double>(s_.dropped.load()), {{"result", "dropped"}});
+    sample(d, static_cast<double>(s_.other_host.load()), {{"result", "sent_by_other_host"}});
     sample(out.emplace_back(family("tokenfuse_alert_queue_messages", "Alert messages waiting for delivery",
                                    MetricType::Gauge)),
            static_cast<double>(s_.queued.load()));

@@ -24,6 +24,32 @@ TEST_CASE("tokenfused: starts on its embedded defaults, serves the region, and s
   CHECK(client->check("acme", "gpt-4o").allowed());
 }
 
+TEST_CASE("tokenfused: logs one token_usage_recorded line per entry at level debug, and none per decision otherwise") {
+  for (const bool debug : {false, true}) {
+    AgentFixture f("logusage");
+    auto agent = f.start(debug ? std::vector<std::string>{"--log-level", "debug"} : std::vector<std::string>{});
+    auto client = f.waitForRegion(agent->pid());
+    for (int i = 0; i < 3; ++i) REQUIRE(client->record({"acme", "gpt-4o", "openai", "run-7", {}, 1000, 500}).allowed());
+    CHECK(client->check("acme", "gpt-4o").allowed());
+    REQUIRE(eventually([&] { return client->info().ledger_durable == 3; }));
+    agent->signal(SIGTERM);
+    REQUIRE(agent->wait() == 0);
+    std::istringstream lines(f.log());
+    int usage = 0;
+    for (std::string line; std::getline(lines, line);) {
+      const auto j = nlohmann::json::parse(line);   // every line is one JSON object
+      if (j["event"] != "token_usage_recorded") continue;
+      ++usage;
+      CHECK(j["level"] == "debug");
+      CHECK(j["project_id"] == "acme");
+      CHECK(j["run_id"] == "run-7");
+      CHECK(j["prompt_tokens"] == 1000);
+      CHECK(j["cost_usd"] == "0.012500");   // 1000 x $5 + 500 x $15 a million
+    }
+    CHECK(usage == (debug ? 3 : 0));
+  }
+}
+
 TEST_CASE("tokenfused: a bad config stops start-up with exit code 2 and a message naming the key") {
   AgentFixture f("badcfg", "[budgets]\nplatform_daily_limit_usd = 12.5\n");
   auto agent = f.start();

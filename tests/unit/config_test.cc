@@ -2,6 +2,8 @@
 
 #include "pricing.h"
 
+#include <fstream>
+
 using namespace tokenfuse;
 using namespace tokenfuse::test;
 
@@ -119,6 +121,37 @@ reference_keys = true
   CHECK(parseError("[central]\nlease_fraction = \"1.5\"\n").find("a fraction from 0 to 1") != std::string::npos);
   CHECK(parseError("[budgets.tenants]\nacme = \"1\"\n[central]\npostgres_url = \"postgresql://h/db\"\n")
             .find("tenant limits come from awooop_projects") != std::string::npos);
+}
+
+TEST_CASE("config: [alerts] thresholds per scope and tenant, notifiers, and what is wrong with them") {
+  TempDir dir;
+  std::ofstream(dir.path + "/hook.url") << "https://hooks.example/T0/B0/secret\n";
+  const Config c = parseConfig("[alerts]\nthresholds_pct = [95, 80, 80]\nrun_thresholds_pct = []\n"
+                               "platform_thresholds_pct = [50, 100]\n[alerts.tenants]\n\"vip\" = [10]\n"
+                               "[[alerts.notifiers]]\nkind = \"slack\"\nurl_file = \"" + dir.path + "/hook.url\"\n",
+                               "t.toml");
+  CHECK(c.alerts.thresholds_pct == AlertsConfig::Thresholds{80, 95});   // sorted, once each
+  CHECK(c.alerts.thresholdsFor("tenant", "acme") == AlertsConfig::Thresholds{80, 95});
+  CHECK(c.alerts.thresholdsFor("tenant", "vip") == AlertsConfig::Thresholds{10});
+  CHECK(c.alerts.thresholdsFor("run", "r").empty());
+  CHECK(c.alerts.thresholdsFor("platform", "") == AlertsConfig::Thresholds{50, 100});
+  REQUIRE(c.alerts.notifiers.size() == 1);
+  CHECK(c.alerts.notifiers[0].url == "https://hooks.example/T0/B0/secret");
+  CHECK(defaultConfig().alerts.thresholdsFor("run", "r") == AlertsConfig::Thresholds{80, 95, 100});
+
+  CHECK(parseError("[alerts]\nthresholds_pct = [0]\n") ==
+        "t.toml: alerts.thresholds_pct: must hold whole percentages from 1 to 1000");
+  CHECK(parseError("[alerts]\ntenant_thresholds_pct = 80\n") ==
+        "t.toml: alerts.tenant_thresholds_pct: must be a list such as [80, 95, 100] ([] for none)");
+  CHECK(parseError("[alerts.tenants]\nacme = [\"80\"]\n") ==
+        "t.toml: alerts.tenants.\"acme\": must hold whole percentages from 1 to 1000");
+  CHECK(parseError("[alerts]\nthreshold_pct = [80]\n") ==
+        "t.toml: alerts.threshold_pct: unknown key (check its spelling and section)");
+  CHECK(parseError("[[alerts.notifiers]]\nkind = \"email\"\n") ==
+        "t.toml: alerts.notifiers[0].kind: must be webhook, slack or telegram");
+  // A secret's file is named when it cannot be read; its content never is.
+  CHECK(parseError("[[alerts.notifiers]]\nkind = \"telegram\"\nbot_token_file = \"/nonexistent/bot\"\n"
+                   "chat_id = \"1\"\n") == "t.toml: alerts.notifiers[0].bot_token_file: cannot read /nonexistent/bot");
 }
 
 TEST_CASE("agent: an unknown time zone in the config stops start-up with a message naming it") {
