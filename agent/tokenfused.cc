@@ -5,6 +5,7 @@
 #include "log.h"
 
 #include <CLI/CLI.hpp>
+#include <systemd/sd-daemon.h>
 
 #include <csignal>
 #include <filesystem>
@@ -80,6 +81,10 @@ int main(int argc, char** argv) {
                                 {"adopted_region", agent.adoptedRegion()},
                                 {"timezone", config.timezone}});
     std::jthread loop([&agent](std::stop_token stop) { agent.run(stop); });
+    // systemd (Type=notify): ready once the region is published and the HTTP API listens. A
+    // no-op when not started by systemd.
+    sd_notifyf(0, "READY=1\nSTATUS=region %s ready%s", config.shm_name.c_str(),
+               http ? (", HTTP API on port " + std::to_string(http->port())).c_str() : "");
     for (;;) {
       int sig = 0;
       sigwait(&signals, &sig);
@@ -88,6 +93,7 @@ int main(int argc, char** argv) {
         continue;
       }
       log::info("agent_stopping", {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}});
+      sd_notify(0, "STOPPING=1\nSTATUS=writing the ledger and stopping");
       break;
     }
     http.reset();

@@ -17,10 +17,13 @@ packages=(
   libsqlitecpp-dev libsqlite3-dev sqlite3   # the ledger
   libcpp-httplib-dev           # localhost HTTP API
   libhiredis-dev libpqxx-dev   # central link
+  libsystemd-dev               # sd_notify: readiness for systemd (Type=notify)
   prometheus-cpp-dev           # metrics
   # tests and benchmarks
   doctest-dev libbenchmark-dev python3 wrk
   redis-server postgresql      # the central link's tests start their own, on free ports
+  # packaging: .deb files (CPack, dpkg-shlibdeps), their checks
+  dpkg-dev fakeroot lintian systemd
 )
 
 missing=()

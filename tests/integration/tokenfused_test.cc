@@ -1,13 +1,17 @@
 // tokenfused and the tokenfuse CLI as an operator runs them: real processes, real signals.
 #include "agent_process.h"
 
+#include <httplib.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
 #include <algorithm>
+#include <cstdio>
 #include <fstream>
 #include <regex>
 
 using namespace tokenfuse;
 using namespace tokenfuse::test;
-
 
 TEST_CASE("tokenfused: starts on its embedded defaults, serves the region, and stops cleanly on SIGTERM") {
   AgentFixture f("start", "[budgets]\nplatform_daily_limit_usd = \"10\"\n");
@@ -48,6 +52,41 @@ TEST_CASE("tokenfused: logs one token_usage_recorded line per entry at level deb
     }
     CHECK(usage == (debug ? 3 : 0));
   }
+}
+
+TEST_CASE("tokenfused: tells systemd it is ready once the region is published and the API listens (Type=notify)") {
+  AgentFixture f("notify");
+  // systemd's side: a datagram socket named by NOTIFY_SOCKET.
+  const std::string path = f.dir.path + "/notify.sock";
+  const int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path.c_str());
+  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  const timeval tv{10, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  auto receive = [&] {
+    char buf[512] = {};
+    const ssize_t n = ::recv(fd, buf, sizeof buf - 1, 0);
+    return n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : std::string();
+  };
+  ::setenv("NOTIFY_SOCKET", path.c_str(), 1);
+  auto agent = f.start();
+  ::unsetenv("NOTIFY_SOCKET");
+  const std::string ready = receive();
+  CHECK(ready.rfind("READY=1\nSTATUS=region " + f.shm + " ready, HTTP API on port ", 0) == 0);
+  // By then the region is there and the API answers.
+  std::unique_ptr<Client> c;
+  CHECK(Client::attach({f.shm}, &c).ok());
+  httplib::Client http("127.0.0.1", f.httpPort());
+  const auto health = http.Get("/healthz");
+  REQUIRE(health);
+  CHECK(health->status == 200);
+  agent->signal(SIGTERM);
+  CHECK(receive().rfind("STOPPING=1", 0) == 0);
+  CHECK(agent->wait() == 0);
+  ::close(fd);
 }
 
 TEST_CASE("tokenfused: a bad config stops start-up with exit code 2 and a message naming the key") {
