@@ -5,16 +5,22 @@
 using namespace tokenfuse;
 using tokenfuse::test::TestRegion;
 
-TEST_CASE("region: a library refuses a region of another layout version and says what to do") {
-  TestRegion t;
-  t.region->header().layout_version = shm::kLayoutVersion + 98;
-  std::unique_ptr<Client> c;
-  const Status s = Client::attach({t.spec.shm_name}, &c);
-  REQUIRE_FALSE(s.ok());
-  CHECK(s.message().find("layout version " + std::to_string(shm::kLayoutVersion + 98)) != std::string::npos);
-  CHECK(s.message().find("this library speaks " + std::to_string(shm::kLayoutVersion)) != std::string::npos);
-  CHECK(s.message().find("--recreate-region") != std::string::npos);
-  t.region->header().layout_version = shm::kLayoutVersion;
+TEST_CASE("region: a library refuses a region of another layout version, older or newer, and says what to do") {
+  // An upgrade: an application still running the old library meets the new agent's region, or a
+  // new application meets the old agent's. Neither reads or writes the other's layout.
+  for (const std::uint32_t other : {shm::kLayoutVersion - 1, shm::kLayoutVersion + 1}) {
+    CAPTURE(other);
+    TestRegion t;
+    t.region->header().layout_version = other;
+    std::unique_ptr<Client> c;
+    const Status s = Client::attach({t.spec.shm_name}, &c);
+    REQUIRE_FALSE(s.ok());
+    CHECK(c == nullptr);
+    CHECK(s.message().find("layout version " + std::to_string(other)) != std::string::npos);
+    CHECK(s.message().find("this library speaks " + std::to_string(shm::kLayoutVersion)) != std::string::npos);
+    CHECK(s.message().find("--recreate-region") != std::string::npos);
+    t.region->header().layout_version = shm::kLayoutVersion;
+  }
 }
 
 TEST_CASE("region: a region with a foreign magic number is refused") {
