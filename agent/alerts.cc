@@ -41,17 +41,25 @@ constexpr std::int64_t kLastRetryNs = 60'000'000'000;
 constexpr std::int32_t kLifetime = -1;   // alert_fired.day of a run's alerts: a run budget never resets
 constexpr std::int64_t kRedisRetryNs = 5'000'000'000;   // a Redis that failed a claim is asked again after this
 
-// Fleet claims: the first host to ask owns the alert; asking again (a restart, a second notifier)
-// answers the same. KEYS[1] the alert, ARGV[1] this host, ARGV[2] the key's life in seconds.
+// Fleet claims, in two steps so that a claimer that cannot send does not silence the fleet:
+// the first host to ask writes "pending:<host>" for kPendingS seconds (renewed on each of its
+// attempts); once one of its notifiers accepted the alert, "sent:<host>" for the key's life.
+// Another host that finds "pending:" waits and asks again; "sent:" means done; a pending claim
+// whose host died or gave up expires, and the next host to ask takes it over.
+// KEYS[1] the alert; ARGV[1] this host; ARGV[2] the pending life in seconds.
+// Returns 1: this host sends; 0: another host sent it; 2: another host is sending it.
+constexpr std::int64_t kPendingS = 180;   // longer than the longest retry backoff (a minute)
 constexpr const char* kClaimScript = R"lua(
 local owner = redis.call('GET', KEYS[1])
-if not owner then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if owner == 'sent:' .. ARGV[1] then return 1 end
+if not owner or owner == 'pending:' .. ARGV[1] then
+  redis.call('SET', KEYS[1], 'pending:' .. ARGV[1], 'EX', ARGV[2])
   return 1
 end
-if owner == ARGV[1] then return 1 end
-return 0
+if string.sub(owner, 1, 5) == 'sent:' then return 0 end
+return 2
 )lua";
+constexpr std::int64_t kOtherHostSendingNs = 5'000'000'000;   // then ask again
 
 // The fleet-wide name of an alert, and how long its claim is kept.
 std::pair<std::string, std::int64_t> claimKey(const nlohmann::json& body) {
@@ -106,6 +114,9 @@ Alerter::Alerter(const AlertsConfig& config, const CentralConfig& central, std::
   try {
     db_ = open(ledger_path);
     db_->exec(kSchema);
+    // Ledgers from before runs' alerts were lifelong kept them per day: keep one row per level.
+    db_->exec("UPDATE OR IGNORE alert_fired SET day = -1 WHERE scope = 'run' AND day <> -1;"
+              "DELETE FROM alert_fired WHERE scope = 'run' AND day <> -1;");
     deliver_ = open(ledger_path);
     SQLite::Statement q(*db_, "SELECT COUNT(*) FROM alert_outbox WHERE delivered_unix_ns IS NULL");
     q.executeStep();
@@ -223,25 +234,37 @@ void Alerter::raise(const Event& e) {
   cv_.notify_all();
 }
 
-bool Alerter::claim(const std::string& body_text) {
-  if (central_.redis_url.empty()) return true;
-  const auto [key, ttl_s] = claimKey(nlohmann::json::parse(body_text));
+Alerter::Claim Alerter::claim(const std::string& body_text) {
+  if (central_.redis_url.empty()) return Claim::kMine;
+  const std::string key = claimKey(nlohmann::json::parse(body_text)).first;
   const std::int64_t now = clock_();
   try {
     if (!redis_) {
-      if (now < next_redis_attempt_ns_) return true;
+      if (now < next_redis_attempt_ns_) return Claim::kMine;
       redis_ = std::make_unique<RedisConnection>(central_.redis, central_.connect_timeout_ms);
     }
-    const RedisReply r = redis_->command({"EVAL", kClaimScript, "1", key, origin_, std::to_string(ttl_s)});
+    const RedisReply r = redis_->command({"EVAL", kClaimScript, "1", key, origin_, std::to_string(kPendingS)});
     if (redis_warned_) log::info("alert_fleet_claims_back");
     redis_warned_ = false;
-    return replyInteger(r.get()) == 1;
+    const std::int64_t answer = replyInteger(r.get());
+    return answer == 1 ? Claim::kMine : answer == 0 ? Claim::kSentElsewhere : Claim::kSendingElsewhere;
   } catch (const LinkError& e) {
     redis_.reset();
     next_redis_attempt_ns_ = now + kRedisRetryNs;
     if (!redis_warned_) log::warn("alert_fleet_claims_unavailable", {{"error", e.what()}, {"sending_anyway", true}});
     redis_warned_ = true;
-    return true;
+    return Claim::kMine;
+  }
+}
+
+void Alerter::markSent(const std::string& body_text) {
+  if (!redis_) return;   // no central Redis, or it is away: nothing to tell
+  const auto [key, ttl_s] = claimKey(nlohmann::json::parse(body_text));
+  try {
+    redis_->command({"SET", key, "sent:" + origin_, "EX", std::to_string(ttl_s)});
+  } catch (const LinkError&) {
+    redis_.reset();   // the pending claim expires; a host asking after that sends it again
+    next_redis_attempt_ns_ = clock_() + kRedisRetryNs;
   }
 }
 
@@ -287,19 +310,28 @@ std::size_t Alerter::deliverDue() {
     return 0;
   }
   std::size_t sent = 0;
-  std::map<std::string, bool, std::less<>> mine;   // body -> claimed, once per pass for all its notifiers
+  std::map<std::string, Claim, std::less<>> claims;   // body -> claim, asked once per pass for all its notifiers
   for (const Row& r : due) {
     const bool known = r.notifier >= 0 && static_cast<std::size_t>(r.notifier) < config_.notifiers.size();
-    bool ok = false, other_host = false;
+    bool ok = false, other_host = false, wait = false;
     try {
-      auto it = mine.find(r.body);
-      if (it == mine.end()) it = mine.emplace(r.body, claim(r.body)).first;
-      other_host = !it->second;
-      ok = known && !other_host && send(config_.notifiers[static_cast<std::size_t>(r.notifier)], r.body);
+      if (known) {   // a notifier no longer configured: nothing to send it to, and nothing to claim
+        auto it = claims.find(r.body);
+        if (it == claims.end()) it = claims.emplace(r.body, claim(r.body)).first;
+        other_host = it->second == Claim::kSentElsewhere;
+        wait = it->second == Claim::kSendingElsewhere;
+        ok = it->second == Claim::kMine && send(config_.notifiers[static_cast<std::size_t>(r.notifier)], r.body);
+        if (ok) markSent(r.body);
+      }
     } catch (const std::exception&) {   // a body that does not parse, a URL httplib refuses: a failed attempt
     }
     try {
-      if (ok || !known || other_host) {   // a notifier no longer configured: nothing to send it to
+      if (wait) {   // another host holds the claim: ask again later (not a failed attempt)
+        SQLite::Statement u(*deliver_, "UPDATE alert_outbox SET next_unix_ns = ? WHERE id = ?");
+        u.bind(1, clock_() + kOtherHostSendingNs);
+        u.bind(2, r.id);
+        u.exec();
+      } else if (ok || !known || other_host) {
         SQLite::Statement u(*deliver_, "UPDATE alert_outbox SET delivered_unix_ns = ?, attempts = attempts + 1 WHERE id = ?");
         u.bind(1, clock_());
         u.bind(2, r.id);

@@ -8,11 +8,13 @@
 // and backoff; nothing of it touches a decision.
 //
 // With a central Redis, an alert goes out once per fleet: before sending, the delivery thread
-// claims the alert's key (SET if absent, per day, scope, level and id); a host that finds another
-// host's claim marks its copy sent_by_other_host. A Redis that cannot be asked does not hold an
-// alert back: the host sends it (a duplicate beats silence).
+// claims the alert's key (per day, scope, level and id) as pending, and marks it sent once a
+// notifier took it; a host that finds it sent marks its copy sent_by_other_host, one that finds
+// it pending asks again later, and a pending claim whose host died expires and passes on. A
+// Redis that cannot be asked does not hold an alert back: the host sends it (a duplicate beats
+// silence).
 //
-// Keys: {tokenfuse:alerts}:<YYYY-MM-DD|run>:<scope>:<pct>:<id>     value: host_id/ledger_id
+// Keys: {tokenfuse:alerts}:<YYYY-MM-DD|run>:<scope>:<pct>:<id>  value: pending:|sent: host_id/ledger_id
 //       {tokenfuse:alerts}:kill:<on:reason|off>                    (a minute: one change, many hosts)
 //
 // Thread-safety: scan() and killChanged() from any thread (they take db_mu_); run() on one
@@ -74,9 +76,11 @@ class Alerter {
   void raise(const Event& e);
   void scanOne(const char* scope, std::string_view id, const BudgetView& v);
   bool send(const NotifierConfig& n, const std::string& body);
-  // Whether this host is the one to send the alert `body`: true without a central Redis, or when
-  // Redis cannot be asked.
-  bool claim(const std::string& body);
+  // Whether this host is the one to send the alert `body`: kMine without a central Redis, or
+  // when Redis cannot be asked. markSent() tells the fleet that one of its notifiers took it.
+  enum class Claim { kMine, kSentElsewhere, kSendingElsewhere };
+  Claim claim(const std::string& body);
+  void markSent(const std::string& body);
 
   AlertsConfig config_;
   CentralConfig central_;

@@ -117,16 +117,18 @@ class RegionCollector final : public prometheus::Collectable {
                         [](const Row& a, const Row& b) { return a.key > b.key; });
       rows.resize(kTenantSeries);
     }
-    auto& spent = out.emplace_back(family("tokenfuse_tenant_spent_usd",
-                                          "Spent today by a tenant, here and elsewhere in the fleet (the 100 nearest "
-                                          "their limit)",
-                                          MetricType::Gauge));
-    auto& limit_t = out.emplace_back(
-        family("tokenfuse_tenant_limit_usd", "A tenant's daily limit (absent when unlimited)", MetricType::Gauge));
+    // Filled side by side, then moved in: a reference into `out` would dangle at its next growth.
+    MetricFamily spent = family("tokenfuse_tenant_spent_usd",
+                                "Spent today by a tenant, here and elsewhere in the fleet (the 100 nearest their limit)",
+                                MetricType::Gauge);
+    MetricFamily limit_t =
+        family("tokenfuse_tenant_limit_usd", "A tenant's daily limit (absent when unlimited)", MetricType::Gauge);
     for (const Row& row : rows) {
       sample(spent, usd(row.v.committed.count() + row.v.elsewhere.count()), {{"project_id", row.id}});
       if (row.v.limit) sample(limit_t, usd(row.v.limit->count()), {{"project_id", row.id}});
     }
+    out.push_back(std::move(spent));
+    out.push_back(std::move(limit_t));
 
     sample(out.emplace_back(family("tokenfuse_kill_switch_active", "1 while the emergency kill switch is on",
                                    MetricType::Gauge)),
@@ -148,12 +150,12 @@ class LinkCollector final : public prometheus::Collectable {
 
   std::vector<MetricFamily> Collect() const override {
     std::vector<MetricFamily> out;
-    auto& up = out.emplace_back(family("tokenfuse_central_up", "1 while the link to the central store works",
-                                       MetricType::Gauge));
-    auto& backlog = out.emplace_back(family("tokenfuse_central_backlog_entries",
-                                            "Durable ledger entries not yet in the central store", MetricType::Gauge));
-    auto& age = out.emplace_back(family("tokenfuse_central_last_success_unix_seconds",
-                                        "When a sync with the central store last succeeded", MetricType::Gauge));
+    // Filled side by side, then moved in: a reference into `out` would dangle at its next growth.
+    MetricFamily up = family("tokenfuse_central_up", "1 while the link to the central store works", MetricType::Gauge);
+    MetricFamily backlog = family("tokenfuse_central_backlog_entries",
+                                  "Durable ledger entries not yet in the central store", MetricType::Gauge);
+    MetricFamily age = family("tokenfuse_central_last_success_unix_seconds",
+                              "When a sync with the central store last succeeded", MetricType::Gauge);
     const std::uint64_t ledger = s_.ledger_seq.load();
     for (const auto& [name, configured, is_up, seq, ok] :
          {std::tuple{"redis", &s_.redis_configured, &s_.redis_up, &s_.redis_seq, &s_.redis_ok_unix_ns},
@@ -163,6 +165,9 @@ class LinkCollector final : public prometheus::Collectable {
       sample(backlog, static_cast<double>(ledger > seq->load() ? ledger - seq->load() : 0), {{"link", name}});
       sample(age, static_cast<double>(ok->load()) / 1e9, {{"link", name}});
     }
+    out.push_back(std::move(up));
+    out.push_back(std::move(backlog));
+    out.push_back(std::move(age));
     sample(out.emplace_back(family("tokenfuse_central_pushed_entries_total", "Ledger entries pushed to Postgres",
                                    MetricType::Counter)),
            static_cast<double>(s_.pushed_entries.load()));

@@ -120,7 +120,7 @@ class HangingReceiver {
 double metric(AgentFixture& f, const std::string& sample) {
   httplib::Client http("127.0.0.1", f.httpPort());
   const auto r = http.Get("/metrics");
-  REQUIRE(r);
+  REQUIRE_MESSAGE(r, "GET /metrics: " << httplib::to_string(r.error()) << "; the agent's log:\n" << f.log());
   const auto at = r->body.find("\n" + sample + " ");
   return at == std::string::npos ? -1 : std::stod(r->body.substr(at + sample.size() + 2));
 }
@@ -256,7 +256,7 @@ TEST_CASE("alerts: with a central Redis an alert goes out once per fleet, and a 
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
   CHECK(events(receiver.bodies("/hook")) == "budget_tenant_warn");
   const std::string day = receiver.bodies("/hook")[0]["day"];
-  CHECK(redis.command({"GET", "{tokenfuse:alerts}:" + day + ":tenant:80:acme"}).rfind("host-", 0) == 0);
+  CHECK(redis.command({"GET", "{tokenfuse:alerts}:" + day + ":tenant:80:acme"}).rfind("sent:host-", 0) == 0);
 
   // The kill switch turned on at host a reaches host b through Redis: both raise it, one sends it.
   httplib::Client http("127.0.0.1", a.httpPort());
@@ -274,11 +274,29 @@ TEST_CASE("alerts: with a central Redis an alert goes out once per fleet, and a 
   CHECK(events(receiver.bodies("/hook")) ==
         "budget_tenant_warn budget_emergency_kill_activated budget_emergency_kill_deactivated");
 
-  // Redis gone: host b crosses 95 % on what it last knew plus its own spending, cannot claim the
-  // alert, and sends it anyway.
-  redis.kill();
+  // A host that claimed an alert and died: its pending claim holds the fleet back until it
+  // expires (deleted here), then another host sends the alert, once.
+  const std::string critical_key = "{tokenfuse:alerts}:" + day + ":tenant:95:acme";
+  redis.command({"SET", critical_key, "pending:ghost/0", "EX", "600"});
   REQUIRE(client_b->record({"acme", "gpt-4o", "openai", {}, {}, 22'000, 0}).allowed());   // $0.96 for the fleet
+  REQUIRE(eventually([&] {
+    return metric(a, "tokenfuse_alerts_fired_total") == 4 && metric(b, "tokenfuse_alerts_fired_total") == 4;
+  }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  CHECK(receiver.bodies("/hook").size() == 3);   // waiting for the ghost
+  redis.command({"DEL", critical_key});
   REQUIRE(eventually([&] { return receiver.bodies("/hook").size() == 4; }));
   CHECK(receiver.bodies("/hook")[3]["event"] == "budget_tenant_critical");
+  REQUIRE(eventually([&] { return metric(a, other) + metric(b, other) == 4; }));
+  CHECK(redis.command({"GET", critical_key}).rfind("sent:host-", 0) == 0);
+
+  // Redis gone: host b crosses 100 % on what it last knew plus its own spending, cannot claim the
+  // alert, and sends it anyway.
+  redis.kill();
+  REQUIRE(client_b->record({"acme", "gpt-4o", "openai", {}, {}, 10'000, 0}).allowed());   // $1.01
+  REQUIRE(eventually([&] { return receiver.bodies("/hook").size() == 5; }));
+  CHECK(receiver.bodies("/hook")[4]["event"] == "budget_tenant_hard_kill");
   CHECK(b.log().find("alert_fleet_claims_unavailable") != std::string::npos);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CHECK(receiver.bodies("/hook").size() == 5);
 }
