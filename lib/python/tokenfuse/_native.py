@@ -92,7 +92,7 @@ class KillState(ctypes.Structure):
 
 
 def _load() -> ctypes.CDLL:
-    path = os.environ.get("TOKENFUSE_LIBRARY") or ctypes.util.find_library("tokenfuse") or "libtokenfuse.so.0"
+    path = os.environ.get("TOKENFUSE_LIBRARY") or ctypes.util.find_library("tokenfuse") or "libtokenfuse.so.0.1"
     try:
         lib = ctypes.CDLL(path)
     except OSError as exc:
