@@ -3,7 +3,8 @@
 # installs them on this machine, starts the installed tokenfused as user tokenfuse with the
 # packaged config on a temporary state dir, builds tests/consumer and the shipped examples
 # against the installed library (find_package and pkg-config), runs them as a member of the
-# tokenfuse group (and fails one that is not), and purges the packages again.
+# tokenfuse group (and fails one that is not), runs the installed unit under a systemd booted in
+# its own namespaces, and purges the packages again.
 #
 #   packaging/test-packages.sh [build-dir]       as root (it installs packages and adds a user)
 set -euo pipefail
@@ -16,11 +17,13 @@ tmp=$(mktemp -d /tmp/tokenfuse-pkg-XXXXXX)
 chmod 755 "$tmp"
 shm="tf-pkg-$$"
 agent_pid=""
+systemd_pid=""
 app_user=tfapp
 names=(tokenfuse libtokenfuse0.1 libtokenfuse-dev python3-tokenfuse)
 step() { printf '\n== %s\n' "$*"; }
 cleanup() {
   [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null && wait "$agent_pid" 2>/dev/null || true
+  [ -n "$systemd_pid" ] && kill -KILL "$systemd_pid" 2>/dev/null || true
   for n in "${names[@]}"; do   # a failed run leaves nothing installed either
     if dpkg-query -W -f='${Status}' "$n" 2>/dev/null | grep -q 'ok installed'; then apt-get purge -y -q "$n" >/dev/null 2>&1 || true; fi
   done
@@ -107,6 +110,46 @@ echo "ledger entries written by the installed agent: $entries"
 kill -TERM "$agent_pid"; wait "$agent_pid"; agent_pid=""
 grep -q '"event":"agent_stopped"' "$tmp/agent.log"
 
+step "the unit under a real systemd, booted in its own PID and mount namespace"
+# /tmp, /var/tmp and /run get fresh tmpfs mounts in the namespace: booting clears /tmp
+# (tmpfiles.d), and this machine's /tmp must survive. /dev/shm stays the host's, as on a real
+# host, so what the service creates there is what other services and applications see.
+unshare --pid --fork --mount --propagation private -- sh -c \
+  'mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /var/tmp && mount -t tmpfs tmpfs /run &&
+   exec /lib/systemd/systemd --system --unit=tokenfused.service --log-target=console' >"$tmp/systemd.log" 2>&1 &
+unshare_pid=$!
+systemd_pid=""
+for _ in $(seq 100); do systemd_pid=$(pgrep -P "$unshare_pid" || true); [ -n "$systemd_pid" ] && break; sleep 0.1; done
+in_ns() { timeout 30 nsenter -t "$systemd_pid" -m -p -- "$@"; }
+state=""
+for _ in $(seq 300); do
+  state=$(in_ns systemctl is-active tokenfused 2>/dev/null || true)
+  [ "$state" = active ] || [ "$state" = failed ] && break
+  sleep 0.1
+done
+if [ "$state" = active ]; then
+  in_ns systemctl show -p Type -p StatusText -p User tokenfused
+  in_ns systemctl show -p StatusText tokenfused | grep 'ready' >/dev/null   # sent with READY=1
+  [ "$(stat -c '%U:%G %a' /dev/shm/tokenfuse)" = "tokenfuse:tokenfuse 660" ]
+  as_app "$tmp/consumer/consumer_cpp" tokenfuse   # another "service" on the host uses the region
+  in_ns systemctl stop tokenfused
+  test -e /dev/shm/tokenfuse   # the region outlives the service (no RemoveIPC)
+  in_ns systemctl start tokenfused
+  [ "$(in_ns systemctl is-active tokenfused)" = active ]
+  in_ns journalctl -u tokenfused --no-pager -o cat | grep '"event":"region_adopted"' >/dev/null
+  in_ns systemctl stop tokenfused
+  echo "the unit ran under systemd: Type=notify ready, region shared with the host, kept across a restart"
+elif [ "$state" = failed ]; then
+  in_ns journalctl -u tokenfused --no-pager -o cat | tail -20
+  echo "test-packages: tokenfused.service failed under systemd" >&2; exit 1
+else
+  echo "NOT VERIFIED: systemd could not be booted in a namespace on this machine (see below)"
+  tail -5 "$tmp/systemd.log"
+fi
+[ -n "$systemd_pid" ] && kill -KILL "$systemd_pid" 2>/dev/null || true
+wait "$unshare_pid" 2>/dev/null || true
+systemd_pid=""
+
 step "purge"
 apt-get purge -y -q "${names[@]}" >"$tmp/apt.log" 2>&1 || { cat "$tmp/apt.log"; exit 1; }
 for n in "${names[@]}"; do
@@ -116,4 +159,5 @@ for f in /usr/sbin/tokenfused /usr/bin/tokenfuse /etc/tokenfuse /lib/systemd/sys
          /usr/lib/x86_64-linux-gnu/libtokenfuse.so.0.1 /usr/lib/python3/dist-packages/tokenfuse /usr/include/tokenfuse; do
   [ ! -e "$f" ] || { echo "test-packages: $f left behind" >&2; exit 1; }
 done
+test -e /var/lib/tokenfuse/ledger.db && rm -rf /var/lib/tokenfuse   # purge keeps the ledger on purpose
 echo "test-packages: ok"
