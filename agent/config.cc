@@ -109,15 +109,25 @@ std::uint32_t getCapacity(const toml::table& t, std::string_view name, const std
   return v;
 }
 
-void readLimits(const toml::table* t, const std::string& origin, const std::string& prefix, const char* what,
-                std::map<std::string, std::optional<NanoUsd>, std::less<>>* out) {
+// Calls read(id, value, key) for each entry of a table keyed by ids (tenants, runs, models), after
+// checking the id's length; `key` names the entry in messages, e.g. budgets.tenants."acme".
+template <typename Read>
+void forEachId(const toml::table* t, const std::string& origin, const std::string& prefix, const char* what,
+               Read read) {
   if (t == nullptr) return;
   for (const auto& [k, v] : *t) {
     const std::string id(k.str());
     const std::string key = prefix + "\"" + id + "\"";
     if (id.empty() || id.size() > 128) fail(origin, key, std::string(what) + " must be 1 to 128 bytes");
-    (*out)[id] = getMoney(v, origin, key, true);
+    read(id, v, key);
   }
+}
+
+void readLimits(const toml::table* t, const std::string& origin, const std::string& prefix, const char* what,
+                std::map<std::string, std::optional<NanoUsd>, std::less<>>* out) {
+  forEachId(t, origin, prefix, what, [&](const std::string& id, const toml::node& v, const std::string& key) {
+    (*out)[id] = getMoney(v, origin, key, true);
+  });
 }
 
 // A list of alert thresholds: whole percentages of a limit, returned ascending without repeats.
@@ -244,14 +254,10 @@ Config parseConfig(const std::string& text, const std::string& origin) {
       c.replace_reference_prices = n->as_boolean()->get();
       if (c.replace_reference_prices) c.prices.clear();
     }
-    if (const toml::table* m = subtable(*p, "models", origin, "prices.")) {
-      for (const auto& [k, v] : *m) {
-        const std::string model(k.str());
-        const std::string key = "prices.models.\"" + model + "\"";
-        if (model.empty() || model.size() > 128) fail(origin, key, "a model name must be 1 to 128 bytes");
-        c.prices[model] = getPrice(v, origin, key);
-      }
-    }
+    forEachId(subtable(*p, "models", origin, "prices."), origin, "prices.models.", "a model name",
+              [&](const std::string& model, const toml::node& v, const std::string& key) {
+                c.prices[model] = getPrice(v, origin, key);
+              });
     if (c.prices.size() > c.model_capacity / 2) {
       fail(origin, "prices.models", "has " + std::to_string(c.prices.size()) +
                                         " models; raise region.model_capacity to at least twice that");
@@ -299,21 +305,15 @@ Config parseConfig(const std::string& text, const std::string& origin) {
                    "notifiers", "queue_limit"});
     AlertsConfig& a = c.alerts;
     if (const toml::node* n = al->get("thresholds_pct")) a.thresholds_pct = thresholds(*n, origin, "alerts.thresholds_pct");
-    if (const toml::node* n = al->get("platform_thresholds_pct")) {
-      a.platform_pct = thresholds(*n, origin, "alerts.platform_thresholds_pct");
+    for (const auto& [name, field] : {std::pair{"platform_thresholds_pct", &a.platform_pct},
+                                      std::pair{"tenant_thresholds_pct", &a.tenant_pct},
+                                      std::pair{"run_thresholds_pct", &a.run_pct}}) {
+      if (const toml::node* n = al->get(name)) *field = thresholds(*n, origin, std::string("alerts.") + name);
     }
-    if (const toml::node* n = al->get("tenant_thresholds_pct")) {
-      a.tenant_pct = thresholds(*n, origin, "alerts.tenant_thresholds_pct");
-    }
-    if (const toml::node* n = al->get("run_thresholds_pct")) a.run_pct = thresholds(*n, origin, "alerts.run_thresholds_pct");
-    if (const toml::table* t = subtable(*al, "tenants", origin, "alerts.")) {
-      for (const auto& [k, v] : *t) {
-        const std::string id(k.str());
-        const std::string key = "alerts.tenants.\"" + id + "\"";
-        if (id.empty() || id.size() > 128) fail(origin, key, "a project_id must be 1 to 128 bytes");
-        a.tenant_pct_by_id[id] = thresholds(v, origin, key);
-      }
-    }
+    forEachId(subtable(*al, "tenants", origin, "alerts."), origin, "alerts.tenants.", "a project_id",
+              [&](const std::string& id, const toml::node& v, const std::string& key) {
+                a.tenant_pct_by_id[id] = thresholds(v, origin, key);
+              });
     a.queue_limit = getInt(*al, "queue_limit", origin, "alerts.queue_limit", a.queue_limit, 1, 10'000'000);
     if (const toml::node* n = al->get("notifiers")) {
       const toml::array* arr = n->as_array();
