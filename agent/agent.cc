@@ -6,6 +6,7 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
@@ -177,24 +178,30 @@ void Agent::openRegion(bool recreate) {
 void Agent::rebuildFromLedger(std::int32_t today) {
   // A new region (first start, or after a reboot wiped /dev/shm) starts from the ledger, so that
   // today's counters equal its sums exactly. Nobody can use the region before it is published.
+  // Runs are lifelong, so their ids can outgrow the run table: start-up never fails for that.
+  // Keys with an explicit limit already have their entries (applyConfig ran first); the rest go
+  // in newest activity first, so that what a full table leaves out is what was used longest ago.
   RegionAdmin& a = *admin_;
-  std::size_t tenants = 0, runs = 0;
-  for (const LedgerTotal& t : ledger_->tenantTotals(today)) {
-    if (Status s = a.restore(LimitTable::kTenant, t.id, NanoUsd(t.cost_nano_usd), t.prompt_tokens, t.completion_tokens,
-                             t.calls);
-        !s.ok()) {
-      throw AgentError("rebuilding tenant " + t.id + " from the ledger: " + s.message());
+  auto restore_all = [&](LimitTable table, std::vector<LedgerTotal> totals, std::uint32_t capacity) {
+    std::stable_sort(totals.begin(), totals.end(),
+                     [](const LedgerTotal& x, const LedgerTotal& y) { return x.last_seq > y.last_seq; });
+    LeftOut left(table, capacity);
+    std::size_t restored = 0;
+    for (const LedgerTotal& t : totals) {
+      left.wanted();
+      if (a.restore(table, t.id, NanoUsd(t.cost_nano_usd), t.prompt_tokens, t.completion_tokens, t.calls).ok()) {
+        ++restored;
+      } else {
+        left.leftOut(t.id, false);
+      }
     }
-    ++tenants;
-  }
-  for (const LedgerTotal& r : ledger_->runTotals()) {
-    if (Status s = a.restore(LimitTable::kRun, r.id, NanoUsd(r.cost_nano_usd), r.prompt_tokens, r.completion_tokens,
-                             r.calls);
-        !s.ok()) {
-      throw AgentError("rebuilding run " + r.id + " from the ledger: " + s.message());
-    }
-    ++runs;
-  }
+    left.log("rebuild_from_ledger");
+    capacity_.left_out[table == LimitTable::kTenant ? 0 : 1].fetch_add(left.count());
+    return restored;
+  };
+  const std::size_t tenants =
+      restore_all(LimitTable::kTenant, ledger_->tenantTotals(today), region_->header().tenant_capacity);
+  const std::size_t runs = restore_all(LimitTable::kRun, ledger_->runTotals(), region_->header().run_capacity);
   const LedgerTotal p = ledger_->platformTotal(today);
   (void)a.restore(LimitTable::kTenant, {}, NanoUsd(p.cost_nano_usd), p.prompt_tokens, p.completion_tokens, p.calls);
   log::info("counters_rebuilt", {{"day", DayClock::format(today)},
@@ -247,10 +254,19 @@ void Agent::applyConfig() {
   // first, so no entry is ever briefly unlimited.)
   a.setPlatformLimit(config_.platform_daily_limit);
   std::set<std::pair<LimitTable, std::string>> explicit_ids;
+  // A key with a limit that finds no table room does not stop start-up: it is logged, exported,
+  // and the library refuses every key of that table without an entry (it may be this one).
+  LeftOut left_out[2] = {{LimitTable::kTenant, region_->header().tenant_capacity},
+                         {LimitTable::kRun, region_->header().run_capacity}};
+  auto left = [&](LimitTable t) -> LeftOut& { return left_out[t == LimitTable::kTenant ? 0 : 1]; };
   for (auto [table, limits] : {std::pair{LimitTable::kTenant, &config_.tenant_limits},
                                std::pair{LimitTable::kRun, &config_.run_limits}}) {
     for (const auto& [id, limit] : *limits) {
-      if (Status s = a.setLimit(table, id, limit); !s.ok()) throw AgentError("budgets: " + id + ": " + s.message());
+      left(table).wanted();
+      if (Status s = a.setLimit(table, id, limit); !s.ok()) {
+        left(table).leftOut(id, limit.has_value());
+        continue;
+      }
       explicit_ids.emplace(table, id);
     }
   }
@@ -263,7 +279,9 @@ void Agent::applyConfig() {
                                            {"why", "tenant limits come from awooop_projects (central.postgres_url)"}});
       continue;
     }
+    if (scope != Scope::kPlatform) left(tableOf(scope)).wanted();
     if (Status s = applyLimit(scope, o.id, limitOf(o)); !s.ok()) {
+      if (scope != Scope::kPlatform) left(tableOf(scope)).leftOut(o.id, o.limit_nano_usd.has_value());
       // A saved change must not stop the agent: the config's limit stays in force for it.
       log::error("limit_override_skipped", {{"scope", o.scope}, {"id", o.id}, {"error", s.message()},
                                             {"fix", "tokenfuse limit reset, or delete it from limit_override in " +
@@ -279,6 +297,12 @@ void Agent::applyConfig() {
       if (!explicit_ids.contains({table, std::string(id)})) stale.emplace_back(id);
     });
     for (const std::string& id : stale) (void)a.clearLimit(table, id);
+  }
+  for (const LimitTable table : {LimitTable::kTenant, LimitTable::kRun}) {
+    const LeftOut& l = left(table);
+    l.log("config");
+    a.setLimitedUntracked(table, static_cast<std::uint32_t>(std::min<std::uint64_t>(l.limited(), UINT32_MAX)));
+    capacity_.left_out[table == LimitTable::kTenant ? 0 : 1].store(l.count());
   }
 
   // The kill switch: the admin API's, while it lasts; else the config file's.
@@ -313,6 +337,8 @@ void Agent::tick() {
     log::info("budget_emergency_kill_expired");
     alerter_->killChanged(false, "expired", "expiry");
   }
+
+  untracked_.tick(a.header(), ns);
 
   const ReapStats r = a.reap(ns);
   if (r.any()) {

@@ -7,6 +7,7 @@
 #pragma once
 
 #include "alerts.h"
+#include "capacity.h"
 #include "central.h"
 #include "config.h"
 #include "day_clock.h"
@@ -61,6 +62,7 @@ class Agent {
   const Config& config() const noexcept { return config_; }
   CentralLink* central() noexcept { return central_.get(); }   // nullptr: alone
   const Alerter& alerter() const noexcept { return *alerter_; }
+  const CapacityStats& capacityStats() const noexcept { return capacity_; }
   std::string ledgerPath() const { return config_.data_dir + "/ledger.db"; }
 
   // Changes made through the admin API. Each is applied to the region and saved in the data
@@ -104,6 +106,8 @@ class Agent {
   std::unique_ptr<LedgerWriter> writer_;
   std::unique_ptr<CentralLink> central_;
   std::unique_ptr<Alerter> alerter_;
+  CapacityStats capacity_;                 // what start-up found no table room for
+  UntrackedWatch untracked_;
   bool adopted_ = false;
   bool warned_clock_behind_ = false;
 };

@@ -185,7 +185,8 @@ std::string loadOrCreateToken(const std::string& path) {
 
 HttpApi::HttpApi(Agent& agent, Options options)
     : agent_(agent), admin_(agent.admin()), engine_(admin_.engine()), options_(std::move(options)),
-      metrics_(admin_, agent.central() != nullptr ? &agent.central()->stats() : nullptr, &agent.alerter().stats()),
+      metrics_(admin_, agent.central() != nullptr ? &agent.central()->stats() : nullptr, &agent.alerter().stats(),
+               &agent.capacityStats()),
       server_(std::make_unique<httplib::Server>()) {
   server_->set_tcp_nodelay(true);
   server_->set_keep_alive_max_count(100000);
@@ -327,6 +328,14 @@ void HttpApi::routes() {
     const std::int64_t completion = count(b, "completion_tokens", true, 0, kMaxTokensPerCall);
     const Decision d = engine_.record({project, model, provider, run, agent, prompt, completion});
     metrics_.decision(Metrics::Endpoint::kUsage, d.code);
+    if (d.code == Code::kCapacityExhausted && d.ledger_seq != 0) {
+      // Booked (do not retry), but not counted against the tenant's or run's limit: no table room.
+      return reply(res, 201, {{"cost_usd", d.cost.toString()},
+                              {"ledger_seq", d.ledger_seq},
+                              {"error_code", d.errorCode()},
+                              {"message", "booked in the ledger, but not counted against the limit of its tenant or "
+                                          "run: the region's table is full"}});
+    }
     if (!d.allowed()) return denial(res, d, project);
     reply(res, 201, {{"cost_usd", d.cost.toString()}, {"ledger_seq", d.ledger_seq}});
   });

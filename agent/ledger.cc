@@ -76,8 +76,10 @@ void bindText(SQLite::Statement& q, int i, const std::string& s) {
 std::string column(SQLite::Statement& q, int i) { return q.isColumnNull(i) ? std::string() : q.getColumn(i).getString(); }
 
 LedgerTotal total(SQLite::Statement& q) {
-  return {column(q, 0), q.getColumn(1).getInt64(), q.getColumn(2).getInt64(), q.getColumn(3).getInt64(),
-          q.getColumn(4).getInt64()};
+  LedgerTotal t{column(q, 0), q.getColumn(1).getInt64(), q.getColumn(2).getInt64(), q.getColumn(3).getInt64(),
+                q.getColumn(4).getInt64()};
+  if (q.getColumnCount() > 5) t.last_seq = static_cast<std::uint64_t>(q.getColumn(5).getInt64());
+  return t;
 }
 
 constexpr const char* kSums =
@@ -217,7 +219,7 @@ std::size_t Ledger::append(std::vector<LedgerEntry>& entries) {
 // tenant, rather than a scan of the day's entries.
 std::vector<LedgerTotal> Ledger::tenantTotals(std::int32_t day) {
   SQLite::Statement q(*db_,
-                      "SELECT project_id, cost_nano_usd, prompt_tokens, completion_tokens, calls FROM spend_by_day "
+                      "SELECT project_id, cost_nano_usd, prompt_tokens, completion_tokens, calls, updated_seq FROM spend_by_day "
                       "WHERE day = ? ORDER BY project_id");
   q.bind(1, day);
   std::vector<LedgerTotal> out;
@@ -236,7 +238,7 @@ LedgerTotal Ledger::platformTotal(std::int32_t day) {
 
 std::vector<LedgerTotal> Ledger::runTotals() {
   SQLite::Statement q(*db_, std::string("SELECT run_id, ") + kSums +
-                                " FROM budget_ledger WHERE run_id IS NOT NULL GROUP BY run_id");
+                                ", MAX(seq) FROM budget_ledger WHERE run_id IS NOT NULL GROUP BY run_id");
   std::vector<LedgerTotal> out;
   while (q.executeStep()) out.push_back(total(q));
   return out;

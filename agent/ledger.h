@@ -43,6 +43,9 @@ struct LedgerEntry {
 struct LedgerTotal {
   std::string id;   // project_id or run_id; empty for the platform
   std::int64_t cost_nano_usd = 0, prompt_tokens = 0, completion_tokens = 0, calls = 0;
+  // The newest ledger entry in it (tenantTotals, runTotals): the agent restores the most recently
+  // active keys first when a table cannot take them all.
+  std::uint64_t last_seq = 0;
 };
 
 struct LedgerFilter {

@@ -2,6 +2,7 @@
 
 #include "admin.h"
 #include "alerts.h"
+#include "capacity.h"
 #include "central.h"
 #include "layout.h"
 
@@ -43,7 +44,7 @@ void sample(MetricFamily& f, double value, std::vector<ClientMetric::Label> labe
 // keeps anyway.
 class RegionCollector final : public prometheus::Collectable {
  public:
-  explicit RegionCollector(RegionAdmin& admin) : admin_(admin) {}
+  RegionCollector(RegionAdmin& admin, const CapacityStats* capacity) : admin_(admin), capacity_(capacity) {}
 
   std::vector<MetricFamily> Collect() const override {
     const shm::Header& h = admin_.header();
@@ -130,6 +131,8 @@ class RegionCollector final : public prometheus::Collectable {
     out.push_back(std::move(spent));
     out.push_back(std::move(limit_t));
 
+    collectCapacity(out);
+
     sample(out.emplace_back(family("tokenfuse_kill_switch_active", "1 while the emergency kill switch is on",
                                    MetricType::Gauge)),
            admin_.engine().killed() ? 1 : 0);
@@ -140,7 +143,49 @@ class RegionCollector final : public prometheus::Collectable {
   }
 
  private:
+  // Table fill, and what full tables cost: keys left out at start, calls not counted or refused.
+  void collectCapacity(std::vector<MetricFamily>& out) const {
+    const shm::Header& h = admin_.header();
+    const shm::Stats& st = h.stats;
+    constexpr auto r = std::memory_order_relaxed;
+    MetricFamily entries = family("tokenfuse_table_entries",
+                                  "Entries in use in a region table (tenant, run and model entries are never removed "
+                                  "while the region lives; reservation slots are in use while live)",
+                                  MetricType::Gauge);
+    MetricFamily capacity = family("tokenfuse_table_capacity", "Slots in a region table", MetricType::Gauge);
+    const std::pair<const char*, std::pair<std::uint32_t, std::uint32_t>> tables[] = {
+        {"tenant", {tableEntries(admin_, LimitTable::kTenant), h.tenant_capacity}},
+        {"run", {tableEntries(admin_, LimitTable::kRun), h.run_capacity}},
+        {"model", {modelEntries(admin_), h.model_capacity}},
+        {"reservation", {reservationEntries(admin_), h.reservation_capacity}},
+    };
+    for (const auto& [name, fill] : tables) {
+      sample(entries, fill.first, {{"table", name}});
+      sample(capacity, fill.second, {{"table", name}});
+    }
+    out.push_back(std::move(entries));
+    out.push_back(std::move(capacity));
+    if (capacity_ != nullptr) {
+      MetricFamily left = family("tokenfuse_capacity_left_out",
+                                 "Keys the agent's start wanted in a table (limits, ledger totals) but found no room for",
+                                 MetricType::Gauge);
+      sample(left, static_cast<double>(capacity_->left_out[0].load(r)), {{"table", "tenant"}});
+      sample(left, static_cast<double>(capacity_->left_out[1].load(r)), {{"table", "run"}});
+      out.push_back(std::move(left));
+    }
+    sample(out.emplace_back(family("tokenfuse_untracked_calls_total",
+                                   "Calls whose tenant or run had no table room, counted in the platform only",
+                                   MetricType::Counter)),
+           static_cast<double>(st.untracked_calls.load(r)));
+    sample(out.emplace_back(family("tokenfuse_capacity_refused_total",
+                                   "Calls refused with E-TOKENFUSE-CAPACITY, and records not counted against a "
+                                   "limited tenant or run, because a table had no room",
+                                   MetricType::Counter)),
+           static_cast<double>(st.capacity_refused.load(r)));
+  }
+
   RegionAdmin& admin_;
+  const CapacityStats* capacity_;
 };
 
 // The central link: up or down, how far behind, how much it pushed.
@@ -210,9 +255,9 @@ class AlertCollector final : public prometheus::Collectable {
 
 }  // namespace
 
-Metrics::Metrics(RegionAdmin& admin, const LinkStats* link, const AlertStats* alerts)
+Metrics::Metrics(RegionAdmin& admin, const LinkStats* link, const AlertStats* alerts, const CapacityStats* capacity)
     : registry_(std::make_shared<prometheus::Registry>()),
-      region_(std::make_shared<RegionCollector>(admin)),
+      region_(std::make_shared<RegionCollector>(admin, capacity)),
       link_(link != nullptr ? std::make_shared<LinkCollector>(*link) : nullptr),
       alerts_(alerts != nullptr ? std::make_shared<AlertCollector>(*alerts) : nullptr),
       decisions_family_(prometheus::BuildCounter()

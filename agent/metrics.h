@@ -24,13 +24,16 @@ namespace tokenfuse {
 class RegionAdmin;
 struct LinkStats;
 struct AlertStats;
+struct CapacityStats;
 
 class Metrics {
  public:
   enum class Endpoint { kCheck, kReserve, kCommit, kCharge, kRelease, kUsage, kCount };
 
-  // `link`: the central link's state, or nullptr when the agent runs alone.
-  Metrics(RegionAdmin& admin, const LinkStats* link, const AlertStats* alerts);
+  // `link`: the central link's state, or nullptr when the agent runs alone. `capacity`: what the
+  // agent's start found no table room for (nullptr: not exported).
+  Metrics(RegionAdmin& admin, const LinkStats* link, const AlertStats* alerts,
+          const CapacityStats* capacity = nullptr);
   ~Metrics();
 
   // Counts one decision made over HTTP.

@@ -1,5 +1,6 @@
 // tokenfused: the per-host budget agent. See README.md and docs/operations.md.
 #include "agent.h"
+#include "capacity.h"
 #include "config.h"
 #include "http_api.h"
 #include "log.h"
@@ -41,6 +42,7 @@ int main(int argc, char** argv) {
     if (!data_dir.empty()) config.data_dir = data_dir;
     if (!log_level.empty()) config.log_level = log_level;
     if (!listen.empty()) parseListen(listen, "--listen", &config);
+    checkRegionFits(config);   // before anything is created: a region too large is a config error
     log::init(config.log_level);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "tokenfused: %s\n", e.what());

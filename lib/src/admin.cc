@@ -1,5 +1,6 @@
 #include "admin.h"
 
+#include "budget_table.h"
 #include "proc.h"
 
 #include <unordered_map>
@@ -66,6 +67,15 @@ KeyedTable<shm::BudgetSlot> RegionAdmin::table(LimitTable t) const noexcept {
                                   : KeyedTable<shm::BudgetSlot>(region_.runs(), h.run_capacity);
 }
 
+const std::atomic<std::int64_t>& RegionAdmin::defaultLimit(LimitTable t) const noexcept {
+  const shm::Defaults& d = region_.header().defaults;
+  return t == LimitTable::kTenant ? d.tenant_limit : d.run_limit;
+}
+
+void RegionAdmin::setLimitedUntracked(LimitTable t, std::uint32_t n) noexcept {
+  region_.header().defaults.limited_untracked[t == LimitTable::kTenant ? 0 : 1].store(n, kRelease);
+}
+
 void RegionAdmin::publish(std::int64_t now_unix_ns, std::int32_t day) noexcept {
   shm::Header& h = region_.header();
   h.agent_pid.store(static_cast<std::int32_t>(selfPid()), kRelaxed);
@@ -86,7 +96,7 @@ void RegionAdmin::setPlatformLimit(std::optional<NanoUsd> limit) noexcept {
 
 Status RegionAdmin::setLimit(LimitTable t, std::string_view id, std::optional<NanoUsd> limit) {
   if (auto p = idProblem(t, id); !p.empty()) return Status::error(p);
-  const Found f = table(t).findOrInsert(id, engine_.regionPid(), [](shm::BudgetSlot&) noexcept {});
+  const Found f = findOrInsertBudget(table(t), id, engine_.regionPid(), defaultLimit(t));
   if (f.index < 0) {
     return Status::error(std::string(t == LimitTable::kTenant ? "tenant" : "run") + " table is " +
                          (f.what == Lookup::kBusy ? "busy (a client died while adding an entry; retry)"
@@ -104,11 +114,8 @@ Status RegionAdmin::setElsewhere(std::int32_t day, std::string_view project_id, 
   shm::Counters* c = &region_.header().platform;
   if (!project_id.empty()) {
     if (auto p = idProblem(LimitTable::kTenant, project_id); !p.empty()) return Status::error(p);
-    const auto& def = region_.header().defaults.tenant_limit;
-    const Found f = table(LimitTable::kTenant).findOrInsert(project_id, engine_.regionPid(),
-                                                            [&](shm::BudgetSlot& s) noexcept {
-                                                              s.c.limit.store(def.load(kRelaxed), kRelaxed);
-                                                            });
+    const Found f = findOrInsertBudget(table(LimitTable::kTenant), project_id, engine_.regionPid(),
+                                       defaultLimit(LimitTable::kTenant));
     if (f.index < 0) return Status::error("tenant table is full or busy");
     c = &table(LimitTable::kTenant).at(f.index).c;
   }
@@ -361,11 +368,7 @@ Status RegionAdmin::restore(LimitTable t, std::string_view id, NanoUsd committed
   shm::Counters* c = &region_.header().platform;
   if (!id.empty()) {
     if (auto p = idProblem(t, id); !p.empty()) return Status::error(p);
-    const auto& def = t == LimitTable::kTenant ? region_.header().defaults.tenant_limit
-                                               : region_.header().defaults.run_limit;
-    const Found f = table(t).findOrInsert(id, engine_.regionPid(), [&](shm::BudgetSlot& s) noexcept {
-      s.c.limit.store(def.load(kRelaxed), kRelaxed);
-    });
+    const Found f = findOrInsertBudget(table(t), id, engine_.regionPid(), defaultLimit(t));
     if (f.index < 0) return Status::error(std::string(t == LimitTable::kTenant ? "tenant" : "run") + " table is full");
     c = &table(t).at(f.index).c;
   }

@@ -49,6 +49,9 @@ class RegionAdmin {
   Status clearLimit(LimitTable table, std::string_view id);   // back to the default
   // Changes the default and every entry that follows it.
   void setDefaultLimit(LimitTable table, std::optional<NanoUsd> limit) noexcept;
+  // How many keys of `t` with an explicit limit found no table room: while non-zero, the
+  // library refuses every key of `t` that has no entry (layout.h, Defaults::limited_untracked).
+  void setLimitedUntracked(LimitTable t, std::uint32_t n) noexcept;
   // Calls fn(id, explicit_limit_or_nullopt) for every entry whose limit was set explicitly.
   void forEachExplicit(LimitTable table,
                        const std::function<void(std::string_view, std::optional<NanoUsd>)>& fn) const;
@@ -106,6 +109,7 @@ class RegionAdmin {
 
  private:
   KeyedTable<shm::BudgetSlot> table(LimitTable t) const noexcept;
+  const std::atomic<std::int64_t>& defaultLimit(LimitTable t) const noexcept;
   // Whether the word at `key` has stayed `word` for kAbandonAfterNs of reaper sweeps.
   bool stuckFor(std::uint64_t key, std::uint64_t word, std::int64_t now_unix_ns);
 

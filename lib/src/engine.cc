@@ -1,5 +1,6 @@
 #include "engine.h"
 
+#include "budget_table.h"
 #include "pricing.h"
 #include "proc.h"
 
@@ -73,6 +74,21 @@ bool tryHold(Counters& c, std::int64_t amount, Decision* denial) noexcept {
 // Where a thread starts looking for a free reservation slot: a hash of an address on its stack,
 // so threads spread over the table without thread-local storage (which, in a dlopen'ed library,
 // may allocate on first use) and without a shared counter.
+// A tenant or run layer without a table entry is limited when a default limit applies, or when the
+// agent found no room for some key with an explicit limit (this may be that key).
+bool limitedWithoutEntry(const shm::Header& h, std::uint32_t layer) noexcept {
+  const bool run = layer == shm::kLayerRun;
+  return (run ? h.defaults.run_limit : h.defaults.tenant_limit).load(kRelaxed) != shm::kUnlimited ||
+         h.defaults.limited_untracked[run ? 1 : 0].load(kRelaxed) != 0;
+}
+
+// Whether a call site's tenant and run have the entries that enforcing their limits needs. A site
+// from prepare(insert=true) has an index >= 0, kNone (no run given) or kUntracked (no room).
+bool trackable(const shm::Header& h, const CallSite& site) noexcept {
+  if (site.tenant < 0 && limitedWithoutEntry(h, shm::kLayerTenant)) return false;
+  return !(site.run < 0 && site.run != CallSite::kNone && limitedWithoutEntry(h, shm::kLayerRun));
+}
+
 std::uint32_t slotHint() noexcept {
   char probe;
   const auto a = reinterpret_cast<std::uintptr_t>(&probe);
@@ -144,14 +160,9 @@ Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept
   const std::uint32_t pid = regionPid();
   auto resolve = [&](const KeyedTable<shm::BudgetSlot>& table, std::string_view key,
                      const std::atomic<std::int64_t>& default_limit, std::int32_t* out) {
-    const Found f = insert ? table.findOrInsert(key, pid,
-                                                [&](shm::BudgetSlot& s) noexcept {
-                                                  // seq_cst: see RegionAdmin::setDefaultLimit.
-                                                  s.c.limit.store(default_limit.load(std::memory_order_seq_cst),
-                                                                  kRelaxed);
-                                                })
-                           : table.find(key);
-    *out = f.index >= 0 ? f.index : CallSite::kUntracked;
+    const Found f = insert ? findOrInsertBudget(table, key, pid, default_limit) : table.find(key);
+    // Not there yet (nothing spent) is not the same as no room for it (cannot be counted).
+    *out = f.index >= 0 ? f.index : f.what == Lookup::kAbsent ? CallSite::kAbsent : CallSite::kUntracked;
     return f.what != Lookup::kBusy;
   };
   if (!resolve(tenants_, call.project_id, h_.defaults.tenant_limit, &site->tenant)) return fail(Code::kRegionBusy);
@@ -177,9 +188,16 @@ Decision Engine::check(const CallSite& site, std::int64_t prompt, std::int64_t c
     if (Counters* c = layers.at[i]) {
       used = c->spend.used() + c->elsewhere.load(kRelaxed);
       limit = c->limit.load(kRelaxed);
-    } else if (i == shm::kLayerTenant || (i == shm::kLayerRun && site.run != CallSite::kNone)) {
-      // Not in the table yet: nothing spent, and the default limit is what it will get.
-      limit = (i == shm::kLayerRun ? h_.defaults.run_limit : h_.defaults.tenant_limit).load(kRelaxed);
+    } else if (i != shm::kLayerPlatform && !(i == shm::kLayerRun && site.run == CallSite::kNone)) {
+      const std::int32_t index = i == shm::kLayerRun ? site.run : site.tenant;
+      if (index == CallSite::kAbsent || index == CallSite::kNone) {
+        // Not in the table yet: nothing spent, and the default limit is what it will get.
+        limit = (i == shm::kLayerRun ? h_.defaults.run_limit : h_.defaults.tenant_limit).load(kRelaxed);
+      } else if (limitedWithoutEntry(h_, i)) {
+        // No room for it: what it spends could not be counted, so its limit cannot be enforced.
+        h_.stats.capacity_refused.fetch_add(1, kRelaxed);
+        return fail(Code::kCapacityExhausted);
+      }
     }
     if (limit != shm::kUnlimited && (used > limit || cost->count() > limit - used)) {
       if (Counters* c = layers.at[i]) c->denials.fetch_add(1, kRelaxed);
@@ -217,17 +235,20 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
   if (!estimate) return fail(Code::kInvalidArgument);
   // A limited layer that could not get a table entry cannot be enforced: refuse rather than
   // let it spend unchecked. Unlimited ones are simply not counted per tenant or run.
-  if (site.tenant < 0 && h_.defaults.tenant_limit.load(kRelaxed) != shm::kUnlimited) {
+  if (!trackable(h_, site)) {
+    h_.stats.capacity_refused.fetch_add(1, kRelaxed);
     return fail(Code::kCapacityExhausted);
   }
-  if (site.run == CallSite::kUntracked && h_.defaults.run_limit.load(kRelaxed) != shm::kUnlimited) {
-    return fail(Code::kCapacityExhausted);
+  if (site.tenant < 0 || (site.run < 0 && site.run != CallSite::kNone)) {
+    h_.stats.untracked_calls.fetch_add(1, kRelaxed);
   }
-  if (site.tenant < 0 || site.run == CallSite::kUntracked) h_.stats.untracked_calls.fetch_add(1, kRelaxed);
 
   const std::uint32_t pid = regionPid();
   const int index = claimSlot(pid);
-  if (index < 0) return fail(Code::kCapacityExhausted);
+  if (index < 0) {
+    h_.stats.capacity_refused.fetch_add(1, kRelaxed);
+    return fail(Code::kCapacityExhausted);
+  }
   ReservationSlot& s = res_[index];
   const std::uint32_t gen = shm::resGen(s.word.load(kRelaxed));
   const std::int64_t ttl_ns = ttl_ms > 0 ? ttl_ms * 1'000'000 : h_.defaults.reservation_ttl_ns.load(kRelaxed);
@@ -449,7 +470,12 @@ Decision Engine::record(const Usage& u) noexcept {
   std::uint64_t pos = 0;
   shm::LedgerSlot* entry = claimEntry(&pos);
   if (entry == nullptr) return fail(Code::kLedgerFull);
-  if (site.tenant < 0 || site.run == CallSite::kUntracked) h_.stats.untracked_calls.fetch_add(1, kRelaxed);
+  // The call has happened: its entry is written and counted where it can be, even when its
+  // tenant or run has a limit but no entry; the answer then says so (kCapacityExhausted).
+  const bool counted = trackable(h_, site);
+  if (site.tenant < 0 || (site.run < 0 && site.run != CallSite::kNone)) {
+    h_.stats.untracked_calls.fetch_add(1, kRelaxed);
+  }
   const Layers layers = layersOf(site.run, site.tenant);
   for (Counters* c : layers.at) {
     if (c != nullptr) c->spend.add(cost->count(), cost->count());
@@ -466,6 +492,10 @@ Decision Engine::record(const Usage& u) noexcept {
   d.cost = *cost;
   if (LedgerRing::publish(*entry, pos)) {
     d.ledger_seq = pos + 1;
+    if (!counted) {
+      h_.stats.capacity_refused.fetch_add(1, kRelaxed);
+      d.code = Code::kCapacityExhausted;
+    }
   } else {
     d.code = Code::kLedgerLost;
   }

@@ -19,7 +19,7 @@ namespace tokenfuse::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'45'53'55'46'4e'4b'54ull;   // "TKNFUSE1"
 // Increment whenever anything in this file changes the bytes or the meaning of the region.
-inline constexpr std::uint32_t kLayoutVersion = 4;
+inline constexpr std::uint32_t kLayoutVersion = 5;
 
 inline constexpr std::size_t kKeyMax = 128;      // project_id, run_id, model, agent_id bytes
 inline constexpr std::size_t kReasonMax = 256;   // kill switch reason bytes
@@ -224,6 +224,11 @@ struct alignas(64) Defaults {
   std::atomic<std::int64_t> fallback_prompt_nano_per_mtok;
   std::atomic<std::int64_t> fallback_completion_nano_per_mtok;
   std::atomic<std::int64_t> reservation_ttl_ns;
+  // Keys with an explicit limit (config or admin API) that the agent found no table room for,
+  // by table: tenants, runs. While non-zero, a key of that table without an entry may be one of
+  // them, so the library refuses every such key (E-TOKENFUSE-CAPACITY) instead of letting it
+  // spend unchecked.
+  std::atomic<std::uint32_t> limited_untracked[2];
 };
 
 // Counters the agent exports; the library only increments them.
@@ -237,6 +242,9 @@ struct alignas(64) Stats {
   // Calls refused, by code (E-BUDGET-001 .. -004), since the region was created. Only refusals
   // pay for this count: allowed checks count nothing, to stay a few loads.
   std::atomic<std::uint64_t> denied[4];
+  // Calls refused with E-TOKENFUSE-CAPACITY, and records booked that could not be counted
+  // against a limited tenant or run: no table room for a key with a limit.
+  std::atomic<std::uint64_t> capacity_refused;
 };
 
 struct alignas(64) Header {

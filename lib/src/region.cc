@@ -58,6 +58,8 @@ bool lockOwner(const bip::shared_memory_object& shm) {
 
 }  // namespace
 
+std::uint64_t regionBytes(const RegionSpec& spec) { return layoutFor(spec).total; }
+
 std::string validateShmName(const std::string& name) {
   if (name.empty() || name.size() > 200) return "shm name must be 1 to 200 characters";
   for (char ch : name) {

@@ -29,6 +29,9 @@ struct RegionSpec {
   std::uint64_t ledger_base = 0;
 };
 
+// The bytes a region made to `spec` takes (header, tables and ledger ring, page-aligned).
+std::uint64_t regionBytes(const RegionSpec& spec);
+
 // Checks a shm name: 1 to 200 of [A-Za-z0-9._-]. Returns an empty string or the problem.
 std::string validateShmName(const std::string& name);
 

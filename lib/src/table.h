@@ -6,6 +6,11 @@
 // nanoseconds). If the filler died half-way, the wait is bounded and the call reports busy; the
 // agent's reaper then tombstones the slot. Entries are never removed while the region lives, so
 // a found index stays valid: callers may cache it (CallSite).
+//
+// A key lives at most kMaxProbe - 1 slots after its home slot (hash & mask). An insert that finds
+// no free slot within kMaxProbe slots answers kFull for that key, even if the table has room
+// elsewhere; a lookup stops at the same bound and answers kFull too (the key is not there and
+// could not be added). So a lookup in a full table costs at most kMaxProbe slots, not the table.
 #pragma once
 
 #include "layout.h"
@@ -44,11 +49,15 @@ struct Found {
 template <typename Slot>
 class KeyedTable {
  public:
+  static constexpr std::uint32_t kMaxProbe = 64;
+
   KeyedTable(Slot* slots, std::uint32_t capacity) noexcept : slots_(slots), mask_(capacity - 1) {}
 
   Slot& at(std::int32_t index) const noexcept { return slots_[index]; }
   std::uint32_t capacity() const noexcept { return mask_ + 1; }
 
+  // kFound, kAbsent (not there: an insert would add it), kFull (not there, and no room for it
+  // within the probe bound) or kBusy.
   Found find(std::string_view key) const noexcept {
     return probe(key, 0, false, [](Slot&) noexcept {});
   }
@@ -67,7 +76,7 @@ class KeyedTable {
     const std::uint64_t h = hashKey(key);
     const auto tag = static_cast<std::uint32_t>(h >> 32);
     std::uint32_t i = static_cast<std::uint32_t>(h) & mask_;
-    for (std::uint32_t n = 0; n <= mask_; ++n, i = (i + 1) & mask_) {
+    for (std::uint32_t n = 0; n <= mask_ && n < kMaxProbe; ++n, i = (i + 1) & mask_) {
       shm::KeyHeader& k = slots_[i].k;
       std::uint64_t w = k.word.load(std::memory_order_acquire);
       int spins = 0;
@@ -104,7 +113,7 @@ class KeyedTable {
         break;
       }
     }
-    return {insert ? Lookup::kFull : Lookup::kAbsent, -1};
+    return {Lookup::kFull, -1};
   }
 
   Slot* slots_;

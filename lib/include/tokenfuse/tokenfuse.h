@@ -26,7 +26,9 @@ enum tf_code {
   TF_PLATFORM_BUDGET_EXHAUSTED = 3, /* E-BUDGET-003 */
   TF_EMERGENCY_KILL = 4,            /* E-BUDGET-004 */
   TF_INVALID_ARGUMENT = 100,
-  TF_CAPACITY_EXHAUSTED = 101,
+  TF_CAPACITY_EXHAUSTED = 101,      /* a limited tenant or run has no table room: refused; from
+                                       tf_record with ledger_seq > 0, booked but not counted
+                                       against that limit: do not retry */
   TF_UNKNOWN_RESERVATION = 102,
   TF_RESERVATION_EXPIRED = 103,
   TF_REGION_BUSY = 104,

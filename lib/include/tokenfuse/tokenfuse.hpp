@@ -41,7 +41,9 @@ enum class Code : std::int32_t {
   kPlatformBudgetExhausted = 3,   // E-BUDGET-003
   kEmergencyKill = 4,             // E-BUDGET-004
   kInvalidArgument = 100,         // an id too long, a token count negative or absurd
-  kCapacityExhausted = 101,       // a table is full and the call could not be counted safely
+  kCapacityExhausted = 101,       // a table is full and the call could not be counted safely: a
+                                  // tenant or run with a limit has no entry (or no reservation
+                                  // slot is free). From record(): see there
   kUnknownReservation = 102,      // no such reservation (already settled, or never made)
   kReservationExpired = 103,      // charge() on a reservation whose hold the agent returned
   kRegionBusy = 104,              // a table entry was left half-written by a dead process
@@ -113,7 +115,8 @@ struct Usage {
 // the same triple skip the hashing. Obtain from Client::prepare; valid for the Client's life.
 struct CallSite {
   static constexpr std::int32_t kNone = -1;       // no run given; model not in the price table
-  static constexpr std::int32_t kUntracked = -2;  // the table was full
+  static constexpr std::int32_t kUntracked = -2;  // the table has no room for it: not counted
+  static constexpr std::int32_t kAbsent = -3;     // not in the table yet (check by name): nothing spent
   std::int32_t tenant = kNone;
   std::int32_t run = kNone;
   std::int32_t model = kNone;   // kNone: the fallback price applies
@@ -236,6 +239,10 @@ class TOKENFUSE_EXPORT Client {
   Decision release(Reservation reservation) noexcept;
 
   // Books a finished call that had no reservation. Not subject to limits: the call happened.
+  // kCapacityExhausted with ledger_seq > 0: the entry IS in the ledger and counted in the
+  // platform (and any layer that has an entry), but its tenant or run has a limit and no table
+  // entry, so it could not be counted against that limit; calls for that key are refused. Do not
+  // record it again (it would book twice).
   Decision record(const Usage& usage) noexcept;
 
   // The price the region applies to `model` (the fallback price if it is not in the table).

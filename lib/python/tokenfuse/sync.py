@@ -218,6 +218,11 @@ def _recorded(d: n.Decision, project_id: str, model: str, prompt_tokens, complet
     if d.code == n.LEDGER_LOST:
         logger.error("token_usage_ledger_lost: booked, but not in the ledger (project_id=%s model=%s)", project_id, model)
         return n.usd(d.cost_nano_usd)
+    if d.code == n.CAPACITY_EXHAUSTED and d.ledger_seq > 0:
+        # In the ledger, but its tenant or run has a limit and no table room: not counted there.
+        logger.error("token_usage_untracked: in the ledger, but not counted against the limit of project_id=%s "
+                     "(the tenant or run table is full)", project_id)
+        return n.usd(d.cost_nano_usd)
     if d.code == n.INVALID_ARGUMENT:
         _raise_for(d, project_id)
     return _not_recorded(project_id, model, prompt_tokens, completion_tokens,
