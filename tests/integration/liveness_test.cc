@@ -147,3 +147,30 @@ TEST_CASE("liveness: a stopped client whose slot was taken over gets E-TOKENFUSE
   CHECK(s.word.load() == taken);
   CHECK(std::string(errorCode(Code::kStaleOwner)) == "E-TOKENFUSE-STALE");
 }
+
+TEST_CASE("liveness: a child forked after attaching claims its own client number, so its death frees its "
+          "reservations and never its parent's") {
+  TestRegion t;
+  Reservation mine;
+  REQUIRE(t.client->reserve({"acme", "gpt-4o", {}, {}, 1000, 0, 0}, &mine).allowed());
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    Reservation r;   // through the Client it inherited, as a pre-forking server's worker would
+    const bool ok = t.client->reserve({"acme", "gpt-4o", {}, {}, 2000, 0, 0}, &r).allowed();
+    (void)::write(fds[1], &r.id, sizeof r.id);
+    ::_exit(ok ? 0 : 1);   // dies holding it
+  }
+  std::uint64_t id = 0;
+  REQUIRE(::read(fds[0], &id, sizeof id) == sizeof id);
+  REQUIRE(exitCode(child) == 0);
+  ::close(fds[0]);
+  ::close(fds[1]);
+  const std::uint32_t parent = t.region->reservations()[shm::reservationIndex(mine.id)].word.load() >> 32;
+  const std::uint32_t orphan = t.region->reservations()[shm::reservationIndex(id)].word.load() >> 32;
+  CHECK(parent != orphan);
+  CHECK(t.admin->reap(test::nowNs()).dead_owner == 1);
+  CHECK(t.client->tenant("acme").held == usd("0.005"));   // the parent's, still held
+  CHECK(t.client->commit(mine, "openai", 1000, 0).allowed());
+}
