@@ -347,6 +347,11 @@ void Agent::tick() {
                                       {"recycled_expired", r.freed_expired},
                                       {"stuck_keys_cleared", r.stuck_keys}});
   }
+  // A hold leaked by a client killed between a layer change and its progress step would stay for
+  // ever (rollover keeps holds; runs never roll over): compare with the live reservations.
+  for (const HoldCorrection& c : a.reconcileHolds()) {
+    log::warn("holds_reconciled", {{"layer", c.layer}, {"id", c.id}, {"difference_nano_usd", c.difference}});
+  }
 
   const std::int32_t today = days_.dayOf(now);
   const std::int32_t current = a.day();

@@ -1,7 +1,7 @@
 #include "ledger_writer.h"
 
+#include "client_lock.h"
 #include "log.h"
-#include "proc.h"
 
 #include <algorithm>
 #include <condition_variable>
@@ -21,13 +21,15 @@ LedgerWriter::LedgerWriter(RegionAdmin& admin, Ledger& ledger, std::string host_
 
 bool LedgerWriter::abandoned(std::uint64_t pos) {
   const shm::LedgerSlot& s = ring_.at(pos);
-  const std::uint32_t pid = s.writer_pid.load(std::memory_order_relaxed);
-  if (pid != 0) {
-    return proc::liveness(static_cast<int>(pid), s.writer_start.load(std::memory_order_relaxed)) ==
-           proc::Liveness::kDead;
+  // writer_pid holds the writer's client number (client_lock.h): the kernel says whether it lives,
+  // in any pid namespace, and a stopped writer is never given up on.
+  const std::uint32_t client = s.writer_pid.load(std::memory_order_relaxed);
+  if (client != 0) {
+    return client != region_.client() &&
+           clientlock::held(region_.lockFd(), client) == clientlock::Held::kNo;
   }
-  // No pid: the writer died between claiming and naming itself, or lives in another pid
-  // namespace. Writing an entry takes microseconds, so seconds of silence mean it is gone.
+  // No number yet: the writer died between claiming and naming itself (two stores), or is
+  // stopped right there. Writing an entry takes microseconds, so seconds of silence mean it is gone.
   const auto now = std::chrono::steady_clock::now();
   if (stuck_pos_ != pos) {
     stuck_pos_ = pos;
@@ -53,7 +55,7 @@ DrainStats LedgerWriter::drainOnce() {
       if (!ring_.abandon(pos)) continue;   // published just now: take it
       abandoned_.push_back(pos);
       h.stats.ledger_abandoned.fetch_add(1, std::memory_order_relaxed);
-      log::warn("ledger_slot_abandoned", {{"seq", pos + 1}, {"writer_pid", pid}});
+      log::warn("ledger_slot_abandoned", {{"seq", pos + 1}, {"writer_client", pid}});
       ++stats.skipped;
       ++pos;
       continue;

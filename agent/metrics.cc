@@ -97,6 +97,10 @@ class RegionCollector final : public prometheus::Collectable {
     sample(out.emplace_back(family("tokenfuse_ledger_abandoned_total",
                                    "Ledger ring slots skipped because their writer died", MetricType::Counter)),
            static_cast<double>(st.ledger_abandoned.load(r)));
+    sample(out.emplace_back(family("tokenfuse_holds_reconciled_total",
+                                   "Layers whose holds the agent corrected to match the live reservations",
+                                   MetricType::Counter)),
+           static_cast<double>(st.holds_reconciled.load(r)));
 
     // Per tenant, for a dashboard: the tenants nearest their limit (or spending most, if
     // unlimited), at most kTenantSeries of them, so the label set stays small.

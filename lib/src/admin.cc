@@ -1,6 +1,7 @@
 #include "admin.h"
 
 #include "budget_table.h"
+#include "client_lock.h"
 #include "proc.h"
 
 #include <unordered_map>
@@ -59,7 +60,7 @@ void addCounts(shm::Counters& c, std::int64_t prompt, std::int64_t completion) n
 
 }  // namespace
 
-RegionAdmin::RegionAdmin(Region& region) : region_(region), engine_(region) {}
+RegionAdmin::RegionAdmin(Region& region) : region_(region), engine_(region, /*agent=*/true) {}
 
 KeyedTable<shm::BudgetSlot> RegionAdmin::table(LimitTable t) const noexcept {
   const shm::Header& h = region_.header();
@@ -263,18 +264,27 @@ bool RegionAdmin::stuckFor(std::uint64_t key, std::uint64_t word, std::int64_t n
 ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
   ReapStats stats;
   shm::Header& h = region_.header();
-  const std::uint32_t me = engine_.regionPid();
-  // One /proc look per process per sweep, however many reservations it holds.
+  const std::uint32_t me = engine_.self();
+  const std::uint32_t pid_me = engine_.regionPid();
+  // Table keys still name pids: one /proc look per process per sweep.
   std::unordered_map<std::uint64_t, proc::Liveness> seen;
   auto dead = [&](std::uint32_t pid, std::uint64_t start) {
-    if (pid == 0 || pid == me) return false;
+    if (pid == 0 || pid == pid_me) return false;
     const std::uint64_t key = (std::uint64_t{pid} << 32) ^ start;
     auto [it, fresh] = seen.try_emplace(key, proc::Liveness::kUnknown);
     if (fresh) it->second = proc::liveness(static_cast<int>(pid), start);
     return it->second == proc::Liveness::kDead;
   };
-  // Words that did not change since the last sweeps; those of pid 0 (another pid namespace)
-  // that stay half-way through an operation for kAbandonAfterNs are taken for dead.
+  // Reservations name client numbers: a client is gone when the kernel says nobody holds its lock,
+  // whatever pid namespace it ran in; a stopped or frozen client still holds it. Client 0 is the
+  // agent's (HTTP reservations), which outlives any agent process: deadlines alone apply to it.
+  std::unordered_map<std::uint32_t, bool> gone;
+  auto clientGone = [&](std::uint32_t client) {
+    if (client == clientlock::kAgentClient || client == me) return false;
+    auto [it, fresh] = gone.try_emplace(client, false);
+    if (fresh) it->second = clientlock::held(region_.lockFd(), client) == clientlock::Held::kNo;
+    return it->second;
+  };
 
   shm::ReservationSlot* slots = region_.reservations();
   for (std::uint32_t i = 0; i < h.reservation_capacity; ++i) {
@@ -282,18 +292,24 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
     const std::uint64_t w = s.word.load(kAcquire);
     const shm::ResState st = shm::resState(w);
     if (st == shm::kResFree) continue;
-    const std::uint32_t pid = shm::resPid(w);
+    const std::uint32_t client = shm::resClient(w);
     const std::uint32_t p = shm::resProgress(w);
     const bool claiming = st == shm::kResReserving && p == shm::kProgressClaiming;
-    // A slot being claimed may still carry the previous owner's fields: judge by pid alone.
-    const bool is_owner = !claiming && pid == s.owner_pid.load(kRelaxed);
-    const bool in_flight = st == shm::kResReserving || st == shm::kResCharging || st == shm::kResSettling;
-    const bool owner_dead = dead(pid, is_owner ? s.owner_start.load(kRelaxed) : 0) ||
-                            (pid == 0 && in_flight && stuckFor(i, w, now_unix_ns));
+    const bool owner_dead = clientGone(client);
     const bool overdue = s.deadline_unix_ns.load(kRelaxed) < now_unix_ns;
     if (!owner_dead && !((st == shm::kResActive || st == shm::kResExpired) && overdue)) continue;
 
-    // What each layer still holds for this slot, by state and progress (see layout.h).
+    // Own the slot first, marked as fully settled: if this agent dies half-way, the next one
+    // returns nothing more, so a hold can leak but never be returned twice.
+    const std::uint32_t gen = shm::resGen(w);
+    std::uint64_t expect = w;
+    if (!s.word.compare_exchange_strong(expect, shm::resWord(me, gen, shm::kResSettling, shm::kLayerCount),
+                                        kAcquire, kRelaxed)) {
+      continue;   // its owner moved on meanwhile; look again next sweep
+    }
+    // Only now, with the slot ours, what each layer still holds for it, by state and progress
+    // (see layout.h): a charge that finished between the load of `w` and the CAS, leaving the
+    // same word behind, has grown `held`, and reading it earlier would leak that growth.
     const std::int64_t held = s.held.load(kRelaxed);
     const std::int64_t target = s.charge_target.load(kRelaxed);
     std::int64_t give_back[shm::kLayerCount] = {0, 0, 0};
@@ -305,14 +321,6 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
         case shm::kResSettling: give_back[j] = j < p ? 0 : held; break;
         default: break;
       }
-    }
-    // Own the slot first, marked as fully settled: if this agent dies half-way, the next one
-    // returns nothing more, so a hold can leak but never be returned twice.
-    const std::uint32_t gen = shm::resGen(w);
-    std::uint64_t expect = w;
-    if (!s.word.compare_exchange_strong(expect, shm::resWord(me, gen, shm::kResSettling, shm::kLayerCount),
-                                        kAcquire, kRelaxed)) {
-      continue;   // its owner moved on meanwhile; look again next sweep
     }
     const std::int32_t run = s.run.load(kRelaxed);
     const std::int32_t tenant = s.tenant.load(kRelaxed);
@@ -334,7 +342,7 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
       // the cost, which then counts in full without a hold.
       s.held.store(0, kRelaxed);
       s.deadline_unix_ns.store(now_unix_ns + s.ttl_ns.load(kRelaxed), kRelaxed);
-      s.word.store(shm::resWord(pid, gen, shm::kResExpired, 0), kRelease);
+      s.word.store(shm::resWord(client, gen, shm::kResExpired, 0), kRelease);
       ++stats.expired;
       h.stats.reaped_expired.fetch_add(1, kRelaxed);
     }

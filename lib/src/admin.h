@@ -33,6 +33,14 @@ struct ReapStats {
 
 enum class LimitTable { kTenant, kRun };
 
+// One layer whose holds (used - committed) the agent corrected: what it held beyond (positive) or
+// short of (negative) what the live reservations hold on it, unchanged over two sweeps.
+struct HoldCorrection {
+  const char* layer = "platform";   // "platform", "tenant" or "run"
+  std::string id;                   // the tenant's or run's id; empty for the platform
+  std::int64_t difference = 0;      // nano-USD taken out of `used` (negative: added)
+};
+
 class RegionAdmin {
  public:
   explicit RegionAdmin(Region& region);
@@ -77,8 +85,17 @@ class RegionAdmin {
   bool expireKill(std::int64_t now_unix_ns) noexcept;
 
   // Returns the holds of reservations whose owner died or whose deadline passed, and clears
-  // half-written keys left by dead processes.
+  // half-written keys left by dead processes. A reservation's owner is dead when no process holds
+  // its client lock (client_lock.h); the agent's own (client 0) are freed by deadline only.
   ReapStats reap(std::int64_t now_unix_ns);
+
+  // Compares every layer's holds (used - committed) with the sum of what live reservations hold
+  // on it (by state and progress; a step in flight counts as a range) and corrects a difference
+  // seen, the same, in two consecutive calls while the layer did not move during either scan:
+  // a process killed between a layer change and its progress step leaks its hold for ever
+  // otherwise (rollover keeps holds; runs never roll over). Counted in stats.holds_reconciled.
+  // Call it after reap(), every sweep; O(reservations + tables). Not thread-safe with itself.
+  std::vector<HoldCorrection> reconcileHolds();
 
   // Sets an unpublished region's counters from the ledger: `committed` and the token and call
   // counts of one entry (creating it; id empty means the platform). Only before publish: it
@@ -110,13 +127,15 @@ class RegionAdmin {
  private:
   KeyedTable<shm::BudgetSlot> table(LimitTable t) const noexcept;
   const std::atomic<std::int64_t>& defaultLimit(LimitTable t) const noexcept;
-  // Whether the word at `key` has stayed `word` for kAbandonAfterNs of reaper sweeps.
+  // Whether the table key word at `key` has stayed `word` for kAbandonAfterNs of reaper sweeps.
   bool stuckFor(std::uint64_t key, std::uint64_t word, std::int64_t now_unix_ns);
 
   // An operation takes microseconds; a word of a process in another pid namespace (pid 0, so
   // the reaper cannot look it up) that stays half-way for this long belongs to a dead process.
   static constexpr std::int64_t kAbandonAfterNs = std::int64_t{10} * 1'000'000'000;
   std::unordered_map<std::uint64_t, std::pair<std::uint64_t, std::int64_t>> stuck_;
+  // reconcileHolds(): each layer's difference at the previous call (0: none, or it moved).
+  std::vector<std::int64_t> last_difference_;
 
   Region& region_;
   Engine engine_;

@@ -23,6 +23,7 @@ const char* errorCode(Code code) noexcept {
     case Code::kRegionBusy: return "E-TOKENFUSE-BUSY";
     case Code::kLedgerFull: return "E-TOKENFUSE-LEDGER-FULL";
     case Code::kLedgerLost: return "E-TOKENFUSE-LEDGER-LOST";
+    case Code::kStaleOwner: return "E-TOKENFUSE-STALE";
   }
   return "E-TOKENFUSE-UNKNOWN";
 }
@@ -62,6 +63,9 @@ std::string describe(const Decision& d, std::string_view project_id) {
     case Code::kLedgerLost:
       return "the cost was booked, but this process was stopped so long while writing its ledger entry that "
              "tokenfused gave up on it; do not retry";
+    case Code::kStaleOwner:
+      return "this process was stopped mid-operation long enough that its reservation was taken from it; "
+             "the reservation is gone: reserve again";
   }
   return "unknown decision";
 }

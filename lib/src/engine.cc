@@ -1,6 +1,7 @@
 #include "engine.h"
 
 #include "budget_table.h"
+#include "client_lock.h"
 #include "pricing.h"
 #include "proc.h"
 
@@ -95,6 +96,16 @@ std::uint32_t slotHint() noexcept {
   return static_cast<std::uint32_t>((a >> 12) * 0x9e3779b97f4a7c15ull >> 40);
 }
 
+// Finishes one step of reserve, settle or charge: the slot moves from the word this process left
+// in it to `next` only if nobody took it meanwhile. A plain store here would write over a slot
+// taken from a process that was stopped mid-way, and apply or return layers a second time.
+bool step(ReservationSlot& s, std::uint64_t* w, std::uint64_t next) noexcept {
+  std::uint64_t expect = *w;
+  if (!s.word.compare_exchange_strong(expect, next, std::memory_order_acq_rel, kRelaxed)) return false;
+  *w = next;
+  return true;
+}
+
 void copyKey(char* dst, std::uint32_t* len, std::string_view src) noexcept {
   *len = static_cast<std::uint32_t>(src.size());
   if (!src.empty()) std::memcpy(dst, src.data(), src.size());   // an empty view may hold nullptr
@@ -107,15 +118,17 @@ std::uint32_t selfPid() noexcept {
   return g_pid.load(kRelaxed);
 }
 
-Engine::Engine(const Region& region) noexcept
-    : h_(region.header()),
+Engine::Engine(const Region& region, bool agent) noexcept
+    : region_(region),
+      h_(region.header()),
       tenants_(region.tenants(), region.header().tenant_capacity),
       runs_(region.runs(), region.header().run_capacity),
       models_(region.models(), region.header().model_capacity),
       ring_(region.header(), region.ledger()),
       res_(region.reservations()),
       res_mask_(region.header().reservation_capacity - 1),
-      same_pidns_(h_.agent_pidns.load(kRelaxed) == proc::pidNamespace()) {
+      same_pidns_(h_.agent_pidns.load(kRelaxed) == proc::pidNamespace()),
+      agent_(agent) {
   initSelfOnce();
 }
 
@@ -210,14 +223,17 @@ Decision Engine::check(const CallSite& site, std::int64_t prompt, std::int64_t c
   return d;
 }
 
-int Engine::claimSlot(std::uint32_t pid) noexcept {
+int Engine::claimSlot(std::uint32_t client, std::uint64_t* word) noexcept {
   const std::uint32_t hint = slotHint();
   for (std::uint32_t n = 0; n <= res_mask_; ++n) {
     const std::uint32_t i = (hint + n) & res_mask_;
     std::uint64_t w = res_[i].word.load(kRelaxed);
     if (shm::resState(w) != shm::kResFree) continue;
-    const std::uint64_t claimed = shm::resWord(pid, shm::resGen(w), shm::kResReserving, shm::kProgressClaiming);
-    if (res_[i].word.compare_exchange_strong(w, claimed, kAcquire, kRelaxed)) return static_cast<int>(i);
+    const std::uint64_t claimed = shm::resWord(client, shm::resGen(w), shm::kResReserving, shm::kProgressClaiming);
+    if (res_[i].word.compare_exchange_strong(w, claimed, kAcquire, kRelaxed)) {
+      *word = claimed;
+      return static_cast<int>(i);
+    }
   }
   return -1;
 }
@@ -243,17 +259,22 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
     h_.stats.untracked_calls.fetch_add(1, kRelaxed);
   }
 
-  const std::uint32_t pid = regionPid();
-  const int index = claimSlot(pid);
+  // Half-way words name the process acting (its lock tells the reaper whether it lives); the
+  // finished reservation names its owner, which for the agent is "the agent", not this process.
+  const std::uint32_t me = self();
+  const std::uint32_t owner = agent_ ? clientlock::kAgentClient : me;
+  std::uint64_t w = 0;
+  const int index = claimSlot(me, &w);
   if (index < 0) {
     h_.stats.capacity_refused.fetch_add(1, kRelaxed);
     return fail(Code::kCapacityExhausted);
   }
   ReservationSlot& s = res_[index];
-  const std::uint32_t gen = shm::resGen(s.word.load(kRelaxed));
+  const std::uint32_t gen = shm::resGen(w);
   const std::int64_t ttl_ns = ttl_ms > 0 ? ttl_ms * 1'000'000 : h_.defaults.reservation_ttl_ns.load(kRelaxed);
-  s.owner_pid.store(pid, kRelaxed);
-  s.owner_start.store(pid != 0 ? g_start_time.load(kRelaxed) : 0, kRelaxed);
+  // For people reading the region (pid in the owner's own namespace); liveness does not use them.
+  s.owner_pid.store(g_pid.load(kRelaxed), kRelaxed);
+  s.owner_start.store(g_start_time.load(kRelaxed), kRelaxed);
   s.deadline_unix_ns.store(h_.clock_unix_ns.load(kRelaxed) + ttl_ns, kRelaxed);
   s.ttl_ns.store(ttl_ns, kRelaxed);
   s.held.store(estimate->count(), kRelaxed);
@@ -270,7 +291,7 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
               {site.model_name, site.model_len},
               {site.agent_id, site.agent_id_len}});
   // Publishes the fields above to the reaper before any layer holds anything.
-  s.word.store(shm::resWord(pid, gen, shm::kResReserving, 0), kRelease);
+  if (!step(s, &w, shm::resWord(me, gen, shm::kResReserving, 0))) return fail(Code::kStaleOwner);
 
   Decision d;
   d.cost = *estimate;
@@ -279,25 +300,30 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
     Counters* c = layers.at[i];
     // Free models skip the money layers. A paid call estimated at zero is still refused by a
     // layer already past its limit, as check() refuses it.
-    if (c != nullptr && !free && !tryHold(*c, estimate->count(), &d)) {
+    const bool holds = c != nullptr && !free;
+    if (holds && !tryHold(*c, estimate->count(), &d)) {
       c->denials.fetch_add(1, kRelaxed);
       for (std::uint32_t j = i; j-- > 0;) {   // undo, newest first: progress, then the layer
-        s.word.store(shm::resWord(pid, gen, shm::kResReserving, j), kRelease);
+        if (!step(s, &w, shm::resWord(me, gen, shm::kResReserving, j))) return fail(Code::kStaleOwner);
         if (layers.at[j] != nullptr) layers.at[j]->spend.add(-estimate->count(), 0);
       }
-      s.word.store(shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0), kRelease);
+      if (!step(s, &w, shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0))) return fail(Code::kStaleOwner);
       d.code = denied(kLayerCode[i]);
       return d;
     }
-    s.word.store(shm::resWord(pid, gen, shm::kResReserving, i + 1), kRelease);
+    if (!step(s, &w, shm::resWord(me, gen, shm::kResReserving, i + 1))) {
+      // Whoever took the slot returned the layers its word counted, not this one.
+      if (holds) c->spend.add(-estimate->count(), 0);
+      return fail(Code::kStaleOwner);
+    }
   }
-  s.word.store(shm::resWord(pid, gen, shm::kResActive, 0), kRelease);
+  if (!step(s, &w, shm::resWord(owner, gen, shm::kResActive, 0))) return fail(Code::kStaleOwner);
   out->id = shm::reservationId(static_cast<std::uint32_t>(index), gen);
   return d;
 }
 
 shm::ResState Engine::acquire(Reservation r, std::uint32_t accepted_mask, shm::ResState into,
-                              std::uint64_t* word) noexcept {
+                              std::uint64_t* word, std::uint32_t* owner) noexcept {
   const std::uint32_t index = shm::reservationIndex(r.id);
   const std::uint32_t gen = shm::reservationGen(r.id);
   if (!shm::reservationIdWellFormed(r.id) || index > res_mask_) return shm::kResFree;
@@ -308,9 +334,10 @@ shm::ResState Engine::acquire(Reservation r, std::uint32_t accepted_mask, shm::R
     const shm::ResState st = shm::resState(w);
     if (st == shm::kResFree) return shm::kResFree;
     if ((accepted_mask >> st) & 1u) {
-      const std::uint64_t mine = shm::resWord(regionPid(), gen, into, 0);
+      const std::uint64_t mine = shm::resWord(self(), gen, into, 0);
       if (s.word.compare_exchange_weak(w, mine, kAcquire, kAcquire)) {
         *word = mine;
+        *owner = shm::resClient(w);   // an active or expired word names the owner
         return st;
       }
       continue;
@@ -323,8 +350,8 @@ shm::ResState Engine::acquire(Reservation r, std::uint32_t accepted_mask, shm::R
 }
 
 shm::LedgerSlot* Engine::claimEntry(std::uint64_t* pos) noexcept {
-  const std::uint32_t pid = regionPid();
-  shm::LedgerSlot* entry = ring_.claim(pid, pid != 0 ? g_start_time.load(kRelaxed) : 0, pos);
+  // The ring's writer identity is the client number too (its lock says whether the writer lives).
+  shm::LedgerSlot* entry = ring_.claim(self(), 0, pos);
   if (entry == nullptr) h_.stats.ledger_full.fetch_add(1, kRelaxed);
   return entry;
 }
@@ -356,12 +383,14 @@ Decision Engine::release(Reservation r) noexcept { return settle(r, false, 0, 0,
 Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std::int64_t completion,
                         shm::LedgerSlot* entry, std::string_view provider) noexcept {
   std::uint64_t w = 0;
-  const shm::ResState was = acquire(r, (1u << shm::kResActive) | (1u << shm::kResExpired), shm::kResSettling, &w);
+  std::uint32_t owner = 0;
+  const shm::ResState was =
+      acquire(r, (1u << shm::kResActive) | (1u << shm::kResExpired), shm::kResSettling, &w, &owner);
   if (was == shm::kResFree) return fail(Code::kUnknownReservation);
   if (was == kAcquireBusy) return fail(Code::kRegionBusy);
   ReservationSlot& s = res_[shm::reservationIndex(r.id)];
   const std::uint32_t gen = shm::resGen(w);
-  const std::uint32_t pid = shm::resPid(w);
+  const std::uint32_t me = shm::resClient(w);
   const bool expired = was == shm::kResExpired;
   const std::int64_t held = expired ? 0 : s.held.load(kRelaxed);
   std::int64_t cost = 0;
@@ -373,7 +402,7 @@ Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std:
   }
   const Layers layers = layersOf(s.run.load(kRelaxed), s.tenant.load(kRelaxed));
   for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
-    s.word.store(shm::resWord(pid, gen, shm::kResSettling, i + 1), kRelease);
+    if (!step(s, &w, shm::resWord(me, gen, shm::kResSettling, i + 1))) return fail(Code::kStaleOwner);
     if (layers.at[i] == nullptr) continue;
     if (book_cost) {
       layers.at[i]->spend.add(cost - held, cost);
@@ -392,7 +421,9 @@ Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std:
     entry->text.set({s.ids.get(shm::kResProject), s.ids.get(shm::kResRun), s.ids.get(shm::kResModel),
                      s.ids.get(shm::kResAgent), provider});
   }
-  s.word.store(shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0), kRelease);
+  // If someone took the slot only now, every layer was settled exactly once by this call: the
+  // booking stands, and the slot is theirs to free.
+  (void)step(s, &w, shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0));
   Decision d;
   d.cost = NanoUsd(book_cost ? cost : held);
   d.reservation_expired = book_cost && expired;
@@ -403,57 +434,57 @@ Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t mo
   if (!validTokens(more_prompt) || !validTokens(more_completion)) return fail(Code::kInvalidArgument);
   if (killed()) return fail(denied(Code::kEmergencyKill));
   std::uint64_t w = 0;
-  const shm::ResState was = acquire(r, (1u << shm::kResActive) | (1u << shm::kResExpired), shm::kResCharging, &w);
+  std::uint32_t owner = 0;
+  const shm::ResState was =
+      acquire(r, (1u << shm::kResActive) | (1u << shm::kResExpired), shm::kResCharging, &w, &owner);
   if (was == shm::kResFree) return fail(Code::kUnknownReservation);
   if (was == kAcquireBusy) return fail(Code::kRegionBusy);
   ReservationSlot& s = res_[shm::reservationIndex(r.id)];
   const std::uint32_t gen = shm::resGen(w);
-  const std::uint32_t pid = shm::resPid(w);
+  const std::uint32_t me = shm::resClient(w);
   // Back to waiting: the word names the owner again, not this caller, so that the reaper judges
   // the reservation by its owner's life.
-  auto back = [&](shm::ResState st) noexcept {
-    s.word.store(shm::resWord(s.owner_pid.load(kRelaxed), gen, st, 0), kRelease);
-  };
+  auto back = [&](shm::ResState st) noexcept { return step(s, &w, shm::resWord(owner, gen, st, 0)); };
   if (was == shm::kResExpired) {
-    back(shm::kResExpired);
-    return fail(Code::kReservationExpired);
+    return fail(back(shm::kResExpired) ? Code::kReservationExpired : Code::kStaleOwner);
   }
   const std::int64_t total_prompt = s.charged_prompt.load(kRelaxed) + more_prompt;
   const std::int64_t total_completion = s.charged_completion.load(kRelaxed) + more_completion;
   const Price p{s.prompt_nano_per_mtok.load(kRelaxed), s.completion_nano_per_mtok.load(kRelaxed)};
   const auto consumed = s.free_model.load(kRelaxed) != 0 ? NanoUsd(0) : costOf(p, total_prompt, total_completion);
-  if (!consumed) {
-    back(shm::kResActive);
-    return fail(Code::kInvalidArgument);
-  }
+  if (!consumed) return fail(back(shm::kResActive) ? Code::kInvalidArgument : Code::kStaleOwner);
   Decision d;
   d.cost = *consumed;
   const std::int64_t held = s.held.load(kRelaxed);
   if (consumed->count() > held) {
     const std::int64_t delta = consumed->count() - held;
     s.charge_target.store(consumed->count(), kRelaxed);
-    s.word.store(shm::resWord(pid, gen, shm::kResCharging, 0), kRelease);
+    // Same word again: publishes charge_target to the reaper before any layer grows.
+    if (!step(s, &w, w)) return fail(Code::kStaleOwner);
     const Layers layers = layersOf(s.run.load(kRelaxed), s.tenant.load(kRelaxed));
     for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
       Counters* c = layers.at[i];
       if (c != nullptr && !tryHold(*c, delta, &d)) {
         c->denials.fetch_add(1, kRelaxed);
         for (std::uint32_t j = i; j-- > 0;) {
-          s.word.store(shm::resWord(pid, gen, shm::kResCharging, j), kRelease);
+          if (!step(s, &w, shm::resWord(me, gen, shm::kResCharging, j))) return fail(Code::kStaleOwner);
           if (layers.at[j] != nullptr) layers.at[j]->spend.add(-delta, 0);
         }
-        back(shm::kResActive);
+        if (!back(shm::kResActive)) return fail(Code::kStaleOwner);
         d.code = denied(kLayerCode[i]);
         return d;
       }
-      s.word.store(shm::resWord(pid, gen, shm::kResCharging, i + 1), kRelease);
+      if (!step(s, &w, shm::resWord(me, gen, shm::kResCharging, i + 1))) {
+        if (c != nullptr) c->spend.add(-delta, 0);   // not counted by the word its taker saw
+        return fail(Code::kStaleOwner);
+      }
     }
     s.held.store(consumed->count(), kRelaxed);
   }
   s.charged_prompt.store(total_prompt, kRelaxed);
   s.charged_completion.store(total_completion, kRelaxed);
   s.deadline_unix_ns.store(h_.clock_unix_ns.load(kRelaxed) + s.ttl_ns.load(kRelaxed), kRelaxed);
-  back(shm::kResActive);
+  if (!back(shm::kResActive)) return fail(Code::kStaleOwner);
   return d;
 }
 

@@ -17,7 +17,9 @@ namespace tokenfuse {
 
 class Engine {
  public:
-  explicit Engine(const Region& region) noexcept;
+  // `agent`: reservations this engine makes belong to "the agent" (client number 0), whichever
+  // agent process runs now, so that an agent restart does not free them (tokenfused's HTTP API).
+  explicit Engine(const Region& region, bool agent = false) noexcept;
 
   Decision prepare(const Call& call, CallSite* site, bool insert) noexcept;
   Decision check(const CallSite& site, std::int64_t prompt, std::int64_t completion) const noexcept;
@@ -38,9 +40,11 @@ class Engine {
   std::uint32_t liveReservations() const noexcept;
   std::uint64_t durableLedgerSeq() const noexcept { return h_.ledger_head.load(std::memory_order_acquire); }
 
-  // The pid this process writes into the region: its own when it shares the agent's pid
-  // namespace, else 0, which tells the reaper to rely on deadlines alone.
+  // The pid this process writes into table keys: its own when it shares the agent's pid
+  // namespace, else 0, which tells the reaper to rely on a timeout for them.
   std::uint32_t regionPid() const noexcept;
+  // This process's client number (client_lock.h): what reservation words and ledger slots name.
+  std::uint32_t self() const noexcept { return region_.client(); }
 
  private:
   struct Layers {
@@ -48,7 +52,7 @@ class Engine {
   };
   Layers layersOf(std::int32_t run, std::int32_t tenant) const noexcept;
   BudgetView view(const shm::Counters* c, std::int64_t default_limit) const;
-  int claimSlot(std::uint32_t pid) noexcept;
+  int claimSlot(std::uint32_t client, std::uint64_t* word) noexcept;
   // Counts a refusal (E-BUDGET-001 .. -004) in the region's statistics; returns `code`.
   Code denied(Code code) const noexcept {
     h_.stats.denied[static_cast<int>(code) - 1].fetch_add(1, std::memory_order_relaxed);
@@ -61,9 +65,11 @@ class Engine {
   shm::LedgerSlot* claimEntry(std::uint64_t* pos) noexcept;
   // Takes the reservation `r` out of one of the `accepted` states into kResSettling or
   // kResCharging, owned by this process. Returns the state it left, or kResFree when `r` is
-  // not live.
-  shm::ResState acquire(Reservation r, std::uint32_t accepted_mask, shm::ResState into, std::uint64_t* word) noexcept;
+  // not live. *word is the word it now owns, *owner the client the reservation belongs to.
+  shm::ResState acquire(Reservation r, std::uint32_t accepted_mask, shm::ResState into, std::uint64_t* word,
+                        std::uint32_t* owner) noexcept;
 
+  const Region& region_;
   shm::Header& h_;
   KeyedTable<shm::BudgetSlot> tenants_;
   KeyedTable<shm::BudgetSlot> runs_;
@@ -72,6 +78,7 @@ class Engine {
   shm::ReservationSlot* res_;
   std::uint32_t res_mask_;
   bool same_pidns_;
+  bool agent_;
 };
 
 // This process's pid, cached and refreshed after fork (getpid() is a system call).

@@ -124,8 +124,12 @@ struct PackedStrings {
   }
 };
 
-// Reservation slot state word: [63..32] pid of the process acting on it | [31..8] generation |
+// Reservation slot state word: [63..32] client number (client_lock.h) | [31..8] generation |
 // [7..4] state | [3..0] progress (how many of the three layers the current operation has done).
+// While an operation is half-way (reserving, charging, settling) the client is the process acting
+// on it; while the reservation waits (active, expired) it is its owner: client 0 for "the agent",
+// whichever agent process runs now, which the reaper frees by deadline only. Every step that
+// changes the word after the claim is a compare-and-swap from the word its process left there.
 enum ResState : std::uint32_t {
   kResFree = 0,
   kResReserving = 1,   // holding the estimate, layer by layer
@@ -143,8 +147,8 @@ enum ResState : std::uint32_t {
 //   - growing a hold (reserve, charge): change the layer, then advance progress;
 //   - shrinking or settling (commit, release, rollback): advance progress, then change the layer.
 
-// Progress value of a slot just claimed, whose owner fields are not written yet: the reaper must
-// not trust owner_pid / owner_start (they may be the previous owner's) and returns nothing.
+// Progress value of a slot just claimed, whose fields are not written yet (they may be the previous
+// owner's): the reaper returns nothing for it.
 inline constexpr std::uint32_t kProgressClaiming = 0xf;
 
 // Layers in the order they are checked, which is also the order operations apply them.
@@ -152,7 +156,7 @@ enum Layer : std::uint32_t { kLayerRun = 0, kLayerTenant = 1, kLayerPlatform = 2
 
 struct alignas(64) ReservationSlot {
   std::atomic<std::uint64_t> word;
-  std::atomic<std::uint64_t> owner_start;     // /proc start time of the pid; 0: unknown
+  std::atomic<std::uint64_t> owner_start;     // /proc start time of owner_pid (for people; unused)
   std::atomic<std::int64_t> deadline_unix_ns; // in the agent's clock
   std::atomic<std::int64_t> held;             // nano-USD held on each layer
   std::atomic<std::int64_t> charge_target;    // the hold being grown to while kResCharging
@@ -163,7 +167,7 @@ struct alignas(64) ReservationSlot {
   std::atomic<std::int64_t> prompt_nano_per_mtok;   // price fixed at reserve time
   std::atomic<std::int64_t> completion_nano_per_mtok;
   std::atomic<std::int64_t> ttl_ns;
-  std::atomic<std::uint32_t> owner_pid;      // the reserving process (the word's pid is whoever acts now)
+  std::atomic<std::uint32_t> owner_pid;      // the reserving process's pid in its own namespace (for people)
   std::atomic<std::uint32_t> free_model;
   // project_id, run_id, model, agent_id: written by the owner while kResReserving, copied into
   // the ledger entry by the commit.
@@ -180,8 +184,9 @@ enum ReservationText : std::size_t { kResProject = 0, kResRun = 1, kResModel = 2
 // (seq = pos + capacity) only after the entry is durable in SQLite, so an entry in the ring
 // survives the crash of the application and of the agent alike.
 //
-// A writer stores its pid and start time right after claiming a slot. If it dies before
-// publishing, the agent sees it dead (or, with pid 0, the slot stuck for a minute) and abandons
+// A writer stores its client number (client_lock.h) in writer_pid right after claiming a slot
+// (writer_start is 0). If it dies before publishing, the agent sees its client lock gone (or, with
+// no number yet, the slot stuck for a while) and abandons
 // the slot with a compare-and-swap; publishing is a compare-and-swap too, so exactly one of the
 // two happens. A writer that finds its slot abandoned (it was stopped for that long) reports the
 // entry lost instead of acknowledging it.
@@ -239,6 +244,7 @@ struct alignas(64) Stats {
   std::atomic<std::uint64_t> stuck_keys_cleared;  // half-written keys of dead inserters
   std::atomic<std::uint64_t> ledger_full;         // commits and records refused: ring full
   std::atomic<std::uint64_t> ledger_abandoned;    // ring slots skipped: their writer died
+  std::atomic<std::uint64_t> holds_reconciled;    // layers whose holds the agent corrected
   // Calls refused, by code (E-BUDGET-001 .. -004), since the region was created. Only refusals
   // pay for this count: allowed checks count nothing, to stay a few loads.
   std::atomic<std::uint64_t> denied[4];
@@ -361,12 +367,12 @@ constexpr std::uint32_t keyPid(std::uint64_t w) noexcept { return static_cast<st
 
 inline constexpr std::uint32_t kGenMask = 0xff'ffffu;   // 24-bit generation
 
-constexpr std::uint64_t resWord(std::uint32_t pid, std::uint32_t gen, ResState state,
+constexpr std::uint64_t resWord(std::uint32_t client, std::uint32_t gen, ResState state,
                                 std::uint32_t progress) noexcept {
-  return (std::uint64_t{pid} << 32) | (std::uint64_t{gen & kGenMask} << 8) |
+  return (std::uint64_t{client} << 32) | (std::uint64_t{gen & kGenMask} << 8) |
          (std::uint64_t{state} << 4) | (progress & 0xfu);
 }
-constexpr std::uint32_t resPid(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w >> 32); }
+constexpr std::uint32_t resClient(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w >> 32); }
 constexpr std::uint32_t resGen(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w >> 8) & kGenMask; }
 constexpr ResState resState(std::uint64_t w) noexcept { return static_cast<ResState>((w >> 4) & 0xfu); }
 constexpr std::uint32_t resProgress(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w & 0xfu); }

@@ -1,11 +1,20 @@
 #include "region.h"
 
+#include "client_lock.h"
+#include "engine.h"
 #include "proc.h"
 
 #include <boost/interprocess/exceptions.hpp>
 #include <boost/interprocess/permissions.hpp>
 
+#include <fcntl.h>
 #include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <bit>
 #include <chrono>
@@ -73,6 +82,59 @@ std::string validateShmName(const std::string& name) {
 Region::Region(std::string name, bip::shared_memory_object shm, bip::mapped_region mapping)
     : name_(std::move(name)), shm_(std::move(shm)), mapping_(std::move(mapping)),
       header_(static_cast<shm::Header*>(mapping_.get_address())) {}
+
+std::uint32_t Region::selfPidForRegion() noexcept { return selfPid(); }
+
+int Region::lockFd() const noexcept { return shm_.get_mapping_handle().handle; }
+
+bool Region::othersAttached() const noexcept {
+  return clientlock::anyHeld(lockFd()) == clientlock::Held::kYes;
+}
+
+namespace {
+std::uint64_t claimSeed(std::uint32_t pid) noexcept {
+  return (std::uint64_t{pid} << 32) ^
+         static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+}
+}  // namespace
+
+Status Region::claimClient() {
+  const std::uint32_t pid = selfPid();
+  const std::uint32_t c = clientlock::claim(lockFd(), claimSeed(pid));
+  if (c == 0) {
+    return Status::error("cannot claim a client lock on region " + displayName(name_) + ": " +
+                         std::strerror(errno) + " (at most " + std::to_string(clientlock::kMaxClients - 1) +
+                         " processes may map it at once)");
+  }
+  client_.store(c, std::memory_order_relaxed);
+  client_pid_.store(pid, std::memory_order_release);
+  return {};
+}
+
+std::uint32_t Region::reclaim() const noexcept {
+  // A child after fork(): its descriptor still names the parent's open file description, so the
+  // parent's lock would live as long as either process. Open the object again, claim a number
+  // of its own, and put the new description in place of the inherited one.
+  const std::uint32_t pid = selfPid();
+  std::lock_guard lock(reclaim_mu_);
+  if (client_pid_.load(std::memory_order_acquire) == pid) return client_.load(std::memory_order_relaxed);
+  const int fd = lockFd();
+  const int fresh = ::shm_open(displayName(name_).c_str(), O_RDWR | O_CLOEXEC, 0);
+  struct stat a {}, b {};
+  if (fresh >= 0 && ::fstat(fd, &a) == 0 && ::fstat(fresh, &b) == 0 && a.st_ino == b.st_ino && a.st_dev == b.st_dev) {
+    const std::uint32_t c = clientlock::claim(fresh, claimSeed(pid));
+    const int flags = ::fcntl(fd, F_GETFD);
+    if (c != 0 && ::dup2(fresh, fd) == fd) {
+      if (flags >= 0) ::fcntl(fd, F_SETFD, flags);
+      client_.store(c, std::memory_order_relaxed);
+    }
+  }
+  // Failing that, the child keeps its parent's number: the shared lock lives while either does,
+  // so neither is ever taken for dead too early (only deadlines reclaim their holds).
+  if (fresh >= 0) ::close(fresh);
+  client_pid_.store(pid, std::memory_order_release);
+  return client_.load(std::memory_order_relaxed);
+}
 
 bool Region::matches(const RegionSpec& spec) const noexcept {
   return header_->tenant_capacity == spec.tenant_capacity && header_->run_capacity == spec.run_capacity &&
@@ -148,6 +210,10 @@ Status Region::create(const RegionSpec& spec, std::unique_ptr<Region>* out) {
     h->ledger_head.store(spec.ledger_base, std::memory_order_relaxed);
     // `ready` stays 0: the creator publishes the region once it has filled in limits and prices.
     out->reset(new Region(spec.shm_name, std::move(shm), std::move(mapping)));
+    if (Status c = (*out)->claimClient(); !c.ok()) {
+      out->reset();
+      return c;
+    }
     return {};
   } catch (const bip::interprocess_exception& e) {
     if (e.get_error_code() == bip::already_exists_error) {
@@ -184,7 +250,13 @@ Status Region::attach(const std::string& shm_name, std::unique_ptr<Region>* out,
     }
     // A creator that died before publishing leaves a blank or unpublished header; nothing was
     // ever acknowledged through such a region.
-    if (h->magic == 0 || (h->magic == shm::kMagic && h->ready.load(std::memory_order_acquire) != 1)) {
+    // A region whose `ready` word was cleared while processes still map it is not one whose
+    // creator died: they may have been told entries were booked through it. The owner adopts it
+    // (the rest of the header is checked below, and publishing sets `ready` again) rather than
+    // replace it under them.
+    const bool unready_in_use = own && h->magic == shm::kMagic &&
+                                clientlock::anyHeld(shm.get_mapping_handle().handle) == clientlock::Held::kYes;
+    if (h->magic == 0 || (h->magic == shm::kMagic && h->ready.load(std::memory_order_acquire) != 1 && !unready_in_use)) {
       *why = AttachFailure::kNotReady;
       return Status::error("region " + shown +
                            " is not ready: tokenfused is still starting, or died while creating it; "
@@ -218,6 +290,10 @@ Status Region::attach(const std::string& shm_name, std::unique_ptr<Region>* out,
                            "--recreate-region");
     }
     out->reset(new Region(shm_name, std::move(shm), std::move(mapping)));
+    if (Status c = (*out)->claimClient(); !c.ok()) {
+      out->reset();
+      return c;
+    }
     *why = AttachFailure::kNone;
     return {};
   } catch (const bip::interprocess_exception& e) {

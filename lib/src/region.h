@@ -10,8 +10,10 @@
 #include <boost/interprocess/mapped_region.hpp>
 #include <boost/interprocess/shared_memory_object.hpp>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 
 namespace tokenfuse {
@@ -64,7 +66,23 @@ class Region {
   // Whether this region was made with the same capacities as `spec`.
   bool matches(const RegionSpec& spec) const noexcept;
 
+  // This process's client number on the region (see client_lock.h): claimed at create/attach,
+  // and claimed afresh, once, by a child after fork() (which shares its parent's open file
+  // description, hence its parent's lock). No system call except that once after a fork.
+  std::uint32_t client() const noexcept {
+    if (client_pid_.load(std::memory_order_acquire) == selfPidForRegion()) return client_.load(std::memory_order_relaxed);
+    return reclaim();
+  }
+  // The descriptor whose open file description holds this process's client lock.
+  int lockFd() const noexcept;
+  // Whether another process holds a client lock on the object this region maps.
+  bool othersAttached() const noexcept;
+
  private:
+  static std::uint32_t selfPidForRegion() noexcept;
+  std::uint32_t reclaim() const noexcept;
+  Status claimClient();
+
   Region(std::string name, boost::interprocess::shared_memory_object shm,
          boost::interprocess::mapped_region mapping);
   template <typename T>
@@ -76,6 +94,9 @@ class Region {
   boost::interprocess::shared_memory_object shm_;
   boost::interprocess::mapped_region mapping_;
   shm::Header* header_;
+  mutable std::atomic<std::uint32_t> client_{0};
+  mutable std::atomic<std::uint32_t> client_pid_{0};   // the process that claimed client_
+  mutable std::mutex reclaim_mu_;
 };
 
 }  // namespace tokenfuse

@@ -20,6 +20,28 @@ std::uint32_t deadPid() {
   return static_cast<std::uint32_t>(pid);
 }
 
+// A client number whose process has exited: a child that attached to the region, said which
+// number it had claimed, and exited (the kernel dropped its lock).
+std::uint32_t deadClient(const std::string& shm_name) {
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    std::unique_ptr<Region> r;
+    std::uint32_t client = 0;
+    if (Region::attach(shm_name, &r).ok()) client = r->client();
+    (void)::write(fds[1], &client, sizeof client);
+    ::_exit(0);
+  }
+  std::uint32_t client = 0;
+  REQUIRE(::read(fds[0], &client, sizeof client) == sizeof client);
+  ::waitpid(pid, nullptr, 0);
+  ::close(fds[0]);
+  ::close(fds[1]);
+  REQUIRE(client != 0);
+  return client;
+}
+
 struct Held {
   NanoUsd run, tenant, platform;
 };
@@ -29,10 +51,7 @@ Held held(Client& c) { return {c.run("run-1").held, c.tenant("acme").held, c.pla
 // `progress` layers.
 void fake(TestRegion& t, Reservation r, shm::ResState state, std::uint32_t progress) {
   shm::ReservationSlot& s = t.region->reservations()[shm::reservationIndex(r.id)];
-  const std::uint32_t dead = deadPid();
-  s.owner_pid.store(dead);
-  s.owner_start.store(0);
-  s.word.store(shm::resWord(dead, shm::reservationGen(r.id), state, progress));
+  s.word.store(shm::resWord(deadClient(t.spec.shm_name), shm::reservationGen(r.id), state, progress));
 }
 
 }  // namespace
@@ -173,16 +192,27 @@ TEST_CASE("crash: a table key half-written by a dead process is cleared, and the
 }
 
 namespace {
-// A live child process that waits until told to exit; its pid is certainly alive meanwhile.
+// A live child process attached to the region that waits until told to exit; its client number
+// is certainly held meanwhile.
 struct LiveChild {
-  LiveChild() {
+  explicit LiveChild(const std::string& shm_name) {
     REQUIRE(::pipe(fds) == 0);
+    int back[2];
+    REQUIRE(::pipe(back) == 0);
     pid = ::fork();
     if (pid == 0) {
-      char c;
-      (void)::read(fds[0], &c, 1);
+      std::unique_ptr<Region> r;
+      std::uint32_t c = 0;
+      if (Region::attach(shm_name, &r).ok()) c = r->client();
+      (void)::write(back[1], &c, sizeof c);
+      char x;
+      (void)::read(fds[0], &x, 1);
       ::_exit(0);
     }
+    REQUIRE(::read(back[0], &client, sizeof client) == sizeof client);
+    ::close(back[0]);
+    ::close(back[1]);
+    REQUIRE(client != 0);
   }
   ~LiveChild() {
     (void)::write(fds[1], "x", 1);
@@ -192,6 +222,7 @@ struct LiveChild {
   }
   int fds[2];
   pid_t pid;
+  std::uint32_t client = 0;
 };
 }  // namespace
 
@@ -200,16 +231,14 @@ TEST_CASE("reaper: a slot a live process has just claimed is not judged by its p
   Reservation r;
   REQUIRE(t.client->reserve({"acme", "gpt-4o", {}, {}, 1000, 0, 0}, &r).allowed());
   REQUIRE(t.client->release(r).allowed());
-  // Another live process claims the slot: the word names it, owner_pid too, but owner_start is
-  // still this process's, as between the claim and the owner's first stores.
-  LiveChild child;
+  // Another live process claims the slot: the word names it, but the other fields are still the
+  // previous reservation's, as between the claim and the owner's first stores.
+  LiveChild child(t.spec.shm_name);
   shm::ReservationSlot& s = t.region->reservations()[shm::reservationIndex(r.id)];
-  s.owner_pid.store(static_cast<std::uint32_t>(child.pid));
   const std::uint32_t gen = shm::resGen(s.word.load());
-  s.word.store(shm::resWord(static_cast<std::uint32_t>(child.pid), gen, shm::kResReserving, shm::kProgressClaiming));
+  s.word.store(shm::resWord(child.client, gen, shm::kResReserving, shm::kProgressClaiming));
   CHECK_FALSE(t.admin->reap(test::nowNs()).any());
-  CHECK(s.word.load() ==
-        shm::resWord(static_cast<std::uint32_t>(child.pid), gen, shm::kResReserving, shm::kProgressClaiming));
+  CHECK(s.word.load() == shm::resWord(child.client, gen, shm::kResReserving, shm::kProgressClaiming));
   s.word.store(shm::resWord(0, gen, shm::kResFree, 0));
 }
 
@@ -230,18 +259,20 @@ TEST_CASE("reaper: a reservation charged by another process still belongs to its
   CHECK(t.client->commit(r, "openai", 10, 10).allowed());
 }
 
-TEST_CASE("reaper: a half-finished reservation of a process in another pid namespace is recovered after a while") {
+TEST_CASE("reaper: a half-finished reservation of a live client is never reaped, and one of a gone client at the "
+          "next sweep, whatever its pid namespace") {
   TestRegion t;
   Reservation r;
   REQUIRE(t.client->reserve({"acme", "gpt-4o", "run-1", {}, 1000, 0, 0}, &r).allowed());
   shm::ReservationSlot& s = t.region->reservations()[shm::reservationIndex(r.id)];
-  s.owner_pid.store(0);
-  s.owner_start.store(0);
-  s.word.store(shm::resWord(0, shm::reservationGen(r.id), shm::kResReserving, 3));   // all layers held
   const std::int64_t now = test::nowNs();
-  CHECK_FALSE(t.admin->reap(now).any());
-  CHECK_FALSE(t.admin->reap(now + 9'000'000'000).any());
-  CHECK(t.admin->reap(now + 10'000'000'000).dead_owner == 1);
+  {
+    LiveChild child(t.spec.shm_name);
+    s.word.store(shm::resWord(child.client, shm::reservationGen(r.id), shm::kResReserving, 3));   // all layers held
+    CHECK_FALSE(t.admin->reap(now).any());
+    CHECK_FALSE(t.admin->reap(now + 3600'000'000'000).any());   // an hour stopped: still its own
+  }
+  CHECK(t.admin->reap(now).dead_owner == 1);   // the child has exited: its lock is gone
   CHECK(t.client->tenant("acme").held == NanoUsd(0));
   CHECK(t.client->run("run-1").held == NanoUsd(0));
   CHECK(t.client->platform().held == NanoUsd(0));

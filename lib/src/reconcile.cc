@@ -1,0 +1,118 @@
+// The holds reconciliation (RegionAdmin::reconcileHolds): what each layer holds, checked against
+// what the live reservations hold on it.
+#include "admin.h"
+
+#include <algorithm>
+
+namespace tokenfuse {
+
+namespace {
+
+constexpr auto kRelaxed = std::memory_order_relaxed;
+constexpr auto kAcquire = std::memory_order_acquire;
+
+// What a reservation may hold on one layer: [lo, hi]. A range, because a step in flight has
+// changed the layer but not yet its progress (growing), or its progress but not yet the layer
+// (shrinking): see layout.h.
+struct Range {
+  std::int64_t lo = 0;
+  std::int64_t hi = 0;
+};
+
+Range between(std::int64_t a, std::int64_t b) { return {std::min(a, b), std::max(a, b)}; }
+
+Range heldOn(shm::ResState st, std::uint32_t p, std::uint32_t j, std::int64_t held, std::int64_t target) {
+  switch (st) {
+    case shm::kResReserving:   // grows layer j, then progress j + 1; a refusal undoes the other way
+      return j < p ? Range{held, held} : j == p ? between(0, held) : Range{};
+    case shm::kResActive: return {held, held};
+    case shm::kResCharging:    // grows from held to target the same way
+      return j < p ? Range{target, target} : j == p ? between(held, target) : Range{held, held};
+    case shm::kResSettling:    // progress j + 1, then layer j
+      return j + 1 < p ? Range{} : j + 1 == p ? between(0, held) : Range{held, held};
+    default: return {};        // expired: the reaper returned the hold
+  }
+}
+
+std::int64_t holdsOf(const shm::Counters& c) { return c.spend.used() - c.spend.committed(); }
+
+}  // namespace
+
+std::vector<HoldCorrection> RegionAdmin::reconcileHolds() {
+  shm::Header& h = region_.header();
+  const std::uint32_t tenants = h.tenant_capacity;
+  const std::uint32_t runs = h.run_capacity;
+  // Layer k: 0 the platform, 1 + i tenant slot i, 1 + tenants + i run slot i.
+  const std::size_t n = 1 + std::size_t{tenants} + runs;
+  auto counters = [&](std::size_t k) -> shm::Counters& {
+    if (k == 0) return h.platform;
+    return k <= tenants ? region_.tenants()[k - 1].c : region_.runs()[k - 1 - tenants].c;
+  };
+  auto ready = [&](std::size_t k) {
+    if (k == 0) return true;
+    const shm::KeyHeader& key = k <= tenants ? region_.tenants()[k - 1].k : region_.runs()[k - 1 - tenants].k;
+    return shm::keyState(key.word.load(kAcquire)) == shm::kKeyReady;
+  };
+  if (last_difference_.size() != n) last_difference_.assign(n, 0);
+
+  std::vector<std::int64_t> before(n);
+  for (std::size_t k = 0; k < n; ++k) before[k] = holdsOf(counters(k));
+  std::vector<Range> expected(n);
+  std::vector<bool> moved(n, false);
+  const shm::ReservationSlot* slots = region_.reservations();
+  for (std::uint32_t i = 0; i < h.reservation_capacity; ++i) {
+    const shm::ReservationSlot& s = slots[i];
+    const std::uint64_t w = s.word.load(kAcquire);
+    const shm::ResState st = shm::resState(w);
+    const std::uint32_t p = shm::resProgress(w);
+    if (st == shm::kResFree || (st == shm::kResReserving && p == shm::kProgressClaiming)) continue;
+    const std::int64_t held = s.held.load(kRelaxed);
+    const std::int64_t target = s.charge_target.load(kRelaxed);
+    const std::int32_t run = s.run.load(kRelaxed);
+    const std::int32_t tenant = s.tenant.load(kRelaxed);
+    const bool stable = s.word.load(kAcquire) == w;   // the fields above belong to that word
+    const std::size_t layer[shm::kLayerCount] = {
+        run >= 0 && static_cast<std::uint32_t>(run) < runs ? 1 + std::size_t{tenants} + static_cast<std::size_t>(run) : n,
+        tenant >= 0 && static_cast<std::uint32_t>(tenant) < tenants ? 1 + static_cast<std::size_t>(tenant) : n, 0};
+    for (std::uint32_t j = 0; j < shm::kLayerCount; ++j) {
+      const std::size_t k = layer[j];
+      if (k == n) continue;
+      if (!stable) {
+        moved[k] = true;
+        continue;
+      }
+      const Range r = heldOn(st, p, j, held, target);
+      expected[k].lo += r.lo;
+      expected[k].hi += r.hi;
+    }
+  }
+
+  std::vector<HoldCorrection> corrections;
+  for (std::size_t k = 0; k < n; ++k) {
+    const std::int64_t now = holdsOf(counters(k));
+    std::int64_t difference = 0;
+    if (now != before[k] || moved[k] || !ready(k)) {
+      last_difference_[k] = 0;   // something was in flight: judge it next time
+      continue;
+    }
+    if (now > expected[k].hi) difference = now - expected[k].hi;
+    if (now < expected[k].lo) difference = now - expected[k].lo;
+    if (difference == 0 || difference != last_difference_[k]) {
+      last_difference_[k] = difference;
+      continue;
+    }
+    last_difference_[k] = 0;
+    counters(k).spend.add(-difference, 0);
+    h.stats.holds_reconciled.fetch_add(1, kRelaxed);
+    HoldCorrection& c = corrections.emplace_back();
+    c.difference = difference;
+    if (k > 0) {
+      const shm::KeyHeader& key = k <= tenants ? region_.tenants()[k - 1].k : region_.runs()[k - 1 - tenants].k;
+      c.layer = k <= tenants ? "tenant" : "run";
+      c.id.assign(key.key, std::min<std::size_t>(key.key_len, shm::kKeyMax));
+    }
+  }
+  return corrections;
+}
+
+}  // namespace tokenfuse
