@@ -142,7 +142,7 @@ void Agent::openRegion(bool recreate) {
   }
   if (s.ok() && !region_->matches(spec)) {
     why = AttachFailure::kIncompatible;
-    const shm::Header& h = region_->header();
+    const Geometry& h = region_->geometry();
     s = Status::error("region /" + spec.shm_name + " has capacities tenants=" + std::to_string(h.tenant_capacity) +
                       " runs=" + std::to_string(h.run_capacity) + " models=" + std::to_string(h.model_capacity) +
                       " reservations=" + std::to_string(h.reservation_capacity) +
@@ -158,6 +158,7 @@ void Agent::openRegion(bool recreate) {
   switch (why) {
     case AttachFailure::kNotFound: break;
     case AttachFailure::kNotReady:
+    case AttachFailure::kDamaged:   // truncated: nothing in it can be read, SQLite has the rest
       log::warn("region_recreated", {{"shm_name", spec.shm_name}, {"reason", s.message()}});
       Region::remove(spec.shm_name);
       break;
@@ -171,7 +172,7 @@ void Agent::openRegion(bool recreate) {
   RegionSpec fresh = spec;
   fresh.ledger_base = ledger_->maxSeq();   // after anything drained from a replaced region
   if (Status c = Region::create(fresh, &region_); !c.ok()) throw AgentError(c.message());
-  log::info("region_created", {{"shm_name", spec.shm_name}, {"bytes", region_->header().region_bytes}});
+  log::info("region_created", {{"shm_name", spec.shm_name}, {"bytes", region_->geometry().region_bytes}});
 }
 
 void Agent::rebuildFromLedger(std::int32_t today) {
@@ -305,6 +306,20 @@ void Agent::applyConfig() {
 }
 
 void Agent::tick() {
+  if (regionDamaged()) return;
+  // Any group member can truncate, remove or replace the region's file. A truncated mapping
+  // reads zeros (Region's SIGBUS handler); the reaper must not act on those, and nothing that
+  // apps write there can reach SQLite. Stop using it: run() returns and the agent exits, so
+  // that the next start makes a new region and rebuilds its counters from SQLite.
+  if (const std::string damage = region_->damage(); !damage.empty()) {
+    log::error("region_damaged", {{"shm_name", config_.shm_name},
+                                  {"seen", damage},
+                                  {"action", "stopping; the next start replaces the region and rebuilds its "
+                                             "counters from the ledger"},
+                                  {"exit_code", kExitRegionDamaged}});
+    region_damaged_.store(true, std::memory_order_release);
+    return;
+  }
   const auto now = clock_();
   const std::int64_t ns = toUnixNs(now);
   RegionAdmin& a = *admin_;
@@ -315,6 +330,12 @@ void Agent::tick() {
   }
 
   const ReapStats r = a.reap(ns);
+  if (r.corrupt > 0) {
+    log::error("region_corrupt_reservation",
+               {{"slots", r.corrupt},
+                {"seen", "a reservation slot names a tenant or run index out of range: the region was written "
+                         "from outside; its holds went back to the layers that exist and the slot was freed"}});
+  }
   if (r.any()) {
     log::warn("reservations_reaped", {{"dead_owner", r.dead_owner},
                                       {"expired", r.expired},
@@ -349,7 +370,7 @@ void Agent::run(std::stop_token stop) {
   std::mutex mu;
   std::condition_variable_any cv;
   const auto period = std::chrono::milliseconds(config_.tick_ms);
-  while (!stop.stop_requested()) {
+  while (!stop.stop_requested() && !regionDamaged()) {
     tick();
     std::unique_lock lock(mu);
     cv.wait_for(lock, stop, period, [] { return false; });

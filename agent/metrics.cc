@@ -88,7 +88,7 @@ class RegionCollector final : public prometheus::Collectable {
                                    MetricType::Gauge)),
            static_cast<double>(head));
     sample(out.emplace_back(family("tokenfuse_ledger_capacity_entries", "Slots in the ledger ring", MetricType::Gauge)),
-           static_cast<double>(h.ledger_capacity));
+           static_cast<double>(admin_.region().geometry().ledger_capacity));
     sample(out.emplace_back(family("tokenfuse_ledger_full_total",
                                    "Commits and records refused because the ledger ring was full (back-pressure)",
                                    MetricType::Counter)),

@@ -50,6 +50,9 @@ enum class Code : std::int32_t {
   kLedgerLost = 106,              // the cost was booked, but this process stalled so long while
                                   // writing the ledger entry that the agent gave up on it: the
                                   // entry is not in the ledger. Do not retry (it would book twice)
+  kRegionCorrupt = 107,  // the region was damaged from outside (its file truncated, or words no
+                         // process of tokenfuse would write): nothing was decided or booked.
+                         // tokenfused replaces the region; attach again once it has
 };
 
 // "E-BUDGET-002", "E-TOKENFUSE-INVALID-ARGUMENT", ...: a stable string for logs and APIs.
