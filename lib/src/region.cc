@@ -82,7 +82,9 @@ struct sigaction g_previous_sigbus;   // written once, before the handler is ins
 
 void onSigbus(int sig, siginfo_t* info, void* context) {
   const auto addr = reinterpret_cast<std::uintptr_t>(info->si_addr);
+  // Only a real fault (si_code > 0) names an address; a SIGBUS sent with kill() does not.
   for (MappingEntry& m : g_mappings) {
+    if (info->si_code <= 0) break;
     const std::uintptr_t base = m.base.load(std::memory_order_acquire);
     const std::size_t len = m.len.load(std::memory_order_acquire);
     if (base == 0 || addr < base || addr - base >= len) continue;

@@ -376,3 +376,21 @@ TEST_CASE("hostile region: truncating the region file kills neither tokenfused n
     CHECK(agent->wait() == 0);
   }
 }
+
+TEST_CASE("hostile region: removing the region file makes tokenfused write what apps had booked, stop with region_damaged, and restart on a new region") {
+  AgentFixture f("removed");
+  auto agent = f.start();
+  auto client = f.waitForRegion(agent->pid());
+  // Booked just before the name goes: still in the ring, which the stopping agent writes.
+  for (int i = 0; i < 20; ++i) REQUIRE(client->record({"acme", "gpt-4o", "openai", "run-1", {}, 1000, 1000}).allowed());
+  REQUIRE(::unlink(shmPath(f.shm).c_str()) == 0);
+  CHECK_MESSAGE(agent->wait() == 3, "its log:\n" << f.log());
+  CHECK(f.log().find(R"("event":"region_damaged")") != std::string::npos);
+  CHECK(f.log().find("was removed") != std::string::npos);
+  client.reset();
+  agent = f.start();
+  auto c = f.waitForRegion(agent->pid());
+  CHECK(c->tenant("acme").committed == NanoUsd(20 * 20'000'000));
+  agent->signal(SIGTERM);
+  CHECK(agent->wait() == 0);
+}
