@@ -143,7 +143,7 @@ void Agent::openRegion(bool recreate) {
   }
   if (s.ok() && !region_->matches(spec)) {
     why = AttachFailure::kIncompatible;
-    const shm::Header& h = region_->header();
+    const Geometry& h = region_->geometry();
     s = Status::error("region /" + spec.shm_name + " has capacities tenants=" + std::to_string(h.tenant_capacity) +
                       " runs=" + std::to_string(h.run_capacity) + " models=" + std::to_string(h.model_capacity) +
                       " reservations=" + std::to_string(h.reservation_capacity) +
@@ -159,6 +159,7 @@ void Agent::openRegion(bool recreate) {
   switch (why) {
     case AttachFailure::kNotFound: break;
     case AttachFailure::kNotReady:
+    case AttachFailure::kDamaged:   // truncated: nothing in it can be read, SQLite has the rest
       log::warn("region_recreated", {{"shm_name", spec.shm_name}, {"reason", s.message()}});
       Region::remove(spec.shm_name);
       break;
@@ -172,7 +173,7 @@ void Agent::openRegion(bool recreate) {
   RegionSpec fresh = spec;
   fresh.ledger_base = ledger_->maxSeq();   // after anything drained from a replaced region
   if (Status c = Region::create(fresh, &region_); !c.ok()) throw AgentError(c.message());
-  log::info("region_created", {{"shm_name", spec.shm_name}, {"bytes", region_->header().region_bytes}});
+  log::info("region_created", {{"shm_name", spec.shm_name}, {"bytes", region_->geometry().region_bytes}});
 }
 
 void Agent::rebuildFromLedger(std::int32_t today) {
@@ -200,8 +201,8 @@ void Agent::rebuildFromLedger(std::int32_t today) {
     return restored;
   };
   const std::size_t tenants =
-      restore_all(LimitTable::kTenant, ledger_->tenantTotals(today), region_->header().tenant_capacity);
-  const std::size_t runs = restore_all(LimitTable::kRun, ledger_->runTotals(), region_->header().run_capacity);
+      restore_all(LimitTable::kTenant, ledger_->tenantTotals(today), region_->geometry().tenant_capacity);
+  const std::size_t runs = restore_all(LimitTable::kRun, ledger_->runTotals(), region_->geometry().run_capacity);
   const LedgerTotal p = ledger_->platformTotal(today);
   (void)a.restore(LimitTable::kTenant, {}, NanoUsd(p.cost_nano_usd), p.prompt_tokens, p.completion_tokens, p.calls);
   log::info("counters_rebuilt", {{"day", DayClock::format(today)},
@@ -256,8 +257,8 @@ void Agent::applyConfig() {
   std::set<std::pair<LimitTable, std::string>> explicit_ids;
   // A key with a limit that finds no table room does not stop start-up: it is logged, exported,
   // and the library refuses every key of that table without an entry (it may be this one).
-  LeftOut left_out[2] = {{LimitTable::kTenant, region_->header().tenant_capacity},
-                         {LimitTable::kRun, region_->header().run_capacity}};
+  LeftOut left_out[2] = {{LimitTable::kTenant, region_->geometry().tenant_capacity},
+                         {LimitTable::kRun, region_->geometry().run_capacity}};
   auto left = [&](LimitTable t) -> LeftOut& { return left_out[t == LimitTable::kTenant ? 0 : 1]; };
   for (auto [table, limits] : {std::pair{LimitTable::kTenant, &config_.tenant_limits},
                                std::pair{LimitTable::kRun, &config_.run_limits}}) {
@@ -329,6 +330,20 @@ void Agent::applyConfig() {
 }
 
 void Agent::tick() {
+  if (regionDamaged()) return;
+  // Any group member can truncate, remove or replace the region's file. A truncated mapping
+  // reads zeros (Region's SIGBUS handler); the reaper must not act on those, and nothing that
+  // apps write there can reach SQLite. Stop using it: run() returns and the agent exits, so
+  // that the next start makes a new region and rebuilds its counters from SQLite.
+  if (const std::string damage = region_->damage(); !damage.empty()) {
+    log::error("region_damaged", {{"shm_name", config_.shm_name},
+                                  {"seen", damage},
+                                  {"action", "stopping; the next start replaces the region and rebuilds its "
+                                             "counters from the ledger"},
+                                  {"exit_code", kExitRegionDamaged}});
+    region_damaged_.store(true, std::memory_order_release);
+    return;
+  }
   const auto now = clock_();
   const std::int64_t ns = toUnixNs(now);
   RegionAdmin& a = *admin_;
@@ -341,6 +356,12 @@ void Agent::tick() {
   untracked_.tick(a.header(), ns);
 
   const ReapStats r = a.reap(ns);
+  if (r.corrupt > 0) {
+    log::error("region_corrupt_reservation",
+               {{"slots", r.corrupt},
+                {"seen", "a reservation slot names a tenant or run index out of range: the region was written "
+                         "from outside; its holds went back to the layers that exist and the slot was freed"}});
+  }
   if (r.any()) {
     log::warn("reservations_reaped", {{"dead_owner", r.dead_owner},
                                       {"expired", r.expired},
@@ -380,7 +401,7 @@ void Agent::run(std::stop_token stop) {
   std::mutex mu;
   std::condition_variable_any cv;
   const auto period = std::chrono::milliseconds(config_.tick_ms);
-  while (!stop.stop_requested()) {
+  while (!stop.stop_requested() && !regionDamaged()) {
     tick();
     std::unique_lock lock(mu);
     cv.wait_for(lock, stop, period, [] { return false; });

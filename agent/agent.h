@@ -57,6 +57,12 @@ class Agent {
   void run(std::stop_token stop);
 
 
+  // Set by tick() once the region's file was truncated, removed or replaced under this agent: it
+  // stops using the region and run() returns; tokenfused then exits with kExitRegionDamaged so
+  // that systemd restarts it, and the next start makes a new region from the SQLite ledger.
+  bool regionDamaged() const noexcept { return region_damaged_.load(std::memory_order_acquire); }
+  static constexpr int kExitRegionDamaged = 3;
+
   RegionAdmin& admin() noexcept { return *admin_; }
   bool adoptedRegion() const noexcept { return adopted_; }
   const Config& config() const noexcept { return config_; }
@@ -110,6 +116,7 @@ class Agent {
   UntrackedWatch untracked_;
   bool adopted_ = false;
   bool warned_clock_behind_ = false;
+  std::atomic<bool> region_damaged_{false};
 };
 
 std::int64_t toUnixNs(std::chrono::system_clock::time_point t) noexcept;

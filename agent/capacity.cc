@@ -82,9 +82,9 @@ void checkRegionFits(const Config& c) {
 
 std::uint32_t tableEntries(RegionAdmin& admin, LimitTable table) {
   const Region& r = admin.region();
-  const shm::Header& h = r.header();
+  const Geometry& g = r.geometry();
   const shm::BudgetSlot* slots = table == LimitTable::kTenant ? r.tenants() : r.runs();
-  const std::uint32_t capacity = table == LimitTable::kTenant ? h.tenant_capacity : h.run_capacity;
+  const std::uint32_t capacity = table == LimitTable::kTenant ? g.tenant_capacity : g.run_capacity;
   std::uint32_t n = 0;
   for (std::uint32_t i = 0; i < capacity; ++i) {
     if (shm::keyState(slots[i].k.word.load(kRelaxed)) == shm::kKeyReady) ++n;
@@ -95,7 +95,7 @@ std::uint32_t tableEntries(RegionAdmin& admin, LimitTable table) {
 std::uint32_t modelEntries(RegionAdmin& admin) {
   const Region& r = admin.region();
   std::uint32_t n = 0;
-  for (std::uint32_t i = 0; i < r.header().model_capacity; ++i) {
+  for (std::uint32_t i = 0; i < r.geometry().model_capacity; ++i) {
     if (shm::keyState(r.models()[i].k.word.load(kRelaxed)) == shm::kKeyReady) ++n;
   }
   return n;
@@ -104,7 +104,7 @@ std::uint32_t modelEntries(RegionAdmin& admin) {
 std::uint32_t reservationEntries(RegionAdmin& admin) {
   const Region& r = admin.region();
   std::uint32_t n = 0;
-  for (std::uint32_t i = 0; i < r.header().reservation_capacity; ++i) {
+  for (std::uint32_t i = 0; i < r.geometry().reservation_capacity; ++i) {
     if (shm::resState(r.reservations()[i].word.load(kRelaxed)) != shm::kResFree) ++n;
   }
   return n;

@@ -11,7 +11,7 @@
 namespace tokenfuse {
 
 LedgerWriter::LedgerWriter(RegionAdmin& admin, Ledger& ledger, std::string host_id, Options options)
-    : admin_(admin), region_(admin.region()), ledger_(ledger), ring_(region_.header(), region_.ledger()),
+    : admin_(admin), region_(admin.region()), ledger_(ledger), ring_(region_.header(), region_.ledger(), region_.geometry().ledger_capacity),
       host_id_(std::move(host_id)), options_(options) {
   batch_.reserve(std::min<std::size_t>(options_.max_batch, 4096));
   // A previous agent may have died after advancing ledger_head but before handing every slot

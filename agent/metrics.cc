@@ -89,7 +89,7 @@ class RegionCollector final : public prometheus::Collectable {
                                    MetricType::Gauge)),
            static_cast<double>(head));
     sample(out.emplace_back(family("tokenfuse_ledger_capacity_entries", "Slots in the ledger ring", MetricType::Gauge)),
-           static_cast<double>(h.ledger_capacity));
+           static_cast<double>(admin_.region().geometry().ledger_capacity));
     sample(out.emplace_back(family("tokenfuse_ledger_full_total",
                                    "Commits and records refused because the ledger ring was full (back-pressure)",
                                    MetricType::Counter)),
@@ -158,10 +158,10 @@ class RegionCollector final : public prometheus::Collectable {
                                   MetricType::Gauge);
     MetricFamily capacity = family("tokenfuse_table_capacity", "Slots in a region table", MetricType::Gauge);
     const std::pair<const char*, std::pair<std::uint32_t, std::uint32_t>> tables[] = {
-        {"tenant", {tableEntries(admin_, LimitTable::kTenant), h.tenant_capacity}},
-        {"run", {tableEntries(admin_, LimitTable::kRun), h.run_capacity}},
-        {"model", {modelEntries(admin_), h.model_capacity}},
-        {"reservation", {reservationEntries(admin_), h.reservation_capacity}},
+        {"tenant", {tableEntries(admin_, LimitTable::kTenant), admin_.region().geometry().tenant_capacity}},
+        {"run", {tableEntries(admin_, LimitTable::kRun), admin_.region().geometry().run_capacity}},
+        {"model", {modelEntries(admin_), admin_.region().geometry().model_capacity}},
+        {"reservation", {reservationEntries(admin_), admin_.region().geometry().reservation_capacity}},
     };
     for (const auto& [name, fill] : tables) {
       sample(entries, fill.first, {{"table", name}});

@@ -87,9 +87,17 @@ int main(int argc, char** argv) {
     // no-op when not started by systemd.
     sd_notifyf(0, "READY=1\nSTATUS=region %s ready%s", config.shm_name.c_str(),
                http ? (", HTTP API on port " + std::to_string(http->port())).c_str() : "");
+    bool damaged = false;
     for (;;) {
-      int sig = 0;
-      sigwait(&signals, &sig);
+      // Woken every 100 ms to see whether the agent stopped on a damaged region.
+      const timespec wake{0, 100'000'000};
+      const int sig = sigtimedwait(&signals, nullptr, &wake);
+      if (sig < 0) {
+        if (!agent.regionDamaged()) continue;
+        damaged = true;
+        sd_notify(0, "STOPPING=1\nSTATUS=the region was damaged; stopping so that a restart replaces it");
+        break;
+      }
       if (sig == SIGHUP) {
         log::info("signal_ignored", {{"signal", "SIGHUP"}, {"why", "config reload is not supported yet: restart"}});
         continue;
@@ -104,6 +112,12 @@ int main(int argc, char** argv) {
     loop.request_stop();
     loop.join();
     // The region stays: clients keep checking against it, and the next agent adopts it.
+    if (damaged) {
+      log::error("agent_stopped", {{"shm_name", config.shm_name},
+                                   {"reason", "region_damaged"},
+                                   {"exit_code", Agent::kExitRegionDamaged}});
+      return Agent::kExitRegionDamaged;
+    }
     log::info("agent_stopped", {{"shm_name", config.shm_name}});
     return 0;
   } catch (const std::exception& e) {

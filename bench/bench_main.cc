@@ -60,7 +60,7 @@ struct BenchRegion {
   // so that benchmarks which commit measure the application's side only.
   void startDiscarding() {
     discarding_ = std::thread([this] {
-      LedgerRing ring(region->header(), region->ledger());
+      LedgerRing ring(region->header(), region->ledger(), region->geometry().ledger_capacity);
       std::uint64_t pos = region->header().ledger_head.load();
       while (!stop_.load(std::memory_order_relaxed)) {
         bool any = false;
@@ -187,7 +187,7 @@ BENCHMARK(BM_ReserveCommitByName);
 
 // One ledger entry from an application into the ring: claim a slot, fill it, publish it.
 void BM_LedgerAppend(benchmark::State& state) {
-  LedgerRing ring(g->region->header(), g->region->ledger());
+  LedgerRing ring(g->region->header(), g->region->ledger(), g->region->geometry().ledger_capacity);
   const std::uint32_t pid = static_cast<std::uint32_t>(::getpid());
   for (auto _ : state) {
     std::uint64_t pos = 0;

@@ -63,9 +63,9 @@ void addCounts(shm::Counters& c, std::int64_t prompt, std::int64_t completion) n
 RegionAdmin::RegionAdmin(Region& region) : region_(region), engine_(region, /*agent=*/true) {}
 
 KeyedTable<shm::BudgetSlot> RegionAdmin::table(LimitTable t) const noexcept {
-  const shm::Header& h = region_.header();
-  return t == LimitTable::kTenant ? KeyedTable<shm::BudgetSlot>(region_.tenants(), h.tenant_capacity)
-                                  : KeyedTable<shm::BudgetSlot>(region_.runs(), h.run_capacity);
+  const Geometry& g = region_.geometry();   // copied at attach: the header's words may lie
+  return t == LimitTable::kTenant ? KeyedTable<shm::BudgetSlot>(region_.tenants(), g.tenant_capacity)
+                                  : KeyedTable<shm::BudgetSlot>(region_.runs(), g.run_capacity);
 }
 
 const std::atomic<std::int64_t>& RegionAdmin::defaultLimit(LimitTable t) const noexcept {
@@ -132,7 +132,7 @@ void RegionAdmin::forEachEntry(LimitTable t, const std::function<void(std::strin
   const KeyedTable<shm::BudgetSlot> tab = table(t);
   for (std::uint32_t i = 0; i < tab.capacity(); ++i) {
     const shm::BudgetSlot& s = tab.at(static_cast<std::int32_t>(i));
-    if (shm::keyState(s.k.word.load(kAcquire)) == shm::kKeyReady) fn(std::string_view(s.k.key, s.k.key_len));
+    if (shm::keyState(s.k.word.load(kAcquire)) == shm::kKeyReady) fn(keyOf(s.k));
   }
 }
 
@@ -175,7 +175,7 @@ void RegionAdmin::forEachExplicit(LimitTable t,
     const shm::BudgetSlot& s = tab.at(static_cast<std::int32_t>(i));
     if (shm::keyState(s.k.word.load(kAcquire)) != shm::kKeyReady || s.c.limit_explicit.load(kRelaxed) == 0) continue;
     const std::int64_t limit = s.c.limit.load(kRelaxed);
-    fn(std::string_view(s.k.key, s.k.key_len), limit == shm::kUnlimited ? std::nullopt : std::optional(NanoUsd(limit)));
+    fn(keyOf(s.k), limit == shm::kUnlimited ? std::nullopt : std::optional(NanoUsd(limit)));
   }
 }
 
@@ -184,7 +184,7 @@ Status RegionAdmin::setPrice(std::string_view model, Price price) {
     return Status::error("model name must be 1 to " + std::to_string(shm::kKeyMax) + " bytes");
   }
   if (auto p = priceProblem(price); !p.empty()) return Status::error(std::string(model) + ": " + p);
-  const KeyedTable<shm::ModelSlot> models(region_.models(), region_.header().model_capacity);
+  const KeyedTable<shm::ModelSlot> models(region_.models(), region_.geometry().model_capacity);
   const Found f = models.findOrInsert(model, engine_.regionPid(), [&](shm::ModelSlot& m) noexcept {
     m.prompt_nano_per_mtok.store(price.prompt_nano_per_mtok, kRelaxed);
     m.completion_nano_per_mtok.store(price.completion_nano_per_mtok, kRelaxed);
@@ -199,8 +199,8 @@ Status RegionAdmin::setPrice(std::string_view model, Price price) {
 std::vector<std::string> RegionAdmin::models() const {
   std::vector<std::string> out;
   const shm::ModelSlot* slots = region_.models();
-  for (std::uint32_t i = 0; i < region_.header().model_capacity; ++i) {
-    if (shm::keyState(slots[i].k.word.load(kAcquire)) == shm::kKeyReady) out.emplace_back(slots[i].k.key, slots[i].k.key_len);
+  for (std::uint32_t i = 0; i < region_.geometry().model_capacity; ++i) {
+    if (shm::keyState(slots[i].k.word.load(kAcquire)) == shm::kKeyReady) out.emplace_back(keyOf(slots[i].k));
   }
   return out;
 }
@@ -286,8 +286,9 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
     return it->second;
   };
 
+  const Geometry& g = region_.geometry();
   shm::ReservationSlot* slots = region_.reservations();
-  for (std::uint32_t i = 0; i < h.reservation_capacity; ++i) {
+  for (std::uint32_t i = 0; i < g.reservation_capacity; ++i) {
     shm::ReservationSlot& s = slots[i];
     const std::uint64_t w = s.word.load(kAcquire);
     const shm::ResState st = shm::resState(w);
@@ -322,10 +323,10 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
         default: break;
       }
     }
-    const std::int32_t run = s.run.load(kRelaxed);
-    const std::int32_t tenant = s.tenant.load(kRelaxed);
-    shm::Counters* layers[shm::kLayerCount] = {run >= 0 ? &region_.runs()[run].c : nullptr,
-                                               tenant >= 0 ? &region_.tenants()[tenant].c : nullptr, &h.platform};
+    // The slot's indices go through the one checked helper: out of range is no layer.
+    const ResLayers checked = region_.layers(s.run.load(kRelaxed), s.tenant.load(kRelaxed));
+    shm::Counters* const* layers = checked.at;
+    if (checked.bad) ++stats.corrupt;
     for (std::uint32_t j = 0; j < shm::kLayerCount; ++j) {
       if (layers[j] != nullptr && give_back[j] != 0) layers[j]->spend.add(-give_back[j], 0);
     }
@@ -361,9 +362,9 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
       }
     }
   };
-  clear_stuck(region_.tenants(), h.tenant_capacity, 1);
-  clear_stuck(region_.runs(), h.run_capacity, 2);
-  clear_stuck(region_.models(), h.model_capacity, 3);
+  clear_stuck(region_.tenants(), g.tenant_capacity, 1);
+  clear_stuck(region_.runs(), g.run_capacity, 2);
+  clear_stuck(region_.models(), g.model_capacity, 3);
   // Forget words that moved on.
   for (auto it = stuck_.begin(); it != stuck_.end();) {
     it = now_unix_ns - it->second.second > 2 * kAbandonAfterNs ? stuck_.erase(it) : std::next(it);

@@ -28,7 +28,10 @@ struct ReapStats {
   std::uint32_t expired = 0;        // holds returned because the deadline passed
   std::uint32_t freed_expired = 0;  // expired slots finally recycled
   std::uint32_t stuck_keys = 0;     // half-written table keys of dead processes cleared
-  bool any() const noexcept { return dead_owner + expired + freed_expired + stuck_keys > 0; }
+  // Reservations whose slot named a tenant or run index out of range (the region was written
+  // from outside): their holds went back to the layers that exist, and the slot was freed.
+  std::uint32_t corrupt = 0;
+  bool any() const noexcept { return dead_owner + expired + freed_expired + stuck_keys + corrupt > 0; }
 };
 
 enum class LimitTable { kTenant, kRun };

@@ -23,6 +23,7 @@ const char* errorCode(Code code) noexcept {
     case Code::kRegionBusy: return "E-TOKENFUSE-BUSY";
     case Code::kLedgerFull: return "E-TOKENFUSE-LEDGER-FULL";
     case Code::kLedgerLost: return "E-TOKENFUSE-LEDGER-LOST";
+    case Code::kRegionCorrupt: return "E-TOKENFUSE-REGION-CORRUPT";
     case Code::kStaleOwner: return "E-TOKENFUSE-STALE";
   }
   return "E-TOKENFUSE-UNKNOWN";
@@ -63,6 +64,9 @@ std::string describe(const Decision& d, std::string_view project_id) {
     case Code::kLedgerLost:
       return "the cost was booked, but this process was stopped so long while writing its ledger entry that "
              "tokenfused gave up on it; do not retry";
+    case Code::kRegionCorrupt:
+      return "the shared-memory region was damaged from outside (truncated or overwritten): nothing was decided "
+             "or booked; tokenfused replaces it on restart, then attach again";
     case Code::kStaleOwner:
       return "this process was stopped mid-operation long enough that its reservation was taken from it; "
              "the reservation is gone: reserve again";
@@ -147,21 +151,22 @@ BudgetView Client::platform() const { return engine_->platform(); }
 
 RegionInfo Client::info() const {
   const shm::Header& h = region_->header();
+  const Geometry& g = region_->geometry();   // as checked at attach, not as the header says now
   RegionInfo i;
   i.shm_name = shm_name_;
-  i.layout_version = h.layout_version;
-  i.region_bytes = h.region_bytes;
-  i.tenant_capacity = h.tenant_capacity;
-  i.run_capacity = h.run_capacity;
-  i.model_capacity = h.model_capacity;
-  i.reservation_capacity = h.reservation_capacity;
+  i.layout_version = shm::kLayoutVersion;
+  i.region_bytes = g.region_bytes;
+  i.tenant_capacity = g.tenant_capacity;
+  i.run_capacity = g.run_capacity;
+  i.model_capacity = g.model_capacity;
+  i.reservation_capacity = g.reservation_capacity;
   i.agent_pid = h.agent_pid.load(std::memory_order_relaxed);
   i.agent_clock_unix_ns = h.clock_unix_ns.load(std::memory_order_relaxed);
   i.day = h.day.load(std::memory_order_relaxed);
   i.live_reservations = engine_->liveReservations();
   i.ledger_appended = h.ledger_tail.load(std::memory_order_relaxed);
   i.ledger_durable = h.ledger_head.load(std::memory_order_relaxed);
-  i.ledger_capacity = h.ledger_capacity;
+  i.ledger_capacity = g.ledger_capacity;
   i.ledger_full = h.stats.ledger_full.load(std::memory_order_relaxed);
   i.ledger_abandoned = h.stats.ledger_abandoned.load(std::memory_order_relaxed);
   return i;

@@ -118,15 +118,17 @@ std::uint32_t selfPid() noexcept {
   return g_pid.load(kRelaxed);
 }
 
+// Every table is built from the geometry the Region checked and copied, never from the header.
 Engine::Engine(const Region& region, bool agent) noexcept
     : region_(region),
+      lost_(region.lostFlag()),
       h_(region.header()),
-      tenants_(region.tenants(), region.header().tenant_capacity),
-      runs_(region.runs(), region.header().run_capacity),
-      models_(region.models(), region.header().model_capacity),
-      ring_(region.header(), region.ledger()),
+      tenants_(region.tenants(), region.geometry().tenant_capacity),
+      runs_(region.runs(), region.geometry().run_capacity),
+      models_(region.models(), region.geometry().model_capacity),
+      ring_(region.header(), region.ledger(), region.geometry().ledger_capacity),
       res_(region.reservations()),
-      res_mask_(region.header().reservation_capacity - 1),
+      res_mask_(region.geometry().reservation_capacity - 1),
       same_pidns_(h_.agent_pidns.load(kRelaxed) == proc::pidNamespace()),
       agent_(agent) {
   initSelfOnce();
@@ -142,7 +144,7 @@ bool Engine::killed() const noexcept {
 
 Price Engine::price(const CallSite& site) const noexcept {
   if (site.free_model) return {};
-  if (site.model >= 0) {
+  if (site.model >= 0 && static_cast<std::uint32_t>(site.model) < models_.capacity()) {
     const shm::ModelSlot& m = models_.at(site.model);
     return {m.prompt_nano_per_mtok.load(kRelaxed), m.completion_nano_per_mtok.load(kRelaxed)};
   }
@@ -150,12 +152,15 @@ Price Engine::price(const CallSite& site) const noexcept {
           h_.defaults.fallback_completion_nano_per_mtok.load(kRelaxed)};
 }
 
+// Through the one checked helper the reaper uses too: an index out of range is no layer.
 Engine::Layers Engine::layersOf(std::int32_t run, std::int32_t tenant) const noexcept {
-  return {{run >= 0 ? &runs_.at(run).c : nullptr, tenant >= 0 ? &tenants_.at(tenant).c : nullptr, &h_.platform}};
+  const ResLayers l = region_.layers(run, tenant);
+  return {{l.at[shm::kLayerRun], l.at[shm::kLayerTenant], l.at[shm::kLayerPlatform]}};
 }
 
 Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept {
   *site = CallSite{};
+  if (lost()) return fail(Code::kRegionCorrupt);
   if (call.project_id.empty() || call.project_id.size() > shm::kKeyMax || call.model.empty() ||
       call.model.size() > shm::kKeyMax || call.run_id.size() > shm::kKeyMax ||
       call.agent_id.size() > shm::kKeyMax) {
@@ -186,7 +191,8 @@ Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept
 }
 
 Decision Engine::check(const CallSite& site, std::int64_t prompt, std::int64_t completion) const noexcept {
-  if (!validTokens(prompt) || !validTokens(completion)) return fail(Code::kInvalidArgument);
+  if (lost()) return fail(Code::kRegionCorrupt);
+  if (!validTokens(prompt) || !validTokens(completion) || !siteInRange(site)) return fail(Code::kInvalidArgument);
   if (killed()) return fail(denied(Code::kEmergencyKill));
   const Price p = price(site);
   if (p.isFree()) return {};
@@ -241,7 +247,9 @@ int Engine::claimSlot(std::uint32_t client, std::uint64_t* word) noexcept {
 Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t completion, std::int64_t ttl_ms,
                          Reservation* out) noexcept {
   *out = {};
-  if (!validTokens(prompt) || !validTokens(completion) || ttl_ms < 0 || ttl_ms > 7 * 86'400'000LL) {
+  if (lost()) return fail(Code::kRegionCorrupt);
+  if (!validTokens(prompt) || !validTokens(completion) || ttl_ms < 0 || ttl_ms > 7 * 86'400'000LL ||
+      !siteInRange(site)) {
     return fail(Code::kInvalidArgument);
   }
   if (killed()) return fail(denied(Code::kEmergencyKill));
@@ -358,6 +366,7 @@ shm::LedgerSlot* Engine::claimEntry(std::uint64_t* pos) noexcept {
 
 Decision Engine::commit(Reservation r, std::string_view provider, std::int64_t prompt,
                         std::int64_t completion) noexcept {
+  if (lost()) return fail(Code::kRegionCorrupt);
   if (!validTokens(prompt) || !validTokens(completion) || provider.size() > shm::kKeyMax) {
     return fail(Code::kInvalidArgument);
   }
@@ -378,7 +387,10 @@ Decision Engine::commit(Reservation r, std::string_view provider, std::int64_t p
   return d;
 }
 
-Decision Engine::release(Reservation r) noexcept { return settle(r, false, 0, 0, nullptr, {}); }
+Decision Engine::release(Reservation r) noexcept {
+  if (lost()) return fail(Code::kRegionCorrupt);
+  return settle(r, false, 0, 0, nullptr, {});
+}
 
 Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std::int64_t completion,
                         shm::LedgerSlot* entry, std::string_view provider) noexcept {
@@ -431,6 +443,7 @@ Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std:
 }
 
 Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t more_completion) noexcept {
+  if (lost()) return fail(Code::kRegionCorrupt);
   if (!validTokens(more_prompt) || !validTokens(more_completion)) return fail(Code::kInvalidArgument);
   if (killed()) return fail(denied(Code::kEmergencyKill));
   std::uint64_t w = 0;
@@ -489,6 +502,7 @@ Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t mo
 }
 
 Decision Engine::record(const Usage& u) noexcept {
+  if (lost()) return fail(Code::kRegionCorrupt);
   if (!validTokens(u.prompt_tokens) || !validTokens(u.completion_tokens) || u.provider.size() > shm::kKeyMax) {
     return fail(Code::kInvalidArgument);
   }
@@ -572,7 +586,17 @@ BudgetView Engine::platform() const { return view(&h_.platform, shm::kUnlimited)
 KillSwitchState Engine::killSwitch() const {
   KillSwitchState k;
   const shm::KillSwitch& ks = h_.kill;
-  for (;;) {
+  // Bounded: the agent writes the reason in microseconds, so a sequence that stays odd (or keeps
+  // changing) this long was left so by a dead agent or written by someone else. `active`, read
+  // on its own, still decides.
+  constexpr int kMaxTries = 1 << 16;
+  for (int tries = 0;; ++tries) {
+    if (tries == kMaxTries) {
+      k.reason = "(kill switch reason unreadable: region corrupt)";
+      k.since_unix_ns = ks.since_unix_ns.load(kRelaxed);
+      k.expires_unix_ns = ks.expires_unix_ns.load(kRelaxed);
+      break;
+    }
     const std::uint32_t seq = ks.seq.load(kAcquire);
     if (seq & 1u) {
       cpuRelax();

@@ -69,7 +69,18 @@ class Engine {
   shm::ResState acquire(Reservation r, std::uint32_t accepted_mask, shm::ResState into, std::uint64_t* word,
                         std::uint32_t* owner) noexcept;
 
+  // Whether the region's file was truncated under this mapping (Region::lost): one load of
+  // this process's memory, so the hot path pays about nothing for it.
+  bool lost() const noexcept { return lost_.load(std::memory_order_relaxed) != 0; }
+  // A CallSite comes from the caller's memory: its indices are checked before they are used.
+  bool siteInRange(const CallSite& site) const noexcept {
+    return site.tenant >= CallSite::kUntracked && site.tenant < static_cast<std::int64_t>(tenants_.capacity()) &&
+           site.run >= CallSite::kUntracked && site.run < static_cast<std::int64_t>(runs_.capacity()) &&
+           site.model >= CallSite::kNone && site.model < static_cast<std::int64_t>(models_.capacity());
+  }
+
   const Region& region_;
+  const std::atomic<std::uint32_t>& lost_;
   shm::Header& h_;
   KeyedTable<shm::BudgetSlot> tenants_;
   KeyedTable<shm::BudgetSlot> runs_;

@@ -119,7 +119,9 @@ struct PackedStrings {
     std::size_t off = 0;
     for (std::size_t j = 0; j < i; ++j) off += len[j];
     off = off < sizeof bytes ? off : sizeof bytes;
-    const std::size_t n = len[i] < sizeof bytes - off ? len[i] : sizeof bytes - off;
+    const std::size_t want = len[i];   // once: the region may change it under us
+    std::size_t n = want < sizeof bytes - off ? want : sizeof bytes - off;
+    n = n < kKeyMax ? n : kKeyMax;   // no id is longer
     return {bytes + off, n};
   }
 };

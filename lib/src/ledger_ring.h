@@ -13,8 +13,9 @@ namespace tokenfuse {
 
 class LedgerRing {
  public:
-  LedgerRing(shm::Header& header, shm::LedgerSlot* slots) noexcept
-      : h_(header), slots_(slots), mask_(header.ledger_capacity - 1) {}
+  // `capacity`: the region's copied geometry (Region::geometry()), never the header's word.
+  LedgerRing(shm::Header& header, shm::LedgerSlot* slots, std::uint32_t capacity) noexcept
+      : h_(header), slots_(slots), mask_(capacity - 1) {}
 
   shm::LedgerSlot& at(std::uint64_t pos) const noexcept { return slots_[pos & mask_]; }
   std::uint64_t capacity() const noexcept { return std::uint64_t{mask_} + 1; }

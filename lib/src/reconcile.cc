@@ -40,8 +40,9 @@ std::int64_t holdsOf(const shm::Counters& c) { return c.spend.used() - c.spend.c
 
 std::vector<HoldCorrection> RegionAdmin::reconcileHolds() {
   shm::Header& h = region_.header();
-  const std::uint32_t tenants = h.tenant_capacity;
-  const std::uint32_t runs = h.run_capacity;
+  const Geometry& g = region_.geometry();   // copied at attach: the header's words may lie
+  const std::uint32_t tenants = g.tenant_capacity;
+  const std::uint32_t runs = g.run_capacity;
   // Layer k: 0 the platform, 1 + i tenant slot i, 1 + tenants + i run slot i.
   const std::size_t n = 1 + std::size_t{tenants} + runs;
   auto counters = [&](std::size_t k) -> shm::Counters& {
@@ -60,7 +61,7 @@ std::vector<HoldCorrection> RegionAdmin::reconcileHolds() {
   std::vector<Range> expected(n);
   std::vector<bool> moved(n, false);
   const shm::ReservationSlot* slots = region_.reservations();
-  for (std::uint32_t i = 0; i < h.reservation_capacity; ++i) {
+  for (std::uint32_t i = 0; i < g.reservation_capacity; ++i) {
     const shm::ReservationSlot& s = slots[i];
     const std::uint64_t w = s.word.load(kAcquire);
     const shm::ResState st = shm::resState(w);

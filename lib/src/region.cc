@@ -8,17 +8,18 @@
 #include <boost/interprocess/permissions.hpp>
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <bit>
 #include <cerrno>
 #include <cstring>
-
-#include <bit>
 #include <chrono>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <utility>
 
@@ -65,6 +66,107 @@ bool lockOwner(const bip::shared_memory_object& shm) {
   return ::flock(shm.get_mapping_handle().handle, LOCK_EX | LOCK_NB) == 0;
 }
 
+// --- surviving a truncated region ------------------------------------------------------------
+// Any group member can truncate the region's file; touching a mapped page past the new end then
+// raises SIGBUS, which would kill the process. As Wayland's wl_shm does, a handler maps anonymous
+// zero pages over the whole mapping that faulted (so the faulting instruction, restarted, reads
+// zeros) and marks that region lost; the library then answers kRegionCorrupt for it. Faults
+// outside every region go to the handler that was there before.
+//
+// The registry is a fixed array of atomics: the handler neither allocates nor locks.
+struct MappingEntry {
+  std::atomic<std::uint32_t> used{0};
+  std::atomic<std::uintptr_t> base{0};   // 0: no mapping; set last, cleared first
+  std::atomic<std::size_t> len{0};
+  std::atomic<std::atomic<std::uint32_t>*> lost{nullptr};
+};
+constexpr std::size_t kMaxMappings = 64;
+MappingEntry g_mappings[kMaxMappings];
+struct sigaction g_previous_sigbus;   // written once, before the handler is installed
+
+void onSigbus(int sig, siginfo_t* info, void* context) {
+  const auto addr = reinterpret_cast<std::uintptr_t>(info->si_addr);
+  // Only a real fault (si_code > 0) names an address; a SIGBUS sent with kill() does not.
+  for (MappingEntry& m : g_mappings) {
+    if (info->si_code <= 0) break;
+    const std::uintptr_t base = m.base.load(std::memory_order_acquire);
+    const std::size_t len = m.len.load(std::memory_order_acquire);
+    if (base == 0 || addr < base || addr - base >= len) continue;
+    std::atomic<std::uint32_t>* lost = m.lost.load(std::memory_order_acquire);
+    if (::mmap(reinterpret_cast<void*>(base), len, PROT_READ | PROT_WRITE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS,
+               -1, 0) != MAP_FAILED) {
+      if (lost != nullptr) lost->store(1, std::memory_order_relaxed);
+      return;   // the faulting access runs again, on zeros
+    }
+    break;
+  }
+  const struct sigaction& prev = g_previous_sigbus;
+  if (prev.sa_handler != SIG_DFL && prev.sa_handler != SIG_IGN) {
+    if (prev.sa_flags & SA_SIGINFO) {
+      prev.sa_sigaction(sig, info, context);
+    } else {
+      prev.sa_handler(sig);
+    }
+    return;
+  }
+  // Nobody else wanted it: die of SIGBUS as if no handler were installed. A fault happens again
+  // when the instruction restarts; a SIGBUS sent by kill() is raised again.
+  ::signal(SIGBUS, SIG_DFL);
+  if (info->si_code <= 0) ::raise(sig);
+}
+
+void installSigbusHandlerOnce() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa {};
+    sa.sa_sigaction = onSigbus;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGBUS, nullptr, &g_previous_sigbus);
+    ::sigaction(SIGBUS, &sa, nullptr);
+  });
+}
+
+void registerMapping(void* base, std::size_t len, std::atomic<std::uint32_t>* lost) noexcept {
+  installSigbusHandlerOnce();
+  for (MappingEntry& m : g_mappings) {
+    std::uint32_t expect = 0;
+    if (!m.used.compare_exchange_strong(expect, 1, std::memory_order_acq_rel)) continue;
+    m.len.store(len, std::memory_order_release);
+    m.lost.store(lost, std::memory_order_release);
+    m.base.store(reinterpret_cast<std::uintptr_t>(base), std::memory_order_release);
+    return;
+  }
+  // More than kMaxMappings regions in one process: this one is not protected against truncation.
+}
+
+void unregisterMapping(void* base) noexcept {
+  for (MappingEntry& m : g_mappings) {
+    if (m.base.load(std::memory_order_acquire) != reinterpret_cast<std::uintptr_t>(base)) continue;
+    m.base.store(0, std::memory_order_release);
+    m.lost.store(nullptr, std::memory_order_release);
+    m.len.store(0, std::memory_order_release);
+    m.used.store(0, std::memory_order_release);
+    return;
+  }
+}
+
+Geometry geometryOf(const Layout& l, const RegionSpec& spec) {
+  Geometry g;
+  g.region_bytes = l.total;
+  g.tenant_capacity = spec.tenant_capacity;
+  g.run_capacity = spec.run_capacity;
+  g.model_capacity = spec.model_capacity;
+  g.reservation_capacity = spec.reservation_capacity;
+  g.ledger_capacity = spec.ledger_capacity;
+  g.tenant_offset = l.tenant_offset;
+  g.run_offset = l.run_offset;
+  g.model_offset = l.model_offset;
+  g.reservation_offset = l.reservation_offset;
+  g.ledger_offset = l.ledger_offset;
+  return g;
+}
+
 }  // namespace
 
 std::uint64_t regionBytes(const RegionSpec& spec) { return layoutFor(spec).total; }
@@ -81,7 +183,11 @@ std::string validateShmName(const std::string& name) {
 
 Region::Region(std::string name, bip::shared_memory_object shm, bip::mapped_region mapping)
     : name_(std::move(name)), shm_(std::move(shm)), mapping_(std::move(mapping)),
-      header_(static_cast<shm::Header*>(mapping_.get_address())) {}
+      header_(static_cast<shm::Header*>(mapping_.get_address())) {
+  registerMapping(mapping_.get_address(), mapping_.get_size(), &lost_);
+}
+
+Region::~Region() { unregisterMapping(mapping_.get_address()); }
 
 std::uint32_t Region::selfPidForRegion() noexcept { return selfPid(); }
 
@@ -137,10 +243,29 @@ std::uint32_t Region::reclaim() const noexcept {
 }
 
 bool Region::matches(const RegionSpec& spec) const noexcept {
-  return header_->tenant_capacity == spec.tenant_capacity && header_->run_capacity == spec.run_capacity &&
-         header_->model_capacity == spec.model_capacity &&
-         header_->reservation_capacity == spec.reservation_capacity &&
-         header_->ledger_capacity == spec.ledger_capacity;
+  return geo_.tenant_capacity == spec.tenant_capacity && geo_.run_capacity == spec.run_capacity &&
+         geo_.model_capacity == spec.model_capacity && geo_.reservation_capacity == spec.reservation_capacity &&
+         geo_.ledger_capacity == spec.ledger_capacity;
+}
+
+std::string Region::damage() const {
+  if (lost()) return "its file was truncated under the mapping (a SIGBUS was caught; the mapping now reads zeros)";
+  struct stat mine {};
+  if (::fstat(shm_.get_mapping_handle().handle, &mine) != 0) return std::string("fstat failed: ") + std::strerror(errno);
+  if (static_cast<std::uint64_t>(mine.st_size) < geo_.region_bytes) {
+    return "its file was truncated to " + std::to_string(mine.st_size) + " bytes of " +
+           std::to_string(geo_.region_bytes);
+  }
+  const std::string path = "/dev/shm/" + name_;
+  struct stat named {};
+  if (::stat(path.c_str(), &named) != 0) {
+    return errno == ENOENT ? path + " was removed" : "cannot stat " + path + ": " + std::strerror(errno);
+  }
+  if (named.st_ino != mine.st_ino || named.st_dev != mine.st_dev) {
+    return path + " was replaced by another object (inode " + std::to_string(named.st_ino) + ", this agent maps " +
+           std::to_string(mine.st_ino) + ")";
+  }
+  return {};
 }
 
 Status Region::create(const RegionSpec& spec, std::unique_ptr<Region>* out) {
@@ -210,6 +335,7 @@ Status Region::create(const RegionSpec& spec, std::unique_ptr<Region>* out) {
     h->ledger_head.store(spec.ledger_base, std::memory_order_relaxed);
     // `ready` stays 0: the creator publishes the region once it has filled in limits and prices.
     out->reset(new Region(spec.shm_name, std::move(shm), std::move(mapping)));
+    (*out)->geo_ = geometryOf(layout, spec);
     if (Status c = (*out)->claimClient(); !c.ok()) {
       out->reset();
       return c;
@@ -241,59 +367,82 @@ Status Region::attach(const std::string& shm_name, std::unique_ptr<Region>* out,
                            "it is not a tokenfuse region; restart tokenfused");
     }
     bip::mapped_region mapping(shm, bip::read_write);
-    const auto* h = static_cast<const shm::Header*>(mapping.get_address());
+    // The Region first, so that a truncation while the header is read below is caught too (it
+    // then reads as zeros: not ready).
+    std::unique_ptr<Region> region(new Region(shm_name, std::move(shm), std::move(mapping)));
+    const shm::Header* h = region->header_;
     if (own && !locked) {
       *why = AttachFailure::kOwned;
       return Status::error("region " + shown + " is owned by another running tokenfused (pid " +
                            std::to_string(h->agent_pid.load()) +
                            "); stop it first, or give this one another shm name");
     }
+    // Each header word is read once into a local, checked, and only the locals are used.
+    const std::uint64_t magic = h->magic;
+    const std::uint32_t ready = h->ready.load(std::memory_order_acquire);
     // A creator that died before publishing leaves a blank or unpublished header; nothing was
     // ever acknowledged through such a region.
     // A region whose `ready` word was cleared while processes still map it is not one whose
     // creator died: they may have been told entries were booked through it. The owner adopts it
     // (the rest of the header is checked below, and publishing sets `ready` again) rather than
     // replace it under them.
-    const bool unready_in_use = own && h->magic == shm::kMagic &&
-                                clientlock::anyHeld(shm.get_mapping_handle().handle) == clientlock::Held::kYes;
-    if (h->magic == 0 || (h->magic == shm::kMagic && h->ready.load(std::memory_order_acquire) != 1 && !unready_in_use)) {
+    const bool unready_in_use = own && magic == shm::kMagic &&
+                                clientlock::anyHeld(region->lockFd()) == clientlock::Held::kYes;
+    if (magic == 0 || (magic == shm::kMagic && ready != 1 && !unready_in_use)) {
       *why = AttachFailure::kNotReady;
       return Status::error("region " + shown +
                            " is not ready: tokenfused is still starting, or died while creating it; "
                            "wait a moment, or restart tokenfused");
     }
     *why = AttachFailure::kIncompatible;
-    if (h->magic != shm::kMagic) {
+    if (magic != shm::kMagic) {
       return Status::error("region " + shown +
                            " is not a tokenfuse region (bad magic number); check the shm name, or stop "
                            "its owner and restart tokenfused with --recreate-region");
     }
-    if (h->layout_version != shm::kLayoutVersion) {
-      return Status::error("region " + shown + " has layout version " + std::to_string(h->layout_version) +
+    const std::uint32_t version = h->layout_version;
+    if (version != shm::kLayoutVersion) {
+      return Status::error("region " + shown + " has layout version " + std::to_string(version) +
                            ", this library speaks " + std::to_string(shm::kLayoutVersion) +
                            ": run a tokenfused and a libtokenfuse of the same release (restart tokenfused "
                            "with --recreate-region once every client is upgraded)");
     }
-    if (h->header_bytes != sizeof(shm::Header) || h->region_bytes != static_cast<std::uint64_t>(size)) {
-      return Status::error("region " + shown + " is inconsistent (header says " + std::to_string(h->region_bytes) +
+    const std::uint32_t header_bytes = h->header_bytes;
+    const std::uint64_t region_bytes = h->region_bytes;
+    if (header_bytes == sizeof(shm::Header) && region_bytes > static_cast<std::uint64_t>(size)) {
+      *why = AttachFailure::kDamaged;
+      return Status::error("region " + shown + " is damaged: its header says " + std::to_string(region_bytes) +
+                           " bytes, the object has " + std::to_string(size) +
+                           " (someone truncated it); restart tokenfused, which replaces it");
+    }
+    if (header_bytes != sizeof(shm::Header) || region_bytes != static_cast<std::uint64_t>(size)) {
+      return Status::error("region " + shown + " is inconsistent (header says " + std::to_string(region_bytes) +
                            " bytes, the object has " + std::to_string(size) +
                            "): restart tokenfused with --recreate-region");
     }
     const RegionSpec spec{shm_name, h->tenant_capacity, h->run_capacity, h->model_capacity,
                           h->reservation_capacity, 0, h->ledger_capacity, 0};
+    for (auto [what, n] : {std::pair{"tenant capacity", spec.tenant_capacity}, {"run capacity", spec.run_capacity},
+                           {"model capacity", spec.model_capacity},
+                           {"reservation capacity", spec.reservation_capacity},
+                           {"ledger capacity", spec.ledger_capacity}}) {
+      if (auto p = capacityProblem(what, n); !p.empty()) {
+        return Status::error("region " + shown + " has a bad header (" + p +
+                             "): restart tokenfused with --recreate-region");
+      }
+    }
     const Layout layout = layoutFor(spec);
-    if (layout.total != h->region_bytes || layout.tenant_offset != h->tenant_offset ||
+    if (layout.total != region_bytes || layout.tenant_offset != h->tenant_offset ||
         layout.run_offset != h->run_offset || layout.model_offset != h->model_offset ||
         layout.reservation_offset != h->reservation_offset || layout.ledger_offset != h->ledger_offset) {
       return Status::error("region " + shown +
                            " has table offsets this library does not expect: restart tokenfused with "
                            "--recreate-region");
     }
-    out->reset(new Region(shm_name, std::move(shm), std::move(mapping)));
-    if (Status c = (*out)->claimClient(); !c.ok()) {
-      out->reset();
-      return c;
-    }
+    // From here on only these copies are used: the header may change under us at any time.
+    region->geo_ = geometryOf(layout, spec);
+    if (Status c = region->claimClient(); !c.ok()) return c;
+    *out = std::move(region);
     *why = AttachFailure::kNone;
     return {};
   } catch (const bip::interprocess_exception& e) {

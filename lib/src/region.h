@@ -37,7 +37,26 @@ std::uint64_t regionBytes(const RegionSpec& spec);
 // Checks a shm name: 1 to 200 of [A-Za-z0-9._-]. Returns an empty string or the problem.
 std::string validateShmName(const std::string& name);
 
-enum class AttachFailure { kNone, kNotFound, kNotReady, kIncompatible, kOwned, kOther };
+// kDamaged: the object is smaller than its header says (truncated by someone): nothing in it
+// can be drained, so its owner replaces it and rebuilds the counters from SQLite.
+enum class AttachFailure { kNone, kNotFound, kNotReady, kIncompatible, kOwned, kDamaged, kOther };
+
+// The region's shape, copied into this process at create or attach after it was checked, and
+// never read from the region again: any group member can rewrite the header.
+struct Geometry {
+  std::uint64_t region_bytes = 0;
+  std::uint32_t tenant_capacity = 0, run_capacity = 0, model_capacity = 0, reservation_capacity = 0,
+                ledger_capacity = 0;
+  std::uint64_t tenant_offset = 0, run_offset = 0, model_offset = 0, reservation_offset = 0, ledger_offset = 0;
+};
+
+// A reservation's layers, from the run and tenant indices stored in its slot (or in a CallSite).
+// A null entry is "no such layer". `bad` is set when an index was neither "none" (negative) nor in
+// range: the region (or the caller's CallSite) was corrupted, and that layer is left alone.
+struct ResLayers {
+  shm::Counters* at[shm::kLayerCount];
+  bool bad;
+};
 
 class Region {
  public:
@@ -53,15 +72,46 @@ class Region {
   // Removes the name; processes that have it mapped keep their mapping. True if it existed.
   static bool remove(const std::string& shm_name) noexcept;
 
+  ~Region();
+  Region(const Region&) = delete;
+  Region& operator=(const Region&) = delete;
+
   shm::Header& header() const noexcept { return *header_; }
-  shm::BudgetSlot* tenants() const noexcept { return at<shm::BudgetSlot>(header_->tenant_offset); }
-  shm::BudgetSlot* runs() const noexcept { return at<shm::BudgetSlot>(header_->run_offset); }
-  shm::ModelSlot* models() const noexcept { return at<shm::ModelSlot>(header_->model_offset); }
-  shm::ReservationSlot* reservations() const noexcept {
-    return at<shm::ReservationSlot>(header_->reservation_offset);
-  }
-  shm::LedgerSlot* ledger() const noexcept { return at<shm::LedgerSlot>(header_->ledger_offset); }
+  // Tables, at the offsets checked at create or attach (never re-read from the header).
+  shm::BudgetSlot* tenants() const noexcept { return at<shm::BudgetSlot>(geo_.tenant_offset); }
+  shm::BudgetSlot* runs() const noexcept { return at<shm::BudgetSlot>(geo_.run_offset); }
+  shm::ModelSlot* models() const noexcept { return at<shm::ModelSlot>(geo_.model_offset); }
+  shm::ReservationSlot* reservations() const noexcept { return at<shm::ReservationSlot>(geo_.reservation_offset); }
+  shm::LedgerSlot* ledger() const noexcept { return at<shm::LedgerSlot>(geo_.ledger_offset); }
+  const Geometry& geometry() const noexcept { return geo_; }
   const std::string& name() const noexcept { return name_; }
+
+  // The one checked way from stored indices to a reservation's layers (the engine and the
+  // reaper both use it). An index that is not in range yields no layer, never a wild pointer.
+  ResLayers layers(std::int32_t run, std::int32_t tenant) const noexcept {
+    ResLayers l{{nullptr, nullptr, &header_->platform}, false};
+    if (run >= 0 && static_cast<std::uint32_t>(run) < geo_.run_capacity) {
+      l.at[shm::kLayerRun] = &runs()[run].c;
+    } else if (run < CallSite::kUntracked || run >= 0) {
+      l.bad = true;
+    }
+    if (tenant >= 0 && static_cast<std::uint32_t>(tenant) < geo_.tenant_capacity) {
+      l.at[shm::kLayerTenant] = &tenants()[tenant].c;
+    } else if (tenant < CallSite::kUntracked || tenant >= 0) {
+      l.bad = true;
+    }
+    return l;
+  }
+
+  // Set (from a SIGBUS handler) when the region's file was truncated under this mapping: the
+  // mapping now reads zeros, and every call on it answers kRegionCorrupt. One relaxed load.
+  bool lost() const noexcept { return lost_.load(std::memory_order_relaxed) != 0; }
+  const std::atomic<std::uint32_t>& lostFlag() const noexcept { return lost_; }
+
+  // For the owner, every tick: whether the region's file still is the one mapped here, whole.
+  // Empty when it is; otherwise what was seen ("truncated to 4096 bytes of 1310720", "removed",
+  // "replaced by another object (inode 12 is not 34)", ...). Makes two system calls.
+  std::string damage() const;
 
   // Whether this region was made with the same capacities as `spec`.
   bool matches(const RegionSpec& spec) const noexcept;
@@ -94,6 +144,8 @@ class Region {
   boost::interprocess::shared_memory_object shm_;
   boost::interprocess::mapped_region mapping_;
   shm::Header* header_;
+  Geometry geo_;
+  std::atomic<std::uint32_t> lost_{0};
   mutable std::atomic<std::uint32_t> client_{0};
   mutable std::atomic<std::uint32_t> client_pid_{0};   // the process that claimed client_
   mutable std::mutex reclaim_mu_;

@@ -46,6 +46,13 @@ struct Found {
   std::int32_t index;
 };
 
+// A slot's key, with its length clamped to the key buffer: key_len is in the region, which any
+// group member can write. Read key_len once.
+inline std::string_view keyOf(const shm::KeyHeader& k) noexcept {
+  const std::uint32_t len = k.key_len;
+  return {k.key, len < shm::kKeyMax ? len : shm::kKeyMax};
+}
+
 template <typename Slot>
 class KeyedTable {
  public:
@@ -107,7 +114,8 @@ class KeyedTable {
           w = k.word.load(std::memory_order_acquire);
           continue;
         }
-        if (k.key_len == key.size() && std::memcmp(k.key, key.data(), key.size()) == 0) {
+        const std::uint32_t len = k.key_len;   // once: the region may change it under us
+        if (len == key.size() && len <= shm::kKeyMax && std::memcmp(k.key, key.data(), len) == 0) {
           return {Lookup::kFound, static_cast<std::int32_t>(i)};
         }
         break;

@@ -72,7 +72,7 @@ TEST_CASE("ledger: a writer in another pid namespace stopped between claiming a 
   REQUIRE(::read(pids[0], &inner, sizeof inner) == sizeof inner);
 
   shm::Header& h = f.t.region->header();
-  LedgerRing ring(h, f.t.region->ledger());
+  LedgerRing ring(h, f.t.region->ledger(), f.t.region->geometry().ledger_capacity);
   std::mt19937 rng(7);
   bool caught = false;
   for (int attempt = 0; attempt < 5000 && !caught; ++attempt) {

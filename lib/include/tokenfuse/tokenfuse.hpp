@@ -52,6 +52,9 @@ enum class Code : std::int32_t {
   kLedgerLost = 106,              // the cost was booked, but this process stalled so long while
                                   // writing the ledger entry that the agent gave up on it: the
                                   // entry is not in the ledger. Do not retry (it would book twice)
+  kRegionCorrupt = 107,  // the region was damaged from outside (its file truncated, or words no
+                         // process of tokenfuse would write): nothing was decided or booked.
+                         // tokenfused replaces the region; attach again once it has
   kStaleOwner = 109,              // this process was stopped so long mid-operation that its
                                   // reservation slot was taken from it: nothing more was written
                                   // to it; the reservation is gone (its hold was returned)
