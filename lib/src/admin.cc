@@ -252,30 +252,11 @@ bool RegionAdmin::expireKill(std::int64_t now_unix_ns) noexcept {
   return true;
 }
 
-bool RegionAdmin::stuckFor(std::uint64_t key, std::uint64_t word, std::int64_t now_unix_ns) {
-  auto [it, fresh] = stuck_.try_emplace(key, word, now_unix_ns);
-  if (fresh || it->second.first != word) {
-    it->second = {word, now_unix_ns};
-    return false;
-  }
-  return now_unix_ns - it->second.second >= kAbandonAfterNs;
-}
-
 ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
   ReapStats stats;
   shm::Header& h = region_.header();
   const std::uint32_t me = engine_.self();
-  const std::uint32_t pid_me = engine_.regionPid();
-  // Table keys still name pids: one /proc look per process per sweep.
-  std::unordered_map<std::uint64_t, proc::Liveness> seen;
-  auto dead = [&](std::uint32_t pid, std::uint64_t start) {
-    if (pid == 0 || pid == pid_me) return false;
-    const std::uint64_t key = (std::uint64_t{pid} << 32) ^ start;
-    auto [it, fresh] = seen.try_emplace(key, proc::Liveness::kUnknown);
-    if (fresh) it->second = proc::liveness(static_cast<int>(pid), start);
-    return it->second == proc::Liveness::kDead;
-  };
-  // Reservations name client numbers: a client is gone when the kernel says nobody holds its lock,
+  // Reservations and table keys name client numbers: a client is gone when the kernel says nobody holds its lock,
   // whatever pid namespace it ran in; a stopped or frozen client still holds it. Client 0 is the
   // agent's (HTTP reservations), which outlives any agent process: deadlines alone apply to it.
   std::unordered_map<std::uint32_t, bool> gone;
@@ -349,26 +330,23 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
     }
   }
 
-  auto clear_stuck = [&](auto* slots_of_table, std::uint32_t capacity, std::uint64_t table_id) {
+  auto clear_stuck = [&](auto* slots_of_table, std::uint32_t capacity) {
     for (std::uint32_t i = 0; i < capacity; ++i) {
       shm::KeyHeader& k = slots_of_table[i].k;
       std::uint64_t w = k.word.load(kAcquire);
       if (shm::keyState(w) != shm::kKeyInit) continue;
-      const std::uint32_t pid = shm::keyPid(w);
-      if (!dead(pid, 0) && !(pid == 0 && stuckFor(table_id << 32 | i, w, now_unix_ns))) continue;
+      // The inserter's client number; 0 is no client's (written from outside): cleared too.
+      const std::uint32_t client = shm::keyPid(w);
+      if (client != 0 && !clientGone(client)) continue;
       if (k.word.compare_exchange_strong(w, shm::keyWord(shm::keyTag(w), shm::kKeyTombstone, 0), kRelaxed)) {
         ++stats.stuck_keys;
         h.stats.stuck_keys_cleared.fetch_add(1, kRelaxed);
       }
     }
   };
-  clear_stuck(region_.tenants(), g.tenant_capacity, 1);
-  clear_stuck(region_.runs(), g.run_capacity, 2);
-  clear_stuck(region_.models(), g.model_capacity, 3);
-  // Forget words that moved on.
-  for (auto it = stuck_.begin(); it != stuck_.end();) {
-    it = now_unix_ns - it->second.second > 2 * kAbandonAfterNs ? stuck_.erase(it) : std::next(it);
-  }
+  clear_stuck(region_.tenants(), g.tenant_capacity);
+  clear_stuck(region_.runs(), g.run_capacity);
+  clear_stuck(region_.models(), g.model_capacity);
   return stats;
 }
 

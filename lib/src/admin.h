@@ -130,13 +130,7 @@ class RegionAdmin {
  private:
   KeyedTable<shm::BudgetSlot> table(LimitTable t) const noexcept;
   const std::atomic<std::int64_t>& defaultLimit(LimitTable t) const noexcept;
-  // Whether the table key word at `key` has stayed `word` for kAbandonAfterNs of reaper sweeps.
-  bool stuckFor(std::uint64_t key, std::uint64_t word, std::int64_t now_unix_ns);
 
-  // An operation takes microseconds; a word of a process in another pid namespace (pid 0, so
-  // the reaper cannot look it up) that stays half-way for this long belongs to a dead process.
-  static constexpr std::int64_t kAbandonAfterNs = std::int64_t{10} * 1'000'000'000;
-  std::unordered_map<std::uint64_t, std::pair<std::uint64_t, std::int64_t>> stuck_;
   // reconcileHolds(): each layer's difference at the previous call (0: none, or it moved).
   std::vector<std::int64_t> last_difference_;
 

@@ -129,12 +129,10 @@ Engine::Engine(const Region& region, bool agent) noexcept
       ring_(region.header(), region.ledger(), region.geometry().ledger_capacity),
       res_(region.reservations()),
       res_mask_(region.geometry().reservation_capacity - 1),
-      same_pidns_(h_.agent_pidns.load(kRelaxed) == proc::pidNamespace()),
       agent_(agent) {
   initSelfOnce();
 }
 
-std::uint32_t Engine::regionPid() const noexcept { return same_pidns_ ? g_pid.load(kRelaxed) : 0; }
 
 bool Engine::killed() const noexcept {
   if (h_.kill.active.load(kAcquire) == 0) return false;

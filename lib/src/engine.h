@@ -40,9 +40,9 @@ class Engine {
   std::uint32_t liveReservations() const noexcept;
   std::uint64_t durableLedgerSeq() const noexcept { return h_.ledger_head.load(std::memory_order_acquire); }
 
-  // The pid this process writes into table keys: its own when it shares the agent's pid
-  // namespace, else 0, which tells the reaper to rely on a timeout for them.
-  std::uint32_t regionPid() const noexcept;
+  // What this process writes into a table key it is inserting: its client number, as in
+  // reservation words (the name is older than client numbers).
+  std::uint32_t regionPid() const noexcept { return self(); }
   // This process's client number (client_lock.h): what reservation words and ledger slots name.
   std::uint32_t self() const noexcept { return region_.client(); }
 
@@ -88,7 +88,6 @@ class Engine {
   LedgerRing ring_;
   shm::ReservationSlot* res_;
   std::uint32_t res_mask_;
-  bool same_pidns_;
   bool agent_;
 };
 

@@ -74,7 +74,8 @@ struct alignas(64) Counters {
 };
 static_assert(sizeof(Counters) == 128);
 
-// Key slot state word: [63..32] hash tag | [31..30] state | [29..0] pid of the inserter.
+// Key slot state word: [63..32] hash tag | [31..30] state | [29..0] client number of the inserter
+// (client_lock.h; keyPid() is the older name).
 enum KeyState : std::uint32_t { kKeyEmpty = 0, kKeyInit = 1, kKeyReady = 2, kKeyTombstone = 3 };
 
 struct KeyHeader {

@@ -26,7 +26,8 @@ constexpr int kRuns = 5;
     const std::string run = "r" + std::to_string(rng() % kRuns);
     Reservation r;
     const std::int64_t prompt = 1 + rng() % 2000;
-    if (!c->reserve({project, "gpt-4o", run, {}, prompt, rng() % 500, 0}, &r).allowed()) continue;
+    const auto completion = static_cast<std::int64_t>(rng() % 500);
+    if (!c->reserve({project, "gpt-4o", run, {}, prompt, completion, 0}, &r).allowed()) continue;
     const int charges = static_cast<int>(rng() % 3);
     for (int i = 0; i < charges; ++i) (void)c->charge(r, rng() % 1000, rng() % 1000);
     if (rng() % 3 == 0) {

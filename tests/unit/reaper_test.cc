@@ -12,14 +12,6 @@ using tokenfuse::test::usd;
 
 namespace {
 
-// A pid that certainly belongs to no live process: a child that has exited and been waited for.
-std::uint32_t deadPid() {
-  const pid_t pid = ::fork();
-  if (pid == 0) ::_exit(0);
-  ::waitpid(pid, nullptr, 0);
-  return static_cast<std::uint32_t>(pid);
-}
-
 // A client number whose process has exited: a child that attached to the region, said which
 // number it had claimed, and exited (the kernel dropped its lock).
 std::uint32_t deadClient(const std::string& shm_name) {
@@ -182,7 +174,7 @@ TEST_CASE("crash: a table key half-written by a dead process is cleared, and the
   const std::string key = "stuck-tenant";
   const std::uint64_t h = hashKey(key);
   shm::BudgetSlot& slot = t.region->tenants()[h & (t.spec.tenant_capacity - 1)];
-  slot.k.word.store(shm::keyWord(static_cast<std::uint32_t>(h >> 32), shm::kKeyInit, deadPid()));
+  slot.k.word.store(shm::keyWord(static_cast<std::uint32_t>(h >> 32), shm::kKeyInit, deadClient(t.spec.shm_name)));
 
   CHECK(t.client->check(key, "gpt-4o").code == Code::kRegionBusy);
   CHECK(t.admin->reap(test::nowNs()).stuck_keys == 1);
@@ -292,4 +284,21 @@ TEST_CASE("reservation ids: malformed ids are unknown, never a slot") {
   REQUIRE(t.client->reserve({"acme", "gpt-4o", {}, {}, 1000, 0, 0}, &r).allowed());
   CHECK(t.client->commit(Reservation{r.id | (std::uint64_t{1} << 60)}, "o", 1, 1).code == Code::kUnknownReservation);
   CHECK(t.client->release(r).allowed());
+}
+
+TEST_CASE("reaper: a table key half-written by a live client is never cleared, however long it takes; once the "
+          "client is gone it is") {
+  TestRegion t;
+  const std::string key = "slow-tenant";
+  const std::uint64_t h = hashKey(key);
+  shm::BudgetSlot& slot = t.region->tenants()[h & (t.spec.tenant_capacity - 1)];
+  const std::int64_t now = test::nowNs();
+  {
+    LiveChild child(t.spec.shm_name);   // stopped in a container, say
+    slot.k.word.store(shm::keyWord(static_cast<std::uint32_t>(h >> 32), shm::kKeyInit, child.client));
+    CHECK(t.admin->reap(now).stuck_keys == 0);
+    CHECK(t.admin->reap(now + 3600'000'000'000).stuck_keys == 0);
+    CHECK(shm::keyState(slot.k.word.load()) == shm::kKeyInit);
+  }
+  CHECK(t.admin->reap(now).stuck_keys == 1);
 }
