@@ -60,6 +60,7 @@ bool lockOwner(const bip::shared_memory_object& shm) {
 
 std::string validateShmName(const std::string& name) {
   if (name.empty() || name.size() > 200) return "shm name must be 1 to 200 characters";
+  if (name == "." || name == "..") return "shm name '" + name + "' names a directory, not a region";
   for (char ch : name) {
     const bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
                     ch == '.' || ch == '_' || ch == '-';
