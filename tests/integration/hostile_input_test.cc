@@ -55,13 +55,6 @@ struct RunningAgent : AgentFixture {
   std::string token;
 };
 
-std::string readFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 // tokenfused with a config file of the test's own; returns its exit code and output.
 int runAgent(const TempDir& dir, const std::string& toml, std::vector<std::string> extra, std::string* output,
              const char* name = "run") {
@@ -269,6 +262,7 @@ TEST_CASE("tokenfused: an admin token file that group or others can read, or ano
   }
   // A missing file is created 0600, whatever the umask.
   std::remove(token.c_str());
+  std::remove((state + "/http.port").c_str());   // an earlier agent's (one that was not refused)
   const mode_t old_umask = ::umask(0);
   Process agent({TOKENFUSED_PATH, "--config", dir.path + "/run.toml"}, dir.path + "/agent.log");
   ::umask(old_umask);
