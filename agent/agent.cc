@@ -1,5 +1,6 @@
 #include "agent.h"
 
+#include "ids.h"
 #include "log.h"
 
 #include <fcntl.h>
@@ -184,6 +185,10 @@ void Agent::rebuildFromLedger(std::int32_t today) {
   // set back since: they count for today (see backdateDay), on the side of refusing.
   const std::vector<LedgerTotal> daily = ledger_->tenantTotalsFrom(today, UINT64_MAX);
   for (const LedgerTotal& t : daily) {
+    if (!validIdText(t.id)) {   // an old ledger's: the platform counts it, no tenant can be named by it
+      log::warn("ledger_id_skipped", {{"scope", "tenant"}, {"id", t.id}, {"why", "not UTF-8, or holds NUL"}});
+      continue;
+    }
     if (Status s = a.restore(LimitTable::kTenant, t.id, NanoUsd(t.cost_nano_usd), t.prompt_tokens, t.completion_tokens,
                              t.calls);
         !s.ok()) {
@@ -192,6 +197,10 @@ void Agent::rebuildFromLedger(std::int32_t today) {
     ++tenants;
   }
   for (const LedgerTotal& r : ledger_->runTotals()) {
+    if (!validIdText(r.id)) {
+      log::warn("ledger_id_skipped", {{"scope", "run"}, {"id", r.id}, {"why", "not UTF-8, or holds NUL"}});
+      continue;
+    }
     if (Status s = a.restore(LimitTable::kRun, r.id, NanoUsd(r.cost_nano_usd), r.prompt_tokens, r.completion_tokens,
                              r.calls);
         !s.ok()) {
@@ -405,7 +414,7 @@ bool Agent::backdateDay(std::int32_t today) {
   LedgerTotal platform;
   for (const auto& [id, committed] : before) delta[id] -= committed;
   for (const LedgerTotal& t : totals) {
-    delta[t.id] += t.cost_nano_usd;
+    if (validIdText(t.id)) delta[t.id] += t.cost_nano_usd;   // an old ledger's bad id: the platform only
     platform.cost_nano_usd += t.cost_nano_usd;
     platform.prompt_tokens += t.prompt_tokens;
     platform.completion_tokens += t.completion_tokens;

@@ -146,10 +146,10 @@ TEST_CASE("hostile input: ids stored before they were checked never fail the ale
   c.tenant_default_daily_limit = usd("1");
   RegionCleanup cleanup{c.shm_name};
   FakeClock clock{utc("2026-11-29T10:00:00Z")};
-  Agent agent(c, {false, clock.fn()});
+  auto agent = std::make_unique<Agent>(c, Agent::Options{false, clock.fn()});
   auto client = attachClient(c.shm_name);
   // As a region written by someone else, or an old agent, leaves them: straight into the table.
-  Region& region = agent.admin().region();
+  Region& region = agent->admin().region();
   KeyedTable<shm::BudgetSlot> tenants(region.tenants(), region.header().tenant_capacity);
   const Found bad = tenants.findOrInsert("bad\xFF", 0, [](shm::BudgetSlot& s) noexcept {
     s.c.limit.store(1'000'000'000, std::memory_order_relaxed);
@@ -162,15 +162,16 @@ TEST_CASE("hostile input: ids stored before they were checked never fail the ale
     std::vector<LedgerEntry> rows(1);
     rows[0].seq = 1'000'000;
     rows[0].unix_ns = toUnixNs(clock.now);
-    rows[0].day = agent.admin().day();
+    rows[0].day = agent->admin().day();
     rows[0].kind = "record";
     rows[0].project_id = "bad\xFF";
     rows[0].model = "gpt-4o";
     rows[0].provider = "openai";
+    rows[0].cost_nano_usd = 7'000'000;
     REQUIRE(old.append(rows) == 1);
   }
 
-  agent.tick();   // the alert scan
+  agent->tick();   // the alert scan
   std::vector<std::string> fired;
   {
     SQLite::Database db(dir.path + "/ledger.db");
@@ -178,15 +179,15 @@ TEST_CASE("hostile input: ids stored before they were checked never fail the ale
     while (q.executeStep()) fired.push_back(q.getColumn(0).getString());
   }
   CHECK(fired == std::vector<std::string>{"acme", "bad\xFF"});
-  CHECK(agent.alerter().stats().fired == 2 * 3);   // 80, 95 and 100 % for each
+  CHECK(agent->alerter().stats().fired == 2 * 3);   // 80, 95 and 100 % for each
 
-  HttpApi http(agent, {"127.0.0.1", 0, "0123456789abcdef0123456789abcdef"});
-  auto [status, answer] = request(http.port(), "GET", "/v1/ledger", {}, "0123456789abcdef0123456789abcdef");
+  auto http = std::make_unique<HttpApi>(*agent, HttpApi::Options{"127.0.0.1", 0, "0123456789abcdef0123456789abcdef"});
+  auto [status, answer] = request(http->port(), "GET", "/v1/ledger", {}, "0123456789abcdef0123456789abcdef");
   CHECK(status == 200);
   REQUIRE(answer.is_object());
   REQUIRE(answer["entries"].size() == 1);
   CHECK(answer["entries"][0]["project_id"] == "bad\xEF\xBF\xBD");
-  httplib::Client plain("127.0.0.1", http.port());
+  httplib::Client plain("127.0.0.1", http->port());
   auto metrics = plain.Get("/metrics");
   REQUIRE(metrics);
   CHECK(metrics->status == 200);
@@ -205,6 +206,14 @@ TEST_CASE("hostile input: ids stored before they were checked never fail the ale
                  dir.path + "/cli-totals.out");
   CHECK_MESSAGE(totals.wait() == 0, totals.output());
   CHECK(totals.output().find("bad\xEF\xBF\xBD") != std::string::npos);
+
+  // A new region (a reboot) rebuilt from that ledger: the agent starts, the platform counts it.
+  http.reset();
+  client.reset();
+  agent.reset();
+  Region::remove(c.shm_name);
+  Agent again(c, {false, clock.fn()});
+  CHECK(attachClient(c.shm_name)->platform().committed == usd("0.007"));
 }
 
 TEST_CASE("ledger: an empty agent_id or provider stays '', an absent run_id is NULL, as the reference stores them") {
