@@ -1,6 +1,7 @@
 #include "config.h"
 
 #include "day_clock.h"
+#include "ids.h"
 #include "pricing.h"
 #include "region.h"
 
@@ -122,6 +123,9 @@ void forEachId(const toml::table* t, const std::string& origin, const std::strin
     const std::string id(k.str());
     const std::string key = prefix + "\"" + id + "\"";
     if (id.empty() || id.size() > 128) fail(origin, key, std::string(what) + " must be 1 to 128 bytes");
+    if (!validIdText(id)) {   // TOML text is UTF-8, but "\u0000" escapes a NUL into a key
+      fail(origin, prefix + "\"" + displayId(id) + "\"", std::string(what) + " must not hold NUL (\\u0000)");
+    }
     read(id, v, key);
   }
 }

@@ -338,6 +338,14 @@ TEST_CASE("tokenfused: a time zone, shm name, listen address or data dir that st
   CHECK(runAgent(dir, config(ok_keys), {"--check-config"}, &out) == 0);
 }
 
+TEST_CASE("config: an id with NUL in [budgets.tenants], [budgets.runs] or [prices.models] is refused by name") {
+  for (const char* table : {"budgets.tenants", "budgets.runs", "prices.models"}) {
+    const std::string value = std::string(table) == "prices.models" ? "{ prompt = \"1\", completion = \"1\" }" : "\"1\"";
+    const std::string toml = std::string("[") + table + "]\n\"a\\u0000b\" = " + value + "\n";
+    CHECK_THROWS_WITH_AS(parseConfig(toml, "t.toml"), doctest::Contains("must not hold NUL"), ConfigError);
+  }
+}
+
 namespace {
 
 // A tmpfs of `bytes` at `path`, unmounted at the end of the test: a disk that can really fill up.
