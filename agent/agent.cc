@@ -1,5 +1,6 @@
 #include "agent.h"
 
+#include "ids.h"
 #include "log.h"
 
 #include <fcntl.h>
@@ -11,6 +12,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -42,7 +44,7 @@ Agent::Agent(Config config, Options options)
         try {
           return DayClock(config_.timezone);
         } catch (const std::invalid_argument& e) {
-          throw AgentError(std::string("agent.timezone: ") + e.what());
+          throw AgentConfigError(std::string("agent.timezone: ") + e.what());
         }
       }()) {
   lockDataDir();
@@ -99,11 +101,11 @@ Agent::~Agent() {
 void Agent::lockDataDir() {
   std::error_code ec;
   std::filesystem::create_directories(config_.data_dir, ec);
-  if (ec) throw AgentError("agent.data_dir: cannot create " + config_.data_dir + ": " + ec.message());
+  if (ec) throw AgentConfigError("agent.data_dir: cannot create " + config_.data_dir + ": " + ec.message());
   const std::string path = config_.data_dir + "/tokenfused.lock";
   data_dir_lock_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0640);
   if (data_dir_lock_ < 0) {
-    throw AgentError("agent.data_dir: cannot write " + path + ": " + std::strerror(errno) +
+    throw AgentConfigError("agent.data_dir: cannot write " + path + ": " + std::strerror(errno) +
                      " (run as the tokenfuse user, or pass --data-dir)");
   }
   if (::flock(data_dir_lock_, LOCK_EX | LOCK_NB) != 0) {
@@ -189,6 +191,11 @@ void Agent::rebuildFromLedger(std::int32_t today) {
     LeftOut left(table, capacity);
     std::size_t restored = 0;
     for (const LedgerTotal& t : totals) {
+      if (!validIdText(t.id)) {   // an old ledger's: the platform counts it, no key can be named by it
+        log::warn("ledger_id_skipped", {{"scope", table == LimitTable::kTenant ? "tenant" : "run"},
+                                        {"id", t.id}, {"why", "not UTF-8, or holds NUL"}});
+        continue;
+      }
       left.wanted();
       if (a.restore(table, t.id, NanoUsd(t.cost_nano_usd), t.prompt_tokens, t.completion_tokens, t.calls).ok()) {
         ++restored;
@@ -200,10 +207,16 @@ void Agent::rebuildFromLedger(std::int32_t today) {
     capacity_.left_out[table == LimitTable::kTenant ? 0 : 1].fetch_add(left.count());
     return restored;
   };
-  const std::size_t tenants =
-      restore_all(LimitTable::kTenant, ledger_->tenantTotals(today), region_->geometry().tenant_capacity);
+  // Entries under a later date than today were booked while the clock ran ahead, and it has been
+  // set back since: they count for today (see backdateDay), on the side of refusing.
+  const std::vector<LedgerTotal> daily = ledger_->tenantTotalsFrom(today, UINT64_MAX);
+  const std::size_t tenants = restore_all(LimitTable::kTenant, daily, region_->geometry().tenant_capacity);
   const std::size_t runs = restore_all(LimitTable::kRun, ledger_->runTotals(), region_->geometry().run_capacity);
-  const LedgerTotal p = ledger_->platformTotal(today);
+  LedgerTotal p;
+  for (const LedgerTotal& t : daily) {
+    p.cost_nano_usd += t.cost_nano_usd, p.prompt_tokens += t.prompt_tokens;
+    p.completion_tokens += t.completion_tokens, p.calls += t.calls;
+  }
   (void)a.restore(LimitTable::kTenant, {}, NanoUsd(p.cost_nano_usd), p.prompt_tokens, p.completion_tokens, p.calls);
   log::info("counters_rebuilt", {{"day", DayClock::format(today)},
                                  {"platform_committed_usd", NanoUsd(p.cost_nano_usd).toString()},
@@ -381,10 +394,24 @@ void Agent::tick() {
     log::info("budget_day_rollover",
               {{"day", DayClock::format(today)}, {"previous", DayClock::format(current)}, {"timezone", days_.zone()}});
     warned_clock_behind_ = false;
-  } else if (today < current && !warned_clock_behind_) {
-    // Never roll back: that would forget spending. The budget day waits for the clock.
-    log::warn("clock_behind_budget_day", {{"clock_day", DayClock::format(today)}, {"budget_day", DayClock::format(current)}});
-    warned_clock_behind_ = true;
+    behind_since_ns_ = kNotBehind;
+  } else if (today < current) {
+    // The clock was stepped back after a step forward rolled the day over too early (a clock
+    // simply behind at start is the same case). Waiting for the clock would freeze daily budgets
+    // until that future date; once the clock has stayed behind for a while, the day goes back.
+    if (behind_since_ns_ == kNotBehind || ns < behind_since_ns_) behind_since_ns_ = ns;
+    if (!warned_clock_behind_) {
+      log::warn("clock_behind_budget_day", {{"clock_day", DayClock::format(today)},
+                                            {"budget_day", DayClock::format(current)},
+                                            {"correct_after_s", kClockBehindGraceNs / 1'000'000'000}});
+      warned_clock_behind_ = true;
+    }
+    if (ns - behind_since_ns_ >= kClockBehindGraceNs && backdateDay(today)) {
+      warned_clock_behind_ = false;
+      behind_since_ns_ = kNotBehind;
+    }
+  } else {
+    behind_since_ns_ = kNotBehind;
   }
   try {
     alerter_->scan();
@@ -393,7 +420,79 @@ void Agent::tick() {
   }
 }
 
+bool Agent::drainLedgerTo(std::uint64_t target) {
+  Engine& e = admin_->engine();
+  if (!writer_running_.load()) {   // no writer thread (tests drive tick() alone): drain here
+    try {
+      while (e.durableLedgerSeq() < target && writer_->drainOnce().any()) {
+      }
+    } catch (const LedgerError& ex) {
+      log::error("budget_day_not_corrected", {{"error", ex.what()}});
+    }
+    return e.durableLedgerSeq() >= target;
+  }
+  // The writer flushes every few milliseconds; a slot a stalled client has not finished holds it
+  // up, and then the next tick tries again rather than stall the tick loop.
+  for (int i = 0; i < 200 && e.durableLedgerSeq() < target; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  return e.durableLedgerSeq() >= target;
+}
+
+bool Agent::backdateDay(std::int32_t today) {
+  RegionAdmin& a = *admin_;
+  const std::int32_t current = a.day();
+  // Everything booked under today's date and under the future dates the early rollover started
+  // happened today in reality (as far as this host can tell: the ledger's times came from the
+  // same wrong clock); the rollovers zeroed it in the region. The ledger has it all. So each
+  // daily layer becomes what the ledger holds from today on, up to entry `target`, plus what
+  // the region booked after that: committed += ledger - (region's committed when `target` was
+  // taken). The region's committed is read first, so a commit in between counts twice (for
+  // microseconds, and on the side of refusing) rather than not at all.
+  const std::vector<std::pair<std::string, std::int64_t>> before = a.dailyCommitted();
+  const std::uint64_t target = a.header().ledger_tail.load(std::memory_order_acquire);
+  if (!drainLedgerTo(target)) return false;
+  std::vector<LedgerTotal> totals;
+  try {
+    std::lock_guard lock(settings_mu_);
+    totals = settings_->tenantTotalsFrom(today, target);
+  } catch (const LedgerError& e) {
+    log::error("budget_day_not_corrected", {{"error", e.what()}});
+    return false;
+  }
+  std::map<std::string, std::int64_t> delta;
+  LedgerTotal platform;
+  for (const auto& [id, committed] : before) delta[id] -= committed;
+  for (const LedgerTotal& t : totals) {
+    if (validIdText(t.id)) delta[t.id] += t.cost_nano_usd;   // an old ledger's bad id: the platform only
+    platform.cost_nano_usd += t.cost_nano_usd;
+    platform.prompt_tokens += t.prompt_tokens;
+    platform.completion_tokens += t.completion_tokens;
+    platform.calls += t.calls;
+  }
+  delta[std::string()] += platform.cost_nano_usd;
+  if (Status s = a.backdate(today, {delta.begin(), delta.end()}); !s.ok()) {
+    log::error("budget_day_not_corrected", {{"error", s.message()}});
+    if (a.day() != today) return false;
+  }
+  // Token and call statistics: from the same totals.
+  for (const auto& [id, committed] : before) {
+    if (!id.empty()) a.setStats(LimitTable::kTenant, id, 0, 0, 0);
+  }
+  for (const LedgerTotal& t : totals) a.setStats(LimitTable::kTenant, t.id, t.prompt_tokens, t.completion_tokens, t.calls);
+  a.setStats(LimitTable::kTenant, {}, platform.prompt_tokens, platform.completion_tokens, platform.calls);
+  log::warn("budget_day_corrected", {{"day", DayClock::format(today)},
+                                     {"was", DayClock::format(current)},
+                                     {"platform_committed_usd", NanoUsd(a.engine().platform().committed).toString()},
+                                     {"tenants", totals.size()},
+                                     {"why", "the clock was stepped back after a step forward rolled the day over"}});
+  return true;
+}
+
 void Agent::run(std::stop_token stop) {
+  writer_running_ = true;
+  struct WriterStopped {   // destroyed after the writer thread below is joined
+    std::atomic<bool>& running;
+    ~WriterStopped() { running = false; }
+  } writer_stopped{writer_running_};
   std::jthread writer([this](std::stop_token s) { writer_->run(s); });
   std::jthread central;
   if (central_) central = std::jthread([this](std::stop_token s) { central_->run(s); });
@@ -485,10 +584,18 @@ void Agent::setKill(const std::string& reason, std::int64_t ttl_s) {
 
 void Agent::clearKill() {
   std::lock_guard lock(settings_mu_);
-  settings_->saveKill({false, {}, toUnixNs(clock_()), 0, !fleetKill()});   // throws LedgerError: nothing changed
+  // As setKill: into the region first, so that an operator can turn it off with the disk full
+  // (a kill switch that can be turned on but not off is an outage), then saved.
   admin_->clearKill();
-  if (fleetKill()) central_->publishKill(false, {}, 0);
   alerter_->killChanged(false, {}, "admin_api");
+  if (fleetKill()) central_->publishKill(false, {}, 0);
+  try {
+    settings_->saveKill({false, {}, toUnixNs(clock_()), 0, !fleetKill()});
+  } catch (const LedgerError& e) {
+    log::error("kill_switch_not_saved", {{"error", e.what()}, {"active", false}});
+    throw NotSavedError(std::string("the kill switch is off but could not be saved, so a restart would turn it on "
+                                    "again: ") + e.what());
+  }
 }
 
 void Agent::applyFleetKill(bool active, const std::string& reason, std::int64_t expires_unix_ns) {

@@ -32,6 +32,13 @@ class AgentError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A config value, or what it names on this host (the data dir, the time zone), is unusable: a
+// restart cannot fix it, so tokenfused exits 2, which systemd does not restart.
+class AgentConfigError : public AgentError {
+ public:
+  using AgentError::AgentError;
+};
+
 // An admin change is in force, but saving it failed, so a restart would undo it.
 class NotSavedError : public AgentError {
  public:
@@ -80,7 +87,8 @@ class Agent {
   Status setLimit(Scope scope, const std::string& id, std::optional<NanoUsd> limit);
   // Forgets the admin API's limit: the config file's (or the default) applies again.
   Status resetLimit(Scope scope, const std::string& id);
-  // ttl_s 0: until turned off.
+  // ttl_s 0: until turned off. Both apply to the region first, then save (NotSavedError: in
+  // force, but not saved), so the kill switch turns off with the disk full as it turns on.
   void setKill(const std::string& reason, std::int64_t ttl_s);
   void clearKill();
 
@@ -98,6 +106,11 @@ class Agent {
   Status applyLimit(Scope scope, const std::string& id, std::optional<std::optional<NanoUsd>> limit);
   void lockDataDir();
   void rebuildFromLedger(std::int32_t today);
+  // The clock's day is behind the region's budget day: after kClockBehindGraceNs of that, the
+  // budget day goes back to `today`, with its spending rebuilt from the ledger. Returns whether.
+  bool backdateDay(std::int32_t today);
+  // Waits (briefly) until the ledger writer has made every entry before `target` durable.
+  bool drainLedgerTo(std::uint64_t target);
   void resyncStatsFromLedger();
 
   Config config_;
@@ -117,6 +130,14 @@ class Agent {
   bool adopted_ = false;
   bool warned_clock_behind_ = false;
   std::atomic<bool> region_damaged_{false};
+  // A clock corrected after a step forward reads a day before the budget day. The budget day
+  // follows it back once it has stayed behind this long: a lasting correction, not one odd
+  // reading (a VM resuming, two time sources fighting), which must not move the day to and fro;
+  // short enough that daily budgets are right again within a minute or two.
+  static constexpr std::int64_t kClockBehindGraceNs = std::int64_t{60} * 1'000'000'000;
+  static constexpr std::int64_t kNotBehind = INT64_MIN;
+  std::int64_t behind_since_ns_ = kNotBehind;   // the clock's time when it was first seen behind
+  std::atomic<bool> writer_running_{false};     // run()'s ledger writer thread is on
 };
 
 std::int64_t toUnixNs(std::chrono::system_clock::time_point t) noexcept;

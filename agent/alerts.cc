@@ -202,7 +202,9 @@ void Alerter::raise(const Event& e) {
       f.bind(5, now);
       if (f.exec() == 0) return;   // fired before (this day, this scope, this level)
     }
-    const std::string text = body.dump();
+    // An id that is not UTF-8 (an old ledger's, a region written by someone else) is shown with
+    // U+FFFD: one such id must not stop the alerts of every tenant.
+    const std::string text = body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     for (std::size_t i = 0; i < config_.notifiers.size(); ++i) {
       SQLite::Statement q(*db_, "INSERT INTO alert_outbox (notifier, body, next_unix_ns) VALUES (?, ?, ?)");
       q.bind(1, static_cast<std::int64_t>(i));

@@ -1,14 +1,18 @@
 #include "config.h"
 
+#include "day_clock.h"
+#include "ids.h"
 #include "pricing.h"
 #include "region.h"
 
+#include <arpa/inet.h>
 #include <toml++/toml.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <bit>
 #include <charconv>
+#include <filesystem>
 #include <fstream>
 #include <initializer_list>
 #include <sstream>
@@ -119,6 +123,9 @@ void forEachId(const toml::table* t, const std::string& origin, const std::strin
     const std::string id(k.str());
     const std::string key = prefix + "\"" + id + "\"";
     if (id.empty() || id.size() > 128) fail(origin, key, std::string(what) + " must be 1 to 128 bytes");
+    if (!validIdText(id)) {   // TOML text is UTF-8, but "\u0000" escapes a NUL into a key
+      fail(origin, prefix + "\"" + displayId(id) + "\"", std::string(what) + " must not hold NUL (\\u0000)");
+    }
     read(id, v, key);
   }
 }
@@ -196,8 +203,9 @@ Config parseConfig(const std::string& text, const std::string& origin) {
     c.shm_name = getString(*a, "shm_name", origin, "agent.shm_name", c.shm_name);
     if (auto p = validateShmName(c.shm_name); !p.empty()) fail(origin, "agent.shm_name", p);
     c.data_dir = getString(*a, "data_dir", origin, "agent.data_dir", c.data_dir);
-    if (c.data_dir.empty()) fail(origin, "agent.data_dir", "must not be empty");
+    if (auto p = dataDirProblem(c.data_dir); !p.empty()) fail(origin, "agent.data_dir", p);
     c.timezone = getString(*a, "timezone", origin, "agent.timezone", c.timezone);
+    if (auto p = timezoneProblem(c.timezone); !p.empty()) fail(origin, "agent.timezone", p);
     c.log_level = getString(*a, "log_level", origin, "agent.log_level", c.log_level);
     if (c.log_level != "trace" && c.log_level != "debug" && c.log_level != "info" && c.log_level != "warn" &&
         c.log_level != "error") {
@@ -400,6 +408,12 @@ void parseListen(const std::string& text, const std::string& key, Config* config
   }
   std::string host = text.substr(0, colon);
   if (host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  // An address, not a name: a name is looked up only when the agent starts (and may fail then,
+  // which --check-config would not have seen).
+  unsigned char addr[16];
+  if (host != "localhost" && ::inet_pton(AF_INET, host.c_str(), addr) != 1 && ::inet_pton(AF_INET6, host.c_str(), addr) != 1) {
+    throw ConfigError(key + ": '" + host + "' is not an IP address (e.g. 127.0.0.1 or [::1]) or localhost");
+  }
   int port = -1;
   const std::string p = text.substr(colon + 1);
   const auto [end, ec] = std::from_chars(p.data(), p.data() + p.size(), port);
@@ -408,6 +422,23 @@ void parseListen(const std::string& text, const std::string& key, Config* config
   }
   config->http_host = host;
   config->http_port = port;
+}
+
+std::string dataDirProblem(const std::string& path) {
+  if (path.empty()) return "must not be empty";
+  std::error_code ec;
+  const auto st = std::filesystem::status(path, ec);
+  if (std::filesystem::exists(st) && !std::filesystem::is_directory(st)) return "'" + path + "' exists and is not a directory";
+  return {};
+}
+
+std::string timezoneProblem(const std::string& zone) {
+  try {
+    DayClock days(zone);
+    return {};
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  }
 }
 
 Config loadConfig(const std::string& path) {

@@ -121,6 +121,9 @@ Config loadConfig(const std::string& path);
 // Parses "127.0.0.1:8787", "[::1]:0" or "off" into config.http_host/http_port. Throws ConfigError
 // naming `key`.
 void parseListen(const std::string& text, const std::string& key, Config* config);
+// What is wrong with a data dir or a time zone, or "" (also for the command line's overrides).
+std::string dataDirProblem(const std::string& path);
+std::string timezoneProblem(const std::string& zone);
 // Parses a redis:// URL. Returns what is wrong with it, or "" (and sets *out).
 std::string parseRedisUrl(const std::string& url, RedisEndpoint* out);
 // Parses TOML text over the defaults; `origin` names it in messages. Throws ConfigError.

@@ -1,6 +1,7 @@
 #include "http_api.h"
 
 #include "day_clock.h"
+#include "ids.h"
 #include "layout.h"
 
 #include <httplib.h>
@@ -13,7 +14,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <charconv>
+#include <cstring>
 #include <chrono>
 #include <fstream>
 #include <random>
@@ -50,6 +53,8 @@ std::string text(const json& j, const char* name, bool required, std::size_t max
   const std::string& s = it->get_ref<const std::string&>();
   if (required && s.empty()) throw BadRequest{400, name, "must not be empty"};
   if (s.size() > max) throw BadRequest{400, name, "may be at most " + std::to_string(max) + " bytes"};
+  // JSON text is UTF-8 already, but "\u0000" puts a NUL into it.
+  if (!validIdText(s)) throw BadRequest{400, name, "must be valid UTF-8 without NUL bytes"};
   return s;
 }
 
@@ -79,7 +84,9 @@ std::optional<NanoUsd> limitField(const json& j, const char* name) {
 
 void reply(httplib::Response& res, int status, const json& body) {
   res.status = status;
-  res.set_content(body.dump(), "application/json");
+  // Bytes that are not UTF-8 (an old ledger's, a region written by someone else) become U+FFFD
+  // rather than an exception: an answer about them is still an answer.
+  res.set_content(body.dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
 }
 
 void denial(httplib::Response& res, const Decision& d, std::string_view project_id) {
@@ -97,6 +104,40 @@ std::uint64_t reservationId(const httplib::Request& req) {
   std::uint64_t id = 0;
   const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), id);
   if (ec != std::errc{} || end != s.data() + s.size()) throw BadRequest{404, "reservation_id", "no such reservation"};
+  return id;
+}
+
+int hexDigit(char c) {
+  return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+// The id in /v1/{collection}/{id}{suffix}, taken from the raw request target and percent-decoded
+// here: cpp-httplib decodes the path before it routes, so an id holding %2F would otherwise be
+// split into two segments (and never reach the route). Routes therefore match the decoded path
+// loosely and every handler takes its id from here. Throws BadRequest naming `field`.
+std::string pathId(const httplib::Request& req, std::string_view prefix, std::string_view suffix, const char* field) {
+  std::string_view raw = req.target;
+  raw = raw.substr(0, raw.find('?'));
+  if (!raw.starts_with(prefix) || !raw.ends_with(suffix) || raw.size() < prefix.size() + suffix.size()) {
+    throw BadRequest{404, "path", "names no such endpoint"};
+  }
+  const std::string_view encoded = raw.substr(prefix.size(), raw.size() - prefix.size() - suffix.size());
+  if (encoded.find('/') != std::string_view::npos) throw BadRequest{404, "path", "names no such endpoint"};
+  std::string id;
+  for (std::size_t i = 0; i < encoded.size(); ++i) {
+    if (encoded[i] != '%') {
+      id += encoded[i];
+      continue;
+    }
+    const int hi = i + 2 < encoded.size() ? hexDigit(encoded[i + 1]) : -1;
+    const int lo = hi >= 0 ? hexDigit(encoded[i + 2]) : -1;
+    if (lo < 0) throw BadRequest{400, field, "has a '%' that is not followed by two hex digits"};
+    id += static_cast<char>(hi * 16 + lo);
+    i += 2;
+  }
+  if (id.empty()) throw BadRequest{400, field, "must not be empty"};
+  if (id.size() > shm::kKeyMax) throw BadRequest{400, field, "may be at most " + std::to_string(shm::kKeyMax) + " bytes"};
+  if (!validIdText(id)) throw BadRequest{400, field, "must be valid UTF-8 without NUL bytes"};
   return id;
 }
 
@@ -147,6 +188,19 @@ void raiseBacklog(int port) {
   }
 }
 
+// Compares in time that depends only on the expected value's length, so that how long a refusal
+// takes does not tell a guesser how many leading characters were right.
+bool sameSecret(std::string_view given, std::string_view expected) noexcept {
+  unsigned diff = given.size() == expected.size() ? 0u : 1u;
+  for (std::size_t i = 0; i < expected.size(); ++i) {
+    const char g = i < given.size() ? given[i] : '\0';
+    diff |= static_cast<unsigned char>(g ^ expected[i]);
+  }
+  // Through a volatile, so that the compiler cannot turn the loop into an early exit.
+  volatile unsigned result = diff;
+  return result == 0;
+}
+
 bool loopbackHost(const std::string& host) {
   std::string h = host;
   if (!h.empty() && h.front() == '[') {
@@ -160,12 +214,38 @@ bool loopbackHost(const std::string& host) {
 }  // namespace
 
 std::string loadOrCreateToken(const std::string& path) {
-  std::ifstream in(path);
-  if (in) {
+  // O_NOFOLLOW: the file itself must be checked, not what a link points at.
+  const int rfd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  if (rfd >= 0) {
+    struct stat st{};
+    const bool stated = ::fstat(rfd, &st) == 0;
     std::string token;
-    std::getline(in, token);
-    if (token.size() < 16) throw std::runtime_error(path + ": the admin token is shorter than 16 characters");
+    char buf[512];
+    const ssize_t n = stated ? ::read(rfd, buf, sizeof buf) : -1;
+    ::close(rfd);
+    if (!stated || n < 0) throw ConfigError(path + ": cannot read the admin token file");
+    // Whoever can read the token can turn the kill switch off and lift every limit; whoever can
+    // write it can choose the token. Only the agent's own user may do either.
+    if (st.st_uid != ::geteuid()) {
+      throw ConfigError(path + ": the admin token file is owned by uid " + std::to_string(st.st_uid) +
+                        ", not by the agent's user (uid " + std::to_string(::geteuid()) + "): chown it to that user, " +
+                        "or delete it and the agent creates a new one");
+    }
+    if ((st.st_mode & 077) != 0 || !S_ISREG(st.st_mode)) {
+      char mode[8];
+      std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+      throw ConfigError(path + ": the admin token file has mode " + mode +
+                        ", so group or others can read or write it: chmod 600 " + path +
+                        " (and give out a new token: delete the file and restart)");
+    }
+    token.assign(buf, static_cast<std::size_t>(n));
+    token = token.substr(0, token.find('\n'));
+    if (token.size() < 16) throw ConfigError(path + ": the admin token is shorter than 16 characters");
     return token;
+  }
+  if (errno != ENOENT) {
+    throw ConfigError(path + ": cannot open the admin token file: " + std::strerror(errno) +
+                      (errno == ELOOP ? " (it is a symbolic link: use the file itself)" : ""));
   }
   std::random_device rd;
   static constexpr char kHex[] = "0123456789abcdef";
@@ -175,12 +255,14 @@ std::string loadOrCreateToken(const std::string& path) {
     token += kHex[b >> 4];
     token += kHex[b & 15];
   }
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0) throw std::runtime_error(path + ": cannot create the admin token file");
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0) throw ConfigError(path + ": cannot create the admin token file: " + std::strerror(errno));
+  // 0600 whatever the umask: open()'s mode is masked by it, fchmod's is not.
   const std::string line = token + "\n";
-  const bool ok = ::write(fd, line.data(), line.size()) == static_cast<ssize_t>(line.size());
+  const bool ok = ::fchmod(fd, 0600) == 0 &&
+                  ::write(fd, line.data(), line.size()) == static_cast<ssize_t>(line.size()) && ::fsync(fd) == 0;
   ::close(fd);
-  if (!ok) throw std::runtime_error(path + ": cannot write the admin token file");
+  if (!ok) throw ConfigError(path + ": cannot write the admin token file");
   return token;
 }
 
@@ -246,7 +328,7 @@ void HttpApi::routes() {
     reply(res, res.status, {{"error", res.status == 404 ? "not_found" : "bad_request"}, {"message", what}});
   });
   auto admin_only = [this](const httplib::Request& req) {
-    if (req.get_header_value("Authorization") != "Bearer " + options_.admin_token) {
+    if (!sameSecret(req.get_header_value("Authorization"), "Bearer " + options_.admin_token)) {
       throw BadRequest{401, "Authorization", "must be 'Bearer <token>' with the token from the agent's token file"};
     }
   };
@@ -341,12 +423,14 @@ void HttpApi::routes() {
     reply(res, 201, {{"cost_usd", d.cost.toString()}, {"ledger_seq", d.ledger_seq}});
   });
 
-  s.Get(R"(/v1/tenants/([^/]{1,128}))", [this](const httplib::Request& req, httplib::Response& res) {
-    const std::string id = req.matches[1];
+  // Ids in paths: the routes match the decoded path loosely (an id may hold '/'); pathId() takes
+  // the id from the raw target.
+  s.Get(R"(/v1/tenants/([\s\S]+))", [this](const httplib::Request& req, httplib::Response& res) {
+    const std::string id = pathId(req, "/v1/tenants/", "", "project_id");
     reply(res, 200, budgetJson("project_id", id, engine_.tenant(id)));
   });
-  s.Get(R"(/v1/runs/([^/]{1,128}))", [this](const httplib::Request& req, httplib::Response& res) {
-    const std::string id = req.matches[1];
+  s.Get(R"(/v1/runs/([\s\S]+))", [this](const httplib::Request& req, httplib::Response& res) {
+    const std::string id = pathId(req, "/v1/runs/", "", "run_id");
     reply(res, 200, budgetJson("run_id", id, engine_.run(id)));
   });
   s.Get("/v1/platform", [this](const httplib::Request&, httplib::Response& res) {
@@ -360,28 +444,29 @@ void HttpApi::routes() {
            : scope == Agent::Scope::kRun  ? budgetJson("run_id", id, engine_.run(id))
                                           : budgetJson("scope", "platform", engine_.platform());
   };
-  auto put_limit = [this, admin_only, view_of](Agent::Scope scope, const char* id_field, const char* limit_field) {
+  auto prefixOf = [](Agent::Scope scope) { return scope == Agent::Scope::kTenant ? "/v1/tenants/" : "/v1/runs/"; };
+  auto put_limit = [this, admin_only, view_of, prefixOf](Agent::Scope scope, const char* id_field, const char* limit_field) {
     return [=, this](const httplib::Request& req, httplib::Response& res) {
       admin_only(req);
-      const std::string id = scope == Agent::Scope::kPlatform ? std::string() : std::string(req.matches[1]);
+      const std::string id = scope == Agent::Scope::kPlatform ? std::string() : pathId(req, prefixOf(scope), "/limit", id_field);
       const std::optional<NanoUsd> limit = limitField(parseBody(req), limit_field);
       if (Status st = agent_.setLimit(scope, id, limit); !st.ok()) throw BadRequest{400, id_field, st.message()};
       reply(res, 200, view_of(scope, id));
     };
   };
-  auto reset_limit = [this, admin_only, view_of](Agent::Scope scope, const char* id_field) {
+  auto reset_limit = [this, admin_only, view_of, prefixOf](Agent::Scope scope, const char* id_field) {
     return [=, this](const httplib::Request& req, httplib::Response& res) {
       admin_only(req);
-      const std::string id = scope == Agent::Scope::kPlatform ? std::string() : std::string(req.matches[1]);
+      const std::string id = scope == Agent::Scope::kPlatform ? std::string() : pathId(req, prefixOf(scope), "/limit", id_field);
       if (Status st = agent_.resetLimit(scope, id); !st.ok()) throw BadRequest{400, id_field, st.message()};
       reply(res, 200, view_of(scope, id));
     };
   };
-  s.Put(R"(/v1/tenants/([^/]{1,128})/limit)", put_limit(Agent::Scope::kTenant, "project_id", "daily_limit_usd"));
-  s.Put(R"(/v1/runs/([^/]{1,128})/limit)", put_limit(Agent::Scope::kRun, "run_id", "limit_usd"));
+  s.Put(R"(/v1/tenants/([\s\S]+)/limit)", put_limit(Agent::Scope::kTenant, "project_id", "daily_limit_usd"));
+  s.Put(R"(/v1/runs/([\s\S]+)/limit)", put_limit(Agent::Scope::kRun, "run_id", "limit_usd"));
   s.Put("/v1/platform/limit", put_limit(Agent::Scope::kPlatform, "scope", "daily_limit_usd"));
-  s.Delete(R"(/v1/tenants/([^/]{1,128})/limit)", reset_limit(Agent::Scope::kTenant, "project_id"));
-  s.Delete(R"(/v1/runs/([^/]{1,128})/limit)", reset_limit(Agent::Scope::kRun, "run_id"));
+  s.Delete(R"(/v1/tenants/([\s\S]+)/limit)", reset_limit(Agent::Scope::kTenant, "project_id"));
+  s.Delete(R"(/v1/runs/([\s\S]+)/limit)", reset_limit(Agent::Scope::kRun, "run_id"));
   s.Delete("/v1/platform/limit", reset_limit(Agent::Scope::kPlatform, "scope"));
 
   auto kill_json = [this] {

@@ -48,7 +48,8 @@ class HttpApi {
 };
 
 // Reads the admin token from `path`, creating it (mode 0600, 32 random bytes in hex) if missing.
-// Throws std::runtime_error naming the file.
+// Refuses (ConfigError naming the file and the fix) a token file that group or others may read
+// or write, or that another user owns.
 std::string loadOrCreateToken(const std::string& path);
 
 }  // namespace tokenfuse

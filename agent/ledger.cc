@@ -65,9 +65,11 @@ CREATE TABLE IF NOT EXISTS kill_switch (
 );
 )sql";
 
-void bindText(SQLite::Statement& q, int i, const std::string& s) {
-  if (s.empty()) {
-    q.bind(i);   // NULL, as the reference stores an absent agent, run or provider
+// '' stays '' for agent_id and provider, as the reference stores them (its provider is NOT
+// NULL); an absent run is NULL, as the reference's `UUID(run_id) if run_id else None` makes it.
+void bindText(SQLite::Statement& q, int i, const std::string& s, bool empty_is_null) {
+  if (s.empty() && empty_is_null) {
+    q.bind(i);
   } else {
     q.bindNoCopy(i, s);
   }
@@ -168,10 +170,10 @@ std::size_t Ledger::append(std::vector<LedgerEntry>& entries) {
       q.bind(4, e.day);
       q.bindNoCopy(5, e.kind);
       q.bindNoCopy(6, e.project_id);
-      bindText(q, 7, e.agent_id);
-      bindText(q, 8, e.run_id);
+      bindText(q, 7, e.agent_id, false);
+      bindText(q, 8, e.run_id, true);
       q.bindNoCopy(9, e.model);
-      bindText(q, 10, e.provider);
+      bindText(q, 10, e.provider, false);
       q.bind(11, e.prompt_tokens);
       q.bind(12, e.completion_tokens);
       q.bind(13, e.cost_nano_usd);
@@ -234,6 +236,25 @@ LedgerTotal Ledger::platformTotal(std::int32_t day) {
   q.bind(1, day);
   q.executeStep();
   return total(q);
+}
+
+std::vector<LedgerTotal> Ledger::tenantTotalsFrom(std::int32_t first_day, std::uint64_t max_seq) {
+  // spend_by_day's sums (a row a tenant and day, cheap), less the few entries after max_seq.
+  try {
+    SQLite::Statement q(*db_,
+                        "SELECT project_id, SUM(c), SUM(p), SUM(k), SUM(n), MAX(u) FROM ("
+                        "SELECT project_id, cost_nano_usd AS c, prompt_tokens AS p, completion_tokens AS k, calls AS n, "
+                        "updated_seq AS u FROM spend_by_day WHERE day >= ?1 UNION ALL "
+                        "SELECT project_id, -cost_nano_usd, -prompt_tokens, -completion_tokens, -1, 0 FROM budget_ledger "
+                        "WHERE seq > ?2 AND day >= ?1) GROUP BY project_id ORDER BY project_id");
+    q.bind(1, first_day);
+    q.bind(2, static_cast<std::int64_t>(std::min<std::uint64_t>(max_seq, INT64_MAX)));
+    std::vector<LedgerTotal> out;
+    while (q.executeStep()) out.push_back(total(q));
+    return out;
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("reading spend_by_day: ") + e.what());
+  }
 }
 
 std::vector<LedgerTotal> Ledger::runTotals() {
@@ -396,10 +417,10 @@ nlohmann::json toJson(const LedgerEntry& e) {
           {"created_at", isoTime(e.unix_ns)},
           {"kind", e.kind},
           {"project_id", e.project_id},
-          {"agent_id", optional(e.agent_id)},
+          {"agent_id", e.agent_id},   // '' stays '' (an old ledger's NULL reads as '' too)
           {"run_id", optional(e.run_id)},
           {"model", e.model},
-          {"provider", optional(e.provider)},
+          {"provider", e.provider},
           {"prompt_tokens", e.prompt_tokens},
           {"completion_tokens", e.completion_tokens},
           {"cost_usd", NanoUsd(e.cost_nano_usd).toString()},

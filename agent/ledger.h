@@ -94,6 +94,9 @@ class Ledger {
 
   std::vector<LedgerTotal> tenantTotals(std::int32_t day);
   LedgerTotal platformTotal(std::int32_t day);
+  // Each tenant's totals over budget days from `first_day` on, counting entries up to `max_seq`
+  // only (the agent moves the budget day back after a corrected clock step: see Agent::tick).
+  std::vector<LedgerTotal> tenantTotalsFrom(std::int32_t first_day, std::uint64_t max_seq);
   std::vector<LedgerTotal> runTotals();   // runs are budgeted over their whole life
   std::vector<LedgerEntry> list(const LedgerFilter& filter);
   std::string integrityCheck();           // "ok", or what SQLite found

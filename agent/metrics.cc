@@ -1,5 +1,7 @@
 #include "metrics.h"
 
+#include "ids.h"
+
 #include "admin.h"
 #include "alerts.h"
 #include "capacity.h"
@@ -114,7 +116,7 @@ class RegionCollector final : public prometheus::Collectable {
       BudgetView v = admin_.engine().tenant(id);
       const double spent = static_cast<double>(v.committed.count() + v.elsewhere.count());
       const double key = v.limit && v.limit->count() > 0 ? 1e6 + spent / static_cast<double>(v.limit->count()) : spent / 1e18;
-      rows.push_back({std::string(id), v, key});
+      rows.push_back({displayId(id), v, key});   // a label must be UTF-8, whatever the region holds
     });
     constexpr std::size_t kTenantSeries = 100;
     if (rows.size() > kTenantSeries) {

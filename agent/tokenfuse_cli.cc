@@ -82,7 +82,7 @@ int adminRequest(const AdminEndpoint& ep, const std::string& method, const std::
   http.set_read_timeout(30);
   httplib::Headers headers;
   if (!token.empty()) headers.emplace("Authorization", "Bearer " + token);
-  const std::string payload = body.is_null() ? std::string() : body.dump();
+  const std::string payload = body.is_null() ? std::string() : body.dump(-1, ' ', false, json::error_handler_t::replace);
   httplib::Result r = method == "PUT"      ? http.Put(path.c_str(), headers, payload, "application/json")
                       : method == "DELETE" ? http.Delete(path.c_str(), headers)
                                            : http.Get(path.c_str(), headers);
@@ -108,7 +108,7 @@ int adminRequest(const AdminEndpoint& ep, const std::string& method, const std::
 
 void printKill(const json& k, bool as_json) {
   if (as_json) {
-    std::cout << k.dump(2) << "\n";
+    std::cout << k.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
   } else if (k.value("active", false)) {
     std::printf("kill switch ON: %s\n", k.value("reason", "").c_str());
   } else {
@@ -118,7 +118,7 @@ void printKill(const json& k, bool as_json) {
 
 void printLimit(const json& v, bool as_json) {
   if (as_json) {
-    std::cout << v.dump(2) << "\n";
+    std::cout << v.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
     return;
   }
   const json& limit = v["limit_usd"];
@@ -187,7 +187,7 @@ int ledgerCommand(const std::string& data_dir, bool list, const LedgerFilter& fi
                       e.reservation_id == 0 ? "" : std::to_string(e.reservation_id).c_str());
         }
       } else if (format == "jsonl" || as_json) {
-        for (const LedgerEntry& e : rows) std::printf("%s\n", toJson(e).dump().c_str());
+        for (const LedgerEntry& e : rows) std::printf("%s\n", toJson(e).dump(-1, ' ', false, json::error_handler_t::replace).c_str());
       } else {
         std::printf("%8s  %-24s  %-16s  %-16s  %-20s  %9s  %9s  %14s\n", "seq", "created_at", "project_id", "run_id",
                     "model", "prompt", "compl", "cost_usd");
@@ -217,7 +217,7 @@ int ledgerCommand(const std::string& data_dir, bool list, const LedgerFilter& fi
                        {"prompt_tokens", t.prompt_tokens}, {"completion_tokens", t.completion_tokens},
                        {"calls", t.calls}});
       }
-      std::cout << out.dump(2) << "\n";
+      std::cout << out.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
     } else {
       std::printf("%-32s  %14s  %10s  %12s  %12s   (budget day %s)\n", "project_id", "cost_usd", "calls", "prompt",
                   "completion", civilDay(day).c_str());
@@ -410,7 +410,7 @@ int main(int argc, char** argv) {
                           {"abandoned_slots", info.ledger_abandoned}}},
                         {"kill_switch", {{"active", kill.active}, {"reason", kill.reason}}},
                         {"platform", budgetJson(platform)}}
-                       .dump(2)
+                       .dump(2, ' ', false, json::error_handler_t::replace)
                 << "\n";
     } else {
       std::printf("region     /%s  layout v%u  %llu bytes  agent pid %d (heartbeat %.1fs ago)\n", info.shm_name.c_str(),
@@ -430,7 +430,7 @@ int main(int argc, char** argv) {
   if (*usage || *run) {
     const BudgetView v = *usage ? client->tenant(project) : client->run(run_id);
     if (as_json) {
-      std::cout << budgetJson(v).dump(2) << "\n";
+      std::cout << budgetJson(v).dump(2, ' ', false, json::error_handler_t::replace) << "\n";
     } else {
       printBudget(*usage ? "tenant" : "run", v);
     }
@@ -443,7 +443,7 @@ int main(int argc, char** argv) {
       out["error_code"] = d.errorCode();
       out["message"] = describe(d, project);
     }
-    std::cout << out.dump(2) << "\n";
+    std::cout << out.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
   } else if (d.allowed()) {
     std::printf("allowed (estimated $%s)\n", d.cost.toString().c_str());
   } else {

@@ -39,7 +39,10 @@ int main(int argc, char** argv) {
       if (auto p = validateShmName(shm_name); !p.empty()) throw ConfigError("--shm-name: " + p);
       config.shm_name = shm_name;
     }
-    if (!data_dir.empty()) config.data_dir = data_dir;
+    if (!data_dir.empty()) {
+      if (auto p = dataDirProblem(data_dir); !p.empty()) throw ConfigError("--data-dir: " + p);
+      config.data_dir = data_dir;
+    }
     if (!log_level.empty()) config.log_level = log_level;
     if (!listen.empty()) parseListen(listen, "--listen", &config);
     checkRegionFits(config);   // before anything is created: a region too large is a config error
@@ -120,6 +123,12 @@ int main(int argc, char** argv) {
     }
     log::info("agent_stopped", {{"shm_name", config.shm_name}});
     return 0;
+  } catch (const AgentConfigError& e) {   // a restart cannot fix these: exit 2 (see the unit)
+    log::error("agent_start_failed", {{"error", e.what()}, {"exit_code", 2}});
+    return 2;
+  } catch (const ConfigError& e) {
+    log::error("agent_start_failed", {{"error", e.what()}, {"exit_code", 2}});
+    return 2;
   } catch (const std::exception& e) {
     log::error("agent_start_failed", {{"error", e.what()}});
     return 1;

@@ -2,6 +2,7 @@
 
 #include "budget_table.h"
 #include "client_lock.h"
+#include "ids.h"
 #include "proc.h"
 
 #include <unordered_map>
@@ -23,6 +24,7 @@ std::string idProblem(LimitTable t, std::string_view id) {
     return std::string(what) + " is " + std::to_string(id.size()) + " bytes; the most is " +
            std::to_string(shm::kKeyMax);
   }
+  if (!validIdText(id)) return std::string(what) + " must be valid UTF-8 without NUL bytes";
   return {};
 }
 
@@ -180,8 +182,8 @@ void RegionAdmin::forEachExplicit(LimitTable t,
 }
 
 Status RegionAdmin::setPrice(std::string_view model, Price price) {
-  if (model.empty() || model.size() > shm::kKeyMax) {
-    return Status::error("model name must be 1 to " + std::to_string(shm::kKeyMax) + " bytes");
+  if (model.empty() || model.size() > shm::kKeyMax || !validIdText(model)) {
+    return Status::error("model name must be 1 to " + std::to_string(shm::kKeyMax) + " bytes of UTF-8 without NUL");
   }
   if (auto p = priceProblem(price); !p.empty()) return Status::error(std::string(model) + ": " + p);
   const KeyedTable<shm::ModelSlot> models(region_.models(), region_.geometry().model_capacity);
@@ -413,5 +415,54 @@ void RegionAdmin::rollover(std::int32_t day) {
 }
 
 std::int32_t RegionAdmin::day() const noexcept { return region_.header().day.load(kAcquire); }
+
+std::vector<std::pair<std::string, std::int64_t>> RegionAdmin::dailyCommitted() const {
+  std::vector<std::pair<std::string, std::int64_t>> out;
+  out.emplace_back(std::string(), region_.header().platform.spend.committed());
+  const KeyedTable<shm::BudgetSlot> tenants = table(LimitTable::kTenant);
+  for (std::uint32_t i = 0; i < tenants.capacity(); ++i) {
+    const shm::BudgetSlot& s = tenants.at(static_cast<std::int32_t>(i));
+    if (shm::keyState(s.k.word.load(kAcquire)) != shm::kKeyReady) continue;
+    // The key is copied out and checked against the table's bound: another process may write it.
+    const std::uint32_t len = std::min<std::uint32_t>(s.k.key_len, shm::kKeyMax);
+    out.emplace_back(std::string(s.k.key, len), s.c.spend.committed());
+  }
+  return out;
+}
+
+Status RegionAdmin::backdate(std::int32_t day, const std::vector<std::pair<std::string, std::int64_t>>& delta) {
+  std::lock_guard lock(stats_mu_);   // against addStats, as rollover
+  shm::Header& h = region_.header();
+  // Find (or add) every layer first, so that a full table changes nothing.
+  std::vector<std::pair<shm::Counters*, std::int64_t>> layers;
+  for (const auto& [id, d] : delta) {
+    if (id.empty()) {
+      layers.emplace_back(&h.platform, d);
+      continue;
+    }
+    const auto& def = h.defaults.tenant_limit;
+    const Found f = table(LimitTable::kTenant).findOrInsert(id, engine_.regionPid(), [&](shm::BudgetSlot& s) noexcept {
+      s.c.limit.store(def.load(std::memory_order_seq_cst), kRelaxed);
+    });
+    if (f.index < 0) return Status::error("tenant table is full or busy: cannot bring back the spending of " + id);
+    layers.emplace_back(&table(LimitTable::kTenant).at(f.index).c, d);
+  }
+  h.day.store(day, kRelease);
+  bool all = true;
+  for (const auto& [c, d] : layers) {
+    if (d == 0) continue;
+    shm::Spend& s = c->spend;
+    shm::U128 cur = shm::packSpend(s.used(), s.committed());   // a torn read just fails the first CAS
+    bool done = false;
+    // Bounded: each failure means a client changed the layer meanwhile, which takes nanoseconds.
+    for (int tries = 0; !done && tries < (1 << 20); ++tries) {
+      const std::int64_t committed = shm::spendCommitted(cur);
+      const std::int64_t step = std::max(d, -committed);
+      done = shm::cas16(&s, &cur, shm::packSpend(shm::spendUsed(cur) + step, committed + step));
+    }
+    all = all && done;
+  }
+  return all ? Status{} : Status::error("a budget layer changed too often during the correction; its spending stays as it was");
+}
 
 }  // namespace tokenfuse

@@ -123,6 +123,15 @@ class RegionAdmin {
   void rollover(std::int32_t day);
   std::int32_t day() const noexcept;
 
+  // The committed spending of every daily layer: the platform (id "") and each tenant.
+  std::vector<std::pair<std::string, std::int64_t>> dailyCommitted() const;
+  // Moves the budget day back to `day` (a clock step forward, later corrected, rolled it over
+  // too early) and adds delta[id] to each daily layer's committed spending (and to its used), in
+  // one 16-byte compare-and-swap per layer, so that a commit landing meanwhile is neither lost nor
+  // counted twice; committed never goes below 0. Id "" is the platform. Fails, changing no day,
+  // if a tenant cannot be added to a full table.
+  Status backdate(std::int32_t day, const std::vector<std::pair<std::string, std::int64_t>>& delta);
+
   Engine& engine() noexcept { return engine_; }
   Region& region() noexcept { return region_; }
   shm::Header& header() noexcept { return region_.header(); }

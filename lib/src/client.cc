@@ -53,7 +53,7 @@ std::string describe(const Decision& d, std::string_view project_id) {
       return "Platform budget exhausted: used " + usd4(d.used) + " / " + usd4(d.limit) + " — all LLM calls suspended";
     case Code::kEmergencyKill: return "Emergency kill switch activated — contact platform admin";
     case Code::kInvalidArgument:
-      return "invalid argument: ids must be 1 to 128 bytes, token counts 0 to 4294967296";
+      return "invalid argument: ids must be 1 to 128 bytes of UTF-8 without NUL, token counts 0 to 4294967296";
     case Code::kCapacityExhausted:
       return "a tokenfuse table is full, so this call's limit cannot be enforced: raise the region's capacity";
     case Code::kUnknownReservation: return "no such reservation: already committed or released, or never made";

@@ -2,6 +2,7 @@
 
 #include "budget_table.h"
 #include "client_lock.h"
+#include "ids.h"
 #include "pricing.h"
 #include "proc.h"
 
@@ -164,6 +165,7 @@ Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept
       call.agent_id.size() > shm::kKeyMax) {
     return fail(Code::kInvalidArgument);
   }
+  if (!validIdText(call.project_id) || !validIdText(call.model) || !validIdText(call.run_id) || !validIdText(call.agent_id)) return fail(Code::kInvalidArgument);
   const Found model = models_.find(call.model);
   if (model.what == Lookup::kBusy) return fail(Code::kRegionBusy);
   site->model = model.what == Lookup::kFound ? model.index : CallSite::kNone;
@@ -365,7 +367,7 @@ shm::LedgerSlot* Engine::claimEntry(std::uint64_t* pos) noexcept {
 Decision Engine::commit(Reservation r, std::string_view provider, std::int64_t prompt,
                         std::int64_t completion) noexcept {
   if (lost()) return fail(Code::kRegionCorrupt);
-  if (!validTokens(prompt) || !validTokens(completion) || provider.size() > shm::kKeyMax) {
+  if (!validTokens(prompt) || !validTokens(completion) || provider.size() > shm::kKeyMax || !validIdText(provider)) {
     return fail(Code::kInvalidArgument);
   }
   // The ledger slot first: if the ring is full, nothing has changed and the caller may retry.
@@ -501,7 +503,7 @@ Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t mo
 
 Decision Engine::record(const Usage& u) noexcept {
   if (lost()) return fail(Code::kRegionCorrupt);
-  if (!validTokens(u.prompt_tokens) || !validTokens(u.completion_tokens) || u.provider.size() > shm::kKeyMax) {
+  if (!validTokens(u.prompt_tokens) || !validTokens(u.completion_tokens) || u.provider.size() > shm::kKeyMax || !validIdText(u.provider)) {
     return fail(Code::kInvalidArgument);
   }
   CallSite site;

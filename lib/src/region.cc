@@ -173,6 +173,7 @@ std::uint64_t regionBytes(const RegionSpec& spec) { return layoutFor(spec).total
 
 std::string validateShmName(const std::string& name) {
   if (name.empty() || name.size() > 200) return "shm name must be 1 to 200 characters";
+  if (name == "." || name == "..") return "shm name '" + name + "' names a directory, not a region";
   for (char ch : name) {
     const bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
                     ch == '.' || ch == '_' || ch == '-';
