@@ -42,7 +42,7 @@ class Metrics {
   std::string scrape() const;
 
  private:
-  static constexpr std::size_t kCodes = 12;   // kOk, E-BUDGET-001..004, the seven others
+  static constexpr std::size_t kCodes = 15;   // kOk, E-BUDGET-001..004, the ten others (100..109)
   static std::size_t codeIndex(Code code) noexcept;
 
   std::shared_ptr<prometheus::Registry> registry_;
