@@ -76,6 +76,8 @@ TEST_CASE("capacity: an agent on a fresh region with more run ids in its ledger 
     }
     entries.push_back(entry(++seq, today, "limited", "run-recent", 990'000'000));   // $0.99 of its $1.00
     ledger.append(entries);
+    // A limit saved through the admin API for an old run: it must be kept too.
+    ledger.saveLimit({"run", "run-0001", 500'000, nowNs()});
   }
 
   auto agent = f.start({"--recreate-region"});
@@ -91,10 +93,13 @@ TEST_CASE("capacity: an agent on a fresh region with more run ids in its ledger 
   CHECK(client->check("x", "gpt-4o", 4000, "run-0000").code == Code::kRunBudgetExhausted);
   CHECK(client->tenant("limited").committed == NanoUsd(990'000'000));
   CHECK(client->check("limited", "gpt-4o", 4000).code == Code::kTenantBudgetExhausted);
+  CHECK(client->run("run-0001").tracked);
+  CHECK(client->run("run-0001").limit == NanoUsd(500'000));
+  CHECK(client->check("x", "gpt-4o", 4000, "run-0001").code == Code::kRunBudgetExhausted);
   // The most recent run was kept; the oldest unlimited one was left out.
   CHECK(client->run("run-recent").tracked);
   CHECK(client->run("run-0600").tracked);
-  CHECK_FALSE(client->run("run-0001").tracked);
+  CHECK_FALSE(client->run("run-0002").tracked);
 
   const std::string m = metrics(f.httpPort());
   CHECK(sampleOf(m, R"(tokenfuse_capacity_left_out{table="run"})") > 0);
