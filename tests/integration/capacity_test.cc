@@ -2,6 +2,7 @@
 // start-up never fails for lack of table room, what did not fit is logged and exported, and a key
 // with a limit that cannot be tracked is refused on every path instead of spending unchecked.
 #include "agent_process.h"
+#include "central_support.h"
 
 #include <httplib.h>
 
@@ -209,6 +210,30 @@ TEST_CASE("capacity: an agent adopting a full tenant table starts when the confi
   CHECK(client->check("late", "gpt-4o", 4000).code == Code::kCapacityExhausted);
   CHECK(client->check("another-newcomer", "gpt-4o", 4000).code == Code::kCapacityExhausted);
   CHECK(client->check("t0", "gpt-4o", 4000).allowed());   // a tracked tenant is not affected
+}
+
+TEST_CASE("capacity: a tenant limit from the central Postgres that finds no table room makes untracked tenants "
+          "refused") {
+  PostgresServer postgres;
+  AgentFixture f("cap-central", "[central]\nlimits_interval_ms = 200\npostgres_url = \"" + postgres.url() + "\"\n");
+  auto agent = f.start();
+  auto client = f.waitForRegion(agent->pid());
+  for (int i = 0; i < 1000; ++i) (void)client->record({"t" + std::to_string(i), "gpt-4o", "openai", {}, {}, 1, 0});
+  REQUIRE(client->check("late", "gpt-4o", 4000).allowed());   // no limit anywhere yet
+  // The agent creates awooop_projects once its link is up.
+  REQUIRE(eventually([&] {
+    try {
+      postgres.query("INSERT INTO awooop_projects VALUES ('late', 1.00)");
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }));
+  CHECK(eventually([&] { return client->check("late", "gpt-4o", 4000).code == Code::kCapacityExhausted; }));
+  CHECK(client->check("t0", "gpt-4o", 4000).allowed());
+  // Once the limit is gone, untracked tenants without a limit may spend again.
+  postgres.query("DELETE FROM awooop_projects WHERE project_id = 'late'");
+  CHECK(eventually([&] { return client->check("late", "gpt-4o", 4000).allowed(); }));
 }
 
 TEST_CASE("capacity: --check-config rejects region capacities larger than the machine can map (exit 2)") {
