@@ -541,6 +541,7 @@ void CentralLink::pullLimits() {
   const pqxx::result rows = w.exec("SELECT project_id, budget_limit_usd::text FROM awooop_projects");
   w.commit();
   std::set<std::string> seen;
+  std::uint32_t limited_left_out = 0;   // limits with no table room: the library must know
   for (const auto& row : rows) {
     const std::string id = row[0].as<std::string>();
     std::optional<NanoUsd> limit;
@@ -554,6 +555,7 @@ void CentralLink::pullLimits() {
       }
     }
     if (Status s = admin_.setLimit(LimitTable::kTenant, id, limit); !s.ok()) {
+      if (limit) ++limited_left_out;
       log::warn("tenant_limit_skipped", {{"project_id", id}, {"error", s.message()}});
       continue;
     }
@@ -564,6 +566,7 @@ void CentralLink::pullLimits() {
     if (!seen.contains(id)) (void)admin_.clearLimit(LimitTable::kTenant, id);
   }
   fleet_limited_ = std::move(seen);
+  admin_.setLimitedUntracked(LimitTable::kTenant, limited_left_out, RegionAdmin::LimitSource::kCentral);
 }
 
 void CentralLink::writeTenantLimit(const std::string& project_id, std::optional<NanoUsd> limit) {

@@ -75,8 +75,13 @@ const std::atomic<std::int64_t>& RegionAdmin::defaultLimit(LimitTable t) const n
   return t == LimitTable::kTenant ? d.tenant_limit : d.run_limit;
 }
 
-void RegionAdmin::setLimitedUntracked(LimitTable t, std::uint32_t n) noexcept {
-  region_.header().defaults.limited_untracked[t == LimitTable::kTenant ? 0 : 1].store(n, kRelease);
+void RegionAdmin::setLimitedUntracked(LimitTable t, std::uint32_t n, LimitSource source) noexcept {
+  const int table = t == LimitTable::kTenant ? 0 : 1;
+  limited_untracked_[table][static_cast<int>(source)].store(n, kRelaxed);
+  const std::uint64_t sum = std::uint64_t{limited_untracked_[table][0].load(kRelaxed)} +
+                            limited_untracked_[table][1].load(kRelaxed);
+  region_.header().defaults.limited_untracked[table].store(static_cast<std::uint32_t>(std::min<std::uint64_t>(sum, UINT32_MAX)),
+                                                           kRelease);
 }
 
 void RegionAdmin::publish(std::int64_t now_unix_ns, std::int32_t day) noexcept {

@@ -60,9 +60,12 @@ class RegionAdmin {
   Status clearLimit(LimitTable table, std::string_view id);   // back to the default
   // Changes the default and every entry that follows it.
   void setDefaultLimit(LimitTable table, std::optional<NanoUsd> limit) noexcept;
-  // How many keys of `t` with an explicit limit found no table room: while non-zero, the
-  // library refuses every key of `t` that has no entry (layout.h, Defaults::limited_untracked).
-  void setLimitedUntracked(LimitTable t, std::uint32_t n) noexcept;
+  // How many keys of `t` with an explicit limit found no table room, as one source of limits (the
+  // agent's config and saved changes, or the central link's) counts them: while the sum over the
+  // sources is non-zero, the library refuses every key of `t` that has no entry (layout.h,
+  // Defaults::limited_untracked).
+  enum class LimitSource { kAgent = 0, kCentral = 1 };
+  void setLimitedUntracked(LimitTable t, std::uint32_t n, LimitSource source = LimitSource::kAgent) noexcept;
   // Calls fn(id, explicit_limit_or_nullopt) for every entry whose limit was set explicitly.
   void forEachExplicit(LimitTable table,
                        const std::function<void(std::string_view, std::optional<NanoUsd>)>& fn) const;
@@ -147,6 +150,7 @@ class RegionAdmin {
   Engine engine_;
   std::mutex kill_mu_;
   std::mutex stats_mu_;   // addStats against rollover
+  std::atomic<std::uint32_t> limited_untracked_[2][2] = {};   // by table, by LimitSource
 };
 
 }  // namespace tokenfuse

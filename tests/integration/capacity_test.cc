@@ -2,6 +2,7 @@
 // start-up never fails for lack of table room, what did not fit is logged and exported, and a key
 // with a limit that cannot be tracked is refused on every path instead of spending unchecked.
 #include "agent_process.h"
+#include "central_support.h"
 
 #include <httplib.h>
 
@@ -76,6 +77,8 @@ TEST_CASE("capacity: an agent on a fresh region with more run ids in its ledger 
     }
     entries.push_back(entry(++seq, today, "limited", "run-recent", 990'000'000));   // $0.99 of its $1.00
     ledger.append(entries);
+    // A limit saved through the admin API for an old run: it must be kept too.
+    ledger.saveLimit({"run", "run-0001", 500'000, nowNs()});
   }
 
   auto agent = f.start({"--recreate-region"});
@@ -91,10 +94,13 @@ TEST_CASE("capacity: an agent on a fresh region with more run ids in its ledger 
   CHECK(client->check("x", "gpt-4o", 4000, "run-0000").code == Code::kRunBudgetExhausted);
   CHECK(client->tenant("limited").committed == NanoUsd(990'000'000));
   CHECK(client->check("limited", "gpt-4o", 4000).code == Code::kTenantBudgetExhausted);
+  CHECK(client->run("run-0001").tracked);
+  CHECK(client->run("run-0001").limit == NanoUsd(500'000));
+  CHECK(client->check("x", "gpt-4o", 4000, "run-0001").code == Code::kRunBudgetExhausted);
   // The most recent run was kept; the oldest unlimited one was left out.
   CHECK(client->run("run-recent").tracked);
   CHECK(client->run("run-0600").tracked);
-  CHECK_FALSE(client->run("run-0001").tracked);
+  CHECK_FALSE(client->run("run-0002").tracked);
 
   const std::string m = metrics(f.httpPort());
   CHECK(sampleOf(m, R"(tokenfuse_capacity_left_out{table="run"})") > 0);
@@ -204,6 +210,30 @@ TEST_CASE("capacity: an agent adopting a full tenant table starts when the confi
   CHECK(client->check("late", "gpt-4o", 4000).code == Code::kCapacityExhausted);
   CHECK(client->check("another-newcomer", "gpt-4o", 4000).code == Code::kCapacityExhausted);
   CHECK(client->check("t0", "gpt-4o", 4000).allowed());   // a tracked tenant is not affected
+}
+
+TEST_CASE("capacity: a tenant limit from the central Postgres that finds no table room makes untracked tenants "
+          "refused") {
+  PostgresServer postgres;
+  AgentFixture f("cap-central", "[central]\nlimits_interval_ms = 200\npostgres_url = \"" + postgres.url() + "\"\n");
+  auto agent = f.start();
+  auto client = f.waitForRegion(agent->pid());
+  for (int i = 0; i < 1000; ++i) (void)client->record({"t" + std::to_string(i), "gpt-4o", "openai", {}, {}, 1, 0});
+  REQUIRE(client->check("late", "gpt-4o", 4000).allowed());   // no limit anywhere yet
+  // The agent creates awooop_projects once its link is up.
+  REQUIRE(eventually([&] {
+    try {
+      postgres.query("INSERT INTO awooop_projects VALUES ('late', 1.00)");
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }));
+  CHECK(eventually([&] { return client->check("late", "gpt-4o", 4000).code == Code::kCapacityExhausted; }));
+  CHECK(client->check("t0", "gpt-4o", 4000).allowed());
+  // Once the limit is gone, untracked tenants without a limit may spend again.
+  postgres.query("DELETE FROM awooop_projects WHERE project_id = 'late'");
+  CHECK(eventually([&] { return client->check("late", "gpt-4o", 4000).allowed(); }));
 }
 
 TEST_CASE("capacity: --check-config rejects region capacities larger than the machine can map (exit 2)") {

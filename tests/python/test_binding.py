@@ -60,10 +60,11 @@ def wait_for(predicate, timeout=10.0):
 class Agent:
     """A real tokenfused on a temp data dir and its own region."""
 
-    def __init__(self) -> None:
+    def __init__(self, shm: str = SHM, config: str = CONFIG) -> None:
+        self.shm = shm
         self.dir = tempfile.mkdtemp(prefix="tokenfuse-py-")
         with open(self.dir + "/tokenfuse.toml", "w") as f:
-            f.write(CONFIG.format(shm=SHM, dir=self.dir))
+            f.write(config.format(shm=shm, dir=self.dir))
         self.log = open(self.dir + "/agent.log", "w")
         self.proc = subprocess.Popen([os.environ["TOKENFUSED"], "--config", self.dir + "/tokenfuse.toml"],
                                      stdout=self.log, stderr=subprocess.STDOUT)
@@ -78,7 +79,7 @@ class Agent:
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
         try:
-            os.unlink("/dev/shm/" + SHM)
+            os.unlink("/dev/shm/" + self.shm)
         except FileNotFoundError:
             pass
 
@@ -292,6 +293,46 @@ class Reservations(unittest.TestCase):
             p.join(timeout=60)
         self.assertEqual(total, 23)
         self.assertEqual(tokenfuse.tenant_usage("race")["used_usd"], Decimal("0.966"))
+
+
+FULL_CONFIG = """
+[agent]
+shm_name = "{shm}"
+data_dir = "{dir}/state"
+tick_ms = 50
+[http]
+listen = "127.0.0.1:0"
+[region]
+tenant_capacity = 16
+[budgets]
+tenant_default_daily_limit_usd = "1.00"
+"""
+
+
+class FullTenantTable(unittest.TestCase):
+    """A tenant table with no room left: a new tenant with a default limit is refused, not let through."""
+
+    def test_a_tenant_that_cannot_be_tracked_is_refused_and_its_record_is_booked_once(self) -> None:
+        data_dir = os.environ["TOKENFUSE_DATA_DIR"]   # the module's agent's, for the other tests
+        other = Agent("tfpy-full-" + uuid.uuid4().hex[:8], FULL_CONFIG)
+        try:
+            tokenfuse.configure(shm_name=other.shm)
+            for i in range(200):
+                sync.record_token_usage(project_id=f"t{i}", model="gpt-4o", provider="openai", prompt_tokens=1,
+                                        completion_tokens=0)
+            with self.assertRaises(tokenfuse.TokenfuseError) as e:
+                sync.check_budget_before_llm_call("newcomer", "gpt-4o")
+            self.assertEqual(e.exception.error_code, "E-TOKENFUSE-CAPACITY")
+            with self.assertLogs("tokenfuse", level="ERROR") as logs:
+                cost = sync.record_token_usage(project_id="newcomer", model="gpt-4o", provider="openai",
+                                               prompt_tokens=1000, completion_tokens=0)
+            self.assertEqual(cost, Decimal("0.005"))
+            self.assertIn("token_usage_untracked", "\n".join(logs.output))
+            self.assertTrue(wait_for(lambda: len(other.ledger("newcomer")) == 1))
+        finally:
+            tokenfuse.configure(shm_name=SHM)
+            os.environ["TOKENFUSE_DATA_DIR"] = data_dir
+            other.stop()
 
 
 class WithoutAnAgent(unittest.TestCase):
