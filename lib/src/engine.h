@@ -74,8 +74,8 @@ class Engine {
   bool lost() const noexcept { return lost_.load(std::memory_order_relaxed) != 0; }
   // A CallSite comes from the caller's memory: its indices are checked before they are used.
   bool siteInRange(const CallSite& site) const noexcept {
-    return site.tenant >= CallSite::kUntracked && site.tenant < static_cast<std::int64_t>(tenants_.capacity()) &&
-           site.run >= CallSite::kUntracked && site.run < static_cast<std::int64_t>(runs_.capacity()) &&
+    return site.tenant >= CallSite::kAbsent && site.tenant < static_cast<std::int64_t>(tenants_.capacity()) &&
+           site.run >= CallSite::kAbsent && site.run < static_cast<std::int64_t>(runs_.capacity()) &&
            site.model >= CallSite::kNone && site.model < static_cast<std::int64_t>(models_.capacity());
   }
 

@@ -92,12 +92,12 @@ class Region {
     ResLayers l{{nullptr, nullptr, &header_->platform}, false};
     if (run >= 0 && static_cast<std::uint32_t>(run) < geo_.run_capacity) {
       l.at[shm::kLayerRun] = &runs()[run].c;
-    } else if (run < CallSite::kUntracked || run >= 0) {
+    } else if (run < CallSite::kAbsent || run >= 0) {
       l.bad = true;
     }
     if (tenant >= 0 && static_cast<std::uint32_t>(tenant) < geo_.tenant_capacity) {
       l.at[shm::kLayerTenant] = &tenants()[tenant].c;
-    } else if (tenant < CallSite::kUntracked || tenant >= 0) {
+    } else if (tenant < CallSite::kAbsent || tenant >= 0) {
       l.bad = true;
     }
     return l;
