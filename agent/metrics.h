@@ -39,7 +39,7 @@ class Metrics {
   std::string scrape() const;
 
  private:
-  static constexpr std::size_t kCodes = 12;   // kOk, E-BUDGET-001..004, the seven others
+  static constexpr std::size_t kCodes = 14;   // kOk, E-BUDGET-001..004, the nine others (100..108)
   static std::size_t codeIndex(Code code) noexcept;
 
   std::shared_ptr<prometheus::Registry> registry_;

@@ -23,6 +23,8 @@ const char* errorCode(Code code) noexcept {
     case Code::kRegionBusy: return "E-TOKENFUSE-BUSY";
     case Code::kLedgerFull: return "E-TOKENFUSE-LEDGER-FULL";
     case Code::kLedgerLost: return "E-TOKENFUSE-LEDGER-LOST";
+    case Code::kRegionCorrupt: return "E-TOKENFUSE-REGION-CORRUPT";
+    case Code::kLedgerUnavailable: return "E-TOKENFUSE-LEDGER-UNAVAILABLE";
   }
   return "E-TOKENFUSE-UNKNOWN";
 }
@@ -62,6 +64,12 @@ std::string describe(const Decision& d, std::string_view project_id) {
     case Code::kLedgerLost:
       return "the cost was booked, but this process was stopped so long while writing its ledger entry that "
              "tokenfused gave up on it; do not retry";
+    case Code::kRegionCorrupt:
+      return "the shared-memory region holds values no correct process writes (changed from outside): nothing "
+             "was booked; tokenfused repairs it, retry shortly";
+    case Code::kLedgerUnavailable:
+      return "tokenfused cannot write its ledger file (deleted, replaced, garbled or a disk error; see its log): "
+             "nothing was booked; retry later";
   }
   return "unknown decision";
 }

@@ -31,7 +31,9 @@ enum tf_code {
   TF_RESERVATION_EXPIRED = 103,
   TF_REGION_BUSY = 104,
   TF_LEDGER_FULL = 105, /* nothing booked; retry shortly */
-  TF_LEDGER_LOST = 106  /* booked, but the ledger entry was given up on: do not retry */
+  TF_LEDGER_LOST = 106, /* booked, but the ledger entry was given up on: do not retry */
+  TF_REGION_CORRUPT = 107,    /* the region was changed from outside: nothing booked; retry shortly */
+  TF_LEDGER_UNAVAILABLE = 108 /* the agent cannot write its ledger file: nothing booked */
 };
 
 typedef struct tf_decision {

@@ -50,6 +50,11 @@ enum class Code : std::int32_t {
   kLedgerLost = 106,              // the cost was booked, but this process stalled so long while
                                   // writing the ledger entry that the agent gave up on it: the
                                   // entry is not in the ledger. Do not retry (it would book twice)
+  kRegionCorrupt = 107,           // the region holds values no correct process writes (a ring
+                                  // word changed from outside): nothing was booked; tokenfused
+                                  // repairs the ring, retry shortly
+  kLedgerUnavailable = 108,       // tokenfused cannot write its ledger file (deleted, replaced,
+                                  // garbled, disk error): nothing was booked; retry later
 };
 
 // "E-BUDGET-002", "E-TOKENFUSE-INVALID-ARGUMENT", ...: a stable string for logs and APIs.
