@@ -5,6 +5,7 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -49,8 +50,12 @@ Agent::Agent(Config config, Options options)
       }()) {
   lockDataDir();
   try {
+    ledger_file_ = std::make_unique<LedgerFile>(ledgerPath());   // before SQLite: it creates the file 0600
     ledger_ = std::make_unique<Ledger>(ledgerPath(), config_.host_id);
     settings_ = std::make_unique<Ledger>(ledgerPath(), config_.host_id);
+    // Neither writes into a deleted, replaced or garbled file: they fail, and say why.
+    ledger_->guardWrites([f = ledger_file_.get()] { return f->problem(); });
+    settings_->guardWrites([f = ledger_file_.get()] { return f->problem(); });
   } catch (const LedgerError& e) {
     throw AgentError(e.what());
   }
@@ -60,6 +65,8 @@ Agent::Agent(Config config, Options options)
       *admin_, *ledger_, config_.host_id,
       LedgerWriter::Options{65536, std::chrono::milliseconds(config_.ledger_flush_interval_ms),
                             std::chrono::milliseconds(5000)});
+  writer_->watchFile(ledger_file_.get());
+  writer_->setClock([this] { return toUnixNs(clock_()); });
   try {
     alerter_ = std::make_unique<Alerter>(config_.alerts, config_.central, config_.host_id + "/" + ledger_->ledgerId(),
                                          *admin_, ledgerPath(), [this] { return toUnixNs(clock_()); });
@@ -92,6 +99,9 @@ Agent::Agent(Config config, Options options)
     admin_->rollover(today);
   }
   admin_->publish(toUnixNs(now), adopted_ ? std::max(admin_->day(), today) : today);
+  // Sets the region's ledger_unavailable word from the file as it is now (a previous agent may
+  // have left it set).
+  (void)writer_->pass();
 }
 
 Agent::~Agent() {
@@ -103,7 +113,9 @@ void Agent::lockDataDir() {
   std::filesystem::create_directories(config_.data_dir, ec);
   if (ec) throw AgentConfigError("agent.data_dir: cannot create " + config_.data_dir + ": " + ec.message());
   const std::string path = config_.data_dir + "/tokenfused.lock";
-  data_dir_lock_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0640);
+  data_dir_lock_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  // Whatever the umask, and for a file an older version created 0640.
+  if (data_dir_lock_ >= 0) (void)::fchmod(data_dir_lock_, 0600);
   if (data_dir_lock_ < 0) {
     throw AgentConfigError("agent.data_dir: cannot write " + path + ": " + std::strerror(errno) +
                      " (run as the tokenfuse user, or pass --data-dir)");
@@ -114,22 +126,22 @@ void Agent::lockDataDir() {
 }
 
 void Agent::openRegion(bool recreate) {
-  const std::uint64_t ledger_seq = ledger_->maxSeq();
+  const std::uint64_t ledger_seq = ledger_->durableHead();
   const RegionSpec spec{config_.shm_name,         config_.tenant_capacity, config_.run_capacity,
                         config_.model_capacity,   config_.reservation_capacity, 0660,
                         config_.ledger_capacity, ledger_seq};
   AttachFailure why = AttachFailure::kNone;
   Status s = Region::attach(spec.shm_name, &region_, /*own=*/true, &why);
-  if (s.ok() && region_->header().ledger_tail.load() < ledger_seq) {
-    // The region would hand out sequence numbers the ledger already has: it belongs to another
-    // data dir (or that ledger was restored from elsewhere).
-    why = AttachFailure::kIncompatible;
-    s = Status::error("region /" + spec.shm_name + " continues the ledger at sequence " +
-                      std::to_string(region_->header().ledger_tail.load()) + " but " + config_.data_dir +
-                      "/ledger.db already holds entries up to " + std::to_string(ledger_seq) +
-                      ": it belongs to another data dir; start with that --data-dir, or with --recreate-region "
-                      "(its in-flight reservations and unwritten ledger entries are dropped)");
-    region_.reset();
+  if (const std::uint64_t tail = s.ok() ? region_->header().ledger_tail.load() : ledger_seq; tail < ledger_seq) {
+    // The region would hand out sequence numbers the ledger already has: its tail was moved back
+    // from outside, or the region belongs to another data dir (or the ledger was restored from
+    // elsewhere). Either way the ledger's head wins: the writer's repair() moves the tail on, so
+    // no sequence number is used twice, rather than refusing to start (a write into the region
+    // must not be able to stop the agent).
+    log::warn("ledger_ring_behind_ledger",
+              {{"shm_name", spec.shm_name}, {"region_tail", tail}, {"ledger_head", ledger_seq},
+               {"action", "the ring continues after the ledger's head"},
+               {"note", "if this region belongs to another data dir, its unwritten entries are not in this ledger"}});
   }
   if (s.ok() && !region_->matches(spec) && recreate) {
     // Same layout, other sizes: its ledger entries can still be read, so they go to SQLite before
@@ -137,7 +149,7 @@ void Agent::openRegion(bool recreate) {
     RegionAdmin old(*region_);
     LedgerWriter drain(old, *ledger_, config_.host_id, {});
     try {
-      while (drain.drainOnce().any()) {
+      for (int rounds = 0; rounds < 1024 && drain.drainOnce().any(); ++rounds) {
       }
     } catch (const LedgerError& e) {
       throw AgentError(std::string("writing the old region's ledger entries: ") + e.what());
@@ -173,7 +185,7 @@ void Agent::openRegion(bool recreate) {
     default: throw AgentError(s.message());
   }
   RegionSpec fresh = spec;
-  fresh.ledger_base = ledger_->maxSeq();   // after anything drained from a replaced region
+  fresh.ledger_base = ledger_->durableHead();   // after anything drained from a replaced region
   if (Status c = Region::create(fresh, &region_); !c.ok()) throw AgentError(c.message());
   log::info("region_created", {{"shm_name", spec.shm_name}, {"bytes", region_->geometry().region_bytes}});
 }
@@ -228,10 +240,11 @@ void Agent::rebuildFromLedger(std::int32_t today) {
 void Agent::resyncStatsFromLedger() {
   // What a previous agent left in the ring goes to SQLite first; then the statistics are set
   // from SQLite, which makes them exact whatever that agent's last moments were.
-  // Up to what the ring held at start, not "until empty": applications keep appending.
-  const std::uint64_t target = region_->header().ledger_tail.load();
+  // Up to what the ring held at start, not "until empty": applications keep appending. (The
+  // writer repaired the ring when it was made: a tail or slot words that cannot be right.)
   try {
-    while (region_->header().ledger_head.load() < target && writer_->drainOnce().any()) {
+    const std::uint64_t target = region_->header().ledger_tail.load();
+    for (int rounds = 0; rounds < 1024 && writer_->head() < target && writer_->drainOnce().any(); ++rounds) {
     }
   } catch (const LedgerError& e) {
     throw AgentError(e.what());

@@ -12,6 +12,7 @@
 #include "config.h"
 #include "day_clock.h"
 #include "ledger.h"
+#include "ledger_file.h"
 #include "ledger_writer.h"
 
 #include "admin.h"
@@ -117,6 +118,7 @@ class Agent {
   Clock clock_;
   DayClock days_;
   int data_dir_lock_ = -1;
+  std::unique_ptr<LedgerFile> ledger_file_;   // which file ledger.db is; checked by the writer
   std::unique_ptr<Ledger> ledger_;         // the ledger writer's connection
   std::mutex settings_mu_;                 // guards settings_ and the order of admin changes
   std::unique_ptr<Ledger> settings_;       // the admin API's connection to the same file

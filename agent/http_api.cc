@@ -93,7 +93,7 @@ void denial(httplib::Response& res, const Decision& d, std::string_view project_
   const int status = d.code == Code::kInvalidArgument ? 400
                      : d.code == Code::kUnknownReservation ? 404
                      : (d.code == Code::kLedgerFull || d.code == Code::kRegionBusy || d.code == Code::kCapacityExhausted ||
-                        d.code == Code::kRegionCorrupt)
+                        d.code == Code::kRegionCorrupt || d.code == Code::kLedgerUnavailable)
                          ? 503
                          : 402;
   reply(res, status, {{"allowed", false}, {"error_code", d.errorCode()}, {"message", describe(d, project_id)}});

@@ -4,7 +4,9 @@
 #include <nlohmann/json.hpp>
 #include <tokenfuse/money.hpp>
 
+#include <chrono>
 #include <ctime>
+#include <algorithm>
 #include <random>
 
 namespace tokenfuse {
@@ -54,6 +56,27 @@ CREATE TABLE IF NOT EXISTS limit_override (
   limit_nano_usd INTEGER CHECK (limit_nano_usd >= 0),   -- NULL: unlimited
   set_unix_ns    INTEGER NOT NULL,
   PRIMARY KEY (scope, id)
+);
+-- Ring entries that cannot be valid (written over in shared memory, or by a broken client):
+-- never budget rows, kept with what they held and why they were set aside.
+CREATE TABLE IF NOT EXISTS ledger_quarantine (
+  seq                INTEGER PRIMARY KEY,
+  host_id            TEXT    NOT NULL,
+  quarantined_unix_ns INTEGER NOT NULL,
+  reason             TEXT    NOT NULL,
+  kind               INTEGER,
+  created_at_unix_ns INTEGER,
+  day                INTEGER,
+  prompt_tokens      INTEGER,
+  completion_tokens  INTEGER,
+  cost_nano_usd      INTEGER,
+  reservation_id     INTEGER,
+  checksum           INTEGER,
+  project_id         BLOB,                  -- raw bytes: may not be UTF-8
+  run_id             BLOB,
+  model              BLOB,
+  agent_id           BLOB,
+  provider           BLOB
 );
 CREATE TABLE IF NOT EXISTS kill_switch (
   one             INTEGER PRIMARY KEY CHECK (one = 1),
@@ -157,11 +180,59 @@ std::uint64_t Ledger::maxSeq() {
   return c.isNull() ? 0 : static_cast<std::uint64_t>(c.getInt64());
 }
 
-std::size_t Ledger::append(std::vector<LedgerEntry>& entries) {
-  if (entries.empty()) return 0;
+void Ledger::requireFile(const char* what) {
+  if (!guard_) return;
+  if (const std::string problem = guard_(); !problem.empty()) {
+    throw LedgerError(std::string(what) + ": not written, the ledger file " + problem);
+  }
+}
+
+std::uint64_t Ledger::durableHead() {
+  const SQLite::Column q = db_->execAndGet("SELECT MAX(seq) FROM ledger_quarantine");
+  const std::uint64_t quarantined = q.isNull() ? 0 : static_cast<std::uint64_t>(q.getInt64());
+  return std::max({maxSeq(), quarantined, static_cast<std::uint64_t>(metaInt("ledger_head"))});
+}
+
+std::int64_t Ledger::quarantinedCount() { return db_->execAndGet("SELECT COUNT(*) FROM ledger_quarantine").getInt64(); }
+
+std::size_t Ledger::append(std::vector<LedgerEntry>& entries, const std::vector<QuarantinedEntry>& quarantined,
+                           std::uint64_t head) {
+  if (entries.empty() && quarantined.empty() && head == 0) return 0;
+  requireFile("ledger entries");
   std::size_t added = 0;
   try {
     SQLite::Transaction txn(*db_);
+    if (!quarantined.empty()) {
+      SQLite::Statement qq(*db_,
+                           "INSERT OR IGNORE INTO ledger_quarantine (seq, host_id, quarantined_unix_ns, reason, kind, "
+                           "created_at_unix_ns, day, prompt_tokens, completion_tokens, cost_nano_usd, reservation_id, "
+                           "checksum, project_id, run_id, model, agent_id, provider) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+      const std::int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch())
+                                   .count();
+      for (const QuarantinedEntry& e : quarantined) {
+        int i = 1;
+        qq.bind(i++, static_cast<std::int64_t>(e.seq));
+        qq.bind(i++, host_id_);
+        qq.bind(i++, now);
+        qq.bind(i++, e.reason);
+        for (const std::int64_t v : {e.kind, e.unix_ns, e.day, e.prompt_tokens, e.completion_tokens, e.cost_nano_usd,
+                                     static_cast<std::int64_t>(e.reservation_id), static_cast<std::int64_t>(e.check)}) {
+          qq.bind(i++, v);
+        }
+        for (const std::string* t : {&e.project_id, &e.run_id, &e.model, &e.agent_id, &e.provider}) {
+          qq.bind(i++, t->data(), static_cast<int>(t->size()));   // a BLOB: the bytes as they were
+        }
+        qq.exec();
+        qq.reset();
+      }
+    }
+    if (head != 0) {
+      SQLite::Statement m(*db_, "INSERT OR REPLACE INTO meta (key, value) VALUES ('ledger_head', ?)");
+      m.bind(1, std::to_string(head));
+      m.exec();
+    }
     SQLite::Statement& q = *insert_;
     for (LedgerEntry& e : entries) {
       q.bind(1, static_cast<std::int64_t>(e.seq));
@@ -317,6 +388,7 @@ std::string Ledger::integrityCheck() { return db_->execAndGet("PRAGMA integrity_
 // --- Admin settings -----------------------------------------------------------------------------
 
 void Ledger::saveLimit(const LimitOverride& o) {
+  requireFile("a limit");
   try {
     SQLite::Statement q(*db_,
                         "INSERT INTO limit_override (scope, id, limit_nano_usd, set_unix_ns) VALUES (?, ?, ?, ?) "
@@ -337,6 +409,7 @@ void Ledger::saveLimit(const LimitOverride& o) {
 }
 
 bool Ledger::eraseLimit(const std::string& scope, const std::string& id) {
+  requireFile("a limit");
   try {
     SQLite::Statement q(*db_, "DELETE FROM limit_override WHERE scope = ? AND id = ?");
     q.bind(1, scope);
@@ -363,6 +436,7 @@ std::vector<LimitOverride> Ledger::limitOverrides() {
 }
 
 void Ledger::saveKill(const StoredKill& k) {
+  requireFile("the kill switch");
   try {
     SQLite::Statement q(*db_,
                         "INSERT OR REPLACE INTO kill_switch (one, active, reason, since_unix_ns, expires_unix_ns, "
@@ -379,6 +453,7 @@ void Ledger::saveKill(const StoredKill& k) {
 }
 
 void Ledger::markKillPublished() {
+  requireFile("the kill switch");
   try {
     db_->exec("UPDATE kill_switch SET published = 1");
   } catch (const SQLite::Exception& e) {
@@ -441,6 +516,7 @@ std::int64_t Ledger::metaInt(const std::string& key) {
 }
 
 void Ledger::setMetaInt(const std::string& key, std::int64_t value) {
+  requireFile("a setting");
   try {
     SQLite::Statement q(*db_, "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)");
     q.bind(1, key);

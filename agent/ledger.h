@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <nlohmann/json_fwd.hpp>
@@ -38,6 +39,16 @@ struct LedgerEntry {
   std::int64_t prompt_tokens = 0, completion_tokens = 0, cost_nano_usd = 0;
   std::uint64_t reservation_id = 0;
   bool written = false;   // set by Ledger::append: new in the ledger (not a repeat)
+};
+
+// A ring entry that cannot be valid (see LedgerWriter): kept aside with its raw fields and the
+// reason, never a budget row.
+struct QuarantinedEntry {
+  std::uint64_t seq = 0;
+  std::string reason;
+  std::int64_t kind = 0, unix_ns = 0, day = 0, prompt_tokens = 0, completion_tokens = 0, cost_nano_usd = 0;
+  std::uint64_t reservation_id = 0, check = 0;
+  std::string project_id, run_id, model, agent_id, provider;   // raw bytes, not necessarily UTF-8
 };
 
 struct LedgerTotal {
@@ -88,9 +99,18 @@ class Ledger {
   ~Ledger();
 
   std::uint64_t maxSeq();
-  // Writes the entries in one transaction, ignoring any whose seq is already there, and waits
-  // for the disk. Marks each entry `written` if it was new; returns how many were.
-  std::size_t append(std::vector<LedgerEntry>& entries);
+  // Every ring entry up to this sequence number has been dealt with (written, quarantined or
+  // skipped): where the agent's ledger writer resumes.
+  std::uint64_t durableHead();
+  // Writes the entries and the quarantined ones in one transaction, ignoring any whose seq is
+  // already there, records `head` (if not 0) as the durable head, and waits for the disk. Marks
+  // each entry `written` if it was new; returns how many were. Throws LedgerError.
+  std::size_t append(std::vector<LedgerEntry>& entries, const std::vector<QuarantinedEntry>& quarantined = {},
+                     std::uint64_t head = 0);
+  std::int64_t quarantinedCount();
+  // Every write (append and the admin settings) first asks `problem`; a non-empty answer (the
+  // file was deleted, replaced, garbled) fails it with LedgerError instead of writing.
+  void guardWrites(std::function<std::string()> problem) { guard_ = std::move(problem); }
 
   std::vector<LedgerTotal> tenantTotals(std::int32_t day);
   LedgerTotal platformTotal(std::int32_t day);
@@ -120,6 +140,8 @@ class Ledger {
 
  private:
   explicit Ledger(std::unique_ptr<SQLite::Database> db);
+  void requireFile(const char* what);
+  std::function<std::string()> guard_;
   std::vector<LedgerEntry> listOrThrow(const LedgerFilter& filter);
   std::vector<DaySpend> spend(const char* where, std::int64_t value);
   std::unique_ptr<SQLite::Database> db_;

@@ -1,7 +1,13 @@
 // Moves ledger entries from the region's ring into SQLite: the ring's only consumer. An entry's
-// ring slot is handed back only after the transaction holding it is on disk, and the durable
-// position (header.ledger_head) advances with it, so a crash of the agent at any point loses
-// nothing and a restart writes nothing twice (re-reads are ignored by their sequence number).
+// ring slot is handed back only after the transaction holding it is on disk, so a crash of the
+// agent at any point loses nothing and a restart writes nothing twice (re-reads are ignored by
+// their sequence number).
+//
+// The region is writable by every member of its group, so the writer trusts none of it: its
+// durable position (head) lives here, read from SQLite at start and advanced with each
+// transaction, and is only published to the region (for waitDurable and info); every pass is
+// bounded; an entry that cannot be valid goes to the quarantine table, never into the budget
+// rows; ring words no correct process writes are repaired.
 #pragma once
 
 #include "admin.h"
@@ -9,18 +15,32 @@
 #include "ledger_ring.h"
 #include "region.h"
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <stop_token>
+#include <string>
 #include <vector>
 
 namespace tokenfuse {
 
+class LedgerFile;
+
 struct DrainStats {
-  std::size_t written = 0;     // entries now durable in SQLite
-  std::size_t skipped = 0;     // void entries and slots abandoned by a dead writer
-  bool any() const noexcept { return written + skipped > 0; }
+  std::size_t written = 0;       // entries now durable in SQLite
+  std::size_t skipped = 0;       // void entries and slots abandoned by a dead writer
+  std::size_t quarantined = 0;   // entries that cannot be valid, set aside
+  bool any() const noexcept { return written + skipped + quarantined > 0; }
 };
+
+// What the agent's metrics show about the ledger. One agent per process.
+struct LedgerHealth {
+  std::atomic<std::uint64_t> quarantined{0};   // entries set aside since start
+  std::atomic<std::uint64_t> ring_repairs{0};  // ring words reset since start
+  std::atomic<std::uint32_t> unavailable{0};   // 1 while acknowledgements are stopped
+};
+LedgerHealth& ledgerHealth() noexcept;
 
 class LedgerWriter {
  public:
@@ -33,15 +53,40 @@ class LedgerWriter {
   };
 
   // Entries it writes also go into the region's token and call statistics, through `admin`.
+  // Its head is the ledger's durable head (Ledger::durableHead).
   LedgerWriter(RegionAdmin& admin, Ledger& ledger, std::string host_id, Options options);
 
   // Writes every published entry (up to max_batch) in one transaction. Throws LedgerError.
   DrainStats drainOnce();
-  // Drains every flush_interval until stopped, then drains what is left.
+  // Drains every flush_interval until stopped, then drains what is left. Each pass is bounded,
+  // and it stops the applications' acknowledgements while the ledger cannot be written.
   void run(std::stop_token stop);
+  // One pass of run(): checks the file (restoring a deleted one), drains, and sets the region's
+  // ledger_unavailable word to what it found. Returns whether the ledger is writable.
+  bool pass(const std::stop_token& stop = {});
+
+  // The ledger's file, checked on every pass (default: not checked).
+  void watchFile(LedgerFile* file) noexcept { file_ = file; }
+  // Unix time in ns, for the plausibility of an entry's time and day (default: not checked).
+  void setClock(std::function<std::int64_t()> clock) { clock_ = std::move(clock); }
+
+  // Every entry up to this sequence number is dealt with. The agent's own copy.
+  std::uint64_t head() const noexcept { return head_; }
+  // Called by the constructor, on an adopted region as on a new one: sets a tail that cannot be right from what the ring holds,
+  // and resets the slots ahead of the tail whose sequence word no correct process would leave
+  // there (entries behind the tail are left to drainOnce, which writes the valid ones). Returns
+  // how many words it changed.
+  std::size_t repair();
 
  private:
   bool abandoned(std::uint64_t pos);
+  void fixTail();
+  // Resets the sequence words of up to `n` slots from `from` on that are neither free for their
+  // ticket nor claimed or published: so producers are not refused one slot at a time.
+  void healAhead(std::uint64_t from, std::uint64_t n);
+  // Reads the slot once into a copy and sorts it: written to batch_, to quarantine_, or skipped.
+  void take(std::uint64_t pos, const shm::LedgerSlot& s, const char* why, DrainStats& stats);
+  void setAvailable(bool available, const std::string& problem);
 
   RegionAdmin& admin_;
   Region& region_;
@@ -49,10 +94,16 @@ class LedgerWriter {
   LedgerRing ring_;
   std::string host_id_;
   Options options_;
+  LedgerFile* file_ = nullptr;
+  std::function<std::int64_t()> clock_;
+  std::uint64_t head_ = 0;
   std::vector<LedgerEntry> batch_;
-  std::vector<std::uint64_t> abandoned_;   // positions of this batch already handed back
+  std::vector<QuarantinedEntry> quarantine_;
+  std::vector<std::uint64_t> release_;     // positions to hand back once the batch is durable
   std::uint64_t stuck_pos_ = UINT64_MAX;
   std::chrono::steady_clock::time_point stuck_since_;
+  bool unavailable_ = false;
+  std::string problem_;
 };
 
 }  // namespace tokenfuse

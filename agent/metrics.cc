@@ -7,6 +7,7 @@
 #include "capacity.h"
 #include "central.h"
 #include "layout.h"
+#include "ledger_writer.h"
 
 #include <prometheus/collectable.h>
 #include <prometheus/metric_family.h>
@@ -103,6 +104,20 @@ class RegionCollector final : public prometheus::Collectable {
                                    "Layers whose holds the agent corrected to match the live reservations",
                                    MetricType::Counter)),
            static_cast<double>(st.holds_reconciled.load(r)));
+    // Kept by the agent itself, not in the region: a group member cannot reset them.
+    const LedgerHealth& lh = ledgerHealth();
+    sample(out.emplace_back(family("tokenfuse_ledger_quarantined_total",
+                                   "Ledger entries that could not be valid, set aside in ledger_quarantine since start",
+                                   MetricType::Counter)),
+           static_cast<double>(lh.quarantined.load(r)));
+    sample(out.emplace_back(family("tokenfuse_ledger_ring_repairs_total",
+                                   "Ledger ring words (tail, slot sequence words) the agent reset since start",
+                                   MetricType::Counter)),
+           static_cast<double>(lh.ring_repairs.load(r)));
+    sample(out.emplace_back(family("tokenfuse_ledger_unavailable",
+                                   "1 while the ledger file cannot be written and commits and records are refused",
+                                   MetricType::Gauge)),
+           static_cast<double>(lh.unavailable.load(r)));
 
     // Per tenant, for a dashboard: the tenants nearest their limit (or spending most, if
     // unlimited), at most kTenantSeries of them, so the label set stays small.

@@ -24,6 +24,7 @@ const char* errorCode(Code code) noexcept {
     case Code::kLedgerFull: return "E-TOKENFUSE-LEDGER-FULL";
     case Code::kLedgerLost: return "E-TOKENFUSE-LEDGER-LOST";
     case Code::kRegionCorrupt: return "E-TOKENFUSE-REGION-CORRUPT";
+    case Code::kLedgerUnavailable: return "E-TOKENFUSE-LEDGER-UNAVAILABLE";
     case Code::kStaleOwner: return "E-TOKENFUSE-STALE";
   }
   return "E-TOKENFUSE-UNKNOWN";
@@ -65,8 +66,11 @@ std::string describe(const Decision& d, std::string_view project_id) {
       return "the cost was booked, but this process was stopped so long while writing its ledger entry that "
              "tokenfused gave up on it; do not retry";
     case Code::kRegionCorrupt:
-      return "the shared-memory region was damaged from outside (truncated or overwritten): nothing was decided "
-             "or booked; tokenfused replaces it on restart, then attach again";
+      return "the shared-memory region was damaged or changed from outside (truncated or overwritten): nothing "
+             "was decided or booked; retry shortly (if it was truncated, attach again once tokenfused has restarted)";
+    case Code::kLedgerUnavailable:
+      return "tokenfused cannot write its ledger file (deleted, replaced, garbled or a disk error; see its log): "
+             "nothing was booked; retry later";
     case Code::kStaleOwner:
       return "this process was stopped mid-operation long enough that its reservation was taken from it; "
              "the reservation is gone: reserve again";

@@ -357,10 +357,20 @@ shm::ResState Engine::acquire(Reservation r, std::uint32_t accepted_mask, shm::R
   }
 }
 
-shm::LedgerSlot* Engine::claimEntry(std::uint64_t* pos) noexcept {
+shm::LedgerSlot* Engine::claimEntry(std::uint64_t* pos, Code* refused) noexcept {
+  // The agent cannot write its ledger file: an entry acknowledged now could only wait in the
+  // ring, and the operator has been told; refuse before anything is booked. One load.
+  if (h_.ledger_unavailable.load(kRelaxed) != 0) {
+    *refused = Code::kLedgerUnavailable;
+    return nullptr;
+  }
   // The ring's writer identity is the client number too (its lock says whether the writer lives).
-  shm::LedgerSlot* entry = ring_.claim(self(), 0, pos);
-  if (entry == nullptr) h_.stats.ledger_full.fetch_add(1, kRelaxed);
+  bool corrupt = false;
+  shm::LedgerSlot* entry = ring_.claim(self(), 0, pos, &corrupt);
+  if (entry == nullptr) {
+    if (!corrupt) h_.stats.ledger_full.fetch_add(1, kRelaxed);
+    *refused = corrupt ? Code::kRegionCorrupt : Code::kLedgerFull;
+  }
   return entry;
 }
 
@@ -372,8 +382,9 @@ Decision Engine::commit(Reservation r, std::string_view provider, std::int64_t p
   }
   // The ledger slot first: if the ring is full, nothing has changed and the caller may retry.
   std::uint64_t pos = 0;
-  shm::LedgerSlot* entry = claimEntry(&pos);
-  if (entry == nullptr) return fail(Code::kLedgerFull);
+  Code refused = Code::kOk;
+  shm::LedgerSlot* entry = claimEntry(&pos, &refused);
+  if (entry == nullptr) return fail(refused);
   Decision d = settle(r, true, prompt, completion, entry, provider);
   if (d.allowed()) {
     d.ledger_seq = pos + 1;
@@ -513,8 +524,9 @@ Decision Engine::record(const Usage& u) noexcept {
   const auto cost = costOf(price(site), u.prompt_tokens, u.completion_tokens);
   if (!cost) return fail(Code::kInvalidArgument);
   std::uint64_t pos = 0;
-  shm::LedgerSlot* entry = claimEntry(&pos);
-  if (entry == nullptr) return fail(Code::kLedgerFull);
+  Code refused = Code::kOk;
+  shm::LedgerSlot* entry = claimEntry(&pos, &refused);
+  if (entry == nullptr) return fail(refused);
   // The call has happened: its entry is written and counted where it can be, even when its
   // tenant or run has a limit but no entry; the answer then says so (kCapacityExhausted).
   const bool counted = trackable(h_, site);

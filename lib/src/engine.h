@@ -62,7 +62,9 @@ class Engine {
   Decision settle(Reservation r, bool book_cost, std::int64_t prompt, std::int64_t completion,
                   shm::LedgerSlot* entry, std::string_view provider) noexcept;
   // Claims a ledger slot for a commit or record; nullptr (and counted) when the ring is full.
-  shm::LedgerSlot* claimEntry(std::uint64_t* pos) noexcept;
+  // A ring slot for a new entry, or nullptr with *refused saying why (kLedgerUnavailable,
+  // kLedgerFull or kRegionCorrupt).
+  shm::LedgerSlot* claimEntry(std::uint64_t* pos, Code* refused) noexcept;
   // Takes the reservation `r` out of one of the `accepted` states into kResSettling or
   // kResCharging, owned by this process. Returns the state it left, or kResFree when `r` is
   // not live. *word is the word it now owns, *owner the client the reservation belongs to.

@@ -199,9 +199,9 @@ struct alignas(64) LedgerSlot {
   std::atomic<std::uint64_t> seq;
   std::atomic<std::uint32_t> writer_pid;
   // The entry: written by its writer between claim and publish, read by the agent after.
-  std::uint32_t kind;
-  std::atomic<std::uint64_t> writer_start;   // /proc start time of writer_pid; 0: unknown                 // LedgerKind; void entries (a commit that found no
+  std::uint32_t kind;                 // LedgerKind; void entries (a commit that found no
                                       // reservation) are skipped
+  std::atomic<std::uint64_t> writer_start;   // /proc start time of writer_pid; 0: unknown
   std::int64_t unix_ns;               // the agent's clock when the call was booked
   std::int64_t prompt_tokens;
   std::int64_t completion_tokens;
@@ -209,8 +209,12 @@ struct alignas(64) LedgerSlot {
   std::uint64_t reservation_id;       // 0 for record()
   std::int32_t day;                   // the budget day the cost was booked in
   PackedStrings<5> text;              // project_id, run_id, model, agent_id, provider
+  // ledgerChecksum() of the entry and its ticket, written last before publishing: the agent
+  // quarantines an entry whose bytes were changed from outside after they were written.
+  std::uint64_t check;
 };
 static_assert(sizeof(LedgerSlot) == 768);
+static_assert(offsetof(LedgerSlot, check) == 720);
 enum LedgerText : std::size_t { kTextProject = 0, kTextRun = 1, kTextModel = 2, kTextAgent = 3, kTextProvider = 4 };
 
 // The emergency kill switch. `active` is what the hot path reads; the rest sits behind a
@@ -283,7 +287,13 @@ struct alignas(64) Header {
   std::atomic<std::int32_t> day;                 // current budget day (days since epoch, local)
 
   alignas(64) std::atomic<std::uint64_t> ledger_tail;   // next ticket; producers CAS it
-  alignas(64) std::atomic<std::uint64_t> ledger_head;   // entries with seq <= head are durable
+  // Entries with seq <= head are durable. Published by the agent for waitDurable() and info();
+  // the agent keeps its own copy and never reads this one back.
+  alignas(64) std::atomic<std::uint64_t> ledger_head;
+  // Non-zero while the agent cannot write its ledger file (deleted, replaced, garbled, a disk
+  // error): commit() and record() then refuse with kLedgerUnavailable and book nothing. The
+  // agent stores it on every pass of its ledger writer.
+  std::atomic<std::uint32_t> ledger_unavailable;
   alignas(64) KillSwitch kill;
   alignas(64) Counters platform;
   alignas(64) Defaults defaults;
@@ -297,6 +307,7 @@ static_assert(offsetof(Header, ready) == 96);
 static_assert(offsetof(Header, clock_unix_ns) == 128);
 static_assert(offsetof(Header, ledger_tail) == 192);
 static_assert(offsetof(Header, ledger_head) == 256);
+static_assert(offsetof(Header, ledger_unavailable) == 264);
 static_assert(offsetof(Header, kill) == 320);
 static_assert(sizeof(Header) % 64 == 0);
 

@@ -34,8 +34,9 @@ enum tf_code {
   TF_REGION_BUSY = 104,
   TF_LEDGER_FULL = 105, /* nothing booked; retry shortly */
   TF_LEDGER_LOST = 106, /* booked, but the ledger entry was given up on: do not retry */
-  TF_REGION_CORRUPT = 107, /* the region was damaged from outside: nothing decided or booked */
-  TF_STALE_OWNER = 109  /* the reservation was taken from this stalled process: it is gone */
+  TF_REGION_CORRUPT = 107,     /* the region was damaged or changed from outside: nothing decided or booked */
+  TF_LEDGER_UNAVAILABLE = 108, /* the agent cannot write its ledger file: nothing booked */
+  TF_STALE_OWNER = 109         /* the reservation was taken from this stalled process: it is gone */
 };
 
 typedef struct tf_decision {

@@ -52,9 +52,13 @@ enum class Code : std::int32_t {
   kLedgerLost = 106,              // the cost was booked, but this process stalled so long while
                                   // writing the ledger entry that the agent gave up on it: the
                                   // entry is not in the ledger. Do not retry (it would book twice)
-  kRegionCorrupt = 107,  // the region was damaged from outside (its file truncated, or words no
-                         // process of tokenfuse would write): nothing was decided or booked.
-                         // tokenfused replaces the region; attach again once it has
+  kRegionCorrupt = 107,           // the region was damaged or changed from outside (its file
+                                  // truncated, or words no correct process writes): nothing was
+                                  // decided or booked. A changed ring word is repaired by tokenfused
+                                  // within a flush interval (retry); after a truncation, tokenfused
+                                  // replaces the region on restart: attach again
+  kLedgerUnavailable = 108,       // tokenfused cannot write its ledger file (deleted, replaced,
+                                  // garbled, disk error): nothing was booked; retry later
   kStaleOwner = 109,              // this process was stopped so long mid-operation that its
                                   // reservation slot was taken from it: nothing more was written
                                   // to it; the reservation is gone (its hold was returned)
