@@ -66,7 +66,13 @@ Agent::Agent(Config config, Options options)
       LedgerWriter::Options{65536, std::chrono::milliseconds(config_.ledger_flush_interval_ms),
                             std::chrono::milliseconds(5000)});
   writer_->watchFile(ledger_file_.get());
-  writer_->setClock([this] { return toUnixNs(clock_()); });
+  // Entries carry the budget day they were booked in. After a forward clock step that was later
+  // corrected, entries booked in the early days are still real: judge them against the latest day
+  // this agent itself has set, not only against the clock (kept here, never read from the region).
+  writer_->setClock([this] {
+    const std::int64_t latest = std::int64_t{latest_day_.load(std::memory_order_relaxed)} * 86'400'000'000'000;
+    return std::max(toUnixNs(clock_()), latest);
+  });
   try {
     alerter_ = std::make_unique<Alerter>(config_.alerts, config_.central, config_.host_id + "/" + ledger_->ledgerId(),
                                          *admin_, ledgerPath(), [this] { return toUnixNs(clock_()); });
@@ -87,6 +93,7 @@ Agent::Agent(Config config, Options options)
 
   const auto now = clock_();
   const std::int32_t today = days_.dayOf(now);
+  latest_day_.store(std::max(admin_->day(), today), std::memory_order_relaxed);   // before the ring is drained
   if (!adopted_) {
     rebuildFromLedger(today);
   } else {
@@ -99,6 +106,7 @@ Agent::Agent(Config config, Options options)
     admin_->rollover(today);
   }
   admin_->publish(toUnixNs(now), adopted_ ? std::max(admin_->day(), today) : today);
+  latest_day_.store(std::max(admin_->day(), today), std::memory_order_relaxed);
   // Sets the region's ledger_unavailable word from the file as it is now (a previous agent may
   // have left it set).
   (void)writer_->pass();
@@ -404,6 +412,7 @@ void Agent::tick() {
   const std::int32_t current = a.day();
   if (today > current) {
     a.rollover(today);
+    latest_day_.store(std::max(latest_day_.load(std::memory_order_relaxed), today), std::memory_order_relaxed);
     log::info("budget_day_rollover",
               {{"day", DayClock::format(today)}, {"previous", DayClock::format(current)}, {"timezone", days_.zone()}});
     warned_clock_behind_ = false;

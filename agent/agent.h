@@ -139,7 +139,8 @@ class Agent {
   static constexpr std::int64_t kClockBehindGraceNs = std::int64_t{60} * 1'000'000'000;
   static constexpr std::int64_t kNotBehind = INT64_MIN;
   std::int64_t behind_since_ns_ = kNotBehind;   // the clock's time when it was first seen behind
-  std::atomic<bool> writer_running_{false};     // run()'s ledger writer thread is on
+  std::atomic<bool> writer_running_{false};
+  std::atomic<std::int32_t> latest_day_{0};    // the latest budget day this agent has set (ledger checks)     // run()'s ledger writer thread is on
 };
 
 std::int64_t toUnixNs(std::chrono::system_clock::time_point t) noexcept;
