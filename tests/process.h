@@ -80,4 +80,23 @@ inline bool eventually(const std::function<bool()>& ready, std::chrono::millisec
   return ready();
 }
 
+// Waits for the forked child `pid` to end, for at most `bound`: its exit code, minus the signal
+// that killed it, or kStillRunning after a SIGKILL once the bound passed (a hang fails the test,
+// never hangs it).
+inline constexpr int kStillRunning = -1000;
+inline int waitBounded(pid_t pid, std::chrono::milliseconds bound = std::chrono::seconds(10)) {
+  int status = 0;
+  int rc = kStillRunning;
+  eventually([&] {
+    if (::waitpid(pid, &status, WNOHANG) != pid) return false;
+    rc = WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+    return true;
+  }, bound);
+  if (rc == kStillRunning) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+  }
+  return rc;
+}
+
 }  // namespace tokenfuse::test

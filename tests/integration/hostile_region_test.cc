@@ -116,19 +116,7 @@ TEST_CASE("hostile region: truncating the region file kills no attached app; its
     REQUIRE(::read(ready[0], &byte, 1) == 1);
     ::close(ready[0]);
     REQUIRE(::truncate(shmPath(t.spec.shm_name).c_str(), size) == 0);
-    int status = 0;
-    int rc = -1000;
-    for (int i = 0; i < 2000; ++i) {
-      if (::waitpid(app, &status, WNOHANG) == app) {
-        rc = WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    if (rc == -1000) {
-      ::kill(app, SIGKILL);
-      ::waitpid(app, nullptr, 0);
-    }
+    const int rc = waitBounded(app);
     CHECK(rc == 0);
     // The test process maps the region too (twice: as its owner and as a client): it survives as well.
     CHECK(t.client->check("acme", "gpt-4o").code == kCorrupt);
@@ -351,19 +339,7 @@ TEST_CASE("hostile region: truncating the region file kills neither tokenfused n
     ::close(ready[0]);
     REQUIRE(::truncate(shmPath(f.shm).c_str(), size) == 0);
 
-    int status = 0;
-    int app_rc = -1000;
-    for (int i = 0; i < 2000; ++i) {
-      if (::waitpid(app, &status, WNOHANG) == app) {
-        app_rc = WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    if (app_rc == -1000) {
-      ::kill(app, SIGKILL);
-      ::waitpid(app, nullptr, 0);
-    }
+    const int app_rc = waitBounded(app);
     CHECK(app_rc == 0);
     // The agent notices on its next tick and stops with exit code 3 (systemd restarts it).
     CHECK_MESSAGE(agent->wait() == 3, "its log:\n" << f.log());
