@@ -73,6 +73,7 @@ Agent::Agent(Config config, Options options)
     const std::int64_t latest = std::int64_t{latest_day_.load(std::memory_order_relaxed)} * 86'400'000'000'000;
     return std::max(toUnixNs(clock_()), latest);
   });
+  writer_->setDay([this] { return days_.dayOf(clock_()); });
   try {
     alerter_ = std::make_unique<Alerter>(config_.alerts, config_.central, config_.host_id + "/" + ledger_->ledgerId(),
                                          *admin_, ledgerPath(), [this] { return toUnixNs(clock_()); });

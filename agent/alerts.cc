@@ -151,7 +151,7 @@ void Alerter::scan() {
 void Alerter::scanOne(const char* scope, std::string_view id, const BudgetView& v) {
   if (!v.limit || v.limit->count() == 0) return;
   // What was spent, here and elsewhere in the fleet; holds are not spending yet.
-  const std::int64_t used = v.committed.count() + v.elsewhere.count();
+  const std::int64_t used = shm::wrapAdd(v.committed.count(), v.elsewhere.count());   // region words: wrap, never UB
   const auto key = std::pair{std::string(scope), std::string(id)};
   const auto it = fired_.find(key);
   const std::int64_t done = it == fired_.end() ? 0 : it->second;

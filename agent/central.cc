@@ -355,12 +355,13 @@ void CentralLink::applyLeases() {
   const auto lease = [&](std::string_view id) {
     const BudgetView v = id.empty() ? admin_.engine().platform() : admin_.engine().tenant(id);
     if (!v.limit) return;
-    const std::int64_t used_here = v.committed.count() + v.held.count();
-    const std::int64_t left = std::max<std::int64_t>(0, v.limit->count() - used_here - v.elsewhere.count());
+    const std::int64_t used_here = shm::wrapAdd(v.committed.count(), v.held.count());
+    const std::int64_t left =
+        std::max<std::int64_t>(0, shm::wrapSub(shm::wrapSub(v.limit->count(), used_here), v.elsewhere.count()));
     const auto share = static_cast<std::int64_t>(shm::U128{static_cast<std::uint64_t>(left)} *
                                                  static_cast<std::uint64_t>(config_.lease_fraction_ppb) / 1'000'000'000);
     // limit - elsewhere = used here now + share: the most this host can reach until Redis is back.
-    (void)admin_.setElsewhere(day, id, NanoUsd(std::max(v.elsewhere.count(), v.limit->count() - used_here - share)));
+    (void)admin_.setElsewhere(day, id, NanoUsd(std::max(v.elsewhere.count(), shm::wrapSub(shm::wrapSub(v.limit->count(), used_here), share))));
     ++n;
   };
   lease("");

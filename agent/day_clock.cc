@@ -29,6 +29,10 @@ std::chrono::system_clock::time_point DayClock::startOf(std::int32_t day) const 
 }
 
 std::string DayClock::format(std::int32_t day) {
+  // Days come from the region too, which anyone in the group can write: the calendar arithmetic
+  // is only defined well within int's range, so a day beyond year 9999 is shown as a number.
+  constexpr std::int32_t kLastDay = 2'932'896;   // 9999-12-31
+  if (day < -kLastDay || day > kLastDay) return "day " + std::to_string(day) + " (out of range)";
   return date::format("%F", date::sys_days{date::days{day}});
 }
 

@@ -149,7 +149,7 @@ json budgetJson(const char* key, std::string_view id, const BudgetView& v) {
   out["limit_usd"] = v.limit ? json(v.limit->toString()) : json(nullptr);
   if (v.limit && v.limit->count() > 0) {
     // Basis points, exact: the share of the limit that is committed or held, here or elsewhere.
-    const std::int64_t used = v.committed.count() + v.held.count() + v.elsewhere.count();
+    const std::int64_t used = shm::wrapAdd(shm::wrapAdd(v.committed.count(), v.held.count()), v.elsewhere.count());
     const shm::U128 bp = shm::U128{static_cast<std::uint64_t>(used)} * 10000 /
                          static_cast<std::uint64_t>(v.limit->count());
     out["usage_pct"] = static_cast<double>(static_cast<std::uint64_t>(bp)) / 100.0;   // display only
@@ -367,7 +367,7 @@ void HttpApi::routes() {
         ttl_s > 0 ? ttl_s * 1'000'000'000 : admin_.header().defaults.reservation_ttl_ns.load();
     reply(res, 201, {{"reservation_id", std::to_string(r.id)},
                      {"reserved_usd", d.cost.toString()},
-                     {"expires_at_unix_ms", (admin_.header().clock_unix_ns.load() + ttl_ns) / 1'000'000}});
+                     {"expires_at_unix_ms", shm::wrapAdd(admin_.header().clock_unix_ns.load(), ttl_ns) / 1'000'000}});
   });
 
   s.Post(R"(/v1/reservations/(\d+)/commit)", [this](const httplib::Request& req, httplib::Response& res) {

@@ -119,12 +119,18 @@ std::string invalidBecause(const SlotCopy& c, const std::function<std::int64_t()
     if (!validId(c.text.get(i))) return "an id is not UTF-8 or holds a NUL";
   }
   if (c.text.len[shm::kTextProject] == 0 || c.text.len[shm::kTextModel] == 0) return "empty project_id or model";
-  if (clock) {
-    const std::int64_t now = clock();
-    const std::int64_t today = now / kDayNs;   // UTC; the budget day's zone is within a day of it
-    if (c.day < today - kPastDays || c.day > today + kFutureDays) return "day far from today";
-    if (c.unix_ns < now - kPastDays * kDayNs || c.unix_ns > now + kFutureDays * kDayNs) return "time far from now";
-  }
+  return {};
+}
+
+// Why an entry's time or budget day cannot be right; empty if they can. The producer copied both
+// from the region's header, which anyone in the group can write, so a sound entry (checksum
+// matching, everything else valid) with a wrong stamp is booked at the agent's own time instead.
+std::string timeProblem(const SlotCopy& c, const std::function<std::int64_t()>& clock) {
+  if (!clock) return {};
+  const std::int64_t now = clock();
+  const std::int64_t today = now / kDayNs;   // UTC; the budget day's zone is within a day of it
+  if (c.day < today - kPastDays || c.day > today + kFutureDays) return "day far from today";
+  if (c.unix_ns < now - kPastDays * kDayNs || c.unix_ns > now + kFutureDays * kDayNs) return "time far from now";
   return {};
 }
 
@@ -275,6 +281,14 @@ void LedgerWriter::take(std::uint64_t pos, const shm::LedgerSlot& s, const char*
   e.seq = pos + 1;
   e.unix_ns = c.unix_ns;
   e.day = c.day;
+  if (day_) {
+    if (std::string problem = timeProblem(c, clock_); !problem.empty()) {
+      e.unix_ns = clock_();
+      e.day = day_();
+      ++stats.restamped;
+      if (restamp_example_.empty()) restamp_example_ = "seq " + std::to_string(e.seq) + ": " + problem;
+    }
+  }
   e.kind = c.kind == shm::kLedgerCommit ? "commit" : "record";
   e.project_id = std::string(c.text.get(shm::kTextProject));
   e.run_id = std::string(c.text.get(shm::kTextRun));
@@ -373,6 +387,12 @@ DrainStats LedgerWriter::drainOnce() {
     log::error("ledger_entry_quarantined", {{"more", quarantine_.size() - kLogged}, {"table", "ledger_quarantine"}});
   }
   ledgerHealth().quarantined.fetch_add(quarantine_.size(), std::memory_order_relaxed);
+  if (stats.restamped > 0) {
+    log::warn("ledger_entries_restamped", {{"entries", stats.restamped}, {"first", restamp_example_},
+                                           {"why", "the header's clock or day word was changed from outside; "
+                                                   "booked at the agent's time and budget day"}});
+    restamp_example_.clear();
+  }
   // Durable position first, then the slots: a crash in between leaves slots that the next
   // agent's repair() hands back, never a head behind slots already reused.
   head_ = pos;

@@ -31,6 +31,7 @@ struct DrainStats {
   std::size_t written = 0;       // entries now durable in SQLite
   std::size_t skipped = 0;       // void entries and slots abandoned by a dead writer
   std::size_t quarantined = 0;   // entries that cannot be valid, set aside
+  std::size_t restamped = 0;     // sound entries whose time or day (from the header) was wrong
   bool any() const noexcept { return written + skipped + quarantined > 0; }
 };
 
@@ -69,6 +70,9 @@ class LedgerWriter {
   void watchFile(LedgerFile* file) noexcept { file_ = file; }
   // Unix time in ns, for the plausibility of an entry's time and day (default: not checked).
   void setClock(std::function<std::int64_t()> clock) { clock_ = std::move(clock); }
+  // The agent's budget day, for entries whose stamp must be replaced (see timeProblem). Without
+  // it, such entries are quarantined.
+  void setDay(std::function<std::int32_t()> day) { day_ = std::move(day); }
 
   // Every entry up to this sequence number is dealt with. The agent's own copy.
   std::uint64_t head() const noexcept { return head_; }
@@ -96,6 +100,8 @@ class LedgerWriter {
   Options options_;
   LedgerFile* file_ = nullptr;
   std::function<std::int64_t()> clock_;
+  std::function<std::int32_t()> day_;
+  std::string restamp_example_;   // one pass's first restamped entry, for the log line
   std::uint64_t head_ = 0;
   std::vector<LedgerEntry> batch_;
   std::vector<QuarantinedEntry> quarantine_;

@@ -129,7 +129,7 @@ class RegionCollector final : public prometheus::Collectable {
     std::vector<Row> rows;
     admin_.forEachTenant([&](std::string_view id) {
       BudgetView v = admin_.engine().tenant(id);
-      const double spent = static_cast<double>(v.committed.count() + v.elsewhere.count());
+      const double spent = static_cast<double>(v.committed.count()) + static_cast<double>(v.elsewhere.count());
       const double key = v.limit && v.limit->count() > 0 ? 1e6 + spent / static_cast<double>(v.limit->count()) : spent / 1e18;
       rows.push_back({displayId(id), v, key});   // a label must be UTF-8, whatever the region holds
     });
@@ -146,7 +146,7 @@ class RegionCollector final : public prometheus::Collectable {
     MetricFamily limit_t =
         family("tokenfuse_tenant_limit_usd", "A tenant's daily limit (absent when unlimited)", MetricType::Gauge);
     for (const Row& row : rows) {
-      sample(spent, usd(row.v.committed.count() + row.v.elsewhere.count()), {{"project_id", row.id}});
+      sample(spent, usd(shm::wrapAdd(row.v.committed.count(), row.v.elsewhere.count())), {{"project_id", row.id}});
       if (row.v.limit) sample(limit_t, usd(row.v.limit->count()), {{"project_id", row.id}});
     }
     out.push_back(std::move(spent));

@@ -55,9 +55,10 @@ void setCounts(shm::Counters& c, std::int64_t prompt, std::int64_t completion, s
 
 void addCounts(shm::Counters& c, std::int64_t prompt, std::int64_t completion) noexcept {
   // Only the agent writes these, and only under stats_mu_: plain read-modify-write suffices.
-  c.prompt_tokens.store(c.prompt_tokens.load(kRelaxed) + prompt, kRelaxed);
-  c.completion_tokens.store(c.completion_tokens.load(kRelaxed) + completion, kRelaxed);
-  c.calls.store(c.calls.load(kRelaxed) + 1, kRelaxed);
+  // (Group members can write them too: the sums wrap rather than overflow.)
+  c.prompt_tokens.store(shm::wrapAdd(c.prompt_tokens.load(kRelaxed), prompt), kRelaxed);
+  c.completion_tokens.store(shm::wrapAdd(c.completion_tokens.load(kRelaxed), completion), kRelaxed);
+  c.calls.store(shm::wrapAdd(c.calls.load(kRelaxed), 1), kRelaxed);
 }
 
 }  // namespace
@@ -316,7 +317,7 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
     shm::Counters* const* layers = checked.at;
     if (checked.bad) ++stats.corrupt;
     for (std::uint32_t j = 0; j < shm::kLayerCount; ++j) {
-      if (layers[j] != nullptr && give_back[j] != 0) layers[j]->spend.add(-give_back[j], 0);
+      if (layers[j] != nullptr && give_back[j] != 0) layers[j]->spend.add(shm::wrapNeg(give_back[j]), 0);
     }
     if (owner_dead || st == shm::kResExpired) {
       if (st == shm::kResExpired) {
@@ -330,7 +331,7 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
       // The owner lives but is overdue: keep the slot a while so that its commit can still book
       // the cost, which then counts in full without a hold.
       s.held.store(0, kRelaxed);
-      s.deadline_unix_ns.store(now_unix_ns + s.ttl_ns.load(kRelaxed), kRelaxed);
+      s.deadline_unix_ns.store(shm::wrapAdd(now_unix_ns, s.ttl_ns.load(kRelaxed)), kRelaxed);
       s.word.store(shm::resWord(client, gen, shm::kResExpired, 0), kRelease);
       ++stats.expired;
       h.stats.reaped_expired.fetch_add(1, kRelaxed);
@@ -445,10 +446,8 @@ Status RegionAdmin::backdate(std::int32_t day, const std::vector<std::pair<std::
       layers.emplace_back(&h.platform, d);
       continue;
     }
-    const auto& def = h.defaults.tenant_limit;
-    const Found f = table(LimitTable::kTenant).findOrInsert(id, engine_.regionPid(), [&](shm::BudgetSlot& s) noexcept {
-      s.c.limit.store(def.load(std::memory_order_seq_cst), kRelaxed);
-    });
+    const Found f =
+        findOrInsertBudget(table(LimitTable::kTenant), id, engine_.regionPid(), defaultLimit(LimitTable::kTenant));
     if (f.index < 0) return Status::error("tenant table is full or busy: cannot bring back the spending of " + id);
     layers.emplace_back(&table(LimitTable::kTenant).at(f.index).c, d);
   }
@@ -462,8 +461,8 @@ Status RegionAdmin::backdate(std::int32_t day, const std::vector<std::pair<std::
     // Bounded: each failure means a client changed the layer meanwhile, which takes nanoseconds.
     for (int tries = 0; !done && tries < (1 << 20); ++tries) {
       const std::int64_t committed = shm::spendCommitted(cur);
-      const std::int64_t step = std::max(d, -committed);
-      done = shm::cas16(&s, &cur, shm::packSpend(shm::spendUsed(cur) + step, committed + step));
+      const std::int64_t step = std::max(d, shm::wrapNeg(committed));
+      done = shm::cas16(&s, &cur, shm::packSpend(shm::wrapAdd(shm::spendUsed(cur), step), shm::wrapAdd(committed, step)));
     }
     all = all && done;
   }

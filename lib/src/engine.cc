@@ -62,12 +62,13 @@ bool tryHold(Counters& c, std::int64_t amount, Decision* denial) noexcept {
   const std::int64_t limit = c.limit.load(kRelaxed);
   const std::int64_t elsewhere = limit == shm::kUnlimited ? 0 : c.elsewhere.load(kRelaxed);
   std::int64_t seen = 0;
-  if (elsewhere <= limit || limit == shm::kUnlimited) {
-    if (c.spend.tryHold(amount, limit == shm::kUnlimited ? limit : limit - elsewhere, &seen)) return true;
+  std::int64_t room = shm::kUnlimited;
+  if (limit == shm::kUnlimited || (elsewhere <= limit && !__builtin_sub_overflow(limit, elsewhere, &room))) {
+    if (c.spend.tryHold(amount, room, &seen)) return true;
   } else {
-    seen = c.spend.used();   // the fleet is already past the limit
+    seen = c.spend.used();   // the fleet is already past the limit (or the words are nonsense)
   }
-  denial->used = NanoUsd(seen + elsewhere);
+  denial->used = NanoUsd(shm::wrapAdd(seen, elsewhere));
   denial->limit = NanoUsd(limit);
   return false;
 }
@@ -205,7 +206,8 @@ Decision Engine::check(const CallSite& site, std::int64_t prompt, std::int64_t c
     std::int64_t used = 0;
     std::int64_t limit = shm::kUnlimited;
     if (Counters* c = layers.at[i]) {
-      used = c->spend.used() + c->elsewhere.load(kRelaxed);
+      // Words another process can write: an overflow counts as spent to the brim, never wraps.
+      if (__builtin_add_overflow(c->spend.used(), c->elsewhere.load(kRelaxed), &used)) used = INT64_MAX;
       limit = c->limit.load(kRelaxed);
     } else if (i != shm::kLayerPlatform && !(i == shm::kLayerRun && site.run == CallSite::kNone)) {
       const std::int32_t index = i == shm::kLayerRun ? site.run : site.tenant;
@@ -218,7 +220,9 @@ Decision Engine::check(const CallSite& site, std::int64_t prompt, std::int64_t c
         return fail(Code::kCapacityExhausted);
       }
     }
-    if (limit != shm::kUnlimited && (used > limit || cost->count() > limit - used)) {
+    std::int64_t room = 0;
+    if (limit != shm::kUnlimited &&
+        (used > limit || (!__builtin_sub_overflow(limit, used, &room) && cost->count() > room))) {
       if (Counters* c = layers.at[i]) c->denials.fetch_add(1, kRelaxed);
       d.code = denied(kLayerCode[i]);
       d.used = NanoUsd(used);
@@ -283,7 +287,7 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
   // For people reading the region (pid in the owner's own namespace); liveness does not use them.
   s.owner_pid.store(g_pid.load(kRelaxed), kRelaxed);
   s.owner_start.store(g_start_time.load(kRelaxed), kRelaxed);
-  s.deadline_unix_ns.store(h_.clock_unix_ns.load(kRelaxed) + ttl_ns, kRelaxed);
+  s.deadline_unix_ns.store(shm::wrapAdd(h_.clock_unix_ns.load(kRelaxed), ttl_ns), kRelaxed);
   s.ttl_ns.store(ttl_ns, kRelaxed);
   s.held.store(estimate->count(), kRelaxed);
   s.charge_target.store(0, kRelaxed);
@@ -428,9 +432,9 @@ Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std:
     if (!step(s, &w, shm::resWord(me, gen, shm::kResSettling, i + 1))) return fail(Code::kStaleOwner);
     if (layers.at[i] == nullptr) continue;
     if (book_cost) {
-      layers.at[i]->spend.add(cost - held, cost);
+      layers.at[i]->spend.add(shm::wrapSub(cost, held), cost);
     } else {
-      layers.at[i]->spend.add(-held, 0);
+      layers.at[i]->spend.add(shm::wrapNeg(held), 0);
     }
   }
   if (entry != nullptr) {
@@ -472,16 +476,20 @@ Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t mo
   if (was == shm::kResExpired) {
     return fail(back(shm::kResExpired) ? Code::kReservationExpired : Code::kStaleOwner);
   }
-  const std::int64_t total_prompt = s.charged_prompt.load(kRelaxed) + more_prompt;
-  const std::int64_t total_completion = s.charged_completion.load(kRelaxed) + more_completion;
+  // The slot's totals are words another process can write: an overflow is no cost at all.
+  std::int64_t total_prompt = 0, total_completion = 0;
+  const bool overflow = __builtin_add_overflow(s.charged_prompt.load(kRelaxed), more_prompt, &total_prompt) ||
+                        __builtin_add_overflow(s.charged_completion.load(kRelaxed), more_completion, &total_completion);
   const Price p{s.prompt_nano_per_mtok.load(kRelaxed), s.completion_nano_per_mtok.load(kRelaxed)};
-  const auto consumed = s.free_model.load(kRelaxed) != 0 ? NanoUsd(0) : costOf(p, total_prompt, total_completion);
+  const auto consumed = overflow                            ? std::nullopt
+                        : s.free_model.load(kRelaxed) != 0 ? std::optional(NanoUsd(0))
+                                                           : costOf(p, total_prompt, total_completion);
   if (!consumed) return fail(back(shm::kResActive) ? Code::kInvalidArgument : Code::kStaleOwner);
   Decision d;
   d.cost = *consumed;
   const std::int64_t held = s.held.load(kRelaxed);
   if (consumed->count() > held) {
-    const std::int64_t delta = consumed->count() - held;
+    const std::int64_t delta = shm::wrapSub(consumed->count(), held);
     s.charge_target.store(consumed->count(), kRelaxed);
     // Same word again: publishes charge_target to the reaper before any layer grows.
     if (!step(s, &w, w)) return fail(Code::kStaleOwner);
@@ -492,14 +500,14 @@ Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t mo
         c->denials.fetch_add(1, kRelaxed);
         for (std::uint32_t j = i; j-- > 0;) {
           if (!step(s, &w, shm::resWord(me, gen, shm::kResCharging, j))) return fail(Code::kStaleOwner);
-          if (layers.at[j] != nullptr) layers.at[j]->spend.add(-delta, 0);
+          if (layers.at[j] != nullptr) layers.at[j]->spend.add(shm::wrapNeg(delta), 0);
         }
         if (!back(shm::kResActive)) return fail(Code::kStaleOwner);
         d.code = denied(kLayerCode[i]);
         return d;
       }
       if (!step(s, &w, shm::resWord(me, gen, shm::kResCharging, i + 1))) {
-        if (c != nullptr) c->spend.add(-delta, 0);   // not counted by the word its taker saw
+        if (c != nullptr) c->spend.add(shm::wrapNeg(delta), 0);   // not counted by the word its taker saw
         return fail(Code::kStaleOwner);
       }
     }
@@ -507,7 +515,7 @@ Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t mo
   }
   s.charged_prompt.store(total_prompt, kRelaxed);
   s.charged_completion.store(total_completion, kRelaxed);
-  s.deadline_unix_ns.store(h_.clock_unix_ns.load(kRelaxed) + s.ttl_ns.load(kRelaxed), kRelaxed);
+  s.deadline_unix_ns.store(shm::wrapAdd(h_.clock_unix_ns.load(kRelaxed), s.ttl_ns.load(kRelaxed)), kRelaxed);
   if (!back(shm::kResActive)) return fail(Code::kStaleOwner);
   return d;
 }
@@ -574,7 +582,7 @@ BudgetView Engine::view(const Counters* c, std::int64_t default_limit) const {
   const std::int64_t committed = c->spend.committed();
   v.committed = NanoUsd(committed);
   // Two separate loads: clamp the transient a concurrent commit can show between them.
-  v.held = NanoUsd(std::max<std::int64_t>(0, c->spend.used() - committed));
+  v.held = NanoUsd(std::max<std::int64_t>(0, shm::wrapSub(c->spend.used(), committed)));
   v.elsewhere = NanoUsd(c->elsewhere.load(kRelaxed));
   v.prompt_tokens = c->prompt_tokens.load(kRelaxed);
   v.completion_tokens = c->completion_tokens.load(kRelaxed);

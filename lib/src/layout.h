@@ -345,6 +345,17 @@ inline std::int64_t spendCommitted(U128 v) noexcept {
   return static_cast<std::int64_t>(static_cast<std::uint64_t>(v >> 64));
 }
 
+// Money words in the region may hold anything a group member wrote there. Arithmetic on them
+// wraps (two's complement, as the hardware does) instead of being undefined behaviour: a wrong
+// number for a region someone scribbled on, never a trap or a miscompiled check.
+constexpr std::int64_t wrapAdd(std::int64_t a, std::int64_t b) noexcept {
+  return static_cast<std::int64_t>(static_cast<std::uint64_t>(a) + static_cast<std::uint64_t>(b));
+}
+constexpr std::int64_t wrapSub(std::int64_t a, std::int64_t b) noexcept {
+  return static_cast<std::int64_t>(static_cast<std::uint64_t>(a) - static_cast<std::uint64_t>(b));
+}
+constexpr std::int64_t wrapNeg(std::int64_t a) noexcept { return wrapSub(0, a); }
+
 inline bool Spend::tryHold(std::int64_t amount, std::int64_t limit, std::int64_t* seen) noexcept {
   U128 cur = packSpend(used(), committed());   // a torn read just fails the first CAS
   for (;;) {
@@ -359,13 +370,14 @@ inline bool Spend::tryHold(std::int64_t amount, std::int64_t limit, std::int64_t
 
 inline void Spend::add(std::int64_t used_delta, std::int64_t committed_delta) noexcept {
   U128 cur = packSpend(used(), committed());
-  while (!cas16(this, &cur, packSpend(spendUsed(cur) + used_delta, spendCommitted(cur) + committed_delta))) {
+  while (!cas16(this, &cur,
+               packSpend(wrapAdd(spendUsed(cur), used_delta), wrapAdd(spendCommitted(cur), committed_delta)))) {
   }
 }
 
 inline std::int64_t Spend::takeCommitted() noexcept {
   U128 cur = packSpend(used(), committed());
-  while (!cas16(this, &cur, packSpend(spendUsed(cur) - spendCommitted(cur), 0))) {
+  while (!cas16(this, &cur, packSpend(wrapSub(spendUsed(cur), spendCommitted(cur)), 0))) {
   }
   return spendCommitted(cur);
 }

@@ -34,7 +34,7 @@ Range heldOn(shm::ResState st, std::uint32_t p, std::uint32_t j, std::int64_t he
   }
 }
 
-std::int64_t holdsOf(const shm::Counters& c) { return c.spend.used() - c.spend.committed(); }
+std::int64_t holdsOf(const shm::Counters& c) { return shm::wrapSub(c.spend.used(), c.spend.committed()); }
 
 }  // namespace
 
@@ -83,8 +83,8 @@ std::vector<HoldCorrection> RegionAdmin::reconcileHolds() {
         continue;
       }
       const Range r = heldOn(st, p, j, held, target);
-      expected[k].lo += r.lo;
-      expected[k].hi += r.hi;
+      expected[k].lo = shm::wrapAdd(expected[k].lo, r.lo);
+      expected[k].hi = shm::wrapAdd(expected[k].hi, r.hi);
     }
   }
 
@@ -96,14 +96,14 @@ std::vector<HoldCorrection> RegionAdmin::reconcileHolds() {
       last_difference_[k] = 0;   // something was in flight: judge it next time
       continue;
     }
-    if (now > expected[k].hi) difference = now - expected[k].hi;
-    if (now < expected[k].lo) difference = now - expected[k].lo;
+    if (now > expected[k].hi) difference = shm::wrapSub(now, expected[k].hi);
+    if (now < expected[k].lo) difference = shm::wrapSub(now, expected[k].lo);
     if (difference == 0 || difference != last_difference_[k]) {
       last_difference_[k] = difference;
       continue;
     }
     last_difference_[k] = 0;
-    counters(k).spend.add(-difference, 0);
+    counters(k).spend.add(shm::wrapNeg(difference), 0);
     h.stats.holds_reconciled.fetch_add(1, kRelaxed);
     HoldCorrection& c = corrections.emplace_back();
     c.difference = difference;
