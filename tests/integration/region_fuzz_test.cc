@@ -289,6 +289,11 @@ TEST_CASE("region fuzz: random words over every part of the region while the age
   {
     SQLite::Database db(db_path, SQLite::OPEN_READONLY);
     CHECK(db.execAndGet("PRAGMA integrity_check").getString() == "ok");
+    // Why entries were quarantined (the first words of each reason), for the report.
+    SQLite::Statement r(db, "SELECT substr(reason, 1, 40), COUNT(*) FROM ledger_quarantine GROUP BY 1 ORDER BY 2 DESC");
+    std::string reasons;
+    while (r.executeStep()) reasons += "\n  " + std::to_string(r.getColumn(1).getInt64()) + " x " + r.getColumn(0).getString();
+    MESSAGE("quarantine reasons:" << reasons);
   }
   ::munmap(stop, sizeof(std::atomic<int>));
 }
