@@ -15,7 +15,7 @@
 #include "ledger_file.h"
 #include "ledger_writer.h"
 
-#include "admin.h"
+#include "region_admin.h"
 #include "region.h"
 
 #include <atomic>

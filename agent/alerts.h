@@ -24,7 +24,7 @@
 #include "config.h"
 #include "redis.h"
 
-#include "admin.h"
+#include "region_admin.h"
 
 #include <atomic>
 #include <condition_variable>

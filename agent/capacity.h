@@ -8,7 +8,7 @@
 
 #include "config.h"
 
-#include "admin.h"
+#include "region_admin.h"
 #include "layout.h"
 
 #include <atomic>

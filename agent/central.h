@@ -29,7 +29,7 @@
 #include "ledger.h"
 #include "redis.h"
 
-#include "admin.h"
+#include "region_admin.h"
 
 #include <atomic>
 #include <condition_variable>

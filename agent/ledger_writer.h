@@ -10,7 +10,7 @@
 // rows; ring words no correct process writes are repaired.
 #pragma once
 
-#include "admin.h"
+#include "region_admin.h"
 #include "ledger.h"
 #include "ledger_ring.h"
 #include "region.h"

@@ -2,7 +2,7 @@
 
 #include "ids.h"
 
-#include "admin.h"
+#include "region_admin.h"
 #include "alerts.h"
 #include "capacity.h"
 #include "central.h"

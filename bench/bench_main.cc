@@ -5,7 +5,7 @@
 // BM_FloorAtomicLoad and BM_FloorFetchAdd are the floor: one uncontended atomic load and one
 // fetch_add on a word of the same region, measured in the same run. docs/performance.md has the
 // figures and what they mean.
-#include "admin.h"
+#include "region_admin.h"
 #include "ledger.h"
 #include "ledger_ring.h"
 #include "ledger_writer.h"

@@ -1,7 +1,7 @@
 // Test fixtures: a private region per test, owned by the test as tokenfused would own it.
 #pragma once
 
-#include "admin.h"
+#include "region_admin.h"
 #include "engine.h"
 #include "pricing.h"
 #include "region.h"

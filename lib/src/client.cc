@@ -9,6 +9,10 @@
 
 namespace tokenfuse {
 
+// CallSite went opaque without changing its size: code built against the older header that
+// allocates one keeps working.
+static_assert(sizeof(CallSite) == 544 && alignof(CallSite) == 4);
+
 const char* errorCode(Code code) noexcept {
   switch (code) {
     case Code::kOk: return "OK";

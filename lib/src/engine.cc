@@ -87,9 +87,9 @@ bool limitedWithoutEntry(const shm::Header& h, std::uint32_t layer) noexcept {
 
 // Whether a call site's tenant and run have the entries that enforcing their limits needs. A site
 // from prepare(insert=true) has an index >= 0, kNone (no run given) or kUntracked (no room).
-bool trackable(const shm::Header& h, const CallSite& site) noexcept {
-  if (site.tenant < 0 && limitedWithoutEntry(h, shm::kLayerTenant)) return false;
-  return !(site.run < 0 && site.run != CallSite::kNone && limitedWithoutEntry(h, shm::kLayerRun));
+bool trackable(const shm::Header& h, std::int32_t tenant, std::int32_t run) noexcept {
+  if (tenant < 0 && limitedWithoutEntry(h, shm::kLayerTenant)) return false;
+  return !(run < 0 && run != site_index::kNone && limitedWithoutEntry(h, shm::kLayerRun));
 }
 
 std::uint32_t slotHint() noexcept {
@@ -169,7 +169,7 @@ Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept
   if (!validIdText(call.project_id) || !validIdText(call.model) || !validIdText(call.run_id) || !validIdText(call.agent_id)) return fail(Code::kInvalidArgument);
   const Found model = models_.find(call.model);
   if (model.what == Lookup::kBusy) return fail(Code::kRegionBusy);
-  site->model = model.what == Lookup::kFound ? model.index : CallSite::kNone;
+  site->model = model.what == Lookup::kFound ? model.index : site_index::kNone;
   site->free_model = call.model.starts_with(kFreeModelPrefix);
   copyKey(site->model_name, &site->model_len, call.model);
   copyKey(site->agent_id, &site->agent_id_len, call.agent_id);
@@ -181,7 +181,7 @@ Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept
                      const std::atomic<std::int64_t>& default_limit, std::int32_t* out) {
     const Found f = insert ? findOrInsertBudget(table, key, pid, default_limit) : table.find(key);
     // Not there yet (nothing spent) is not the same as no room for it (cannot be counted).
-    *out = f.index >= 0 ? f.index : f.what == Lookup::kAbsent ? CallSite::kAbsent : CallSite::kUntracked;
+    *out = f.index >= 0 ? f.index : f.what == Lookup::kAbsent ? site_index::kAbsent : site_index::kUntracked;
     return f.what != Lookup::kBusy;
   };
   if (!resolve(tenants_, call.project_id, h_.defaults.tenant_limit, &site->tenant)) return fail(Code::kRegionBusy);
@@ -209,9 +209,9 @@ Decision Engine::check(const CallSite& site, std::int64_t prompt, std::int64_t c
       // Words another process can write: an overflow counts as spent to the brim, never wraps.
       if (__builtin_add_overflow(c->spend.used(), c->elsewhere.load(kRelaxed), &used)) used = INT64_MAX;
       limit = c->limit.load(kRelaxed);
-    } else if (i != shm::kLayerPlatform && !(i == shm::kLayerRun && site.run == CallSite::kNone)) {
+    } else if (i != shm::kLayerPlatform && !(i == shm::kLayerRun && site.run == site_index::kNone)) {
       const std::int32_t index = i == shm::kLayerRun ? site.run : site.tenant;
-      if (index == CallSite::kAbsent || index == CallSite::kNone) {
+      if (index == site_index::kAbsent || index == site_index::kNone) {
         // Not in the table yet: nothing spent, and the default limit is what it will get.
         limit = (i == shm::kLayerRun ? h_.defaults.run_limit : h_.defaults.tenant_limit).load(kRelaxed);
       } else if (limitedWithoutEntry(h_, i)) {
@@ -263,11 +263,11 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
   if (!estimate) return fail(Code::kInvalidArgument);
   // A limited layer that could not get a table entry cannot be enforced: refuse rather than
   // let it spend unchecked. Unlimited ones are simply not counted per tenant or run.
-  if (!trackable(h_, site)) {
+  if (!trackable(h_, site.tenant, site.run)) {
     h_.stats.capacity_refused.fetch_add(1, kRelaxed);
     return fail(Code::kCapacityExhausted);
   }
-  if (site.tenant < 0 || (site.run < 0 && site.run != CallSite::kNone)) {
+  if (site.tenant < 0 || (site.run < 0 && site.run != site_index::kNone)) {
     h_.stats.untracked_calls.fetch_add(1, kRelaxed);
   }
 
@@ -537,8 +537,8 @@ Decision Engine::record(const Usage& u) noexcept {
   if (entry == nullptr) return fail(refused);
   // The call has happened: its entry is written and counted where it can be, even when its
   // tenant or run has a limit but no entry; the answer then says so (kCapacityExhausted).
-  const bool counted = trackable(h_, site);
-  if (site.tenant < 0 || (site.run < 0 && site.run != CallSite::kNone)) {
+  const bool counted = trackable(h_, site.tenant, site.run);
+  if (site.tenant < 0 || (site.run < 0 && site.run != site_index::kNone)) {
     h_.stats.untracked_calls.fetch_add(1, kRelaxed);
   }
   const Layers layers = layersOf(site.run, site.tenant);

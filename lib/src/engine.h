@@ -76,9 +76,9 @@ class Engine {
   bool lost() const noexcept { return lost_.load(std::memory_order_relaxed) != 0; }
   // A CallSite comes from the caller's memory: its indices are checked before they are used.
   bool siteInRange(const CallSite& site) const noexcept {
-    return site.tenant >= CallSite::kAbsent && site.tenant < static_cast<std::int64_t>(tenants_.capacity()) &&
-           site.run >= CallSite::kAbsent && site.run < static_cast<std::int64_t>(runs_.capacity()) &&
-           site.model >= CallSite::kNone && site.model < static_cast<std::int64_t>(models_.capacity());
+    return site.tenant >= site_index::kAbsent && site.tenant < static_cast<std::int64_t>(tenants_.capacity()) &&
+           site.run >= site_index::kAbsent && site.run < static_cast<std::int64_t>(runs_.capacity()) &&
+           site.model >= site_index::kNone && site.model < static_cast<std::int64_t>(models_.capacity());
   }
 
   const Region& region_;
@@ -92,6 +92,21 @@ class Engine {
   std::uint32_t res_mask_;
   bool agent_;
 };
+
+// What prepare put in a CallSite (the public type is opaque). For the tests, which check what
+// prepare found and stand in for a caller whose CallSite memory was overwritten.
+struct SiteIndices {
+  std::int32_t tenant, run, model;  // a slot index, or a site_index marker
+};
+struct CallSiteAccess {
+  static SiteIndices get(const CallSite& s) noexcept { return {s.tenant, s.run, s.model}; }
+  static void set(CallSite* s, SiteIndices i) noexcept {
+    s->tenant = i.tenant;
+    s->run = i.run;
+    s->model = i.model;
+  }
+};
+inline SiteIndices siteIndices(const CallSite& s) noexcept { return CallSiteAccess::get(s); }
 
 // This process's pid, cached and refreshed after fork (getpid() is a system call).
 std::uint32_t selfPid() noexcept;

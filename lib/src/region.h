@@ -50,6 +50,14 @@ struct Geometry {
   std::uint64_t tenant_offset = 0, run_offset = 0, model_offset = 0, reservation_offset = 0, ledger_offset = 0;
 };
 
+// What a CallSite's tenant, run or model holds when it is not a slot index. Internal: the public
+// CallSite is opaque, so these markers (like the indices) are not part of the ABI.
+namespace site_index {
+inline constexpr std::int32_t kNone = -1;       // no run given; model not in the price table
+inline constexpr std::int32_t kUntracked = -2;  // the table has no room for it: not counted
+inline constexpr std::int32_t kAbsent = -3;     // not in the table yet (check by name): nothing spent
+}  // namespace site_index
+
 // A reservation's layers, from the run and tenant indices stored in its slot (or in a CallSite).
 // A null entry is "no such layer". `bad` is set when an index was neither "none" (negative) nor in
 // range: the region (or the caller's CallSite) was corrupted, and that layer is left alone.
@@ -92,12 +100,12 @@ class Region {
     ResLayers l{{nullptr, nullptr, &header_->platform}, false};
     if (run >= 0 && static_cast<std::uint32_t>(run) < geo_.run_capacity) {
       l.at[shm::kLayerRun] = &runs()[run].c;
-    } else if (run < CallSite::kAbsent || run >= 0) {
+    } else if (run < site_index::kAbsent || run >= 0) {
       l.bad = true;
     }
     if (tenant >= 0 && static_cast<std::uint32_t>(tenant) < geo_.tenant_capacity) {
       l.at[shm::kLayerTenant] = &tenants()[tenant].c;
-    } else if (tenant < CallSite::kAbsent || tenant >= 0) {
+    } else if (tenant < site_index::kAbsent || tenant >= 0) {
       l.bad = true;
     }
     return l;

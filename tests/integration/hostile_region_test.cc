@@ -4,6 +4,7 @@
 // process that suffers the damage is a forked child or a real tokenfused, and the test fails if it
 // died of a signal or had not finished within a generous bound.
 #include "agent_process.h"
+#include "engine.h"
 
 #include <httplib.h>
 #include <sys/mman.h>
@@ -155,8 +156,7 @@ TEST_CASE("hostile region: a wild tenant or run index in a reservation slot is f
   // A CallSite lives in the caller's memory: its indices are checked too.
   CallSite site;
   REQUIRE(t.client->prepare({"acme", "gpt-4o", "run-1", {}, 0, 0, 0}, &site).allowed());
-  site.tenant = 0x7fffffff;
-  site.run = -9;
+  CallSiteAccess::set(&site, {0x7fffffff, -9, siteIndices(site).model});
   CHECK(inChild([&] {
           Reservation r;
           if (t.client->check(site, 100).allowed()) return 1;

@@ -121,16 +121,28 @@ struct Usage {
   std::int64_t completion_tokens = 0;
 };
 
+struct CallSiteAccess;  // libtokenfuse's own (lib/src); not part of the API
+
 // A call's tenant, run and model looked up once, so that repeated checks and reservations for
 // the same triple skip the hashing. Obtain from Client::prepare; valid for the Client's life.
-struct CallSite {
-  static constexpr std::int32_t kNone = -1;       // no run given; model not in the price table
-  static constexpr std::int32_t kUntracked = -2;  // the table has no room for it: not counted
-  static constexpr std::int32_t kAbsent = -3;     // not in the table yet (check by name): nothing spent
-  std::int32_t tenant = kNone;
-  std::int32_t run = kNone;
-  std::int32_t model = kNone;   // kNone: the fallback price applies
-  bool free_model = false;      // the "ollama/" prefix
+//
+// Opaque: a value to copy, keep and hand back to check and reserve, nothing to read or set. What
+// it holds (table slot indices into the shared region, and the ids) is the library's business:
+// keeping it private means the indices are not part of the ABI, so the table layout can change
+// without breaking applications, and an application cannot build one that names another
+// tenant's slot (the library still checks every index it reads back, as the bytes live in the
+// caller's memory). sizeof(CallSite) is 544 bytes, as when its fields were public.
+class CallSite {
+ public:
+  CallSite() noexcept = default;
+
+ private:
+  friend class Engine;
+  friend struct CallSiteAccess;
+  std::int32_t tenant = -1;  // slot index, or one of lib/src's site_index markers
+  std::int32_t run = -1;
+  std::int32_t model = -1;
+  bool free_model = false;
   std::uint32_t model_len = 0;
   std::uint32_t agent_id_len = 0;
   std::uint32_t project_len = 0;

@@ -1,4 +1,4 @@
-#include "admin.h"
+#include "region_admin.h"
 
 #include "budget_table.h"
 #include "client_lock.h"

@@ -1,6 +1,6 @@
 // The holds reconciliation (RegionAdmin::reconcileHolds): what each layer holds, checked against
 // what the live reservations hold on it.
-#include "admin.h"
+#include "region_admin.h"
 
 #include <algorithm>
 
