@@ -1,7 +1,6 @@
 #include "proc.h"
 
 #include <cerrno>
-#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -51,19 +50,6 @@ std::uint64_t pidNamespace() noexcept {
   struct stat st {};
   if (::stat("/proc/self/ns/pid", &st) != 0) return 0;
   return static_cast<std::uint64_t>(st.st_ino);
-}
-
-Liveness liveness(int pid, std::uint64_t start_time) noexcept {
-  if (pid <= 0) return Liveness::kUnknown;
-  if (::kill(pid, 0) != 0 && errno == ESRCH) return Liveness::kDead;
-  char state;
-  const std::uint64_t now = readStat(pid, &state);
-  // Unreadable (hidepid, no file descriptors left, or it exited just now): not proof of death.
-  // Calling a live process dead would hand its reservation to someone else; waiting is safe.
-  if (now == 0) return Liveness::kUnknown;
-  if (state == 'Z' || state == 'X') return Liveness::kDead;   // exited, not yet waited for
-  if (start_time != 0 && now != start_time) return Liveness::kDead;   // the pid was reused
-  return Liveness::kAlive;
 }
 
 }  // namespace tokenfuse::proc

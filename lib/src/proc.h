@@ -1,5 +1,5 @@
-// Facts about processes, for telling a live reservation owner from a dead one. Set-up and agent
-// code only: these read /proc.
+// Facts about processes, recorded in the region for people reading it (liveness itself comes from
+// the client locks, client_lock.h). Set-up code only: these read /proc.
 #pragma once
 
 #include <cstdint>
@@ -14,11 +14,5 @@ std::uint64_t startTime(int pid) noexcept;
 // The inode of this process's pid namespace, or 0 if unknown. Pids are comparable only between
 // processes that share it.
 std::uint64_t pidNamespace() noexcept;
-
-enum class Liveness { kAlive, kDead, kUnknown };
-// Whether the process that wrote (pid, start_time) still runs. start_time 0 means the writer
-// had not recorded it: only the pid is compared. kDead only on proof: no such pid, a zombie, or
-// a pid now used by a process with another start time.
-Liveness liveness(int pid, std::uint64_t start_time) noexcept;
 
 }  // namespace tokenfuse::proc
