@@ -105,7 +105,7 @@ void RegionAdmin::setPlatformLimit(std::optional<NanoUsd> limit) noexcept {
 
 Status RegionAdmin::setLimit(LimitTable t, std::string_view id, std::optional<NanoUsd> limit) {
   if (auto p = idProblem(t, id); !p.empty()) return Status::error(p);
-  const Found f = findOrInsertBudget(table(t), id, engine_.regionPid(), defaultLimit(t));
+  const Found f = findOrInsertBudget(table(t), id, engine_.self(), defaultLimit(t));
   if (f.index < 0) {
     return Status::error(std::string(t == LimitTable::kTenant ? "tenant" : "run") + " table is " +
                          (f.what == Lookup::kBusy ? "busy (a client died while adding an entry; retry)"
@@ -123,7 +123,7 @@ Status RegionAdmin::setElsewhere(std::int32_t day, std::string_view project_id, 
   shm::Counters* c = &region_.header().platform;
   if (!project_id.empty()) {
     if (auto p = idProblem(LimitTable::kTenant, project_id); !p.empty()) return Status::error(p);
-    const Found f = findOrInsertBudget(table(LimitTable::kTenant), project_id, engine_.regionPid(),
+    const Found f = findOrInsertBudget(table(LimitTable::kTenant), project_id, engine_.self(),
                                        defaultLimit(LimitTable::kTenant));
     if (f.index < 0) return Status::error("tenant table is full or busy");
     c = &table(LimitTable::kTenant).at(f.index).c;
@@ -193,7 +193,7 @@ Status RegionAdmin::setPrice(std::string_view model, Price price) {
   }
   if (auto p = priceProblem(price); !p.empty()) return Status::error(std::string(model) + ": " + p);
   const KeyedTable<shm::ModelSlot> models(region_.models(), region_.geometry().model_capacity);
-  const Found f = models.findOrInsert(model, engine_.regionPid(), [&](shm::ModelSlot& m) noexcept {
+  const Found f = models.findOrInsert(model, engine_.self(), [&](shm::ModelSlot& m) noexcept {
     m.prompt_nano_per_mtok.store(price.prompt_nano_per_mtok, kRelaxed);
     m.completion_nano_per_mtok.store(price.completion_nano_per_mtok, kRelaxed);
   });
@@ -363,7 +363,7 @@ Status RegionAdmin::restore(LimitTable t, std::string_view id, NanoUsd committed
   shm::Counters* c = &region_.header().platform;
   if (!id.empty()) {
     if (auto p = idProblem(t, id); !p.empty()) return Status::error(p);
-    const Found f = findOrInsertBudget(table(t), id, engine_.regionPid(), defaultLimit(t));
+    const Found f = findOrInsertBudget(table(t), id, engine_.self(), defaultLimit(t));
     if (f.index < 0) return Status::error(std::string(t == LimitTable::kTenant ? "tenant" : "run") + " table is full");
     c = &table(t).at(f.index).c;
   }
@@ -447,7 +447,7 @@ Status RegionAdmin::backdate(std::int32_t day, const std::vector<std::pair<std::
       continue;
     }
     const Found f =
-        findOrInsertBudget(table(LimitTable::kTenant), id, engine_.regionPid(), defaultLimit(LimitTable::kTenant));
+        findOrInsertBudget(table(LimitTable::kTenant), id, engine_.self(), defaultLimit(LimitTable::kTenant));
     if (f.index < 0) return Status::error("tenant table is full or busy: cannot bring back the spending of " + id);
     layers.emplace_back(&table(LimitTable::kTenant).at(f.index).c, d);
   }

@@ -176,10 +176,10 @@ Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept
   copyKey(site->project_id, &site->project_len, call.project_id);
   copyKey(site->run_id, &site->run_len, call.run_id);
 
-  const std::uint32_t pid = regionPid();
+  const std::uint32_t me = self();
   auto resolve = [&](const KeyedTable<shm::BudgetSlot>& table, std::string_view key,
                      const std::atomic<std::int64_t>& default_limit, std::int32_t* out) {
-    const Found f = insert ? findOrInsertBudget(table, key, pid, default_limit) : table.find(key);
+    const Found f = insert ? findOrInsertBudget(table, key, me, default_limit) : table.find(key);
     // Not there yet (nothing spent) is not the same as no room for it (cannot be counted).
     *out = f.index >= 0 ? f.index : f.what == Lookup::kAbsent ? site_index::kAbsent : site_index::kUntracked;
     return f.what != Lookup::kBusy;

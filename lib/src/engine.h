@@ -40,10 +40,8 @@ class Engine {
   std::uint32_t liveReservations() const noexcept;
   std::uint64_t durableLedgerSeq() const noexcept { return h_.ledger_head.load(std::memory_order_acquire); }
 
-  // What this process writes into a table key it is inserting: its client number, as in
-  // reservation words (the name is older than client numbers).
-  std::uint32_t regionPid() const noexcept { return self(); }
-  // This process's client number (client_lock.h): what reservation words and ledger slots name.
+  // This process's client number (client_lock.h): what reservation words, ledger slots and the
+  // words of table keys being inserted name.
   std::uint32_t self() const noexcept { return region_.client(); }
 
  private:
