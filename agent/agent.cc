@@ -403,8 +403,9 @@ void Agent::tick() {
                                       {"recycled_expired", r.freed_expired},
                                       {"stuck_keys_cleared", r.stuck_keys}});
   }
-  // A hold leaked by a client killed between a layer change and its progress step would stay for
-  // ever (rollover keeps holds; runs never roll over): compare with the live reservations.
+  // A hold left by a client killed half-way through an operation (the reaper cannot tell which
+  // layers it had changed) would stay for ever (rollover keeps holds; runs never roll over):
+  // compare with the live reservations.
   for (const HoldCorrection& c : a.reconcileHolds()) {
     log::warn("holds_reconciled", {{"layer", c.layer}, {"id", c.id}, {"difference_nano_usd", c.difference}});
   }

@@ -1,6 +1,7 @@
 #include "central.h"
 
 #include "day_clock.h"
+#include "ids.h"
 #include "layout.h"
 #include "log.h"
 #include "redis.h"
@@ -516,8 +517,11 @@ void CentralLink::copyRows(const std::vector<LedgerEntry>& rows, const char* tab
       time_text[20] = static_cast<char>('0' + ms / 100);
       time_text[21] = static_cast<char>('0' + ms / 10 % 10);
       time_text[22] = static_cast<char>('0' + ms % 10);
-      // '' stays '' (the reference's provider is NOT NULL); only an absent run is NULL.
-      copy << std::make_tuple(e.project_id, e.agent_id, opt(e.run_id), e.model, e.provider, e.prompt_tokens,
+      // '' stays '' (the reference's provider is NOT NULL); only an absent run is NULL. An id
+      // that is not UTF-8 (written by an agent from before ids were checked) would make Postgres
+      // refuse the whole batch for ever: it goes as displayId() shows it, as in /metrics.
+      copy << std::make_tuple(displayId(e.project_id), displayId(e.agent_id), opt(displayId(e.run_id)),
+                              displayId(e.model), displayId(e.provider), e.prompt_tokens,
                               e.completion_tokens, NanoUsd(e.cost_nano_usd).toString(), time_text, host_id_, ledger_id_,
                               static_cast<std::int64_t>(e.seq), day_text, e.kind, e.cost_nano_usd,
                               e.reservation_id == 0 ? std::optional<std::int64_t>()

@@ -96,7 +96,7 @@ constexpr std::int64_t kPastDays = 400;
 constexpr std::int64_t kFutureDays = 2;
 
 // Why an entry (not void, checksum matching) cannot be valid; empty if it can.
-std::string invalidBecause(const SlotCopy& c, const std::function<std::int64_t()>& clock) {
+std::string invalidBecause(const SlotCopy& c) {
   if (c.kind != shm::kLedgerCommit && c.kind != shm::kLedgerRecord) return "unknown kind " + std::to_string(c.kind);
   if (c.prompt_tokens < 0 || c.prompt_tokens > kMaxTokensPerCall || c.completion_tokens < 0 ||
       c.completion_tokens > kMaxTokensPerCall) {
@@ -254,7 +254,7 @@ void LedgerWriter::take(std::uint64_t pos, const shm::LedgerSlot& s, const char*
     ++stats.skipped;
     return;
   } else {
-    reason = invalidBecause(c, clock_);
+    reason = invalidBecause(c);
   }
   if (!reason.empty()) {
     if (why != nullptr) reason = std::string(why) + "; " + reason;
@@ -402,9 +402,6 @@ DrainStats LedgerWriter::drainOnce() {
 }
 
 void LedgerWriter::setAvailable(bool available, const std::string& problem) {
-  // Stored on every pass, so that a hostile write of the word lasts one flush interval at most.
-  region_.header().ledger_unavailable.store(available ? 0 : 1, std::memory_order_release);
-  ledgerHealth().unavailable.store(available ? 0 : 1, std::memory_order_relaxed);
   const std::string path = file_ != nullptr ? file_->path() : std::string();
   if (!available && (!unavailable_ || problem != problem_)) {
     log::error("ledger_unavailable",
@@ -416,6 +413,12 @@ void LedgerWriter::setAvailable(bool available, const std::string& problem) {
   } else if (available && unavailable_) {
     log::info("ledger_available", {{"path", path}});
   }
+  // Logged first, so that an app refused for it finds the reason already in the log. Checked on
+  // every pass, so that a hostile write of the word lasts one flush interval at most; stored only
+  // when it differs, since every commit reads its cache line.
+  std::atomic<std::uint32_t>& word = region_.header().ledger_unavailable;
+  if (word.load(std::memory_order_relaxed) != (available ? 0u : 1u)) word.store(available ? 0 : 1, std::memory_order_release);
+  ledgerHealth().unavailable.store(available ? 0 : 1, std::memory_order_relaxed);
   unavailable_ = !available;
   problem_ = problem;
 }

@@ -11,9 +11,8 @@ namespace {
 constexpr auto kRelaxed = std::memory_order_relaxed;
 constexpr auto kAcquire = std::memory_order_acquire;
 
-// What a reservation may hold on one layer: [lo, hi]. A range, because a step in flight has
-// changed the layer but not yet its progress (growing), or its progress but not yet the layer
-// (shrinking): see layout.h.
+// What a reservation may hold on one layer: [lo, hi]. A range, because an operation in flight
+// changes the layers one after the other without a step between them (see layout.h).
 struct Range {
   std::int64_t lo = 0;
   std::int64_t hi = 0;
@@ -21,15 +20,14 @@ struct Range {
 
 Range between(std::int64_t a, std::int64_t b) { return {std::min(a, b), std::max(a, b)}; }
 
-Range heldOn(shm::ResState st, std::uint32_t p, std::uint32_t j, std::int64_t held, std::int64_t target) {
+Range heldOn(shm::ResState st, std::uint32_t p, std::int64_t held, std::int64_t target) {
   switch (st) {
-    case shm::kResReserving:   // grows layer j, then progress j + 1; a refusal undoes the other way
-      return j < p ? Range{held, held} : j == p ? between(0, held) : Range{};
+    case shm::kResReserving:   // nothing yet, the estimate, or part way (the fields may still be
+    case shm::kResSettling:    // the previous reservation's: a range that is too wide only waits)
+      return between(0, held);
     case shm::kResActive: return {held, held};
-    case shm::kResCharging:    // grows from held to target the same way
-      return j < p ? Range{target, target} : j == p ? between(held, target) : Range{held, held};
-    case shm::kResSettling:    // progress j + 1, then layer j
-      return j + 1 < p ? Range{} : j + 1 == p ? between(0, held) : Range{held, held};
+    case shm::kResCharging:    // grows from held to target, layer after layer
+      return p == shm::kChargeGrown ? Range{target, target} : between(held, target);
     default: return {};        // expired: the reaper returned the hold
   }
 }
@@ -66,8 +64,8 @@ std::vector<HoldCorrection> RegionAdmin::reconcileHolds() {
     const std::uint64_t w = s.word.load(kAcquire);
     const shm::ResState st = shm::resState(w);
     const std::uint32_t p = shm::resProgress(w);
-    if (st == shm::kResFree || (st == shm::kResReserving && p == shm::kProgressClaiming)) continue;
-    const std::int64_t held = s.held.load(kRelaxed);
+    if (st == shm::kResFree) continue;
+    const std::int64_t held = s.held.load(kAcquire);
     const std::int64_t target = s.charge_target.load(kRelaxed);
     const std::int32_t run = s.run.load(kRelaxed);
     const std::int32_t tenant = s.tenant.load(kRelaxed);
@@ -75,6 +73,7 @@ std::vector<HoldCorrection> RegionAdmin::reconcileHolds() {
     const std::size_t layer[shm::kLayerCount] = {
         run >= 0 && static_cast<std::uint32_t>(run) < runs ? 1 + std::size_t{tenants} + static_cast<std::size_t>(run) : n,
         tenant >= 0 && static_cast<std::uint32_t>(tenant) < tenants ? 1 + static_cast<std::size_t>(tenant) : n, 0};
+    const Range r = heldOn(st, p, held, target);
     for (std::uint32_t j = 0; j < shm::kLayerCount; ++j) {
       const std::size_t k = layer[j];
       if (k == n) continue;
@@ -82,7 +81,6 @@ std::vector<HoldCorrection> RegionAdmin::reconcileHolds() {
         moved[k] = true;
         continue;
       }
-      const Range r = heldOn(st, p, j, held, target);
       expected[k].lo = shm::wrapAdd(expected[k].lo, r.lo);
       expected[k].hi = shm::wrapAdd(expected[k].hi, r.hi);
     }

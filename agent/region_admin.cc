@@ -284,40 +284,34 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
     if (st == shm::kResFree) continue;
     const std::uint32_t client = shm::resClient(w);
     const std::uint32_t p = shm::resProgress(w);
-    const bool claiming = st == shm::kResReserving && p == shm::kProgressClaiming;
     const bool owner_dead = clientGone(client);
     const bool overdue = s.deadline_unix_ns.load(kRelaxed) < now_unix_ns;
     if (!owner_dead && !((st == shm::kResActive || st == shm::kResExpired) && overdue)) continue;
 
-    // Own the slot first, marked as fully settled: if this agent dies half-way, the next one
-    // returns nothing more, so a hold can leak but never be returned twice.
+    // Own the slot first, marked settling: if this agent dies half-way, the next one returns
+    // nothing more, so a hold can leak (until reconciled) but never be returned twice.
     const std::uint32_t gen = shm::resGen(w);
     std::uint64_t expect = w;
-    if (!s.word.compare_exchange_strong(expect, shm::resWord(me, gen, shm::kResSettling, shm::kLayerCount),
+    if (!s.word.compare_exchange_strong(expect, shm::resWord(me, gen, shm::kResSettling, 0),
                                         kAcquire, kRelaxed)) {
       continue;   // its owner moved on meanwhile; look again next sweep
     }
-    // Only now, with the slot ours, what each layer still holds for it, by state and progress
-    // (see layout.h): a charge that finished between the load of `w` and the CAS, leaving the
-    // same word behind, has grown `held`, and reading it earlier would leak that growth.
-    const std::int64_t held = s.held.load(kRelaxed);
+    // Only now, with the slot ours, what each layer certainly still holds for it, by state and
+    // progress (see layout.h): a charge that finished between the load of `w` and the CAS, leaving
+    // the same word behind, has grown `held`, and reading it earlier would leak that growth. What a
+    // process killed half-way through reserving or settling left on the layers is not known here:
+    // reconcileHolds() returns it.
+    const std::int64_t held = s.held.load(kAcquire);
     const std::int64_t target = s.charge_target.load(kRelaxed);
-    std::int64_t give_back[shm::kLayerCount] = {0, 0, 0};
-    for (std::uint32_t j = 0; j < shm::kLayerCount && !claiming; ++j) {
-      switch (st) {
-        case shm::kResReserving: give_back[j] = j < p ? held : 0; break;
-        case shm::kResActive: give_back[j] = held; break;
-        case shm::kResCharging: give_back[j] = j < p ? target : held; break;
-        case shm::kResSettling: give_back[j] = j < p ? 0 : held; break;
-        default: break;
-      }
-    }
+    std::int64_t give_back = 0;
+    if (st == shm::kResActive) give_back = held;
+    if (st == shm::kResCharging) give_back = p == shm::kChargeGrown ? target : held;
     // The slot's indices go through the one checked helper: out of range is no layer.
     const ResLayers checked = region_.layers(s.run.load(kRelaxed), s.tenant.load(kRelaxed));
     shm::Counters* const* layers = checked.at;
     if (checked.bad) ++stats.corrupt;
     for (std::uint32_t j = 0; j < shm::kLayerCount; ++j) {
-      if (layers[j] != nullptr && give_back[j] != 0) layers[j]->spend.add(shm::wrapNeg(give_back[j]), 0);
+      if (layers[j] != nullptr && give_back != 0) layers[j]->spend.add(shm::wrapNeg(give_back), 0);
     }
     if (owner_dead || st == shm::kResExpired) {
       if (st == shm::kResExpired) {

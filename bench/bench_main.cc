@@ -192,7 +192,7 @@ void BM_LedgerAppend(benchmark::State& state) {
   for (auto _ : state) {
     std::uint64_t pos = 0;
     shm::LedgerSlot* e;
-    while ((e = ring.claim(pid, 0, &pos)) == nullptr) {
+    while ((e = ring.claim(pid, &pos)) == nullptr) {
     }
     e->kind = shm::kLedgerRecord;
     e->cost_nano_usd = 5'000'000;

@@ -101,6 +101,7 @@ std::uint32_t slotHint() noexcept {
 // Finishes one step of reserve, settle or charge: the slot moves from the word this process left
 // in it to `next` only if nobody took it meanwhile. A plain store here would write over a slot
 // taken from a process that was stopped mid-way, and apply or return layers a second time.
+// Each is a locked instruction, which is why an operation takes two or three, not one per layer.
 bool step(ReservationSlot& s, std::uint64_t* w, std::uint64_t next) noexcept {
   std::uint64_t expect = *w;
   if (!s.word.compare_exchange_strong(expect, next, std::memory_order_acq_rel, kRelaxed)) return false;
@@ -115,7 +116,10 @@ void copyKey(char* dst, std::uint32_t* len, std::string_view src) noexcept {
 
 }  // namespace
 
+// On every operation (Region::client() compares it with the pid that claimed the client number):
+// one load once initialised, not a call_once.
 std::uint32_t selfPid() noexcept {
+  if (const std::uint32_t pid = g_pid.load(kRelaxed); pid != 0) return pid;
   initSelfOnce();
   return g_pid.load(kRelaxed);
 }
@@ -239,7 +243,7 @@ int Engine::claimSlot(std::uint32_t client, std::uint64_t* word) noexcept {
     const std::uint32_t i = (hint + n) & res_mask_;
     std::uint64_t w = res_[i].word.load(kRelaxed);
     if (shm::resState(w) != shm::kResFree) continue;
-    const std::uint64_t claimed = shm::resWord(client, shm::resGen(w), shm::kResReserving, shm::kProgressClaiming);
+    const std::uint64_t claimed = shm::resWord(client, shm::resGen(w), shm::kResReserving, 0);
     if (res_[i].word.compare_exchange_strong(w, claimed, kAcquire, kRelaxed)) {
       *word = claimed;
       return static_cast<int>(i);
@@ -302,34 +306,34 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
               {site.run_id, site.run_len},
               {site.model_name, site.model_len},
               {site.agent_id, site.agent_id_len}});
-  // Publishes the fields above to the reaper before any layer holds anything.
-  if (!step(s, &w, shm::resWord(me, gen, shm::kResReserving, 0))) return fail(Code::kStaleOwner);
 
+  // The layers are held without a step between them (see layout.h): a process that dies here
+  // leaves holds the reaper does not return, and the agent's reconciliation does.
   Decision d;
   d.cost = *estimate;
   const Layers layers = layersOf(site.run, site.tenant);
+  auto undo = [&](std::uint32_t held_layers) noexcept {
+    for (std::uint32_t j = held_layers; j-- > 0;) {
+      if (layers.at[j] != nullptr) layers.at[j]->spend.add(shm::wrapNeg(estimate->count()), 0);
+    }
+  };
   for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
     Counters* c = layers.at[i];
     // Free models skip the money layers. A paid call estimated at zero is still refused by a
     // layer already past its limit, as check() refuses it.
-    const bool holds = c != nullptr && !free;
-    if (holds && !tryHold(*c, estimate->count(), &d)) {
-      c->denials.fetch_add(1, kRelaxed);
-      for (std::uint32_t j = i; j-- > 0;) {   // undo, newest first: progress, then the layer
-        if (!step(s, &w, shm::resWord(me, gen, shm::kResReserving, j))) return fail(Code::kStaleOwner);
-        if (layers.at[j] != nullptr) layers.at[j]->spend.add(-estimate->count(), 0);
-      }
-      if (!step(s, &w, shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0))) return fail(Code::kStaleOwner);
-      d.code = denied(kLayerCode[i]);
-      return d;
-    }
-    if (!step(s, &w, shm::resWord(me, gen, shm::kResReserving, i + 1))) {
-      // Whoever took the slot returned the layers its word counted, not this one.
-      if (holds) c->spend.add(-estimate->count(), 0);
-      return fail(Code::kStaleOwner);
-    }
+    if (c == nullptr || free || tryHold(*c, estimate->count(), &d)) continue;
+    c->denials.fetch_add(1, kRelaxed);
+    undo(i);
+    if (!step(s, &w, shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0))) return fail(Code::kStaleOwner);
+    d.code = denied(kLayerCode[i]);
+    return d;
   }
-  if (!step(s, &w, shm::resWord(owner, gen, shm::kResActive, 0))) return fail(Code::kStaleOwner);
+  // Publishes the fields with the reservation. Whoever took the slot meanwhile returned nothing
+  // for a reserving slot, so every hold above is this call's to return.
+  if (!step(s, &w, shm::resWord(owner, gen, shm::kResActive, 0))) {
+    if (!free) undo(shm::kLayerCount);
+    return fail(Code::kStaleOwner);
+  }
   out->id = shm::reservationId(static_cast<std::uint32_t>(index), gen);
   return d;
 }
@@ -370,7 +374,7 @@ shm::LedgerSlot* Engine::claimEntry(std::uint64_t* pos, Code* refused) noexcept 
   }
   // The ring's writer identity is the client number too (its lock says whether the writer lives).
   bool corrupt = false;
-  shm::LedgerSlot* entry = ring_.claim(self(), 0, pos, &corrupt);
+  shm::LedgerSlot* entry = ring_.claim(self(), pos, &corrupt);
   if (entry == nullptr) {
     if (!corrupt) h_.stats.ledger_full.fetch_add(1, kRelaxed);
     *refused = corrupt ? Code::kRegionCorrupt : Code::kLedgerFull;
@@ -417,7 +421,6 @@ Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std:
   if (was == kAcquireBusy) return fail(Code::kRegionBusy);
   ReservationSlot& s = res_[shm::reservationIndex(r.id)];
   const std::uint32_t gen = shm::resGen(w);
-  const std::uint32_t me = shm::resClient(w);
   const bool expired = was == shm::kResExpired;
   const std::int64_t held = expired ? 0 : s.held.load(kRelaxed);
   std::int64_t cost = 0;
@@ -427,14 +430,15 @@ Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std:
     const Price p{s.prompt_nano_per_mtok.load(kRelaxed), s.completion_nano_per_mtok.load(kRelaxed)};
     cost = costOf(p, prompt, completion).value_or(NanoUsd(held)).count();
   }
+  // No step between the layers (see layout.h): whoever takes a settling slot returns nothing
+  // for it, so each layer is settled once, by this call, even if the slot is taken meanwhile.
   const Layers layers = layersOf(s.run.load(kRelaxed), s.tenant.load(kRelaxed));
-  for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
-    if (!step(s, &w, shm::resWord(me, gen, shm::kResSettling, i + 1))) return fail(Code::kStaleOwner);
-    if (layers.at[i] == nullptr) continue;
+  for (Counters* c : layers.at) {
+    if (c == nullptr) continue;
     if (book_cost) {
-      layers.at[i]->spend.add(shm::wrapSub(cost, held), cost);
+      c->spend.add(shm::wrapSub(cost, held), cost);
     } else {
-      layers.at[i]->spend.add(shm::wrapNeg(held), 0);
+      c->spend.add(shm::wrapNeg(held), 0);
     }
   }
   if (entry != nullptr) {
@@ -489,29 +493,31 @@ Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t mo
   d.cost = *consumed;
   const std::int64_t held = s.held.load(kRelaxed);
   if (consumed->count() > held) {
+    // Grows every layer by the difference, then one step (progress 1) says so before `held` is
+    // written: a process that dies before that step leaves the growth to reconciliation, and
+    // whoever takes the slot before it returns the old hold only, which this call then undoes.
     const std::int64_t delta = shm::wrapSub(consumed->count(), held);
     s.charge_target.store(consumed->count(), kRelaxed);
-    // Same word again: publishes charge_target to the reaper before any layer grows.
-    if (!step(s, &w, w)) return fail(Code::kStaleOwner);
     const Layers layers = layersOf(s.run.load(kRelaxed), s.tenant.load(kRelaxed));
+    auto undo = [&](std::uint32_t grown) noexcept {
+      for (std::uint32_t j = grown; j-- > 0;) {
+        if (layers.at[j] != nullptr) layers.at[j]->spend.add(shm::wrapNeg(delta), 0);
+      }
+    };
     for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
       Counters* c = layers.at[i];
-      if (c != nullptr && !tryHold(*c, delta, &d)) {
-        c->denials.fetch_add(1, kRelaxed);
-        for (std::uint32_t j = i; j-- > 0;) {
-          if (!step(s, &w, shm::resWord(me, gen, shm::kResCharging, j))) return fail(Code::kStaleOwner);
-          if (layers.at[j] != nullptr) layers.at[j]->spend.add(shm::wrapNeg(delta), 0);
-        }
-        if (!back(shm::kResActive)) return fail(Code::kStaleOwner);
-        d.code = denied(kLayerCode[i]);
-        return d;
-      }
-      if (!step(s, &w, shm::resWord(me, gen, shm::kResCharging, i + 1))) {
-        if (c != nullptr) c->spend.add(shm::wrapNeg(delta), 0);   // not counted by the word its taker saw
-        return fail(Code::kStaleOwner);
-      }
+      if (c == nullptr || tryHold(*c, delta, &d)) continue;
+      c->denials.fetch_add(1, kRelaxed);
+      undo(i);
+      if (!back(shm::kResActive)) return fail(Code::kStaleOwner);
+      d.code = denied(kLayerCode[i]);
+      return d;
     }
-    s.held.store(consumed->count(), kRelaxed);
+    if (!step(s, &w, shm::resWord(me, gen, shm::kResCharging, shm::kChargeGrown))) {
+      undo(shm::kLayerCount);
+      return fail(Code::kStaleOwner);
+    }
+    s.held.store(consumed->count(), kRelease);
   }
   s.charged_prompt.store(total_prompt, kRelaxed);
   s.charged_completion.store(total_completion, kRelaxed);

@@ -19,7 +19,7 @@ namespace tokenfuse::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'45'53'55'46'4e'4b'54ull;   // "TKNFUSE1"
 // Increment whenever anything in this file changes the bytes or the meaning of the region.
-inline constexpr std::uint32_t kLayoutVersion = 5;
+inline constexpr std::uint32_t kLayoutVersion = 6;
 
 inline constexpr std::size_t kKeyMax = 128;      // project_id, run_id, model, agent_id bytes
 inline constexpr std::size_t kReasonMax = 256;   // kill switch reason bytes
@@ -128,31 +128,33 @@ struct PackedStrings {
 };
 
 // Reservation slot state word: [63..32] client number (client_lock.h) | [31..8] generation |
-// [7..4] state | [3..0] progress (how many of the three layers the current operation has done).
+// [7..4] state | [3..0] progress (charging only: kChargeGrown once every layer has grown).
 // While an operation is half-way (reserving, charging, settling) the client is the process acting
 // on it; while the reservation waits (active, expired) it is its owner: client 0 for "the agent",
-// whichever agent process runs now, which the reaper frees by deadline only. Every step that
-// changes the word after the claim is a compare-and-swap from the word its process left there.
+// whichever agent process runs now, which the reaper frees by deadline only. Every change of the
+// word after the claim is a compare-and-swap from the word its process left there, so a process
+// that lost its slot (taken by someone who thought it dead) gets an error instead of writing it.
 enum ResState : std::uint32_t {
   kResFree = 0,
-  kResReserving = 1,   // holding the estimate, layer by layer
+  kResReserving = 1,   // holding the estimate on each layer; fields not published yet
   kResActive = 2,      // holding; waiting for commit, charge or release
-  kResCharging = 3,    // growing the hold to charge_target, layer by layer
-  kResSettling = 4,    // returning the hold (and booking the cost), layer by layer
+  kResCharging = 3,    // growing the hold to charge_target on each layer
+  kResSettling = 4,    // returning the hold (and booking the cost) on each layer
   kResExpired = 5,     // the agent returned the hold after the deadline; commit still books
 };
 
-// Crash safety of multi-layer operations. An operation changes the three layers one at a time
-// and records its progress in the state word. The order of the two steps is chosen so that the
-// slot may understate what a layer holds but never overstate it: when a process dies between
-// them, the agent's reaper returns too little (a hold stays counted until counters are rebuilt),
-// never too much (which could let spending pass a limit).
-//   - growing a hold (reserve, charge): change the layer, then advance progress;
-//   - shrinking or settling (commit, release, rollback): advance progress, then change the layer.
-
-// Progress value of a slot just claimed, whose fields are not written yet (they may be the previous
-// owner's): the reaper returns nothing for it.
-inline constexpr std::uint32_t kProgressClaiming = 0xf;
+// Crash safety of multi-layer operations. An operation changes the three layers one after the
+// other between two compare-and-swaps of the word, with no step in between (a step per layer
+// costs a locked instruction each, and the hot path cannot pay for it). What the slot says a
+// layer holds may understate what it holds, never overstate it: the reaper returns, for a dead
+// process, only what is certainly held, and the agent's reconciliation (reconcileHolds) returns
+// what a process killed half-way left behind, once two sweeps agree on it. Never too much,
+// which could let spending pass a limit:
+//   - reserving, settling: the reaper returns nothing (any layer may or may not have changed);
+//   - charging: the old `held` before kChargeGrown (the growth may be partial), charge_target
+//     after it (every layer has grown);
+//   - active: `held` on every layer.
+inline constexpr std::uint32_t kChargeGrown = 1;
 
 // Layers in the order they are checked, which is also the order operations apply them.
 enum Layer : std::uint32_t { kLayerRun = 0, kLayerTenant = 1, kLayerPlatform = 2, kLayerCount = 3 };
@@ -187,10 +189,9 @@ enum ReservationText : std::size_t { kResProject = 0, kResRun = 1, kResModel = 2
 // (seq = pos + capacity) only after the entry is durable in SQLite, so an entry in the ring
 // survives the crash of the application and of the agent alike.
 //
-// A writer stores its client number (client_lock.h) in writer_pid right after claiming a slot
-// (writer_start is 0). If it dies before publishing, the agent sees its client lock gone (or, with
-// no number yet, the slot stuck for a while) and abandons
-// the slot with a compare-and-swap; publishing is a compare-and-swap too, so exactly one of the
+// A writer stores its client number (client_lock.h) in writer_pid right after claiming a slot.
+// If it dies before publishing, the agent sees its client lock gone (or, with no number yet, the
+// slot stuck for a while) and abandons the slot with a compare-and-swap; publishing is a compare-and-swap too, so exactly one of the
 // two happens. A writer that finds its slot abandoned (it was stopped for that long) reports the
 // entry lost instead of acknowledging it.
 enum LedgerKind : std::uint32_t { kLedgerVoid = 0, kLedgerCommit = 1, kLedgerRecord = 2 };
@@ -201,7 +202,7 @@ struct alignas(64) LedgerSlot {
   // The entry: written by its writer between claim and publish, read by the agent after.
   std::uint32_t kind;                 // LedgerKind; void entries (a commit that found no
                                       // reservation) are skipped
-  std::atomic<std::uint64_t> writer_start;   // /proc start time of writer_pid; 0: unknown
+  std::uint64_t unused_;              // zero; was the writer's /proc start time (layout 5)
   std::int64_t unix_ns;               // the agent's clock when the call was booked
   std::int64_t prompt_tokens;
   std::int64_t completion_tokens;
@@ -285,15 +286,16 @@ struct alignas(64) Header {
   std::atomic<std::uint64_t> agent_pidns;        // inode of the agent's pid namespace
   alignas(64) std::atomic<std::int64_t> clock_unix_ns;   // the agent's heartbeat and time base
   std::atomic<std::int32_t> day;                 // current budget day (days since epoch, local)
+  // Non-zero while the agent cannot write its ledger file (deleted, replaced, garbled, a disk
+  // error): commit() and record() then refuse with kLedgerUnavailable and book nothing. The
+  // agent checks it on every pass of its ledger writer. On the clock's line, which every commit
+  // reads anyway, and away from ledger_head, which the agent writes on every pass.
+  std::atomic<std::uint32_t> ledger_unavailable;
 
   alignas(64) std::atomic<std::uint64_t> ledger_tail;   // next ticket; producers CAS it
   // Entries with seq <= head are durable. Published by the agent for waitDurable() and info();
   // the agent keeps its own copy and never reads this one back.
   alignas(64) std::atomic<std::uint64_t> ledger_head;
-  // Non-zero while the agent cannot write its ledger file (deleted, replaced, garbled, a disk
-  // error): commit() and record() then refuse with kLedgerUnavailable and book nothing. The
-  // agent stores it on every pass of its ledger writer.
-  std::atomic<std::uint32_t> ledger_unavailable;
   alignas(64) KillSwitch kill;
   alignas(64) Counters platform;
   alignas(64) Defaults defaults;
@@ -307,7 +309,7 @@ static_assert(offsetof(Header, ready) == 96);
 static_assert(offsetof(Header, clock_unix_ns) == 128);
 static_assert(offsetof(Header, ledger_tail) == 192);
 static_assert(offsetof(Header, ledger_head) == 256);
-static_assert(offsetof(Header, ledger_unavailable) == 264);
+static_assert(offsetof(Header, ledger_unavailable) == 140);
 static_assert(offsetof(Header, kill) == 320);
 static_assert(sizeof(Header) % 64 == 0);
 

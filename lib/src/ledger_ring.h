@@ -63,10 +63,10 @@ class LedgerRing {
 
   // --- producers (noexcept, no system call) ---
 
-  // Claims the slot for the next ticket and records the writer's pid in it. Returns nullptr when
+  // Claims the slot for the next ticket and records the writer's client number in it. Returns nullptr when
   // the ring is full (the agent is behind by a whole ring), or, with *corrupt set, when the ring
   // holds words no correct process writes (the agent repairs them; retry later). Bounded.
-  shm::LedgerSlot* claim(std::uint32_t pid, std::uint64_t start_time, std::uint64_t* pos,
+  shm::LedgerSlot* claim(std::uint32_t client, std::uint64_t* pos,
                          bool* corrupt = nullptr) noexcept {
     if (corrupt != nullptr) *corrupt = false;
     std::uint64_t p = h_.ledger_tail.load(std::memory_order_relaxed);
@@ -76,8 +76,7 @@ class LedgerRing {
       const auto lag = static_cast<std::int64_t>(seq - p);
       if (lag == 0) {
         if (h_.ledger_tail.compare_exchange_weak(p, p + 1, std::memory_order_relaxed, std::memory_order_relaxed)) {
-          s.writer_pid.store(pid, std::memory_order_relaxed);
-          s.writer_start.store(start_time, std::memory_order_relaxed);
+          s.writer_pid.store(client, std::memory_order_relaxed);
           *pos = p;
           return &s;
         }
@@ -130,7 +129,6 @@ class LedgerRing {
   void release(std::uint64_t pos) noexcept {
     shm::LedgerSlot& s = at(pos);
     s.writer_pid.store(0, std::memory_order_relaxed);
-    s.writer_start.store(0, std::memory_order_relaxed);
     s.seq.store(pos + capacity(), std::memory_order_release);
   }
   // Gives up on a claimed, unpublished slot. False if its writer published it meanwhile.

@@ -5,6 +5,7 @@
 
 #include "day_clock.h"
 
+#include <SQLiteCpp/SQLiteCpp.h>
 #include <httplib.h>
 
 #include <atomic>
@@ -391,4 +392,38 @@ TEST_CASE("central: a host id used again with a new data dir is not taken for th
     }
   }));
   CHECK(f.postgres.query("SELECT count(DISTINCT ledger_id) FROM budget_ledger")[0][0].as<int>() == 2);
+}
+
+TEST_CASE("central: an id stored before ids were checked (not UTF-8) does not stall the push to Postgres") {
+  Fleet f(1, "");
+  FleetAgent& a = *f.agents[0];
+  REQUIRE(a.client->record({"fine", "gpt-4o", "openai", {}, {}, 1000, 0}).allowed());
+  a.waitDurable();
+  const std::int32_t day = a.client->info().day;
+  a.agent->signal(SIGTERM);
+  REQUIRE(a.agent->wait() == 0);
+  {
+    // As an agent from before ids were checked could have written it.
+    SQLite::Database db(a.dir.path + "/state/ledger.db", SQLite::OPEN_READWRITE);
+    SQLite::Statement insert(db, "INSERT INTO budget_ledger (seq, host_id, created_at_unix_ns, day, kind, project_id, "
+                                 "model, provider, prompt_tokens, completion_tokens, cost_nano_usd) VALUES ("
+                                 "(SELECT max(seq) + 1 FROM budget_ledger), 'host-0', ?, ?, 'record', "
+                                 "CAST(X'6f6c64ff' AS TEXT), 'gpt-4o', 'openai', 1000, 0, 5000000)");
+    insert.bind(1, static_cast<std::int64_t>(nowNs()));
+    insert.bind(2, day);
+    REQUIRE(insert.exec() == 1);
+  }
+  a.restart();
+  REQUIRE(a.client->record({"fine", "gpt-4o", "openai", {}, {}, 1000, 0}).allowed());
+  CHECK(eventually(
+      [&] {
+        try {
+          return f.postgres.query("SELECT count(*) FROM budget_ledger")[0][0].as<int>() == 3;
+        } catch (const pqxx::sql_error&) {
+          return false;
+        }
+      },
+      std::chrono::seconds(20)));
+  // Shown as the metrics show it: each byte that is not UTF-8 as U+FFFD.
+  CHECK(f.postgres.query("SELECT count(*) FROM budget_ledger WHERE project_id = 'old' || chr(65533)")[0][0].as<int>() == 1);
 }

@@ -368,7 +368,8 @@ TEST_CASE("files: garbage over ledger.db in place stops acknowledgements with E-
     return d.code == Code::kLedgerUnavailable;
   }));
   CHECK(std::string(d.errorCode()) == "E-TOKENFUSE-LEDGER-UNAVAILABLE");
-  CHECK(f.log().find(R"("event":"ledger_unavailable")") != std::string::npos);
+  // The flag in the region is raised before the line is logged: wait for the line.
+  CHECK(eventually([&] { return f.log().find(R"("event":"ledger_unavailable")") != std::string::npos; }));
   std::string out;
   CHECK(f.cli({"limit", "set", "acme", "5", "--data-dir", data_dir}, &out) != 0);
   agent->signal(SIGTERM);

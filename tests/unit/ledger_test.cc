@@ -129,7 +129,7 @@ TEST_CASE("crash: an application killed in the middle of writing an entry does n
     if (!Region::attach(f.t.spec.shm_name, &region).ok()) ::_exit(1);
     LedgerRing ring(region->header(), region->ledger(), region->geometry().ledger_capacity);
     std::uint64_t pos = 0;
-    if (ring.claim(region->client(), 0, &pos) == nullptr) ::_exit(2);   // writers name their client number
+    if (ring.claim(region->client(), &pos) == nullptr) ::_exit(2);   // writers name their client number
     (void)::write(ready[1], "k", 1);
     for (;;) ::pause();
   }
@@ -156,7 +156,7 @@ TEST_CASE("crash: a slot claimed by a writer with no pid is skipped only after t
   LedgerFixture f;
   LedgerRing ring(f.t.region->header(), f.t.region->ledger(), f.t.region->geometry().ledger_capacity);
   std::uint64_t pos = 0;
-  REQUIRE(ring.claim(0, 0, &pos) != nullptr);   // a writer in another pid namespace, say
+  REQUIRE(ring.claim(0, &pos) != nullptr);   // a writer in another pid namespace, say
   REQUIRE(f.t.client->record({"acme", "gpt-4o", "o", {}, {}, 1, 0}).allowed());
   CHECK_FALSE(f.writer->drainOnce().any());
   CHECK_FALSE(f.writer->drainOnce().any());
@@ -171,7 +171,7 @@ TEST_CASE("crash: a writer that resumes after its slot was abandoned is told its
   LedgerFixture f(16);
   LedgerRing ring(f.t.region->header(), f.t.region->ledger(), f.t.region->geometry().ledger_capacity);
   std::uint64_t pos = 0;
-  shm::LedgerSlot* stalled = ring.claim(0, 0, &pos);
+  shm::LedgerSlot* stalled = ring.claim(0, &pos);
   REQUIRE(stalled != nullptr);
   CHECK_FALSE(f.writer->drainOnce().any());
   std::this_thread::sleep_for(std::chrono::milliseconds(250));

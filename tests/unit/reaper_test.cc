@@ -131,41 +131,64 @@ TEST_CASE("crash: a process killed with SIGKILL while holding reservations gets 
   ::close(ready[0]);
 }
 
-TEST_CASE("crash: a reservation left half-way is given back exactly as far as it had got") {
+TEST_CASE("crash: a reservation left half-way: the reaper returns what is certainly held, reconciliation the rest, "
+          "and no layer gets back more than it held") {
   TestRegion t;
   const NanoUsd est = usd("0.005");
   Reservation r;
+  REQUIRE(t.client->reserve({"acme", "gpt-4o", "run-1", {}, 1000, 0, 0}, &r).allowed());
+  shm::ReservationSlot& s = t.region->reservations()[shm::reservationIndex(r.id)];
+  shm::Counters& run = t.region->runs()[s.run.load()].c;
+  shm::Counters& platform = t.region->header().platform;
+  auto reconcileTwice = [&] {
+    CHECK(t.admin->reconcileHolds().empty());   // a difference is corrected once two sweeps agree
+    return t.admin->reconcileHolds().size();
+  };
 
   SUBCASE("reserving, after two of three layers: run and tenant held, platform not yet") {
-    REQUIRE(t.client->reserve({"acme", "gpt-4o", "run-1", {}, 1000, 0, 0}, &r).allowed());
-    fake(t, r, shm::kResReserving, 2);
-    t.admin->reap(test::nowNs());
+    platform.spend.add(-est.count(), 0);
+    fake(t, r, shm::kResReserving, 0);
+    CHECK(t.admin->reap(test::nowNs()).dead_owner == 1);
     const Held h = held(*t.client);
-    CHECK(h.run == NanoUsd(0));
-    CHECK(h.tenant == NanoUsd(0));
-    CHECK(h.platform == est);   // the slot said the platform held nothing: it is not given back
+    CHECK(h.run == est);   // the slot cannot say how far it got: the reaper returns nothing
+    CHECK(h.tenant == est);
+    CHECK(h.platform == NanoUsd(0));
+    CHECK(reconcileTwice() == 2);
   }
   SUBCASE("settling, after one layer: the run was settled, tenant and platform still held") {
-    REQUIRE(t.client->reserve({"acme", "gpt-4o", "run-1", {}, 1000, 0, 0}, &r).allowed());
-    fake(t, r, shm::kResSettling, 1);
-    t.admin->reap(test::nowNs());
+    run.spend.add(-est.count(), 0);
+    fake(t, r, shm::kResSettling, 0);
+    CHECK(t.admin->reap(test::nowNs()).dead_owner == 1);
     const Held h = held(*t.client);
-    CHECK(h.run == est);        // not given back twice
-    CHECK(h.tenant == NanoUsd(0));
-    CHECK(h.platform == NanoUsd(0));
+    CHECK(h.run == NanoUsd(0));   // not given back twice
+    CHECK(h.tenant == est);
+    CHECK(h.platform == est);
+    CHECK(reconcileTwice() == 2);
   }
   SUBCASE("charging, after one layer: the run holds the grown amount, the others the old one") {
-    REQUIRE(t.client->reserve({"acme", "gpt-4o", "run-1", {}, 1000, 0, 0}, &r).allowed());
-    shm::ReservationSlot& s = t.region->reservations()[shm::reservationIndex(r.id)];
     s.charge_target.store(usd("0.008").count());
-    t.region->runs()[s.run.load()].c.spend.add(usd("0.003").count(), 0);   // the run layer grew
-    fake(t, r, shm::kResCharging, 1);
-    t.admin->reap(test::nowNs());
+    run.spend.add(usd("0.003").count(), 0);   // the run layer grew
+    fake(t, r, shm::kResCharging, 0);
+    CHECK(t.admin->reap(test::nowNs()).dead_owner == 1);
     const Held h = held(*t.client);
-    CHECK(h.run == NanoUsd(0));
+    CHECK(h.run == usd("0.003"));   // the old hold came back; the growth is reconciliation's
     CHECK(h.tenant == NanoUsd(0));
     CHECK(h.platform == NanoUsd(0));
+    CHECK(reconcileTwice() == 1);
   }
+  SUBCASE("charging, every layer grown: the reaper returns the grown hold") {
+    s.charge_target.store(usd("0.008").count());
+    for (shm::Counters* c : {&run, &t.region->tenants()[s.tenant.load()].c, &platform}) {
+      c->spend.add(usd("0.003").count(), 0);
+    }
+    fake(t, r, shm::kResCharging, shm::kChargeGrown);
+    CHECK(t.admin->reap(test::nowNs()).dead_owner == 1);
+    CHECK(reconcileTwice() == 0);
+  }
+  const Held h = held(*t.client);
+  CHECK(h.run == NanoUsd(0));
+  CHECK(h.tenant == NanoUsd(0));
+  CHECK(h.platform == NanoUsd(0));
   CHECK(t.client->info().live_reservations == 0);
 }
 
@@ -228,9 +251,9 @@ TEST_CASE("reaper: a slot a live process has just claimed is not judged by its p
   LiveChild child(t.spec.shm_name);
   shm::ReservationSlot& s = t.region->reservations()[shm::reservationIndex(r.id)];
   const std::uint32_t gen = shm::resGen(s.word.load());
-  s.word.store(shm::resWord(child.client, gen, shm::kResReserving, shm::kProgressClaiming));
+  s.word.store(shm::resWord(child.client, gen, shm::kResReserving, 0));
   CHECK_FALSE(t.admin->reap(test::nowNs()).any());
-  CHECK(s.word.load() == shm::resWord(child.client, gen, shm::kResReserving, shm::kProgressClaiming));
+  CHECK(s.word.load() == shm::resWord(child.client, gen, shm::kResReserving, 0));
   s.word.store(shm::resWord(0, gen, shm::kResFree, 0));
 }
 
@@ -260,11 +283,15 @@ TEST_CASE("reaper: a half-finished reservation of a live client is never reaped,
   const std::int64_t now = test::nowNs();
   {
     LiveChild child(t.spec.shm_name);
-    s.word.store(shm::resWord(child.client, shm::reservationGen(r.id), shm::kResReserving, 3));   // all layers held
+    s.word.store(shm::resWord(child.client, shm::reservationGen(r.id), shm::kResReserving, 0));   // all layers held
     CHECK_FALSE(t.admin->reap(now).any());
     CHECK_FALSE(t.admin->reap(now + 3600'000'000'000).any());   // an hour stopped: still its own
+    for (int i = 0; i < 3; ++i) CHECK(t.admin->reconcileHolds().empty());   // and its holds stand
   }
   CHECK(t.admin->reap(now).dead_owner == 1);   // the child has exited: its lock is gone
+  // How far it got is not known to the reaper; the layers' holds without a reservation are.
+  CHECK(t.admin->reconcileHolds().empty());
+  CHECK(t.admin->reconcileHolds().size() == 3);
   CHECK(t.client->tenant("acme").held == NanoUsd(0));
   CHECK(t.client->run("run-1").held == NanoUsd(0));
   CHECK(t.client->platform().held == NanoUsd(0));

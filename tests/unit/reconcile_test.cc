@@ -48,14 +48,14 @@ TEST_CASE("reconcile: a difference that changes between sweeps is left alone unt
   CHECK(t.client->platform().held == usd("0.005"));
 }
 
-TEST_CASE("reconcile: a live client stopped between a layer change and its progress step is not corrected") {
+TEST_CASE("reconcile: a live client stopped between its layer changes and its step to active is not corrected") {
   TestRegion t;
   Reservation r;
   REQUIRE(t.client->reserve({"acme", "gpt-4o", "run-1", {}, 1000, 0, 0}, &r).allowed());
   shm::ReservationSlot& s = t.region->reservations()[shm::reservationIndex(r.id)];
   const std::uint64_t active = s.word.load();
-  // Reserving, progress 2: run and tenant counted, the platform grown but its step not yet taken.
-  s.word.store(shm::resWord(shm::resClient(active), shm::reservationGen(r.id), shm::kResReserving, 2));
+  // Reserving: every layer grown, the step to active not yet taken.
+  s.word.store(shm::resWord(shm::resClient(active), shm::reservationGen(r.id), shm::kResReserving, 0));
   for (int i = 0; i < 3; ++i) CHECK(t.admin->reconcileHolds().empty());
   CHECK(t.client->platform().held == usd("0.005"));
   s.word.store(active);
