@@ -189,11 +189,31 @@ Config parseConfig(const std::string& text, const std::string& origin) {
   rejectUnknown(root, origin, "",
                 {"agent", "region", "ledger", "http", "budgets", "kill_switch", "prices", "central", "alerts"});
   if (const toml::table* h = subtable(root, "http", origin, "")) {
-    rejectUnknown(*h, origin, "http.", {"listen", "admin_token_file"});
+    rejectUnknown(*h, origin, "http.",
+                  {"listen", "admin_token_file", "unix_socket", "threads", "max_connections",
+                   "max_requests_per_connection", "max_header_bytes", "max_headers", "max_body_bytes",
+                   "header_timeout_ms", "body_timeout_ms", "idle_timeout_ms"});
     if (h->get("listen") != nullptr) {
       parseListen(getString(*h, "listen", origin, "http.listen", ""), origin + ": http.listen", &c);
     }
     c.admin_token_file = getString(*h, "admin_token_file", origin, "http.admin_token_file", "");
+    c.http_unix_socket = getString(*h, "unix_socket", origin, "http.unix_socket", "");
+    if (!c.http_unix_socket.empty() && (c.http_unix_socket.front() != '/' || c.http_unix_socket.size() > 107)) {
+      fail(origin, "http.unix_socket", "must be an absolute path of at most 107 bytes");
+    }
+    auto limit = [&](const char* name, std::int64_t fallback, std::int64_t lo, std::int64_t hi) {
+      return getInt(*h, name, origin, std::string("http.") + name, fallback, lo, hi);
+    };
+    c.http_threads = static_cast<int>(limit("threads", c.http_threads, 0, 256));
+    c.http_max_connections = limit("max_connections", c.http_max_connections, 1, 1'000'000);
+    c.http_max_requests_per_connection =
+        limit("max_requests_per_connection", c.http_max_requests_per_connection, 1, INT64_MAX);
+    c.http_max_header_bytes = limit("max_header_bytes", c.http_max_header_bytes, 1024, 1 << 20);
+    c.http_max_headers = limit("max_headers", c.http_max_headers, 8, 10'000);
+    c.http_max_body_bytes = limit("max_body_bytes", c.http_max_body_bytes, 1024, 64 << 20);
+    c.http_header_timeout_ms = limit("header_timeout_ms", c.http_header_timeout_ms, 100, 3'600'000);
+    c.http_body_timeout_ms = limit("body_timeout_ms", c.http_body_timeout_ms, 100, 3'600'000);
+    c.http_idle_timeout_ms = limit("idle_timeout_ms", c.http_idle_timeout_ms, 100, 86'400'000);
   }
 
   if (const toml::table* a = subtable(root, "agent", origin, "")) {

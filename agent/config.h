@@ -86,6 +86,17 @@ struct Config {
   std::string http_host = "127.0.0.1";   // loopback unless configured otherwise
   int http_port = 8787;                  // 0: any free port; -1: no HTTP API
   std::string admin_token_file;          // default: <data_dir>/admin.token
+  std::string http_unix_socket;          // also listen on this Unix socket (mode 0660) if set
+  int http_threads = 0;                  // event-loop threads; 0: one per core
+  // Limits every client is held to (http_server.h, docs/http-api.md "Limits").
+  std::int64_t http_max_connections = 10000;
+  std::int64_t http_max_requests_per_connection = 10000;
+  std::int64_t http_max_header_bytes = 8192;
+  std::int64_t http_max_headers = 64;
+  std::int64_t http_max_body_bytes = 65536;   // after decoding gzip or deflate
+  std::int64_t http_header_timeout_ms = 5000;
+  std::int64_t http_body_timeout_ms = 10000;
+  std::int64_t http_idle_timeout_ms = 60000;
 
   // [ledger]
   std::int64_t ledger_flush_interval_ms = 10;   // the longest an idle entry waits for SQLite

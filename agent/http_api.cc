@@ -4,7 +4,6 @@
 #include "ids.h"
 #include "layout.h"
 
-#include <httplib.h>
 #include <nlohmann/json.hpp>
 
 #include <arpa/inet.h>
@@ -35,7 +34,10 @@ struct BadRequest {
   std::string message;
 };
 
-json parseBody(const httplib::Request& req) {
+using http::Request;
+using http::Response;
+
+json parseBody(const Request& req) {
   if (req.body.empty()) return json::object();
   json j = json::parse(req.body, nullptr, false);
   if (j.is_discarded()) throw BadRequest{400, "body", "is not valid JSON"};
@@ -82,14 +84,15 @@ std::optional<NanoUsd> limitField(const json& j, const char* name) {
   return v;
 }
 
-void reply(httplib::Response& res, int status, const json& body) {
+void reply(Response& res, int status, const json& body) {
   res.status = status;
   // Bytes that are not UTF-8 (an old ledger's, a region written by someone else) become U+FFFD
   // rather than an exception: an answer about them is still an answer.
-  res.set_content(body.dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
+  res.body = body.dump(-1, ' ', false, json::error_handler_t::replace);
+  res.content_type = "application/json";
 }
 
-void denial(httplib::Response& res, const Decision& d, std::string_view project_id) {
+void denial(Response& res, const Decision& d, std::string_view project_id) {
   const int status = d.code == Code::kInvalidArgument ? 400
                      : d.code == Code::kUnknownReservation ? 404
                      : (d.code == Code::kLedgerFull || d.code == Code::kRegionBusy || d.code == Code::kCapacityExhausted ||
@@ -99,8 +102,11 @@ void denial(httplib::Response& res, const Decision& d, std::string_view project_
   reply(res, status, {{"allowed", false}, {"error_code", d.errorCode()}, {"message", describe(d, project_id)}});
 }
 
-std::uint64_t reservationId(const httplib::Request& req) {
-  const std::string s = req.matches[1];
+// The id in /v1/reservations/{id}{suffix}: digits only, or no such reservation.
+std::uint64_t reservationId(const Request& req, std::string_view suffix) {
+  std::string_view s = req.path();
+  s = s.substr(std::string_view("/v1/reservations/").size());
+  s = s.substr(0, s.size() - suffix.size());
   std::uint64_t id = 0;
   const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), id);
   if (ec != std::errc{} || end != s.data() + s.size()) throw BadRequest{404, "reservation_id", "no such reservation"};
@@ -112,10 +118,9 @@ int hexDigit(char c) {
 }
 
 // The id in /v1/{collection}/{id}{suffix}, taken from the raw request target and percent-decoded
-// here: cpp-httplib decodes the path before it routes, so an id holding %2F would otherwise be
-// split into two segments (and never reach the route). Routes therefore match the decoded path
-// loosely and every handler takes its id from here. Throws BadRequest naming `field`.
-std::string pathId(const httplib::Request& req, std::string_view prefix, std::string_view suffix, const char* field) {
+// here, so that an id may hold %2F: routes match the raw path by prefix and suffix, and every
+// handler takes its id from here. Throws BadRequest naming `field`.
+std::string pathId(const Request& req, std::string_view prefix, std::string_view suffix, const char* field) {
   std::string_view raw = req.target;
   raw = raw.substr(0, raw.find('?'));
   if (!raw.starts_with(prefix) || !raw.ends_with(suffix) || raw.size() < prefix.size() + suffix.size()) {
@@ -160,32 +165,16 @@ json budgetJson(const char* key, std::string_view id, const BudgetView& v) {
 }
 
 // A whole number from the query string, or `fallback` when absent.
-std::int64_t queryNumber(const httplib::Request& req, const char* name, std::int64_t fallback, std::int64_t max) {
-  if (!req.has_param(name)) return fallback;
-  const std::string s = req.get_param_value(name);
+std::int64_t queryNumber(const Request& req, const char* name, std::int64_t fallback, std::int64_t max) {
+  const std::optional<std::string> given = req.param(name);
+  if (!given) return fallback;
+  const std::string& s = *given;
   std::int64_t v = 0;
   const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
   if (ec != std::errc{} || end != s.data() + s.size() || v < 0 || v > max) {
     throw BadRequest{400, name, "must be a whole number from 0 to " + std::to_string(max)};
   }
   return v;
-}
-
-// cpp-httplib 0.11 listens with a backlog of 5, compiled into Debian's libcpp-httplib, so a
-// burst of connections overflows the accept queue and clients see resets. Linux lets listen()
-// be called again to change the backlog: find our listening socket by its port and do that.
-void raiseBacklog(int port) {
-  for (int fd = 0; fd < 1024; ++fd) {
-    int listening = 0;
-    socklen_t len = sizeof listening;
-    if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || listening == 0) continue;
-    sockaddr_storage addr{};
-    socklen_t alen = sizeof addr;
-    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &alen) != 0) continue;
-    const int bound = addr.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port)
-                                                 : ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
-    if (bound == port) ::listen(fd, SOMAXCONN);
-  }
 }
 
 // Compares in time that depends only on the expected value's length, so that how long a refusal
@@ -199,16 +188,6 @@ bool sameSecret(std::string_view given, std::string_view expected) noexcept {
   // Through a volatile, so that the compiler cannot turn the loop into an early exit.
   volatile unsigned result = diff;
   return result == 0;
-}
-
-bool loopbackHost(const std::string& host) {
-  std::string h = host;
-  if (!h.empty() && h.front() == '[') {
-    h = h.substr(0, h.find(']') + 1);
-  } else if (const auto colon = h.rfind(':'); colon != std::string::npos) {
-    h = h.substr(0, colon);
-  }
-  return h == "127.0.0.1" || h == "localhost" || h == "[::1]";
 }
 
 }  // namespace
@@ -269,75 +248,68 @@ std::string loadOrCreateToken(const std::string& path) {
 HttpApi::HttpApi(Agent& agent, Options options)
     : agent_(agent), admin_(agent.admin()), engine_(admin_.engine()), options_(std::move(options)),
       metrics_(admin_, agent.central() != nullptr ? &agent.central()->stats() : nullptr, &agent.alerter().stats(),
-               &agent.capacityStats()),
-      server_(std::make_unique<httplib::Server>()) {
-  server_->set_tcp_nodelay(true);
-  server_->set_keep_alive_max_count(100000);
-  server_->set_payload_max_length(options_.max_body_bytes);
-  // A worker serves one keep-alive connection at a time: enough of them for many applications.
-  server_->new_task_queue = [] { return new httplib::ThreadPool(32); };
-  routes();
-  port_ = options_.port == 0 ? server_->bind_to_any_port(options_.host)
-                             : (server_->bind_to_port(options_.host, options_.port) ? options_.port : -1);
-  if (port_ <= 0) {
-    throw std::runtime_error("http: cannot listen on " + options_.host + ":" + std::to_string(options_.port) +
-                             " (in use? set [http] listen or --listen)");
-  }
-  raiseBacklog(port_);
-  thread_ = std::thread([this] { server_->listen_after_bind(); });
-  // Server::stop() does nothing until the loop runs: without this wait, a stop that comes right
-  // after start (a quick SIGTERM) would leave the loop running and the join hanging.
-  for (int i = 0; i < 5000 && !server_->is_running(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+               &agent.capacityStats()) {
+  http::Server::Options o;
+  o.host = options_.host;
+  o.port = options_.port;
+  o.unix_socket = options_.unix_socket;
+  o.threads = options_.threads;
+  o.limits = options_.limits;
+  server_ = std::make_unique<http::Server>(routes(), std::move(o));
+  metrics_.setHttpStats(&server_->stats());
 }
 
 HttpApi::~HttpApi() {
-  server_->stop();
-  if (thread_.joinable()) thread_.join();
+  server_.reset();   // joins its threads before the handlers' objects go
 }
 
-void HttpApi::routes() {
-  httplib::Server& s = *server_;
-  // Every request: loopback Host only (no DNS rebinding), errors as JSON that name the field.
-  s.set_pre_routing_handler([](const httplib::Request& req, httplib::Response& res) {
-    if (!loopbackHost(req.get_header_value("Host"))) {
-      reply(res, 400, {{"error", "bad_request"}, {"field", "Host"}, {"message", "must be a loopback address"}});
-      return httplib::Server::HandlerResponse::Handled;
-    }
-    return httplib::Server::HandlerResponse::Unhandled;
-  });
-  s.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
-    try {
-      std::rethrow_exception(ep);
-    } catch (const BadRequest& e) {
-      reply(res, e.status, {{"error", e.status == 404 ? "not_found" : e.status == 401 ? "unauthorized" : "bad_request"},
-                            {"field", e.field},
-                            {"message", e.field + " " + e.message}});
-    } catch (const NotSavedError& e) {
-      reply(res, 503, {{"error", "not_saved"}, {"applied", true}, {"message", e.what()}});
-    } catch (const LedgerError& e) {
-      reply(res, 503, {{"error", "unavailable"}, {"applied", false}, {"message", e.what()}});
-    } catch (const LinkError& e) {
-      reply(res, 503, {{"error", "unavailable"}, {"applied", false}, {"message", e.what()}});
-    } catch (const std::exception& e) {
-      reply(res, 500, {{"error", "internal"}, {"message", e.what()}});
-    }
-  });
-  s.set_error_handler([](const httplib::Request&, httplib::Response& res) {
-    if (!res.body.empty()) return;
-    const char* what = res.status == 413 ? "the body is larger than the limit" : res.status == 404 ? "no such endpoint" : "error";
-    reply(res, res.status, {{"error", res.status == 404 ? "not_found" : "bad_request"}, {"message", what}});
-  });
-  auto admin_only = [this](const httplib::Request& req) {
-    if (!sameSecret(req.get_header_value("Authorization"), "Bearer " + options_.admin_token)) {
+namespace {
+
+// Runs a handler, turning what it throws into the API's JSON errors.
+void answer(const std::function<void(const Request&, Response&)>& handler, const Request& req, Response& res) {
+  try {
+    handler(req, res);
+  } catch (const BadRequest& e) {
+    reply(res, e.status, {{"error", e.status == 404 ? "not_found" : e.status == 401 ? "unauthorized" : "bad_request"},
+                          {"field", e.field},
+                          {"message", e.field + " " + e.message}});
+  } catch (const NotSavedError& e) {
+    reply(res, 503, {{"error", "not_saved"}, {"applied", true}, {"message", e.what()}});
+  } catch (const LedgerError& e) {
+    reply(res, 503, {{"error", "unavailable"}, {"applied", false}, {"message", e.what()}});
+  } catch (const LinkError& e) {
+    reply(res, 503, {{"error", "unavailable"}, {"applied", false}, {"message", e.what()}});
+  } catch (const std::exception& e) {
+    reply(res, 500, {{"error", "internal"}, {"message", e.what()}});
+  }
+}
+
+}  // namespace
+
+http::Router HttpApi::routes() {
+  http::Router router;
+  using Run = http::Router::Run;
+  auto on = [&router](const char* method, std::string path, std::function<void(const Request&, Response&)> h,
+                      Run run = Run::kOnLoop) {
+    router.exact(method, std::move(path), [h = std::move(h)](const Request& q, Response& r) { answer(h, q, r); }, run);
+  };
+  // Routes on the raw path: {id} is one or more bytes, taken and decoded by the handler.
+  auto on_id = [&router](const char* method, std::string prefix, std::string suffix,
+                         std::function<void(const Request&, Response&)> h, Run run = Run::kOnLoop) {
+    router.pattern(method, std::move(prefix), std::move(suffix),
+                   [h = std::move(h)](const Request& q, Response& r) { answer(h, q, r); }, run);
+  };
+  auto admin_only = [this](const Request& req) {
+    if (!sameSecret(req.header("Authorization"), "Bearer " + options_.admin_token)) {
       throw BadRequest{401, "Authorization", "must be 'Bearer <token>' with the token from the agent's token file"};
     }
   };
 
-  s.Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
+  on("GET", "/healthz", [this](const Request&, Response& res) {
     reply(res, 200, {{"status", "ok"}, {"day", DayClock::format(admin_.day())}, {"kill_switch", engine_.killed()}});
   });
 
-  s.Post("/v1/check", [this](const httplib::Request& req, httplib::Response& res) {
+  on("POST", "/v1/check", [this](const Request& req, Response& res) {
     const json b = parseBody(req);
     const std::string project = text(b, "project_id", true), model = text(b, "model", true);
     const std::string run = text(b, "run_id", false), agent = text(b, "agent_id", false);
@@ -350,7 +322,7 @@ void HttpApi::routes() {
     reply(res, 200, {{"allowed", true}, {"estimated_cost_usd", d.cost.toString()}});
   });
 
-  s.Post("/v1/reservations", [this](const httplib::Request& req, httplib::Response& res) {
+  on("POST", "/v1/reservations", [this](const Request& req, Response& res) {
     const json b = parseBody(req);
     const std::string project = text(b, "project_id", true), model = text(b, "model", true);
     const std::string run = text(b, "run_id", false), agent = text(b, "agent_id", false);
@@ -370,8 +342,8 @@ void HttpApi::routes() {
                      {"expires_at_unix_ms", shm::wrapAdd(admin_.header().clock_unix_ns.load(), ttl_ns) / 1'000'000}});
   });
 
-  s.Post(R"(/v1/reservations/(\d+)/commit)", [this](const httplib::Request& req, httplib::Response& res) {
-    const std::uint64_t id = reservationId(req);
+  on_id("POST", "/v1/reservations/", "/commit", [this](const Request& req, Response& res) {
+    const std::uint64_t id = reservationId(req, "/commit");
     const json b = parseBody(req);
     const std::string provider = text(b, "provider", false);
     const std::int64_t prompt = count(b, "prompt_tokens", true, 0, kMaxTokensPerCall);
@@ -384,8 +356,8 @@ void HttpApi::routes() {
                      {"reservation_expired", d.reservation_expired}});
   });
 
-  s.Post(R"(/v1/reservations/(\d+)/charge)", [this](const httplib::Request& req, httplib::Response& res) {
-    const std::uint64_t id = reservationId(req);
+  on_id("POST", "/v1/reservations/", "/charge", [this](const Request& req, Response& res) {
+    const std::uint64_t id = reservationId(req, "/charge");
     const json b = parseBody(req);
     const std::int64_t prompt = count(b, "prompt_tokens", false, 0, kMaxTokensPerCall);
     const std::int64_t completion = count(b, "completion_tokens", true, 0, kMaxTokensPerCall);
@@ -395,14 +367,14 @@ void HttpApi::routes() {
     reply(res, 200, {{"allowed", true}, {"consumed_usd", d.cost.toString()}});
   });
 
-  s.Delete(R"(/v1/reservations/(\d+))", [this](const httplib::Request& req, httplib::Response& res) {
-    const Decision d = engine_.release({reservationId(req)});
+  on_id("DELETE", "/v1/reservations/", "", [this](const Request& req, Response& res) {
+    const Decision d = engine_.release({reservationId(req, "")});
     metrics_.decision(Metrics::Endpoint::kRelease, d.code);
     if (!d.allowed()) return denial(res, d, {});
     res.status = 204;
   });
 
-  s.Post("/v1/usage", [this](const httplib::Request& req, httplib::Response& res) {
+  on("POST", "/v1/usage", [this](const Request& req, Response& res) {
     const json b = parseBody(req);
     const std::string project = text(b, "project_id", true), model = text(b, "model", true);
     const std::string provider = text(b, "provider", true);
@@ -423,17 +395,16 @@ void HttpApi::routes() {
     reply(res, 201, {{"cost_usd", d.cost.toString()}, {"ledger_seq", d.ledger_seq}});
   });
 
-  // Ids in paths: the routes match the decoded path loosely (an id may hold '/'); pathId() takes
-  // the id from the raw target.
-  s.Get(R"(/v1/tenants/([\s\S]+))", [this](const httplib::Request& req, httplib::Response& res) {
+  // Ids in paths: pathId() takes them from the raw target (an id may hold '/' as %2F).
+  on_id("GET", "/v1/tenants/", "", [this](const Request& req, Response& res) {
     const std::string id = pathId(req, "/v1/tenants/", "", "project_id");
     reply(res, 200, budgetJson("project_id", id, engine_.tenant(id)));
   });
-  s.Get(R"(/v1/runs/([\s\S]+))", [this](const httplib::Request& req, httplib::Response& res) {
+  on_id("GET", "/v1/runs/", "", [this](const Request& req, Response& res) {
     const std::string id = pathId(req, "/v1/runs/", "", "run_id");
     reply(res, 200, budgetJson("run_id", id, engine_.run(id)));
   });
-  s.Get("/v1/platform", [this](const httplib::Request&, httplib::Response& res) {
+  on("GET", "/v1/platform", [this](const Request&, Response& res) {
     reply(res, 200, budgetJson("scope", "platform", engine_.platform()));
   });
 
@@ -446,7 +417,7 @@ void HttpApi::routes() {
   };
   auto prefixOf = [](Agent::Scope scope) { return scope == Agent::Scope::kTenant ? "/v1/tenants/" : "/v1/runs/"; };
   auto put_limit = [this, admin_only, view_of, prefixOf](Agent::Scope scope, const char* id_field, const char* limit_field) {
-    return [=, this](const httplib::Request& req, httplib::Response& res) {
+    return [=, this](const Request& req, Response& res) {
       admin_only(req);
       const std::string id = scope == Agent::Scope::kPlatform ? std::string() : pathId(req, prefixOf(scope), "/limit", id_field);
       const std::optional<NanoUsd> limit = limitField(parseBody(req), limit_field);
@@ -455,19 +426,21 @@ void HttpApi::routes() {
     };
   };
   auto reset_limit = [this, admin_only, view_of, prefixOf](Agent::Scope scope, const char* id_field) {
-    return [=, this](const httplib::Request& req, httplib::Response& res) {
+    return [=, this](const Request& req, Response& res) {
       admin_only(req);
       const std::string id = scope == Agent::Scope::kPlatform ? std::string() : pathId(req, prefixOf(scope), "/limit", id_field);
       if (Status st = agent_.resetLimit(scope, id); !st.ok()) throw BadRequest{400, id_field, st.message()};
       reply(res, 200, view_of(scope, id));
     };
   };
-  s.Put(R"(/v1/tenants/([\s\S]+)/limit)", put_limit(Agent::Scope::kTenant, "project_id", "daily_limit_usd"));
-  s.Put(R"(/v1/runs/([\s\S]+)/limit)", put_limit(Agent::Scope::kRun, "run_id", "limit_usd"));
-  s.Put("/v1/platform/limit", put_limit(Agent::Scope::kPlatform, "scope", "daily_limit_usd"));
-  s.Delete(R"(/v1/tenants/([\s\S]+)/limit)", reset_limit(Agent::Scope::kTenant, "project_id"));
-  s.Delete(R"(/v1/runs/([\s\S]+)/limit)", reset_limit(Agent::Scope::kRun, "run_id"));
-  s.Delete("/v1/platform/limit", reset_limit(Agent::Scope::kPlatform, "scope"));
+  // Admin changes save to SQLite: on the blocking pool, never on the event loop.
+  on("PUT", "/v1/platform/limit", put_limit(Agent::Scope::kPlatform, "scope", "daily_limit_usd"), Run::kBlocking);
+  on("DELETE", "/v1/platform/limit", reset_limit(Agent::Scope::kPlatform, "scope"), Run::kBlocking);
+  on_id("PUT", "/v1/tenants/", "/limit", put_limit(Agent::Scope::kTenant, "project_id", "daily_limit_usd"),
+        Run::kBlocking);
+  on_id("PUT", "/v1/runs/", "/limit", put_limit(Agent::Scope::kRun, "run_id", "limit_usd"), Run::kBlocking);
+  on_id("DELETE", "/v1/tenants/", "/limit", reset_limit(Agent::Scope::kTenant, "project_id"), Run::kBlocking);
+  on_id("DELETE", "/v1/runs/", "/limit", reset_limit(Agent::Scope::kRun, "run_id"), Run::kBlocking);
 
   auto kill_json = [this] {
     const KillSwitchState k = engine_.killSwitch();
@@ -476,27 +449,30 @@ void HttpApi::routes() {
                 {"since_unix_ms", k.since_unix_ns / 1'000'000},
                 {"expires_at_unix_ms", k.expires_unix_ns == 0 ? json(nullptr) : json(k.expires_unix_ns / 1'000'000)}};
   };
-  s.Get("/v1/kill", [kill_json](const httplib::Request&, httplib::Response& res) { reply(res, 200, kill_json()); });
-  s.Put("/v1/kill", [this, admin_only, kill_json](const httplib::Request& req, httplib::Response& res) {
+  on("GET", "/v1/kill", [kill_json](const Request&, Response& res) { reply(res, 200, kill_json()); });
+  on("PUT", "/v1/kill", [this, admin_only, kill_json](const Request& req, Response& res) {
     admin_only(req);
     const json b = parseBody(req);
     const std::string reason = text(b, "reason", true, 256);
     const std::int64_t ttl_s = count(b, "ttl_s", false, 7 * 86400, 365 * 86400);   // the reference: 7 days
     agent_.setKill(reason, ttl_s);
     reply(res, 200, kill_json());
-  });
-  s.Delete("/v1/kill", [this, admin_only](const httplib::Request& req, httplib::Response& res) {
-    admin_only(req);
-    agent_.clearKill();
-    res.status = 204;
-  });
+  }, Run::kBlocking);
+  on(
+      "DELETE", "/v1/kill",
+      [this, admin_only](const Request& req, Response& res) {
+        admin_only(req);
+        agent_.clearKill();
+        res.status = 204;
+      },
+      Run::kBlocking);
 
   // GET /v1/ledger?project_id=&run_id=&since_seq=&limit=: durable entries, oldest first.
-  s.Get("/v1/ledger", [this, admin_only](const httplib::Request& req, httplib::Response& res) {
+  on("GET", "/v1/ledger", [this, admin_only](const Request& req, Response& res) {
     admin_only(req);
     LedgerFilter f;
-    if (req.has_param("project_id")) f.project_id = req.get_param_value("project_id");
-    if (req.has_param("run_id")) f.run_id = req.get_param_value("run_id");
+    if (auto v = req.param("project_id")) f.project_id = std::move(*v);
+    if (auto v = req.param("run_id")) f.run_id = std::move(*v);
     f.after_seq = static_cast<std::uint64_t>(queryNumber(req, "since_seq", 0, INT64_MAX));
     f.limit = queryNumber(req, "limit", 1000, 10000);
     const std::vector<LedgerEntry> rows = Ledger::openReadOnly(agent_.ledgerPath())->list(f);
@@ -505,11 +481,16 @@ void HttpApi::routes() {
     reply(res, 200, {{"entries", std::move(entries)},
                      {"next_since_seq", rows.empty() ? f.after_seq : rows.back().seq},
                      {"durable_seq", engine_.durableLedgerSeq()}});
-  });
+  }, Run::kBlocking);
 
-  s.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-    res.set_content(metrics_.scrape(), "text/plain; version=0.0.4");
-  });
+  on(
+      "GET", "/metrics",
+      [this](const Request&, Response& res) {
+        res.body = metrics_.scrape();
+        res.content_type = "text/plain; version=0.0.4";
+      },
+      Run::kBlocking);
+  return router;
 }
 
 }  // namespace tokenfuse

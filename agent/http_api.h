@@ -2,20 +2,20 @@
 // libtokenfuse. Reservations made over HTTP belong to the agent's process, so only their
 // deadline (ttl_s) returns an abandoned one.
 //
-// Thread-safety: handlers run on cpp-httplib's worker threads; decisions use the lock-free
-// engine, admin changes go through the Agent, which serialises and saves them.
+// Served by the event-driven http::Server: decisions run on its event loop (the lock-free
+// engine, no system call); admin changes, the ledger and /metrics run on its blocking pool,
+// since they read or write SQLite or walk the region's tables.
+//
+// Thread-safety: handlers run on several threads at once; admin changes go through the Agent,
+// which serialises and saves them.
 #pragma once
 
 #include "agent.h"
+#include "http_server.h"
 #include "metrics.h"
 
 #include <memory>
 #include <string>
-#include <thread>
-
-namespace httplib {
-class Server;
-}
 
 namespace tokenfuse {
 
@@ -25,26 +25,26 @@ class HttpApi {
     std::string host = "127.0.0.1";
     int port = 8787;              // 0: any free port (tests)
     std::string admin_token;      // Bearer token for the admin endpoints
-    std::size_t max_body_bytes = 64 * 1024;
+    std::string unix_socket;      // also listen here if not empty
+    int threads = 0;              // event-loop threads; 0: one per core
+    http::Limits limits;
   };
 
   // Binds, or throws std::runtime_error naming the address.
   HttpApi(Agent& agent, Options options);
   ~HttpApi();   // stops and joins
 
-  int port() const noexcept { return port_; }
+  int port() const noexcept { return server_->port(); }
 
  private:
-  void routes();
+  http::Router routes();
 
   Agent& agent_;
   RegionAdmin& admin_;
   Engine& engine_;
   Options options_;
   Metrics metrics_;
-  std::unique_ptr<httplib::Server> server_;
-  int port_ = 0;
-  std::thread thread_;
+  std::unique_ptr<http::Server> server_;
 };
 
 // Reads the admin token from `path`, creating it (mode 0600, 32 random bytes in hex) if missing.

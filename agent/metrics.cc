@@ -6,6 +6,7 @@
 #include "alerts.h"
 #include "capacity.h"
 #include "central.h"
+#include "http_server.h"
 #include "layout.h"
 #include "ledger_writer.h"
 
@@ -313,8 +314,37 @@ void Metrics::decision(Endpoint endpoint, Code code) noexcept {
   counter->Increment();
 }
 
+namespace {
+
+void httpFamilies(const http::ServerStats& s, std::vector<MetricFamily>* out) {
+  sample(out->emplace_back(family("tokenfuse_http_connections", "HTTP connections open now", MetricType::Gauge)),
+         static_cast<double>(s.open.load(std::memory_order_relaxed)));
+  sample(out->emplace_back(family("tokenfuse_http_connections_accepted_total", "HTTP connections accepted",
+                                  MetricType::Counter)),
+         static_cast<double>(s.accepted.load(std::memory_order_relaxed)));
+  MetricFamily refused = family("tokenfuse_http_refused_total",
+                                "HTTP requests refused before any handler saw them, by reason and status",
+                                MetricType::Counter);
+  for (std::size_t i = 0; i < static_cast<std::size_t>(http::Refusal::kCount); ++i) {
+    const auto r = static_cast<http::Refusal>(i);
+    sample(refused, static_cast<double>(s.refused[i].load(std::memory_order_relaxed)),
+           {{"reason", http::nameOf(r)}, {"status", std::to_string(http::statusOf(r))}});
+  }
+  out->push_back(std::move(refused));
+  MetricFamily closed = family("tokenfuse_http_closed_total", "HTTP connections the agent closed, by reason",
+                               MetricType::Counter);
+  for (std::size_t i = 0; i < static_cast<std::size_t>(http::Closed::kCount); ++i) {
+    sample(closed, static_cast<double>(s.closed[i].load(std::memory_order_relaxed)),
+           {{"reason", http::nameOf(static_cast<http::Closed>(i))}});
+  }
+  out->push_back(std::move(closed));
+}
+
+}  // namespace
+
 std::string Metrics::scrape() const {
   std::vector<MetricFamily> families = registry_->Collect();
+  if (const http::ServerStats* s = http_.load(std::memory_order_acquire)) httpFamilies(*s, &families);
   for (MetricFamily& f : region_->Collect()) families.push_back(std::move(f));
   for (const auto& c : {link_, alerts_}) {
     if (c) {

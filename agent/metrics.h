@@ -22,6 +22,9 @@
 namespace tokenfuse {
 
 class RegionAdmin;
+namespace http {
+struct ServerStats;
+}
 struct LinkStats;
 struct AlertStats;
 struct CapacityStats;
@@ -38,6 +41,8 @@ class Metrics {
 
   // Counts one decision made over HTTP.
   void decision(Endpoint endpoint, Code code) noexcept;
+  // The HTTP server's connections and refusals, exported from now on (before the first scrape).
+  void setHttpStats(const http::ServerStats* stats) noexcept { http_.store(stats, std::memory_order_release); }
   // The Prometheus text exposition format.
   std::string scrape() const;
 
@@ -49,6 +54,7 @@ class Metrics {
   std::shared_ptr<prometheus::Collectable> region_;
   std::shared_ptr<prometheus::Collectable> link_;   // nullptr: no central link
   std::shared_ptr<prometheus::Collectable> alerts_;
+  std::atomic<const http::ServerStats*> http_{nullptr};
   prometheus::Family<prometheus::Counter>& decisions_family_;
   // Created on first use, so that only codes that occurred are exported.
   std::array<std::array<std::atomic<prometheus::Counter*>, kCodes>, static_cast<std::size_t>(Endpoint::kCount)>

@@ -14,7 +14,32 @@
 #include <cstdio>
 #include <iostream>
 #include <pthread.h>
+#include <sys/resource.h>
 #include <thread>
+
+namespace {
+
+// Every HTTP connection is a file descriptor: raise the soft limit to the hard one (systemd's
+// unit sets LimitNOFILE for the default max_connections), and say so if it is still too low.
+void raiseFileLimit(std::int64_t max_connections) {
+  rlimit lim{};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) != 0) return;
+  if (lim.rlim_cur < lim.rlim_max) {
+    lim.rlim_cur = lim.rlim_max;
+    (void)::setrlimit(RLIMIT_NOFILE, &lim);
+    (void)::getrlimit(RLIMIT_NOFILE, &lim);
+  }
+  constexpr std::int64_t kOwnFiles = 64;   // the region, SQLite, logs, the central link
+  if (lim.rlim_cur != RLIM_INFINITY && static_cast<std::int64_t>(lim.rlim_cur) < max_connections + kOwnFiles) {
+    tokenfuse::log::warn("http_file_limit_low",
+                         {{"open_files_limit", static_cast<std::int64_t>(lim.rlim_cur)},
+                          {"max_connections", max_connections},
+                          {"consequence", "connections past the limit wait in the kernel's queue until one closes"},
+                          {"fix", "raise LimitNOFILE (systemd) or ulimit -n, or lower http.max_connections"}});
+  }
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   using namespace tokenfuse;
@@ -72,8 +97,22 @@ int main(int argc, char** argv) {
     if (config.http_port >= 0) {
       const std::string token_file =
           config.admin_token_file.empty() ? config.data_dir + "/admin.token" : config.admin_token_file;
-      http = std::make_unique<HttpApi>(agent,
-                                       HttpApi::Options{config.http_host, config.http_port, loadOrCreateToken(token_file)});
+      HttpApi::Options o;
+      o.host = config.http_host;
+      o.port = config.http_port;
+      o.admin_token = loadOrCreateToken(token_file);
+      o.unix_socket = config.http_unix_socket;
+      o.threads = config.http_threads;
+      o.limits.max_connections = static_cast<std::size_t>(config.http_max_connections);
+      o.limits.max_requests_per_connection = static_cast<std::size_t>(config.http_max_requests_per_connection);
+      o.limits.max_header_bytes = static_cast<std::size_t>(config.http_max_header_bytes);
+      o.limits.max_headers = static_cast<std::size_t>(config.http_max_headers);
+      o.limits.max_body_bytes = static_cast<std::size_t>(config.http_max_body_bytes);
+      o.limits.header_timeout = std::chrono::milliseconds(config.http_header_timeout_ms);
+      o.limits.body_timeout = std::chrono::milliseconds(config.http_body_timeout_ms);
+      o.limits.idle_timeout = std::chrono::milliseconds(config.http_idle_timeout_ms);
+      raiseFileLimit(config.http_max_connections);
+      http = std::make_unique<HttpApi>(agent, std::move(o));
       // Where it listens, for the CLI and for tests that asked for port 0; written whole or not at all.
       const std::string port_file = config.data_dir + "/http.port";
       std::ofstream(port_file + ".tmp") << http->port() << "\n";

@@ -7,7 +7,8 @@ packages=(
   # toolchain
   build-essential cmake pkg-config git ca-certificates
   # libraries the agent and the library build against
-  libboost-dev                 # Boost.Interprocess (header-only)
+  libboost-dev                 # Boost.Interprocess, Beast and Asio (header-only)
+  zlib1g-dev                   # gzip request bodies
   libtomlplusplus-dev          # config file
   libspdlog-dev libfmt-dev     # structured logs
   libhowardhinnant-date-dev    # IANA time zones (GCC 12 has no std::chrono tzdb)
@@ -15,7 +16,7 @@ packages=(
   libcli11-dev                 # admin CLI
   nlohmann-json3-dev           # JSON
   libsqlitecpp-dev libsqlite3-dev sqlite3   # the ledger
-  libcpp-httplib-dev           # localhost HTTP API
+  libcpp-httplib-dev           # HTTP client (alerts, CLI, tests)
   libhiredis-dev libpqxx-dev   # central link
   libsystemd-dev               # sd_notify: readiness for systemd (Type=notify)
   prometheus-cpp-dev           # metrics

@@ -11,13 +11,16 @@
 namespace tokenfuse::test {
 
 struct AgentFixture {
-  // `extra_toml` is appended after the [region] table; `agent_toml` goes into [agent].
-  AgentFixture(const char* what, const std::string& extra_toml = "", const std::string& agent_toml = "")
+  // `extra_toml` is appended after the [region] table; `agent_toml` goes into [agent] and
+  // `http_toml` into [http].
+  AgentFixture(const char* what, const std::string& extra_toml = "", const std::string& agent_toml = "",
+               const std::string& http_toml = "")
       : shm(uniqueName(what)), cleanup{shm} {
     config_path = dir.path + "/tokenfuse.toml";
     std::ofstream(config_path) << "[agent]\nshm_name = \"" << shm << "\"\ndata_dir = \"" << dir.path
                                << "/state\"\ntick_ms = 50\n" << agent_toml << "[http]\nlisten = \"127.0.0.1:0\"\n"
-                                  "[region]\ntenant_capacity = 256\nrun_capacity = 256\n"
+                               << http_toml
+                               << "[region]\ntenant_capacity = 256\nrun_capacity = 256\n"
                                   "reservation_capacity = 256\n"
                                << extra_toml;
   }

@@ -181,7 +181,10 @@ TEST_CASE("hostile input: ids stored before they were checked never fail the ale
   CHECK(fired == std::vector<std::string>{"acme", "bad\xFF"});
   CHECK(agent->alerter().stats().fired == 2 * 3);   // 80, 95 and 100 % for each
 
-  auto http = std::make_unique<HttpApi>(*agent, HttpApi::Options{"127.0.0.1", 0, "0123456789abcdef0123456789abcdef"});
+  HttpApi::Options options;
+  options.port = 0;
+  options.admin_token = "0123456789abcdef0123456789abcdef";
+  auto http = std::make_unique<HttpApi>(*agent, options);
   auto [status, answer] = request(http->port(), "GET", "/v1/ledger", {}, "0123456789abcdef0123456789abcdef");
   CHECK(status == 200);
   REQUIRE(answer.is_object());
