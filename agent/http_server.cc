@@ -12,7 +12,6 @@
 #include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
-#include <boost/beast/core/basic_stream.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/http/error.hpp>
 #include <boost/beast/http/read.hpp>
@@ -257,8 +256,9 @@ struct Server::Impl {
   Options options;
   const Limits limits;
   ServerStats stats;
-  std::mutex idle_mu;
-  std::list<std::weak_ptr<SessionBase>> idle;   // oldest first
+  // Every open connection, for the sweeper (deadlines) and for eviction (the oldest idle one).
+  std::mutex sessions_mu;
+  std::list<std::weak_ptr<SessionBase>> sessions;
 
   net::io_context ioc{};
   std::optional<tcp::acceptor> tcp_acceptor;
@@ -267,48 +267,66 @@ struct Server::Impl {
   std::vector<std::thread> threads;
   int port = -1;
 
-  void markIdle(const std::shared_ptr<SessionBase>& s);
-  void unmarkIdle(SessionBase& s);
+  void add(const std::shared_ptr<SessionBase>& s);
+  void remove(SessionBase& s);
   bool evictOldestIdle();
+  // Every kSweep, cancels the I/O of every session past its deadline: one timer for all the
+  // connections instead of one per read and write.
+  net::awaitable<void> sweep();
   template <typename Acceptor, typename Protocol>
   net::awaitable<void> acceptLoop(Acceptor& acceptor);
   void count(Refusal r) noexcept { stats.refused[static_cast<std::size_t>(r)].fetch_add(1, std::memory_order_relaxed); }
   void count(Closed c) noexcept { stats.closed[static_cast<std::size_t>(c)].fetch_add(1, std::memory_order_relaxed); }
 };
 
+std::int64_t steadyNs() noexcept {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+constexpr auto kSweep = std::chrono::milliseconds(50);
+constexpr std::int64_t kNoDeadline = INT64_MAX;
+
 struct SessionBase : std::enable_shared_from_this<SessionBase> {
   explicit SessionBase(Server::Impl& impl) : server(impl) {}
   virtual ~SessionBase() = default;
-  // Closes the connection if it is still waiting for a request; from any thread.
+  // From any thread: cancels the I/O in progress if the deadline has passed.
+  virtual void expire() = 0;
+  // From any thread: closes the connection if it is still waiting for a request.
   virtual void evict() = 0;
 
   Server::Impl& server;
-  // Guarded by server.idle_mu.
-  bool listed_idle = false;
-  std::list<std::weak_ptr<SessionBase>>::iterator idle_pos;
+  std::atomic<std::int64_t> deadline_ns{kNoDeadline};   // steady clock
+  std::atomic<std::int64_t> idle_since_ns{-1};           // >= 0 while waiting for a request
+  bool listed = false;                                   // guarded by server.sessions_mu
+  std::list<std::weak_ptr<SessionBase>>::iterator pos;   // guarded by server.sessions_mu
 };
 
-void Server::Impl::markIdle(const std::shared_ptr<SessionBase>& s) {
-  std::lock_guard lock(idle_mu);
-  idle.push_back(s);
-  s->idle_pos = std::prev(idle.end());
-  s->listed_idle = true;
+void Server::Impl::add(const std::shared_ptr<SessionBase>& s) {
+  std::lock_guard lock(sessions_mu);
+  sessions.push_back(s);
+  s->pos = std::prev(sessions.end());
+  s->listed = true;
 }
 
-void Server::Impl::unmarkIdle(SessionBase& s) {
-  std::lock_guard lock(idle_mu);
-  if (s.listed_idle) idle.erase(s.idle_pos);
-  s.listed_idle = false;
+void Server::Impl::remove(SessionBase& s) {
+  std::lock_guard lock(sessions_mu);
+  if (s.listed) sessions.erase(s.pos);
+  s.listed = false;
 }
 
 bool Server::Impl::evictOldestIdle() {
   std::shared_ptr<SessionBase> victim;
   {
-    std::lock_guard lock(idle_mu);
-    while (!idle.empty() && !victim) {
-      victim = idle.front().lock();
-      if (victim) victim->listed_idle = false;
-      idle.pop_front();
+    std::lock_guard lock(sessions_mu);
+    std::int64_t oldest = INT64_MAX;
+    for (const std::weak_ptr<SessionBase>& w : sessions) {
+      std::shared_ptr<SessionBase> s = w.lock();
+      const std::int64_t since = s ? s->idle_since_ns.load(std::memory_order_relaxed) : -1;
+      if (since >= 0 && since < oldest) {
+        oldest = since;
+        victim = std::move(s);
+      }
     }
   }
   if (!victim) return false;
@@ -316,35 +334,68 @@ bool Server::Impl::evictOldestIdle() {
   return true;
 }
 
+net::awaitable<void> Server::Impl::sweep() {
+  net::steady_timer timer(co_await net::this_coro::executor);
+  for (;;) {
+    timer.expires_after(kSweep);
+    beast::error_code ec;
+    co_await timer.async_wait(net::redirect_error(use_awaitable, ec));
+    if (ec) co_return;
+    const std::int64_t now = steadyNs();
+    std::vector<std::shared_ptr<SessionBase>> due;
+    {
+      std::lock_guard lock(sessions_mu);
+      for (const std::weak_ptr<SessionBase>& w : sessions) {
+        std::shared_ptr<SessionBase> s = w.lock();
+        if (s && s->deadline_ns.load(std::memory_order_relaxed) <= now) due.push_back(std::move(s));
+      }
+    }
+    for (const auto& s : due) s->expire();
+  }
+}
+
 namespace {
 
 template <typename Protocol>
-using StreamOf = beast::basic_stream<Protocol, net::any_io_executor, beast::unlimited_rate_policy>;
+using SocketOf = typename Protocol::socket::template rebind_executor<net::any_io_executor>::other;
 
 template <typename Protocol>
 class Session final : public SessionBase {
  public:
-  Session(Server::Impl& impl, net::any_io_executor ex) : SessionBase(impl), stream_(ex), watchdog_(ex) {}
+  Session(Server::Impl& impl, net::any_io_executor ex) : SessionBase(impl), socket_(std::move(ex)) {}
   ~Session() override {
-    if (counted_) server.stats.open.fetch_sub(1, std::memory_order_relaxed);
+    if (!counted_) return;
+    server.remove(*this);
+    server.stats.open.fetch_sub(1, std::memory_order_relaxed);
   }
   // Counts the connection as open, once it is accepted.
-  void accepted() noexcept {
+  void accepted() {
     counted_ = true;
     server.stats.open.fetch_add(1, std::memory_order_relaxed);
     server.stats.accepted.fetch_add(1, std::memory_order_relaxed);
+    server.add(shared_from_this());
   }
 
-  StreamOf<Protocol>& stream() noexcept { return stream_; }
+  SocketOf<Protocol>& socket() noexcept { return socket_; }
+
+  void expire() override {
+    auto self = std::static_pointer_cast<Session>(shared_from_this());
+    net::post(socket_.get_executor(), [self] {
+      if (self->deadline_ns.load(std::memory_order_relaxed) > steadyNs()) return;   // moved on meanwhile
+      self->timed_out_ = true;
+      beast::error_code ignored;
+      self->socket_.cancel(ignored);
+    });
+  }
 
   void evict() override {
     auto self = std::static_pointer_cast<Session>(shared_from_this());
-    net::post(stream_.get_executor(), [self] {
-      if (!self->idle_) return;   // a request came first: it is served
+    net::post(socket_.get_executor(), [self] {
+      if (self->idle_since_ns.load(std::memory_order_relaxed) < 0) return;   // a request came first: served
       self->evicted_ = true;
       self->server.count(Closed::kEvicted);
       beast::error_code ignored;
-      self->stream_.socket().close(ignored);
+      self->socket_.close(ignored);
     });
   }
 
@@ -362,28 +413,20 @@ class Session final : public SessionBase {
   net::awaitable<void> lingeringClose();
   net::awaitable<bool> dispatch(Request& request, bool keep_alive);
 
-  // Cancels (rather than closes, as the stream's own expiry would) the read in progress after
-  // `d`, so that a 408 can still be written. Runs on the session's strand, as the reads do.
-  void arm(std::chrono::milliseconds d) {
+  // The I/O in progress is cancelled once `d` has passed (by the server's sweeper, within
+  // kSweep); then timedOut() says so.
+  void deadline(std::chrono::milliseconds d) {
     timed_out_ = false;
-    watchdog_.expires_after(d);
-    watchdog_.async_wait([self = shared_from_this(), this](const beast::error_code& ec) {
-      if (ec) return;
-      timed_out_ = true;
-      beast::error_code ignored;
-      stream_.socket().cancel(ignored);
-    });
+    deadline_ns.store(steadyNs() + std::chrono::duration_cast<std::chrono::nanoseconds>(d).count(),
+                      std::memory_order_relaxed);
   }
-  // True if the watchdog fired.
-  bool disarm() {
-    watchdog_.cancel();
+  bool timedOut() {
+    deadline_ns.store(kNoDeadline, std::memory_order_relaxed);
     return timed_out_;
   }
 
-  StreamOf<Protocol> stream_;
-  net::steady_timer watchdog_;
+  SocketOf<Protocol> socket_;
   beast::flat_buffer buffer_;
-  bool idle_ = false;
   bool evicted_ = false;
   bool timed_out_ = false;
   bool counted_ = false;
@@ -422,7 +465,7 @@ class ChunkedStream final : public Stream {
     ended_ = true;
     if (ok_) ok_ = co_await s_.writeRaw("0\r\n\r\n");
   }
-  net::any_io_executor executor() override { return s_.stream().get_executor(); }
+  net::any_io_executor executor() override { return s_.socket().get_executor(); }
   bool ok() const noexcept { return ok_; }
 
  private:
@@ -434,11 +477,10 @@ class ChunkedStream final : public Stream {
 template <typename Protocol>
 net::awaitable<bool> Session<Protocol>::writeRaw(std::string_view a, std::string_view b) {
   beast::error_code ec;
-  stream_.expires_after(server.limits.body_timeout);   // a client that does not read is let go
+  deadline(server.limits.body_timeout);   // a client that does not read is let go
   const std::array<net::const_buffer, 2> bufs{net::buffer(a.data(), a.size()), net::buffer(b.data(), b.size())};
-  co_await net::async_write(stream_, bufs, net::redirect_error(use_awaitable, ec));
-  stream_.expires_never();
-  co_return !ec;
+  co_await net::async_write(socket_, bufs, net::redirect_error(use_awaitable, ec));
+  co_return !timedOut() && !ec;
 }
 
 template <typename Protocol>
@@ -463,14 +505,15 @@ net::awaitable<void> Session<Protocol>::lingeringClose() {
   // Half-close, then read what the client still sends for a moment: closing with unread data
   // makes the kernel send a reset, which can destroy the answer before the client reads it.
   beast::error_code ec;
-  stream_.socket().shutdown(net::socket_base::shutdown_send, ec);
+  socket_.shutdown(net::socket_base::shutdown_send, ec);
   std::size_t drained = 0;
-  stream_.expires_after(std::chrono::seconds(1));
+  deadline(std::chrono::seconds(1));
   while (!ec && drained < 1024 * 1024) {
     buffer_.clear();
-    drained += co_await stream_.async_read_some(buffer_.prepare(16384), net::redirect_error(use_awaitable, ec));
+    drained += co_await socket_.async_read_some(buffer_.prepare(16384), net::redirect_error(use_awaitable, ec));
   }
-  stream_.socket().close(ec);
+  (void)timedOut();
+  socket_.close(ec);
 }
 
 template <typename Protocol>
@@ -529,7 +572,7 @@ net::awaitable<bool> Session<Protocol>::dispatch(Request& request, bool keep_ali
   if (route->run == Router::Run::kBlocking) {
     co_await net::post(server.blocking.get_executor(), use_awaitable);
     call();
-    co_await net::post(stream_.get_executor(), use_awaitable);
+    co_await net::post(socket_.get_executor(), use_awaitable);
   } else {
     call();
   }
@@ -538,20 +581,18 @@ net::awaitable<bool> Session<Protocol>::dispatch(Request& request, bool keep_ali
 
 template <typename Protocol>
 net::awaitable<void> Session<Protocol>::run() {
-  const auto self = shared_from_this();
+  const auto self = shared_from_this();   // alive while this runs
   const Limits& limits = server.limits;
   beast::error_code ec;
   for (std::size_t served = 0;;) {
     // Waiting for a request: the idle timeout, and first in line to be closed for a newcomer.
     if (buffer_.size() == 0) {
-      idle_ = true;
-      server.markIdle(self);
-      stream_.expires_after(limits.idle_timeout);
-      const std::size_t n = co_await stream_.async_read_some(buffer_.prepare(4096), net::redirect_error(use_awaitable, ec));
-      idle_ = false;
-      server.unmarkIdle(*this);
+      idle_since_ns.store(steadyNs(), std::memory_order_relaxed);
+      deadline(limits.idle_timeout);
+      const std::size_t n = co_await socket_.async_read_some(buffer_.prepare(4096), net::redirect_error(use_awaitable, ec));
+      idle_since_ns.store(-1, std::memory_order_relaxed);
       if (evicted_) co_return;
-      if (ec == beast::error::timeout) server.count(Closed::kIdleTimeout);
+      if (timedOut()) server.count(Closed::kIdleTimeout);
       if (ec) break;
       buffer_.commit(n);
     }
@@ -560,9 +601,9 @@ net::awaitable<void> Session<Protocol>::run() {
     bhttp::request_parser<bhttp::string_body> parser;
     parser.header_limit(static_cast<std::uint32_t>(std::min<std::size_t>(limits.max_header_bytes, UINT32_MAX)));
     parser.body_limit(limits.max_body_bytes);
-    arm(limits.header_timeout);
-    co_await bhttp::async_read_header(stream_, buffer_, parser, net::redirect_error(use_awaitable, ec));
-    if (disarm()) {
+    deadline(limits.header_timeout);
+    co_await bhttp::async_read_header(socket_, buffer_, parser, net::redirect_error(use_awaitable, ec));
+    if (timedOut()) {
       co_return co_await refuse(Refusal::kHeaderTimeout, "the request's headers did not arrive within " +
                                                              std::to_string(limits.header_timeout.count()) + " ms");
     }
@@ -603,9 +644,9 @@ net::awaitable<void> Session<Protocol>::run() {
       if (iequals(trim(sv(msg[bhttp::field::expect])), "100-continue")) {
         if (!co_await writeRaw("HTTP/1.1 100 Continue\r\n\r\n")) break;
       }
-      arm(limits.body_timeout);
-      co_await bhttp::async_read(stream_, buffer_, parser, net::redirect_error(use_awaitable, ec));
-      if (disarm()) {
+      deadline(limits.body_timeout);
+      co_await bhttp::async_read(socket_, buffer_, parser, net::redirect_error(use_awaitable, ec));
+      if (timedOut()) {
         co_return co_await refuse(Refusal::kBodyTimeout, "the request's body did not arrive within " +
                                                              std::to_string(limits.body_timeout.count()) + " ms");
       }
@@ -646,8 +687,8 @@ net::awaitable<void> Session<Protocol>::run() {
     }
     if (!co_await dispatch(request, keep_alive) || !keep_alive) break;
   }
-  stream_.socket().shutdown(net::socket_base::shutdown_both, ec);
-  stream_.socket().close(ec);
+  socket_.shutdown(net::socket_base::shutdown_both, ec);
+  socket_.close(ec);
 }
 
 }  // namespace
@@ -657,7 +698,7 @@ net::awaitable<void> Server::Impl::acceptLoop(Acceptor& acceptor) {
   for (;;) {
     auto session = std::make_shared<Session<Protocol>>(*this, net::make_strand(ioc));
     beast::error_code ec;
-    co_await acceptor.async_accept(session->stream().socket(), net::redirect_error(use_awaitable, ec));
+    co_await acceptor.async_accept(session->socket(), net::redirect_error(use_awaitable, ec));
     if (ec == net::error::operation_aborted || !acceptor.is_open()) co_return;
     if (ec) {
       // Out of file descriptors (EMFILE) or the like: wait a moment rather than spin; the
@@ -669,16 +710,16 @@ net::awaitable<void> Server::Impl::acceptLoop(Acceptor& acceptor) {
     }
     session->accepted();
     if constexpr (std::is_same_v<Protocol, tcp>) {
-      session->stream().socket().set_option(tcp::no_delay(true), ec);
+      session->socket().set_option(tcp::no_delay(true), ec);
     }
     // Over the limit: the oldest idle connection makes room; with none idle, a 503.
     const bool over = stats.open.load(std::memory_order_relaxed) > limits.max_connections;
     if (over && !evictOldestIdle()) {
-      net::co_spawn(session->stream().get_executor(),
+      net::co_spawn(session->socket().get_executor(),
                     [session]() -> net::awaitable<void> { co_await session->refuseOverCapacity(); }, net::detached);
       continue;
     }
-    net::co_spawn(session->stream().get_executor(), [session]() -> net::awaitable<void> { co_await session->run(); },
+    net::co_spawn(session->socket().get_executor(), [session]() -> net::awaitable<void> { co_await session->run(); },
                   net::detached);
   }
 }
@@ -718,6 +759,7 @@ Server::Server(Router router, Options options) : impl_(std::make_unique<Impl>(st
   if (m.unix_acceptor) {
     net::co_spawn(m.ioc, m.acceptLoop<unix_socket::acceptor, unix_socket>(*m.unix_acceptor), net::detached);
   }
+  net::co_spawn(m.ioc, m.sweep(), net::detached);
   const int n = o.threads > 0 ? o.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   for (int i = 0; i < n; ++i) m.threads.emplace_back([&m] { m.ioc.run(); });
 }
