@@ -94,6 +94,25 @@ TEST_CASE("config: a bad file gets an error that names the key and the rule") {
   CHECK(parseError("[agent\n").rfind("t.toml:1:", 0) == 0);   // syntax errors carry line and column
 }
 
+TEST_CASE("config: [http] limits are read exactly, and a bad one is named") {
+  const Config c = parseConfig("[http]\nmax_connections = 20000\nmax_body_bytes = 1048576\nheader_timeout_ms = 2500\n"
+                               "idle_timeout_ms = 1000\nthreads = 3\nunix_socket = \"/run/tf.sock\"\n",
+                               "t.toml");
+  CHECK(c.http_max_connections == 20000);
+  CHECK(c.http_max_body_bytes == 1048576);
+  CHECK(c.http_header_timeout_ms == 2500);
+  CHECK(c.http_idle_timeout_ms == 1000);
+  CHECK(c.http_threads == 3);
+  CHECK(c.http_unix_socket == "/run/tf.sock");
+  CHECK(c.http_max_headers == 64);   // untouched: the default
+  CHECK(parseError("[http]\nmax_connections = 0\n") == "t.toml: http.max_connections: must be from 1 to 1000000");
+  CHECK(parseError("[http]\nheader_timeout_ms = 10\n").find("http.header_timeout_ms: must be from 100") !=
+        std::string::npos);
+  CHECK(parseError("[http]\nunix_socket = \"relative.sock\"\n").find("http.unix_socket: must be an absolute path") !=
+        std::string::npos);
+  CHECK(parseError("[http]\nmax_conections = 5\n").find("http.max_conections: unknown key") != std::string::npos);
+}
+
 TEST_CASE("config: [central] reads its URLs exactly and names what is wrong with them") {
   const Config c = parseConfig(R"(
 [central]
