@@ -110,7 +110,8 @@ std::string errorBody(std::string_view error, std::string_view message, std::str
 // empty optional with *too_large set past `max`, or with it clear for data that is not valid.
 std::optional<std::string> inflateBody(std::string_view in, bool gzip, std::size_t max, bool* too_large) {
   *too_large = false;
-  for (const int window : gzip ? std::array{16 + 15, 16 + 15} : std::array{15, -15}) {
+  // gzip; deflate as it should be sent (zlib), then as some clients send it (raw).
+  for (const int window : gzip ? std::vector<int>{16 + 15} : std::vector<int>{15, -15}) {
     z_stream z{};
     if (inflateInit2(&z, window) != Z_OK) return std::nullopt;
     std::string out;
@@ -268,7 +269,6 @@ struct Server::Impl {
   int port = -1;
 
   void add(const std::shared_ptr<SessionBase>& s);
-  void remove(SessionBase& s);
   bool evictOldestIdle();
   // Every kSweep, cancels the I/O of every session past its deadline: one timer for all the
   // connections instead of one per read and write.
@@ -298,21 +298,15 @@ struct SessionBase : std::enable_shared_from_this<SessionBase> {
   Server::Impl& server;
   std::atomic<std::int64_t> deadline_ns{kNoDeadline};   // steady clock
   std::atomic<std::int64_t> idle_since_ns{-1};           // >= 0 while waiting for a request
-  bool listed = false;                                   // guarded by server.sessions_mu
-  std::list<std::weak_ptr<SessionBase>>::iterator pos;   // guarded by server.sessions_mu
+  std::atomic<bool> evicting{false};                     // chosen to make room; not chosen again
 };
 
+// A session is listed from its accept on; the sweeper drops the entries of those that are gone.
+// (A destructor that took sessions_mu could deadlock: the last reference to a session may be a
+// temporary of a scan that holds the mutex.)
 void Server::Impl::add(const std::shared_ptr<SessionBase>& s) {
   std::lock_guard lock(sessions_mu);
   sessions.push_back(s);
-  s->pos = std::prev(sessions.end());
-  s->listed = true;
-}
-
-void Server::Impl::remove(SessionBase& s) {
-  std::lock_guard lock(sessions_mu);
-  if (s.listed) sessions.erase(s.pos);
-  s.listed = false;
 }
 
 bool Server::Impl::evictOldestIdle() {
@@ -321,8 +315,9 @@ bool Server::Impl::evictOldestIdle() {
     std::lock_guard lock(sessions_mu);
     std::int64_t oldest = INT64_MAX;
     for (const std::weak_ptr<SessionBase>& w : sessions) {
-      std::shared_ptr<SessionBase> s = w.lock();
-      const std::int64_t since = s ? s->idle_since_ns.load(std::memory_order_relaxed) : -1;
+      std::shared_ptr<SessionBase> s = w.lock();   // (if it is the last reference, its destructor takes no lock)
+      const std::int64_t since =
+          s && !s->evicting.load(std::memory_order_relaxed) ? s->idle_since_ns.load(std::memory_order_relaxed) : -1;
       if (since >= 0 && since < oldest) {
         oldest = since;
         victim = std::move(s);
@@ -330,6 +325,7 @@ bool Server::Impl::evictOldestIdle() {
     }
   }
   if (!victim) return false;
+  victim->evicting.store(true, std::memory_order_relaxed);
   victim->evict();
   return true;
 }
@@ -345,9 +341,14 @@ net::awaitable<void> Server::Impl::sweep() {
     std::vector<std::shared_ptr<SessionBase>> due;
     {
       std::lock_guard lock(sessions_mu);
-      for (const std::weak_ptr<SessionBase>& w : sessions) {
-        std::shared_ptr<SessionBase> s = w.lock();
-        if (s && s->deadline_ns.load(std::memory_order_relaxed) <= now) due.push_back(std::move(s));
+      for (auto it = sessions.begin(); it != sessions.end();) {
+        std::shared_ptr<SessionBase> s = it->lock();
+        if (!s) {
+          it = sessions.erase(it);
+          continue;
+        }
+        if (s->deadline_ns.load(std::memory_order_relaxed) <= now) due.push_back(std::move(s));
+        ++it;
       }
     }
     for (const auto& s : due) s->expire();
@@ -362,11 +363,13 @@ using SocketOf = typename Protocol::socket::template rebind_executor<net::any_io
 template <typename Protocol>
 class Session final : public SessionBase {
  public:
-  Session(Server::Impl& impl, net::any_io_executor ex) : SessionBase(impl), socket_(std::move(ex)) {}
+  Session(Server::Impl& impl, net::any_io_executor ex)
+      : SessionBase(impl),
+        socket_(std::move(ex)),
+        // Bounded: chunk extensions and trailers have no limit of their own in the parser.
+        buffer_(std::max<std::size_t>(impl.limits.max_header_bytes, 16 * 1024) + 64 * 1024) {}
   ~Session() override {
-    if (!counted_) return;
-    server.remove(*this);
-    server.stats.open.fetch_sub(1, std::memory_order_relaxed);
+    if (counted_) server.stats.open.fetch_sub(1, std::memory_order_relaxed);
   }
   // Counts the connection as open, once it is accepted.
   void accepted() {
@@ -391,7 +394,10 @@ class Session final : public SessionBase {
   void evict() override {
     auto self = std::static_pointer_cast<Session>(shared_from_this());
     net::post(socket_.get_executor(), [self] {
-      if (self->idle_since_ns.load(std::memory_order_relaxed) < 0) return;   // a request came first: served
+      if (self->idle_since_ns.load(std::memory_order_relaxed) < 0) {   // a request came first: served
+        self->evicting.store(false, std::memory_order_relaxed);
+        return;
+      }
       self->evicted_ = true;
       self->server.count(Closed::kEvicted);
       beast::error_code ignored;
@@ -410,7 +416,11 @@ class Session final : public SessionBase {
 
  private:
   net::awaitable<void> refuse(Refusal why, std::string_view message, std::string_view field = {});
-  net::awaitable<void> lingeringClose();
+  net::awaitable<void> refuseTooLarge(const char* when) {
+    co_await refuse(Refusal::kBodyTooLarge, "the body is larger than the limit (" +
+                                                std::to_string(server.limits.max_body_bytes) + " bytes)" + when);
+  }
+  net::awaitable<void> lingeringClose(std::chrono::milliseconds linger = std::chrono::seconds(1));
   net::awaitable<bool> dispatch(Request& request, bool keep_alive);
 
   // The I/O in progress is cancelled once `d` has passed (by the server's sweeper, within
@@ -429,6 +439,7 @@ class Session final : public SessionBase {
   beast::flat_buffer buffer_;
   bool evicted_ = false;
   bool timed_out_ = false;
+  bool http10_ = false;   // the request being answered is HTTP/1.0
   bool counted_ = false;
 };
 
@@ -450,6 +461,7 @@ class ChunkedStream final : public Stream {
   }
   net::awaitable<bool> write(std::string_view chunk) override {
     if (!begun_) co_await begin(200, "application/octet-stream", {});
+    if (ended_) co_return false;
     if (!ok_ || chunk.empty()) co_return ok_;
     char size[24];
     const auto [end, ec] = std::to_chars(size, size + sizeof size - 2, chunk.size(), 16);
@@ -467,6 +479,7 @@ class ChunkedStream final : public Stream {
   }
   net::any_io_executor executor() override { return s_.socket().get_executor(); }
   bool ok() const noexcept { return ok_; }
+  bool begun() const noexcept { return begun_; }
 
  private:
   Session<Protocol>& s_;
@@ -495,19 +508,20 @@ net::awaitable<bool> Session<Protocol>::send(int status, std::string_view conten
     head += "\r\nContent-Length: " + std::to_string(body.size()) + "\r\n";
   }
   if (!keep_alive) head += "Connection: close\r\n";
+  if (keep_alive && http10_) head += "Connection: keep-alive\r\n";   // 1.0 closes by default
   for (const auto& [k, v] : headers) head += k + ": " + v + "\r\n";
   head += "\r\n";
   co_return co_await writeRaw(head, bodiless ? std::string_view() : body);
 }
 
 template <typename Protocol>
-net::awaitable<void> Session<Protocol>::lingeringClose() {
+net::awaitable<void> Session<Protocol>::lingeringClose(std::chrono::milliseconds linger) {
   // Half-close, then read what the client still sends for a moment: closing with unread data
   // makes the kernel send a reset, which can destroy the answer before the client reads it.
   beast::error_code ec;
   socket_.shutdown(net::socket_base::shutdown_send, ec);
   std::size_t drained = 0;
-  deadline(std::chrono::seconds(1));
+  deadline(linger);
   while (!ec && drained < 1024 * 1024) {
     buffer_.clear();
     drained += co_await socket_.async_read_some(buffer_.prepare(16384), net::redirect_error(use_awaitable, ec));
@@ -526,7 +540,10 @@ net::awaitable<void> Session<Protocol>::refuse(Refusal why, std::string_view mes
                       : status == 431 ? "headers_too_large"
                       : status == 503 ? "unavailable"
                                       : "bad_request";
-  if (co_await send(status, "application/json", errorBody(error, message, field), false)) co_await lingeringClose();
+  if (co_await send(status, "application/json", errorBody(error, message, field), false)) {
+    // Over capacity: the connection must not hold a descriptor for long.
+    co_await lingeringClose(why == Refusal::kOverCapacity ? std::chrono::milliseconds(100) : std::chrono::seconds(1));
+  }
 }
 
 template <typename Protocol>
@@ -545,15 +562,20 @@ net::awaitable<bool> Session<Protocol>::dispatch(Request& request, bool keep_ali
   server.stats.requests.fetch_add(1, std::memory_order_relaxed);
   if (route->stream) {
     ChunkedStream<Protocol> out(*this, keep_alive);
-    std::string failure;
+    bool failed = false;
+    std::string failure = "the handler failed";
     try {
       co_await route->stream(request, out);
     } catch (const std::exception& e) {
+      failed = true;
       failure = e.what();
+    } catch (...) {
+      failed = true;
     }
-    if (!failure.empty()) {
-      // Before the first byte a proper error answer is still possible; after it, only a close.
-      if (co_await out.begin(500, "application/json", {})) co_await out.write(errorBody("internal", failure));
+    if (failed) {
+      // Before the first byte a whole error answer is still possible; after it, only a close,
+      // which tells the client the body is cut short.
+      if (!out.begun()) co_await send(500, "application/json", errorBody("internal", failure), false);
       co_return false;
     }
     co_await out.end();
@@ -567,12 +589,23 @@ net::awaitable<bool> Session<Protocol>::dispatch(Request& request, bool keep_ali
       response = Response{};
       response.status = 500;
       response.body = errorBody("internal", e.what());
+    } catch (...) {   // on the pool, an escaping exception would end the process
+      response = Response{};
+      response.status = 500;
+      response.body = errorBody("internal", "the handler failed");
     }
   };
   if (route->run == Router::Run::kBlocking) {
-    co_await net::post(server.blocking.get_executor(), use_awaitable);
-    call();
-    co_await net::post(socket_.get_executor(), use_awaitable);
+    // Runs `call` on the pool and resumes here on the session's strand. (co_await post(pool,
+    // use_awaitable) would not do: Asio 1.18 hands the coroutine back to its own executor.)
+    co_await net::async_initiate<decltype(use_awaitable), void()>(
+        [this, &call](auto handler) {
+          net::post(server.blocking, [&call, handler = std::move(handler)]() mutable {
+            call();
+            net::post(std::move(handler));   // to the handler's executor: the strand
+          });
+        },
+        use_awaitable);
   } else {
     call();
   }
@@ -587,6 +620,7 @@ net::awaitable<void> Session<Protocol>::run() {
   for (std::size_t served = 0;;) {
     // Waiting for a request: the idle timeout, and first in line to be closed for a newcomer.
     if (buffer_.size() == 0) {
+      if (buffer_.capacity() > 8192) buffer_.shrink_to_fit();   // an idle connection costs little
       idle_since_ns.store(steadyNs(), std::memory_order_relaxed);
       deadline(limits.idle_timeout);
       const std::size_t n = co_await socket_.async_read_some(buffer_.prepare(4096), net::redirect_error(use_awaitable, ec));
@@ -612,13 +646,17 @@ net::awaitable<void> Session<Protocol>::run() {
                                                               std::to_string(limits.max_header_bytes) + " bytes");
     }
     if (ec == bhttp::error::body_limit) {   // the parser checks Content-Length with the headers
-      co_return co_await refuse(Refusal::kBodyTooLarge, "the body is larger than the limit (" +
-                                                            std::to_string(limits.max_body_bytes) + " bytes)");
+      co_return co_await refuseTooLarge("");
     }
     if (ec == bhttp::error::end_of_stream || ec == net::error::connection_reset || ec == net::error::eof) break;
+    if (ec == bhttp::error::buffer_overflow) {
+      co_return co_await refuse(Refusal::kHeaderTooLarge, "the request line and headers are larger than " +
+                                                              std::to_string(limits.max_header_bytes) + " bytes");
+    }
     if (ec) co_return co_await refuse(Refusal::kBadRequest, "the request is not valid HTTP/1.1: " + ec.message());
 
     bhttp::request<bhttp::string_body>& msg = parser.get();
+    http10_ = msg.version() == 10;
     const std::size_t fields = static_cast<std::size_t>(std::distance(msg.begin(), msg.end()));
     if (fields > limits.max_headers) {
       co_return co_await refuse(Refusal::kTooManyHeaders,
@@ -637,11 +675,10 @@ net::awaitable<void> Session<Protocol>::run() {
                                 "Content-Encoding " + std::string(encoding) + " is not accepted (identity, gzip, deflate)");
     }
     if (const auto length = parser.content_length(); length && *length > limits.max_body_bytes) {
-      co_return co_await refuse(Refusal::kBodyTooLarge, "the body is larger than the limit (" +
-                                                            std::to_string(limits.max_body_bytes) + " bytes)");
+      co_return co_await refuseTooLarge("");
     }
     if (!parser.is_done()) {
-      if (iequals(trim(sv(msg[bhttp::field::expect])), "100-continue")) {
+      if (!http10_ && iequals(trim(sv(msg[bhttp::field::expect])), "100-continue")) {
         if (!co_await writeRaw("HTTP/1.1 100 Continue\r\n\r\n")) break;
       }
       deadline(limits.body_timeout);
@@ -650,11 +687,16 @@ net::awaitable<void> Session<Protocol>::run() {
         co_return co_await refuse(Refusal::kBodyTimeout, "the request's body did not arrive within " +
                                                              std::to_string(limits.body_timeout.count()) + " ms");
       }
-      if (ec == bhttp::error::body_limit) {
-        co_return co_await refuse(Refusal::kBodyTooLarge, "the body is larger than the limit (" +
-                                                              std::to_string(limits.max_body_bytes) + " bytes)");
+      if (ec == bhttp::error::body_limit || ec == bhttp::error::buffer_overflow) {
+        co_return co_await refuseTooLarge("");   // (overflow: a chunk extension or trailer without end)
       }
       if (ec) co_return co_await refuse(Refusal::kBadRequest, "the request's body is not valid: " + ec.message());
+      // Trailer fields of a chunked body join the headers: the same count holds for them.
+      if (const auto all = static_cast<std::size_t>(std::distance(msg.begin(), msg.end())); all > limits.max_headers) {
+        co_return co_await refuse(Refusal::kTooManyHeaders, "the request has " + std::to_string(all) +
+                                                                " header and trailer fields; at most " +
+                                                                std::to_string(limits.max_headers) + " are accepted");
+      }
     }
 
     Request request;
@@ -666,9 +708,7 @@ net::awaitable<void> Session<Protocol>::run() {
       bool too_large = false;
       std::optional<std::string> body = inflateBody(msg.body(), gzip, limits.max_body_bytes, &too_large);
       if (too_large) {
-        co_return co_await refuse(Refusal::kBodyTooLarge, "the body is larger than the limit (" +
-                                                              std::to_string(limits.max_body_bytes) +
-                                                              " bytes) once decoded");
+        co_return co_await refuseTooLarge(" once decoded");
       }
       if (!body) {
         co_return co_await refuse(Refusal::kBadRequest,
@@ -685,7 +725,8 @@ net::awaitable<void> Session<Protocol>::run() {
       keep_alive = false;
       server.count(Closed::kRequestLimit);
     }
-    if (!co_await dispatch(request, keep_alive) || !keep_alive) break;
+    if (!co_await dispatch(request, keep_alive)) break;
+    if (!keep_alive) co_return co_await lingeringClose();   // what a pipelining client sent after it
   }
   socket_.shutdown(net::socket_base::shutdown_both, ec);
   socket_.close(ec);

@@ -174,13 +174,28 @@ TEST_CASE("http server: a gzip bomb and a chunked bomb are refused with 413 (no 
   MESSAGE("the client sent " << sent.load() / 1024 << " KiB of the 181 MB before the agent closed");
   CHECK(sent.load() < 16u * 1024 * 1024);
 
+  // A chunk extension that never ends: bounded by the connection's buffer, not by the timeout.
+  {
+    const int ext = connectTcp(f.port);
+    REQUIRE(sendAll(ext, "POST /v1/usage HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n1;"));
+    std::thread more([ext] {
+      const std::string junk(65536, 'e');
+      for (int i = 0; i < 64 && sendAll(ext, junk); ++i) {
+      }
+    });
+    CHECK(readResponse(ext, 10s).status == 413);
+    ::shutdown(ext, SHUT_RDWR);
+    more.join();
+    ::close(ext);
+  }
+
   const long rss_after = procStatus(f.agent->pid(), "VmRSS");
   const long peak = procStatus(f.agent->pid(), "VmHWM");
   MESSAGE("agent RSS " << rss_before / 1024 << " MiB before, " << rss_after / 1024 << " MiB after, peak "
                        << peak / 1024 << " MiB");
   CHECK(rss_after - rss_before < 64 * 1024);
   if (!kSanitized) CHECK(peak < 256 * 1024);
-  CHECK(f.metric(R"(tokenfuse_http_refused_total{reason="body_too_large",status="413"})") == 2);
+  CHECK(f.metric(R"(tokenfuse_http_refused_total{reason="body_too_large",status="413"})") == 3);
 }
 
 TEST_CASE("http server: every limit is refused with its status and a JSON body naming it, and counted") {
@@ -271,6 +286,12 @@ TEST_CASE("http server: at max_connections the oldest idle connection is closed 
   CHECK(f.timedCheck() < 1s);   // served
   CHECK(peerClosed(idle[0], 2s));
   CHECK_FALSE(peerClosed(idle[1], 100ms));
+  // A burst of newcomers: each closes a different idle connection, so the count stays at the limit.
+  std::vector<int> burst;
+  for (int i = 0; i < 30; ++i) burst.push_back(connectTcp(f.port));
+  std::this_thread::sleep_for(500ms);
+  CHECK(f.metric("tokenfuse_http_connections") <= 9);   // (the scrape's own connection is one)
+  for (const int fd : burst) ::close(fd);
   for (const int fd : idle) ::close(fd);
   REQUIRE(eventually([&] { return f.metric("tokenfuse_http_connections") <= 1; }));
 
@@ -286,7 +307,7 @@ TEST_CASE("http server: at max_connections the oldest idle connection is closed 
   CHECK(r.body.find("max_connections") != std::string::npos);
   for (const int fd : busy) ::close(fd);
   REQUIRE(eventually([&] { return f.request(checkRequest()).status == 200; }));   // room again
-  CHECK(f.metric(R"(tokenfuse_http_closed_total{reason="evicted"})") == 1);
+  CHECK(f.metric(R"(tokenfuse_http_closed_total{reason="evicted"})") >= 31);
   CHECK(f.metric(R"(tokenfuse_http_refused_total{reason="over_capacity",status="503"})") >= 1);
 }
 

@@ -108,6 +108,30 @@ TEST_CASE("http::Server: a stream handler writes chunks as they come, a waiting 
   ::close(slow);
 }
 
+TEST_CASE("http::Server: a blocking handler runs off the event loop, which meanwhile answers others") {
+  http::Router routes;
+  routes.exact(
+      "GET", "/block",
+      [](const http::Request&, http::Response& res) {
+        std::this_thread::sleep_for(800ms);   // as a slow SQLite write would
+        res.body = "{}";
+      },
+      http::Router::Run::kBlocking);
+  routes.exact("GET", "/fast", [](const http::Request&, http::Response& res) { res.body = "{}"; });
+  http::Server server(std::move(routes), oneThread());
+  const int blocked = connectTcp(server.port());
+  REQUIRE(sendAll(blocked, "GET /block HTTP/1.1\r\nHost: localhost\r\n\r\n"));
+  std::this_thread::sleep_for(100ms);
+  const auto t0 = std::chrono::steady_clock::now();
+  const int fast = connectTcp(server.port());
+  REQUIRE(sendAll(fast, "GET /fast HTTP/1.1\r\nHost: localhost\r\n\r\n"));
+  CHECK(readResponse(fast, 10s).status == 200);
+  CHECK(std::chrono::steady_clock::now() - t0 < 500ms);   // not after the 800 ms of /block
+  CHECK(readResponse(blocked, 10s).status == 200);
+  ::close(fast);
+  ::close(blocked);
+}
+
 TEST_CASE("http::loopbackHost: loopback names only, and a port only if numeric") {
   for (const char* ok : {"localhost", "localhost:1", "LocalHost:65535", "127.0.0.1", "127.0.0.1:8787", "[::1]", "[::1]:80"}) {
     CAPTURE(ok);
