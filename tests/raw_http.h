@@ -139,10 +139,15 @@ inline std::string checkRequest(std::string_view host = "127.0.0.1") {
          "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
 }
 
-// Raises this process's open-file limit to its hard limit; returns the new soft limit.
-inline rlim_t raiseFileLimit() {
+// Raises this process's open-file limit (and its children's) to `want`, or as far as it may: past
+// the hard limit only as root. Returns the new soft limit.
+inline rlim_t raiseFileLimit(rlim_t want = 32768) {
   rlimit lim{};
   ::getrlimit(RLIMIT_NOFILE, &lim);
+  if (lim.rlim_max < want) {
+    const rlimit raised{want, want};
+    if (::setrlimit(RLIMIT_NOFILE, &raised) == 0) return want;
+  }
   lim.rlim_cur = lim.rlim_max;
   ::setrlimit(RLIMIT_NOFILE, &lim);
   ::getrlimit(RLIMIT_NOFILE, &lim);
