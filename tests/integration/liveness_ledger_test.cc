@@ -81,7 +81,11 @@ TEST_CASE("ledger: a writer in another pid namespace stopped between claiming a 
     ::kill(inner, SIGSTOP);
     for (int i = 0; i < 10000 && !isStopped(inner); ++i) std::this_thread::sleep_for(std::chrono::microseconds(50));
     const std::uint64_t tail = h.ledger_tail.load();
-    caught = tail > 0 && ring.state(tail - 1) == LedgerRing::State::kWriting;
+    // Half-way, and named: a writer stopped between taking its ticket and storing its client
+    // number in the slot (two instructions) cannot be judged by its lock, and is given up on after
+    // a timeout by design (docs/shm-format.md); that case is not this test's.
+    caught = tail > 0 && ring.state(tail - 1) == LedgerRing::State::kWriting &&
+             ring.at(tail - 1).writer_pid.load() != 0;
     if (caught) {
       // Well past the writer's abandon timeout, while it is stopped half-way.
       const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(600);
