@@ -410,8 +410,10 @@ class Session final : public SessionBase {
   net::awaitable<void> refuseOverCapacity();
 
   // Writes one whole response. False if the client has gone.
+  // `head_only`: the answer to HEAD, headers without the body.
   net::awaitable<bool> send(int status, std::string_view content_type, std::string_view body, bool keep_alive,
-                            const std::vector<std::pair<std::string, std::string>>& headers = {});
+                            const std::vector<std::pair<std::string, std::string>>& headers = {},
+                            bool head_only = false);
   net::awaitable<bool> writeRaw(std::string_view a, std::string_view b = {});
 
  private:
@@ -499,7 +501,8 @@ net::awaitable<bool> Session<Protocol>::writeRaw(std::string_view a, std::string
 template <typename Protocol>
 net::awaitable<bool> Session<Protocol>::send(int status, std::string_view content_type, std::string_view body,
                                              bool keep_alive,
-                                             const std::vector<std::pair<std::string, std::string>>& headers) {
+                                             const std::vector<std::pair<std::string, std::string>>& headers,
+                                             bool head_only) {
   std::string head = "HTTP/1.1 " + std::to_string(status) + " " + reasonPhrase(status) + "\r\n";
   const bool bodiless = status == 204 || status == 304 || status < 200;
   if (!bodiless) {
@@ -511,7 +514,7 @@ net::awaitable<bool> Session<Protocol>::send(int status, std::string_view conten
   if (keep_alive && http10_) head += "Connection: keep-alive\r\n";   // 1.0 closes by default
   for (const auto& [k, v] : headers) head += k + ": " + v + "\r\n";
   head += "\r\n";
-  co_return co_await writeRaw(head, bodiless ? std::string_view() : body);
+  co_return co_await writeRaw(head, bodiless || head_only ? std::string_view() : body);
 }
 
 template <typename Protocol>
@@ -555,9 +558,12 @@ net::awaitable<void> Session<Protocol>::refuseOverCapacity() {
 
 template <typename Protocol>
 net::awaitable<bool> Session<Protocol>::dispatch(Request& request, bool keep_alive) {
-  const Router::Route* route = server.router.find(request.method, request.path());
-  if (route == nullptr) {
-    co_return co_await send(404, "application/json", errorBody("not_found", "no such endpoint"), keep_alive);
+  // HEAD is GET without the body (same status and headers, Content-Length included).
+  const bool head = request.method == "HEAD";
+  const Router::Route* route = server.router.find(head ? "GET" : request.method, request.path());
+  if (route == nullptr || (head && route->stream)) {
+    co_return co_await send(404, "application/json", errorBody("not_found", "no such endpoint"), keep_alive, {},
+                            head);
   }
   server.stats.requests.fetch_add(1, std::memory_order_relaxed);
   if (route->stream) {
@@ -609,7 +615,7 @@ net::awaitable<bool> Session<Protocol>::dispatch(Request& request, bool keep_ali
   } else {
     call();
   }
-  co_return co_await send(response.status, response.content_type, response.body, keep_alive, response.headers);
+  co_return co_await send(response.status, response.content_type, response.body, keep_alive, response.headers, head);
 }
 
 template <typename Protocol>
@@ -630,6 +636,11 @@ net::awaitable<void> Session<Protocol>::run() {
       if (ec) break;
       buffer_.commit(n);
     }
+    // Empty lines before a request line are to be ignored (RFC 9112, 2.2); the parser does not.
+    while (buffer_.size() >= 2 && std::string_view(static_cast<const char*>(buffer_.data().data()), 2) == "\r\n") {
+      buffer_.consume(2);
+    }
+    if (buffer_.size() == 0) continue;
 
     // The request line and headers, within header_timeout of their first byte (slowloris).
     bhttp::request_parser<bhttp::string_body> parser;

@@ -65,8 +65,9 @@ struct RawResponse {
   bool closed = false;   // the server closed the connection after it
 };
 
-// Reads one response (Content-Length or chunked) within `timeout`. Bytes after it stay in *rest.
-inline RawResponse readResponse(int fd, std::chrono::milliseconds timeout, std::string* rest) {
+// Reads one response (Content-Length or chunked; none after HEAD) within `timeout`. Bytes after
+// it stay in *rest.
+inline RawResponse readResponse(int fd, std::chrono::milliseconds timeout, std::string* rest, bool head = false) {
   RawResponse r;
   std::string& buf = *rest;
   const auto deadline = std::chrono::steady_clock::now() + timeout;
@@ -93,7 +94,7 @@ inline RawResponse readResponse(int fd, std::chrono::milliseconds timeout, std::
   r.status = std::atoi(r.head.c_str() + 9);
   std::string lower = r.head;
   for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  if (r.status == 100 || r.status == 204) return r;
+  if (head || r.status == 100 || r.status == 204) return r;
   if (lower.find("transfer-encoding: chunked") != std::string::npos) {
     for (;;) {
       std::size_t eol;

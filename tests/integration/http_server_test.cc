@@ -311,7 +311,7 @@ TEST_CASE("http server: at max_connections the oldest idle connection is closed 
   CHECK(f.metric(R"(tokenfuse_http_refused_total{reason="over_capacity",status="503"})") >= 1);
 }
 
-TEST_CASE("http server: keep-alive, pipelining, Expect: 100-continue and the Unix socket") {
+TEST_CASE("http server: keep-alive, pipelining, HEAD, Expect: 100-continue and the Unix socket") {
   TempDir sock_dir;
   const std::string sock = sock_dir.path + "/api.sock";
   ServerFixture f("pipeline", "unix_socket = \"" + sock + "\"\n");
@@ -327,6 +327,16 @@ TEST_CASE("http server: keep-alive, pipelining, Expect: 100-continue and the Uni
   const RawResponse tenant = readResponse(fd, 10s, &rest);
   CHECK(tenant.status == 200);
   CHECK(tenant.body.find(R"("used_usd":"0.005000")") != std::string::npos);
+
+  // HEAD: the headers of GET, no body; empty lines before a request line are skipped.
+  REQUIRE(sendAll(fd, "HEAD /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n\r\n\r\nGET /healthz HTTP/1.1\r\n"
+                      "Host: localhost\r\n\r\n"));
+  const RawResponse head = readResponse(fd, 10s, &rest, true);
+  CHECK(head.status == 200);
+  CHECK(head.head.find("Content-Length: ") != std::string::npos);
+  const RawResponse get = readResponse(fd, 10s, &rest);
+  CHECK(get.status == 200);
+  CHECK(get.body.find(R"("status":"ok")") != std::string::npos);
 
   // Expect: 100-continue: the go-ahead, then the answer; a body over the limit is refused first.
   const std::string body = R"({"project_id":"acme","model":"gpt-4o"})";
