@@ -417,7 +417,9 @@ class Session final : public SessionBase {
   net::awaitable<bool> writeRaw(std::string_view a, std::string_view b = {});
 
  private:
-  net::awaitable<void> refuse(Refusal why, std::string_view message, std::string_view field = {});
+  // Answers `why` and closes, after reading what the client still sends for up to `linger`.
+  net::awaitable<void> refuse(Refusal why, std::string_view message, std::string_view field = {},
+                              std::chrono::milliseconds linger = std::chrono::seconds(1));
   net::awaitable<void> refuseTooLarge(const char* when) {
     co_await refuse(Refusal::kBodyTooLarge, "the body is larger than the limit (" +
                                                 std::to_string(server.limits.max_body_bytes) + " bytes)" + when);
@@ -534,7 +536,8 @@ net::awaitable<void> Session<Protocol>::lingeringClose(std::chrono::milliseconds
 }
 
 template <typename Protocol>
-net::awaitable<void> Session<Protocol>::refuse(Refusal why, std::string_view message, std::string_view field) {
+net::awaitable<void> Session<Protocol>::refuse(Refusal why, std::string_view message, std::string_view field,
+                                               std::chrono::milliseconds linger) {
   server.count(why);
   const int status = statusOf(why);
   const char* error = status == 408   ? "timeout"
@@ -543,17 +546,15 @@ net::awaitable<void> Session<Protocol>::refuse(Refusal why, std::string_view mes
                       : status == 431 ? "headers_too_large"
                       : status == 503 ? "unavailable"
                                       : "bad_request";
-  if (co_await send(status, "application/json", errorBody(error, message, field), false)) {
-    // Over capacity: the connection must not hold a descriptor for long.
-    co_await lingeringClose(why == Refusal::kOverCapacity ? std::chrono::milliseconds(100) : std::chrono::seconds(1));
-  }
+  if (co_await send(status, "application/json", errorBody(error, message, field), false)) co_await lingeringClose(linger);
 }
 
 template <typename Protocol>
 net::awaitable<void> Session<Protocol>::refuseOverCapacity() {
   co_await refuse(Refusal::kOverCapacity,
                   "the agent has max_connections (" + std::to_string(server.limits.max_connections) +
-                      ") connections open and none of them idle; retry shortly");
+                      ") connections open and none of them idle; retry shortly",
+                  {}, std::chrono::milliseconds(100));   // over capacity: no descriptor held for long
 }
 
 template <typename Protocol>
@@ -565,7 +566,6 @@ net::awaitable<bool> Session<Protocol>::dispatch(Request& request, bool keep_ali
     co_return co_await send(404, "application/json", errorBody("not_found", "no such endpoint"), keep_alive, {},
                             head);
   }
-  server.stats.requests.fetch_add(1, std::memory_order_relaxed);
   if (route->stream) {
     ChunkedStream<Protocol> out(*this, keep_alive);
     bool failed = false;

@@ -130,7 +130,6 @@ const char* nameOf(Closed c) noexcept;
 struct ServerStats {
   std::atomic<std::uint64_t> open{0};       // connections open now
   std::atomic<std::uint64_t> accepted{0};   // since start
-  std::atomic<std::uint64_t> requests{0};   // handed to a handler
   std::atomic<std::uint64_t> refused[static_cast<std::size_t>(Refusal::kCount)] = {};
   std::atomic<std::uint64_t> closed[static_cast<std::size_t>(Closed::kCount)] = {};
 };

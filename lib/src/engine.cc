@@ -146,6 +146,13 @@ bool Engine::killed() const noexcept {
   return expires == 0 || h_.clock_unix_ns.load(kRelaxed) < expires;
 }
 
+// Returns `amount` held on the first `n` layers, newest first.
+void Engine::unhold(const Layers& layers, std::uint32_t n, std::int64_t amount) noexcept {
+  for (std::uint32_t j = n; j-- > 0;) {
+    if (layers.at[j] != nullptr) layers.at[j]->spend.add(shm::wrapNeg(amount), 0);
+  }
+}
+
 Price Engine::price(const CallSite& site) const noexcept {
   if (site.free_model) return {};
   if (site.model >= 0 && static_cast<std::uint32_t>(site.model) < models_.capacity()) {
@@ -312,11 +319,7 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
   Decision d;
   d.cost = *estimate;
   const Layers layers = layersOf(site.run, site.tenant);
-  auto undo = [&](std::uint32_t held_layers) noexcept {
-    for (std::uint32_t j = held_layers; j-- > 0;) {
-      if (layers.at[j] != nullptr) layers.at[j]->spend.add(shm::wrapNeg(estimate->count()), 0);
-    }
-  };
+  auto undo = [&](std::uint32_t held_layers) noexcept { unhold(layers, held_layers, estimate->count()); };
   for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
     Counters* c = layers.at[i];
     // Free models skip the money layers. A paid call estimated at zero is still refused by a
@@ -499,11 +502,7 @@ Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t mo
     const std::int64_t delta = shm::wrapSub(consumed->count(), held);
     s.charge_target.store(consumed->count(), kRelaxed);
     const Layers layers = layersOf(s.run.load(kRelaxed), s.tenant.load(kRelaxed));
-    auto undo = [&](std::uint32_t grown) noexcept {
-      for (std::uint32_t j = grown; j-- > 0;) {
-        if (layers.at[j] != nullptr) layers.at[j]->spend.add(shm::wrapNeg(delta), 0);
-      }
-    };
+    auto undo = [&](std::uint32_t grown) noexcept { unhold(layers, grown, delta); };
     for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
       Counters* c = layers.at[i];
       if (c == nullptr || tryHold(*c, delta, &d)) continue;

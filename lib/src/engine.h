@@ -49,6 +49,7 @@ class Engine {
     shm::Counters* at[shm::kLayerCount];
   };
   Layers layersOf(std::int32_t run, std::int32_t tenant) const noexcept;
+  static void unhold(const Layers& layers, std::uint32_t n, std::int64_t amount) noexcept;
   BudgetView view(const shm::Counters* c, std::int64_t default_limit) const;
   int claimSlot(std::uint32_t client, std::uint64_t* word) noexcept;
   // Counts a refusal (E-BUDGET-001 .. -004) in the region's statistics; returns `code`.

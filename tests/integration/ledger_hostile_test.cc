@@ -73,6 +73,15 @@ struct Acked {
   std::string project;
 };
 
+// Records `n` calls of `project`, each of which must be booked, and keeps what was acknowledged.
+void recordAll(Client& client, int n, const char* project, std::vector<Acked>* acked) {
+  for (int i = 0; i < n; ++i) {
+    const Decision d = client.record(usage(project));
+    REQUIRE_MESSAGE(d.allowed(), d.errorCode());
+    acked->push_back({d.ledger_seq, project});
+  }
+}
+
 void checkAllInLedger(const std::string& db_path, const std::vector<Acked>& acked) {
   const auto rows = ledgerRows(db_path);
   std::size_t missing = 0, wrong = 0;
@@ -96,11 +105,7 @@ TEST_CASE("hostile region: ledger_tail moved back by one never hangs an app, and
   auto agent = f.start();
   auto client = f.waitForRegion(agent->pid());
   std::vector<Acked> acked;
-  for (int i = 0; i < 10; ++i) {
-    const Decision d = client->record(usage("before"));
-    REQUIRE(d.allowed());
-    acked.push_back({d.ledger_seq, "before"});
-  }
+  recordAll(*client, 10, "before", &acked);
   REQUIRE(client->waitDurable(acked.back().seq, 10000));
   auto region = hostileMapping(f.shm);
   region->header().ledger_tail.fetch_sub(1);
@@ -123,11 +128,7 @@ TEST_CASE("hostile region: ledger_tail moved back by one never hangs an app, and
   region->header().ledger_tail.fetch_sub(1);
   agent = f.start();
   client = f.waitForRegion(agent->pid());
-  for (int i = 0; i < 10; ++i) {
-    const Decision d = client->record(usage("after"));
-    REQUIRE_MESSAGE(d.allowed(), d.errorCode());
-    acked.push_back({d.ledger_seq, "after"});
-  }
+  recordAll(*client, 10, "after", &acked);
   REQUIRE(client->waitDurable(acked.back().seq, 10000));
   agent->signal(SIGTERM);
   REQUIRE(agent->wait() == 0);
@@ -167,21 +168,13 @@ TEST_CASE("hostile region: ledger_head moved back by one never wedges the ledger
   auto agent = f.start();
   auto client = f.waitForRegion(agent->pid());
   std::vector<Acked> acked;
-  for (int i = 0; i < 5; ++i) {
-    const Decision d = client->record(usage("before"));
-    REQUIRE(d.allowed());
-    acked.push_back({d.ledger_seq, "before"});
-  }
+  recordAll(*client, 5, "before", &acked);
   REQUIRE(client->waitDurable(acked.back().seq, 10000));
   auto region = hostileMapping(f.shm);
   region->header().ledger_head.fetch_sub(1);
   // Longer than the agent waits for a slot with no writer (5 s).
   std::this_thread::sleep_for(std::chrono::milliseconds(6500));
-  for (int i = 0; i < 5; ++i) {
-    const Decision d = client->record(usage("after"));
-    REQUIRE(d.allowed());
-    acked.push_back({d.ledger_seq, "after"});
-  }
+  recordAll(*client, 5, "after", &acked);
   const std::string db = f.dir.path + "/state/ledger.db";
   CHECK(eventually([&] { return count(db, "SELECT COUNT(*) FROM budget_ledger") == 10; }));
   agent->signal(SIGTERM);
@@ -235,11 +228,7 @@ TEST_CASE("hostile region: ledger_head moved forward by 5000 skips no acknowledg
   REQUIRE(client->waitDurable(1, 10000));
   std::vector<Acked> acked;
   agent->signal(SIGSTOP);   // so the entries wait in the ring while the head moves
-  for (int i = 0; i < 20; ++i) {
-    const Decision d = client->record(usage("acked"));
-    REQUIRE(d.allowed());
-    acked.push_back({d.ledger_seq, "acked"});
-  }
+  recordAll(*client, 20, "acked", &acked);
   auto region = hostileMapping(f.shm);
   region->header().ledger_head.fetch_add(5000);
   agent->signal(SIGCONT);
@@ -309,11 +298,7 @@ TEST_CASE("files: rm ledger.db while the agent runs loses no acknowledged entry 
   std::string out;
   REQUIRE(f.cli({"limit", "set", "acme", "5", "--data-dir", data_dir}, &out) == 0);
   std::vector<Acked> acked;
-  for (int i = 0; i < 5; ++i) {
-    const Decision d = client->record(usage("acme"));
-    REQUIRE(d.allowed());
-    acked.push_back({d.ledger_seq, "acme"});
-  }
+  recordAll(*client, 5, "acme", &acked);
   REQUIRE(client->waitDurable(acked.back().seq, 10000));
   const std::string db = data_dir + "/ledger.db";
   REQUIRE(std::filesystem::remove(db));
