@@ -47,7 +47,8 @@ Agent::Agent(Config config, Options options)
         } catch (const std::invalid_argument& e) {
           throw AgentConfigError(std::string("agent.timezone: ") + e.what());
         }
-      }()) {
+      }()),
+      windows_(config_.timezone) {   // the zone was checked just above
   lockDataDir();
   try {
     ledger_file_ = std::make_unique<LedgerFile>(ledgerPath());   // before SQLite: it creates the file 0600
@@ -138,7 +139,7 @@ void Agent::openRegion(bool recreate) {
   const std::uint64_t ledger_seq = ledger_->durableHead();
   const RegionSpec spec{config_.shm_name,         config_.tenant_capacity, config_.run_capacity,
                         config_.model_capacity,   config_.reservation_capacity, 0660,
-                        config_.ledger_capacity, ledger_seq};
+                        config_.ledger_capacity, ledger_seq,      config_.rule_capacity};
   AttachFailure why = AttachFailure::kNone;
   Status s = Region::attach(spec.shm_name, &region_, /*own=*/true, &why);
   if (const std::uint64_t tail = s.ok() ? region_->header().ledger_tail.load() : ledger_seq; tail < ledger_seq) {
@@ -343,6 +344,7 @@ void Agent::applyConfig() {
 
   // The kill switch: the admin API's, while it lasts; else the config file's.
   const std::int64_t now = toUnixNs(clock_());
+  applyRules(now);
   const std::optional<StoredKill> saved = settings_->storedKill();
   if (saved && saved->active && (saved->expires_unix_ns == 0 || saved->expires_unix_ns > now)) {
     a.setKill(saved->reason, saved->since_unix_ns, saved->expires_unix_ns);
@@ -362,6 +364,39 @@ void Agent::applyConfig() {
              {"admin_limit_overrides", overrides.size()},
              {"models", config_.prices.size()},
              {"timezone", days_.zone()}});
+}
+
+void Agent::applyRules(std::int64_t now_ns) {
+  std::vector<WindowSpan> spans;
+  for (const RuleSpec& r : config_.rules) spans.push_back(windows_.at(r.window, now_ns));
+  if (Status s = admin_->setRules(config_.rules, spans, &rule_index_); !s.ok()) {
+    // Too many keys for the table, or no definition free (a region full of retired rules):
+    // logged, never fatal; the rules that could not count a key refuse it.
+    log::error("rules_not_all_applied", {{"error", s.message()}});
+  }
+  log::info("rules_applied", {{"rules", config_.rules.size()}});
+}
+
+void Agent::rollRules(std::int64_t now_ns) {
+  RegionAdmin& a = *admin_;
+  if (const std::int32_t day = a.day(); day != day_end_for_) {
+    a.setDayEnd(toUnixNs(days_.startOf(day + 1)));
+    day_end_for_ = day;
+  }
+  const shm::Header& h = a.header();
+  for (std::size_t i = 0; i < rule_index_.size() && i < config_.rules.size(); ++i) {
+    const RuleSpec& r = config_.rules[i];
+    if (r.window.kind == WindowKind::kAllTime) continue;
+    const shm::RuleDef& d = h.rules[rule_index_[i]];
+    const std::int64_t end = d.window_end_ns.load(std::memory_order_relaxed);
+    const std::int64_t start = d.window_start_ns.load(std::memory_order_relaxed);
+    // Ended, or (a clock stepped back, a word written from outside) not containing now at all.
+    if (now_ns < end && now_ns >= start) continue;
+    const WindowSpan w = windows_.at(r.window, now_ns);
+    a.rollRule(rule_index_[i], w.start_ns, w.end_ns);
+    log::info("rule_window_rollover", {{"rule", r.name}, {"window", windowName(r.window.kind)},
+                                       {"start_unix_ns", w.start_ns}, {"end_unix_ns", w.end_ns}});
+  }
 }
 
 void Agent::tick() {
@@ -437,6 +472,7 @@ void Agent::tick() {
   } else {
     behind_since_ns_ = kNotBehind;
   }
+  rollRules(ns);
   try {
     alerter_->scan();
   } catch (const std::exception& e) {   // an alert is never worth stopping the tick

@@ -9,6 +9,7 @@
 #include "alerts.h"
 #include "capacity.h"
 #include "central.h"
+#include "calendar_window.h"
 #include "config.h"
 #include "day_clock.h"
 #include "ledger.h"
@@ -113,10 +114,18 @@ class Agent {
   // Waits (briefly) until the ledger writer has made every entry before `target` durable.
   bool drainLedgerTo(std::uint64_t target);
   void resyncStatsFromLedger();
+  // Puts the config's [[rules]] in the region (start-up). Never fails for capacity: it logs.
+  void applyRules(std::int64_t now_ns);
+  // Every tick: starts the next window of each rule whose window has ended, and keeps the
+  // region's end of the budget day current.
+  void rollRules(std::int64_t now_ns);
 
   Config config_;
   Clock clock_;
   DayClock days_;
+  CalendarWindows windows_;                // the same zone, for rules
+  std::vector<std::uint32_t> rule_index_;  // config_.rules[i]'s definition in the region
+  std::int32_t day_end_for_ = INT32_MIN;   // the budget day whose end the region was given
   int data_dir_lock_ = -1;
   std::unique_ptr<LedgerFile> ledger_file_;   // which file ledger.db is; checked by the writer
   std::unique_ptr<Ledger> ledger_;         // the ledger writer's connection

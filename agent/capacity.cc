@@ -51,7 +51,7 @@ void LeftOut::log(std::string_view phase) const {
 
 void checkRegionFits(const Config& c) {
   const RegionSpec spec{c.shm_name, c.tenant_capacity, c.run_capacity, c.model_capacity, c.reservation_capacity,
-                        0660, c.ledger_capacity, 0};
+                        0660, c.ledger_capacity, 0, c.rule_capacity};
   const std::uint64_t need = regionBytes(spec);
   // The region's pages all become resident when it is created (every slot is constructed), and
   // tmpfs pages cannot be swapped out without swap: the applications, SQLite's page cache and the

@@ -153,6 +153,124 @@ AlertsConfig::Thresholds thresholds(const toml::node& n, const std::string& orig
   return out;
 }
 
+constexpr std::size_t kMaxRules = 32;
+
+// A rule's limit in its metric's unit: money written as in [budgets] (nano-USD) for usd, a whole
+// number for the others; "unlimited" is nullopt for every metric, so that `keys` can exempt a key.
+std::optional<std::int64_t> getRuleLimit(const toml::node& n, RuleMetric metric, const std::string& origin,
+                                         const std::string& key) {
+  if (metric == RuleMetric::kUsd) {
+    const std::optional<NanoUsd> usd = getMoney(n, origin, key, true);
+    return usd ? std::optional(usd->count()) : std::nullopt;
+  }
+  if (n.is_string() && n.as_string()->get() == "unlimited") return std::nullopt;
+  const char* unit = metric == RuleMetric::kRequests      ? "requests"
+                     : metric == RuleMetric::kConcurrency ? "calls in flight"
+                                                          : "tokens";
+  if (!n.is_integer()) {
+    fail(origin, key, std::string("must be a whole number of ") + unit + ", such as 1000 (or \"unlimited\")");
+  }
+  const std::int64_t v = n.as_integer()->get();
+  if (v < 0) fail(origin, key, "must not be negative");
+  return v;
+}
+
+// What a rule's keys are, for messages about them.
+const char* keyKind(RuleScope scope) {
+  switch (scope) {
+    case RuleScope::kTenant: return "a project_id";
+    case RuleScope::kRun: return "a run_id";
+    case RuleScope::kAgent: return "an agent_id";
+    case RuleScope::kModel: return "a model name";
+    case RuleScope::kTag: return "a tag";
+    default: return "a key";
+  }
+}
+
+// One [[rules]] table. Every message names the rule by its place in the file and its name,
+// rules[2] ("tenant-monthly").window, since a file may hold many rules that differ in one key.
+RuleSpec readRule(const toml::node& n, std::size_t index, const std::string& origin) {
+  std::string key = "rules[" + std::to_string(index) + "]";
+  const toml::table* t = n.as_table();
+  if (t == nullptr) fail(origin, key, "must be a table");
+  RuleSpec r;
+  if (t->get("name") == nullptr) {
+    fail(origin, key + ".name", "is missing (every rule needs one, e.g. name = \"tenant-monthly\")");
+  }
+  r.name = getString(*t, "name", origin, key + ".name", "");
+  if (auto p = ruleNameProblem(r.name); !p.empty()) fail(origin, key + ".name", p);
+  key += " (\"" + r.name + "\").";
+  rejectUnknown(*t, origin, key,
+                {"name", "scope", "match", "window", "week_start", "metric", "limit", "host_only", "keys"});
+
+  if (t->get("scope") == nullptr) {
+    fail(origin, key + "scope", "is missing: one of platform, tenant, run, agent, model, tag, tenant+model, tenant+agent");
+  }
+  const auto scope = parseScope(getString(*t, "scope", origin, key + "scope", ""));
+  if (!scope) {
+    fail(origin, key + "scope", "must be one of platform, tenant, run, agent, model, tag, tenant+model, tenant+agent");
+  }
+  r.scope = *scope;
+
+  const auto metric = parseMetric(getString(*t, "metric", origin, key + "metric", "usd"));
+  if (!metric) {
+    fail(origin, key + "metric", "must be one of usd, tokens, prompt_tokens, completion_tokens, requests, concurrency");
+  }
+  r.metric = *metric;
+
+  if (r.metric == RuleMetric::kConcurrency) {
+    // Calls in flight are a level, not a sum over time: no boundary ever resets them.
+    if (t->get("window") != nullptr) {
+      fail(origin, key + "window", "must not be given for metric concurrency (it has no window)");
+    }
+    r.window.kind = WindowKind::kAllTime;
+  } else {
+    if (t->get("window") == nullptr) {
+      fail(origin, key + "window", "is missing: one of minute, hour, day, week, month, all-time");
+    }
+    const auto window = parseWindow(getString(*t, "window", origin, key + "window", ""));
+    if (!window) fail(origin, key + "window", "must be one of minute, hour, day, week, month, all-time");
+    r.window.kind = *window;
+  }
+  if (t->get("week_start") != nullptr) {
+    if (r.window.kind != WindowKind::kWeek) fail(origin, key + "week_start", "is only for window = \"week\"");
+    const auto day = parseWeekday(getString(*t, "week_start", origin, key + "week_start", ""));
+    if (!day) fail(origin, key + "week_start", "must be a day from sunday to saturday (lower case)");
+    r.window.week_start = *day;
+  }
+
+  if (t->get("match") != nullptr) {
+    if (r.scope == RuleScope::kPlatform) {
+      fail(origin, key + "match", "is not for scope platform, which counts every call in one counter");
+    }
+    r.match = getString(*t, "match", origin, key + "match", "");
+    if (auto p = ruleMatchProblem(r.match); !p.empty()) fail(origin, key + "match", p);
+  }
+
+  if (const toml::node* l = t->get("limit")) r.limit = getRuleLimit(*l, r.metric, origin, key + "limit");
+
+  if (const toml::table* k = subtable(*t, "keys", origin, key)) {
+    if (r.scope == RuleScope::kPlatform) {
+      fail(origin, key + "keys", "is not for scope platform, which has one counter: use limit");
+    }
+    if (r.scope == RuleScope::kTenantModel || r.scope == RuleScope::kTenantAgent) {
+      fail(origin, key + "keys",
+           "is not for scope " + std::string(scopeName(r.scope)) + ": use match to choose the " +
+               (r.scope == RuleScope::kTenantModel ? "model" : "agent") + " and limit for every tenant");
+    }
+    forEachId(k, origin, key + "keys.", keyKind(r.scope),
+              [&](const std::string& id, const toml::node& v, const std::string& entry_key) {
+                r.keys[id] = getRuleLimit(v, r.metric, origin, entry_key);
+              });
+  }
+
+  if (const toml::node* h = t->get("host_only")) {
+    if (!h->is_boolean()) fail(origin, key + "host_only", "must be true or false");
+    r.host_only = h->as_boolean()->get();
+  }
+  return r;
+}
+
 }  // namespace
 
 const AlertsConfig::Thresholds& AlertsConfig::thresholdsFor(std::string_view scope, std::string_view id) const {
@@ -187,7 +305,7 @@ Config parseConfig(const std::string& text, const std::string& origin) {
   }
   Config c = defaultConfig();
   rejectUnknown(root, origin, "",
-                {"agent", "region", "ledger", "http", "budgets", "kill_switch", "prices", "central", "alerts"});
+                {"agent", "region", "ledger", "http", "budgets", "kill_switch", "prices", "central", "alerts", "rules"});
   if (const toml::table* h = subtable(root, "http", origin, "")) {
     rejectUnknown(*h, origin, "http.",
                   {"listen", "admin_token_file", "unix_socket", "threads", "max_connections",
@@ -236,8 +354,10 @@ Config parseConfig(const std::string& text, const std::string& origin) {
 
   if (const toml::table* r = subtable(root, "region", origin, "")) {
     rejectUnknown(*r, origin, "region.",
-                  {"tenant_capacity", "run_capacity", "model_capacity", "reservation_capacity", "ledger_capacity"});
+                  {"tenant_capacity", "run_capacity", "model_capacity", "reservation_capacity", "ledger_capacity",
+                   "rule_capacity"});
     c.ledger_capacity = getCapacity(*r, "ledger_capacity", origin, c.ledger_capacity);
+    c.rule_capacity = getCapacity(*r, "rule_capacity", origin, c.rule_capacity);
     c.tenant_capacity = getCapacity(*r, "tenant_capacity", origin, c.tenant_capacity);
     c.run_capacity = getCapacity(*r, "run_capacity", origin, c.run_capacity);
     c.model_capacity = getCapacity(*r, "model_capacity", origin, c.model_capacity);
@@ -377,6 +497,24 @@ Config parseConfig(const std::string& text, const std::string& origin) {
         }
         a.notifiers.push_back(std::move(nc));
       }
+    }
+  }
+  if (const toml::node* rn = root.get("rules")) {
+    const toml::array* arr = rn->as_array();
+    if (arr == nullptr) fail(origin, "rules", "must be a list of [[rules]] tables");
+    if (arr->size() > kMaxRules) {
+      fail(origin, "rules", "at most " + std::to_string(kMaxRules) + " rules are allowed; this file has " +
+                                std::to_string(arr->size()));
+    }
+    for (std::size_t i = 0; i < arr->size(); ++i) {
+      RuleSpec r = readRule(*arr->get(i), i, origin);
+      for (std::size_t j = 0; j < c.rules.size(); ++j) {
+        if (c.rules[j].name == r.name) {
+          fail(origin, "rules[" + std::to_string(i) + "] (\"" + r.name + "\").name",
+               "is already the name of rules[" + std::to_string(j) + "]; names must be unique");
+        }
+      }
+      c.rules.push_back(std::move(r));
     }
   }
   return c;

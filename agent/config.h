@@ -4,6 +4,8 @@
 // never silently ignored.
 #pragma once
 
+#include "rules.h"
+
 #include <tokenfuse/money.hpp>
 
 #include <cstdint>
@@ -81,6 +83,7 @@ struct Config {
   std::uint32_t model_capacity = 1024;
   std::uint32_t reservation_capacity = 16384;
   std::uint32_t ledger_capacity = 16384;   // ring slots between applications and SQLite
+  std::uint32_t rule_capacity = 16384;     // counters of [[rules]], one per rule and key
 
   // [http]
   std::string http_host = "127.0.0.1";   // loopback unless configured otherwise
@@ -123,6 +126,9 @@ struct Config {
 
   // [alerts]
   AlertsConfig alerts;
+
+  // Budget rules beside the three built-in layers, in the file's order (docs/rules.md).
+  std::vector<RuleSpec> rules;  // [[rules]]
 };
 
 // The defaults, including the reference's price table.

@@ -41,17 +41,20 @@ std::vector<HoldCorrection> RegionAdmin::reconcileHolds() {
   const Geometry& g = region_.geometry();   // copied at attach: the header's words may lie
   const std::uint32_t tenants = g.tenant_capacity;
   const std::uint32_t runs = g.run_capacity;
-  // Layer k: 0 the platform, 1 + i tenant slot i, 1 + tenants + i run slot i.
-  const std::size_t n = 1 + std::size_t{tenants} + runs;
+  // Layer k: 0 the platform, 1 + i tenant slot i, 1 + tenants + i run slot i, then rule counter
+  // i at rules_base + i.
+  const std::size_t rules_base = 1 + std::size_t{tenants} + runs;
+  const std::size_t n = rules_base + g.rule_capacity;
   auto counters = [&](std::size_t k) -> shm::Counters& {
     if (k == 0) return h.platform;
+    if (k >= rules_base) return region_.ruleSlots()[k - rules_base].c;
     return k <= tenants ? region_.tenants()[k - 1].c : region_.runs()[k - 1 - tenants].c;
   };
-  auto ready = [&](std::size_t k) {
-    if (k == 0) return true;
-    const shm::KeyHeader& key = k <= tenants ? region_.tenants()[k - 1].k : region_.runs()[k - 1 - tenants].k;
-    return shm::keyState(key.word.load(kAcquire)) == shm::kKeyReady;
+  auto keyWord = [&](std::size_t k) -> const std::atomic<std::uint64_t>& {
+    if (k >= rules_base) return region_.ruleSlots()[k - rules_base].k.word;
+    return k <= tenants ? region_.tenants()[k - 1].k.word : region_.runs()[k - 1 - tenants].k.word;
   };
+  auto ready = [&](std::size_t k) { return k == 0 || shm::keyState(keyWord(k).load(kAcquire)) == shm::kKeyReady; };
   if (last_difference_.size() != n) last_difference_.assign(n, 0);
 
   std::vector<std::int64_t> before(n);
@@ -69,21 +72,31 @@ std::vector<HoldCorrection> RegionAdmin::reconcileHolds() {
     const std::int64_t target = s.charge_target.load(kRelaxed);
     const std::int32_t run = s.run.load(kRelaxed);
     const std::int32_t tenant = s.tenant.load(kRelaxed);
+    // The rule counters it holds on, each with its own hold and target.
+    const std::uint32_t rule_holds = std::min(s.rule_holds.load(kRelaxed), shm::kMaxRuleHolds);
+    std::size_t rule_layer[shm::kMaxRuleHolds];
+    Range rule_range[shm::kMaxRuleHolds];
+    for (std::uint32_t j = 0; j < rule_holds; ++j) {
+      const std::int32_t slot = s.rules[j].slot.load(kRelaxed);
+      rule_layer[j] = slot >= 0 && static_cast<std::uint32_t>(slot) < g.rule_capacity ? rules_base + static_cast<std::size_t>(slot) : n;
+      rule_range[j] = heldOn(st, p, s.rules[j].held.load(kRelaxed), s.rules[j].target.load(kRelaxed));
+    }
     const bool stable = s.word.load(kAcquire) == w;   // the fields above belong to that word
     const std::size_t layer[shm::kLayerCount] = {
         run >= 0 && static_cast<std::uint32_t>(run) < runs ? 1 + std::size_t{tenants} + static_cast<std::size_t>(run) : n,
         tenant >= 0 && static_cast<std::uint32_t>(tenant) < tenants ? 1 + static_cast<std::size_t>(tenant) : n, 0};
     const Range r = heldOn(st, p, held, target);
-    for (std::uint32_t j = 0; j < shm::kLayerCount; ++j) {
-      const std::size_t k = layer[j];
-      if (k == n) continue;
+    auto expect = [&](std::size_t k, Range range) {
+      if (k == n) return;
       if (!stable) {
         moved[k] = true;
-        continue;
+        return;
       }
-      expected[k].lo = shm::wrapAdd(expected[k].lo, r.lo);
-      expected[k].hi = shm::wrapAdd(expected[k].hi, r.hi);
-    }
+      expected[k].lo = shm::wrapAdd(expected[k].lo, range.lo);
+      expected[k].hi = shm::wrapAdd(expected[k].hi, range.hi);
+    };
+    for (std::uint32_t j = 0; j < shm::kLayerCount; ++j) expect(layer[j], r);
+    for (std::uint32_t j = 0; j < rule_holds; ++j) expect(rule_layer[j], rule_range[j]);
   }
 
   std::vector<HoldCorrection> corrections;
@@ -105,7 +118,10 @@ std::vector<HoldCorrection> RegionAdmin::reconcileHolds() {
     h.stats.holds_reconciled.fetch_add(1, kRelaxed);
     HoldCorrection& c = corrections.emplace_back();
     c.difference = difference;
-    if (k > 0) {
+    if (k >= rules_base) {
+      c.layer = "rule";
+      c.id = ruleCounterName(region_.header(), keyOf(region_.ruleSlots()[k - rules_base].k));
+    } else if (k > 0) {
       const shm::KeyHeader& key = k <= tenants ? region_.tenants()[k - 1].k : region_.runs()[k - 1 - tenants].k;
       c.layer = k <= tenants ? "tenant" : "run";
       c.id.assign(key.key, std::min<std::size_t>(key.key_len, shm::kKeyMax));

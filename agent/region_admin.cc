@@ -4,6 +4,7 @@
 #include "client_lock.h"
 #include "ids.h"
 #include "proc.h"
+#include "rule_match.h"
 
 #include <unordered_map>
 
@@ -61,7 +62,38 @@ void addCounts(shm::Counters& c, std::int64_t prompt, std::int64_t completion) n
   c.calls.store(shm::wrapAdd(c.calls.load(kRelaxed), 1), kRelaxed);
 }
 
+// The immutable part of a definition: a live rule with the same keeps its index and counters.
+bool sameShape(const shm::RuleDef& d, const RuleSpec& r, const std::string& match, bool prefix) {
+  return std::string_view(d.name, std::min<std::size_t>(d.name_len, sizeof d.name)) == r.name &&
+         d.scope == static_cast<std::uint8_t>(r.scope) && d.metric == static_cast<std::uint8_t>(r.metric) &&
+         std::string_view(d.match, std::min<std::size_t>(d.match_len, sizeof d.match)) == match &&
+         (d.match_prefix != 0) == prefix && (d.has_window != 0) == (r.window.kind != WindowKind::kAllTime);
+}
+
 }  // namespace
+
+static_assert(static_cast<int>(RuleScope::kTenantAgent) == shm::kScopeTenantAgent &&
+              static_cast<int>(RuleScope::kTag) == shm::kScopeTag && static_cast<int>(RuleScope::kRun) == shm::kScopeRun);
+static_assert(static_cast<int>(RuleMetric::kConcurrency) == shm::kMetricConcurrency &&
+              static_cast<int>(RuleMetric::kRequests) == shm::kMetricRequests);
+
+std::string ruleCounterName(const shm::Header& h, std::string_view key) {
+  RuleKey k;
+  if (!parseRuleKey(key, &k)) return "(not a rule counter)";
+  const shm::RuleDef& d = h.rules[k.rule];
+  std::string out(d.name, std::min<std::size_t>(d.name_len, sizeof d.name));
+  out += ':';
+  if (d.match_prefix != 0) {
+    out.append(d.match, std::min<std::size_t>(d.match_len, sizeof d.match));
+    out += '*';
+  }
+  out += k.first;
+  if (d.scope == shm::kScopeTenantModel || d.scope == shm::kScopeTenantAgent) {
+    out += '/';
+    out += k.second;
+  }
+  return out;
+}
 
 RegionAdmin::RegionAdmin(Region& region) : region_(region), engine_(region, /*agent=*/true) {}
 
@@ -313,6 +345,18 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
     for (std::uint32_t j = 0; j < shm::kLayerCount; ++j) {
       if (layers[j] != nullptr && give_back != 0) layers[j]->spend.add(shm::wrapNeg(give_back), 0);
     }
+    // The rule counters, by the same rules, each with its own hold and target.
+    const std::uint32_t rules = std::min(s.rule_holds.load(kRelaxed), shm::kMaxRuleHolds);
+    for (std::uint32_t j = 0; j < rules; ++j) {
+      shm::ReservationSlot::RuleHold& r = s.rules[j];
+      shm::Counters* c = region_.ruleCounters(r.slot.load(kRelaxed));
+      if (c == nullptr) continue;
+      std::int64_t back = 0;
+      if (st == shm::kResActive) back = r.held.load(kRelaxed);
+      if (st == shm::kResCharging) back = (p == shm::kChargeGrown ? r.target : r.held).load(kRelaxed);
+      if (back != 0) c->spend.add(shm::wrapNeg(back), 0);
+      r.held.store(0, kRelaxed);   // returned: an expired slot holds nothing
+    }
     if (owner_dead || st == shm::kResExpired) {
       if (st == shm::kResExpired) {
         ++stats.freed_expired;
@@ -334,7 +378,7 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
 
   auto clear_stuck = [&](auto* slots_of_table, std::uint32_t capacity) {
     for (std::uint32_t i = 0; i < capacity; ++i) {
-      shm::KeyHeader& k = slots_of_table[i].k;
+      auto& k = slots_of_table[i].k;
       std::uint64_t w = k.word.load(kAcquire);
       if (shm::keyState(w) != shm::kKeyInit) continue;
       // The inserter's client number; 0 is no client's (written from outside): cleared too.
@@ -349,6 +393,7 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
   clear_stuck(region_.tenants(), g.tenant_capacity);
   clear_stuck(region_.runs(), g.run_capacity);
   clear_stuck(region_.models(), g.model_capacity);
+  clear_stuck(region_.ruleSlots(), g.rule_capacity);
   return stats;
 }
 
@@ -461,6 +506,149 @@ Status RegionAdmin::backdate(std::int32_t day, const std::vector<std::pair<std::
     all = all && done;
   }
   return all ? Status{} : Status::error("a budget layer changed too often during the correction; its spending stays as it was");
+}
+
+// --- budget rules ------------------------------------------------------------------------------
+
+Status RegionAdmin::setRules(const std::vector<RuleSpec>& rules, const std::vector<WindowSpan>& windows,
+                             std::vector<std::uint32_t>* indices) {
+  if (rules.size() > shm::kMaxRules) {
+    return Status::error("at most " + std::to_string(shm::kMaxRules) + " rules (" + std::to_string(rules.size()) + " given)");
+  }
+  if (windows.size() != rules.size()) return Status::error("setRules: one window per rule");
+  shm::Header& h = region_.header();
+  // Which definition each rule goes to: the live one of the same shape, or a free (or retired)
+  // one. Decided before anything is written, so that a failure changes nothing.
+  std::vector<int> at(rules.size(), -1);
+  std::vector<bool> taken(shm::kMaxRules, false);
+  for (std::size_t i = 0; i < rules.size(); ++i) {
+    const RuleSpec& r = rules[i];
+    const bool prefix = r.match.ends_with('*');
+    const std::string match = prefix ? r.match.substr(0, r.match.size() - 1) : r.match;
+    for (std::uint32_t j = 0; j < shm::kMaxRules && at[i] < 0; ++j) {
+      if (!taken[j] && shm::ruleState(h.rules[j].word.load(kAcquire)) == shm::kRuleLive &&
+          sameShape(h.rules[j], r, match, prefix)) {
+        at[i] = static_cast<int>(j);
+        taken[j] = true;
+      }
+    }
+  }
+  for (std::size_t i = 0; i < rules.size(); ++i) {
+    if (at[i] >= 0) continue;
+    // Free ones first: a retired definition's counters stay in the table (they are not reused
+    // for a new rule: the generation in their keys tells them apart).
+    for (int pass = 0; pass < 2 && at[i] < 0; ++pass) {
+      for (std::uint32_t j = 0; j < shm::kMaxRules && at[i] < 0; ++j) {
+        const shm::RuleState st = shm::ruleState(h.rules[j].word.load(kAcquire));
+        if (!taken[j] && (pass == 0 ? st == shm::kRuleFree : st != shm::kRuleLive)) {
+          at[i] = static_cast<int>(j);
+          taken[j] = true;
+        }
+      }
+    }
+    if (at[i] < 0) return Status::error("no free rule definition in the region: restart tokenfused with --recreate-region");
+  }
+
+  // Retire the live rules no longer wanted: applications stop matching them at once.
+  for (std::uint32_t j = 0; j < shm::kMaxRules; ++j) {
+    const std::uint32_t w = h.rules[j].word.load(kAcquire);
+    if (!taken[j] && shm::ruleState(w) == shm::kRuleLive) {
+      h.rules[j].word.store(shm::ruleWord(shm::ruleGen(w), shm::kRuleRetired), kRelease);
+    }
+  }
+  std::string problems;
+  indices->assign(rules.size(), 0);
+  std::uint32_t count = h.rule_count.load(kRelaxed);
+  for (std::size_t i = 0; i < rules.size(); ++i) {
+    const RuleSpec& r = rules[i];
+    const auto j = static_cast<std::uint32_t>(at[i]);
+    (*indices)[i] = j;
+    shm::RuleDef& d = h.rules[j];
+    std::uint32_t w = d.word.load(kAcquire);
+    const auto limit = r.limit.value_or(shm::kUnlimited);
+    if (shm::ruleState(w) != shm::kRuleLive) {
+      // A new definition: written while not live, published with release order.
+      const bool prefix = r.match.ends_with('*');
+      const std::string match = prefix ? r.match.substr(0, r.match.size() - 1) : r.match;
+      const std::uint32_t gen = (shm::ruleGen(w) + 1) & 0xff'ffffu;
+      d.word.store(shm::ruleWord(gen, shm::kRuleFree), kRelease);
+      d.scope = static_cast<std::uint8_t>(r.scope);
+      d.metric = static_cast<std::uint8_t>(r.metric);
+      d.match_prefix = prefix ? 1 : 0;
+      d.has_window = r.window.kind != WindowKind::kAllTime ? 1 : 0;
+      d.match_len = static_cast<std::uint32_t>(std::min(match.size(), sizeof d.match));
+      std::memcpy(d.match, match.data(), d.match_len);
+      d.name_len = static_cast<std::uint32_t>(std::min(r.name.size(), sizeof d.name));
+      std::memcpy(d.name, r.name.data(), d.name_len);
+      d.limited_untracked.store(0, kRelaxed);
+      d.limit.store(limit, kRelaxed);
+      d.window_start_ns.store(windows[i].start_ns, kRelaxed);
+      d.window_end_ns.store(d.has_window != 0 ? windows[i].end_ns : INT64_MAX, kRelaxed);
+      w = shm::ruleWord(gen, shm::kRuleLive);
+      d.word.store(w, kRelease);
+    } else {
+      d.limit.store(limit, kRelease);
+    }
+    count = std::max(count, j + 1);
+    h.rule_count.store(count, kRelease);
+
+    // Per-key limits: set the listed ones, put every other key back on the rule's limit.
+    const KeyedTable<shm::RuleSlot> table(region_.ruleSlots(), region_.geometry().rule_capacity);
+    for (std::uint32_t k = 0; k < table.capacity(); ++k) {
+      shm::RuleSlot& slot = table.at(static_cast<std::int32_t>(k));
+      RuleKey key;
+      if (shm::keyState(slot.k.word.load(kAcquire)) != shm::kKeyReady || !parseRuleKey(keyOf(slot.k), &key) ||
+          key.rule != j || key.gen != shm::ruleGen(w) || slot.c.limit_explicit.load(kRelaxed) == 0) {
+        continue;
+      }
+      if (!r.keys.contains(key.first)) slot.c.limit_explicit.store(0, kRelease);
+    }
+    std::uint32_t untracked = 0;
+    for (const auto& [id, key_limit] : r.keys) {
+      char buf[shm::kRuleKeyMax];
+      const Found f = table.findOrInsert(ruleKey(buf, j, shm::ruleGen(w), id, {}, false), engine_.self(),
+                                         [](shm::RuleSlot& s) noexcept {
+                                           s.c.limit.store(shm::kUnlimited, kRelaxed);
+                                           s.c.limit_explicit.store(0, kRelaxed);
+                                         });
+      if (f.index < 0) {
+        ++untracked;
+        continue;
+      }
+      shm::Counters& c = table.at(f.index).c;
+      c.limit.store(key_limit.value_or(shm::kUnlimited), kRelaxed);
+      c.limit_explicit.store(1, kRelease);
+    }
+    d.limited_untracked.store(untracked, kRelease);
+    if (untracked != 0) {
+      problems += (problems.empty() ? "" : "; ") + std::string("rule ") + r.name + ": " + std::to_string(untracked) +
+                  " key(s) with their own limit found no room in the rule table (raise region.rule_capacity); "
+                  "its keys without a counter are refused";
+    }
+  }
+  return problems.empty() ? Status{} : Status::error(problems);
+}
+
+void RegionAdmin::rollRule(std::uint32_t index, std::int64_t start_ns, std::int64_t end_ns) {
+  if (index >= shm::kMaxRules) return;
+  shm::Header& h = region_.header();
+  shm::RuleDef& d = h.rules[index];
+  const std::uint32_t gen = shm::ruleGen(d.word.load(kAcquire));
+  const KeyedTable<shm::RuleSlot> table(region_.ruleSlots(), region_.geometry().rule_capacity);
+  for (std::uint32_t k = 0; k < table.capacity(); ++k) {
+    shm::RuleSlot& slot = table.at(static_cast<std::int32_t>(k));
+    RuleKey key;
+    if (shm::keyState(slot.k.word.load(kAcquire)) == shm::kKeyReady && parseRuleKey(keyOf(slot.k), &key) &&
+        key.rule == index && key.gen == gen) {
+      resetDay(slot.c);   // a window like a day: bookings out, holds kept
+    }
+  }
+  d.window_start_ns.store(start_ns, kRelaxed);
+  d.window_end_ns.store(end_ns, kRelease);
+}
+
+void RegionAdmin::setDayEnd(std::int64_t unix_ns) noexcept {
+  region_.header().day_end_unix_ns.store(unix_ns, kRelaxed);
 }
 
 }  // namespace tokenfuse

@@ -9,6 +9,7 @@
 #include "engine.h"
 #include "layout.h"
 #include "region.h"
+#include "rules.h"
 
 #include <tokenfuse/tokenfuse.hpp>
 
@@ -43,6 +44,10 @@ struct HoldCorrection {
   std::string id;                   // the tenant's or run's id; empty for the platform
   std::int64_t difference = 0;      // nano-USD taken out of `used` (negative: added)
 };
+
+// A rule counter for people: "<rule name>:<key>" (a prefix group shows its pattern; tenant x
+// model shows "tenant/model").
+std::string ruleCounterName(const shm::Header& h, std::string_view key);
 
 class RegionAdmin {
  public:
@@ -134,6 +139,22 @@ class RegionAdmin {
   // counted twice; committed never goes below 0. Id "" is the platform. Fails, changing no day,
   // if a tenant cannot be added to a full table.
   Status backdate(std::int32_t day, const std::vector<std::pair<std::string, std::int64_t>>& delta);
+
+  // --- budget rules (rules.h, docs/rules.md) ---
+  // Makes `rules` the region's rules. A rule already live with the same name, scope, match,
+  // metric and window keeps its index and its counters (its limit and keys are updated); the
+  // others are written into free definitions, and live rules not in `rules` are retired (nothing
+  // matches them any more). windows[i] is rules[i]'s current window. Fills *indices with each
+  // rule's index. Fails, changing nothing, for more than shm::kMaxRules rules or when no
+  // definition is free; a key that finds no counter room is reported in the Status (its rule
+  // then refuses keys it cannot count: E-TOKENFUSE-CAPACITY) and the rest is applied.
+  Status setRules(const std::vector<RuleSpec>& rules, const std::vector<WindowSpan>& windows,
+                  std::vector<std::uint32_t>* indices);
+  // Starts window [start_ns, end_ns) of rule `index`: every counter's committed count goes to
+  // zero, holds stay held, as rollover() does for days.
+  void rollRule(std::uint32_t index, std::int64_t start_ns, std::int64_t end_ns);
+  // When the current budget day ends, for the daily layers' denials (Decision::resets_unix_ns).
+  void setDayEnd(std::int64_t unix_ns) noexcept;
 
   Engine& engine() noexcept { return engine_; }
   Region& region() noexcept { return region_; }

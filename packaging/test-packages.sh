@@ -19,7 +19,7 @@ shm="tf-pkg-$$"
 agent_pid=""
 systemd_pid=""
 app_user=tfapp
-names=(tokenfuse libtokenfuse0.1 libtokenfuse-dev python3-tokenfuse)
+names=(tokenfuse libtokenfuse0.2 libtokenfuse-dev python3-tokenfuse)
 step() { printf '\n== %s\n' "$*"; }
 cleanup() {
   [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null && wait "$agent_pid" 2>/dev/null || true
@@ -80,7 +80,7 @@ cmake --build "$tmp/consumer" >/dev/null
 c++ -std=c++20 -O2 "$src/tests/consumer/consumer.cc" -o "$tmp/consumer/pc_cpp" $(pkg-config --cflags --libs tokenfuse)
 cc -std=c99 -O2 -Wall -Wextra -Werror "$src/tests/consumer/consumer.c" -o "$tmp/consumer/pc_c" $(pkg-config --cflags --libs tokenfuse)
 for exe in consumer_cpp consumer_c pc_cpp pc_c; do
-  ldd "$tmp/consumer/$exe" | grep -E '=> (/usr)?/lib/x86_64-linux-gnu/libtokenfuse.so.0.1 ' >/dev/null   # the installed one
+  ldd "$tmp/consumer/$exe" | grep -E '=> (/usr)?/lib/x86_64-linux-gnu/libtokenfuse.so.0.2 ' >/dev/null   # the installed one
   as_app "$tmp/consumer/$exe" "$shm"
 done
 # Not in the group: refused, with a message that says what to do.
@@ -156,7 +156,7 @@ for n in "${names[@]}"; do
   if dpkg-query -W -f='${Status}' "$n" 2>/dev/null | grep -q installed; then echo "$n still installed" >&2; exit 1; fi
 done
 for f in /usr/sbin/tokenfused /usr/bin/tokenfuse /etc/tokenfuse /lib/systemd/system/tokenfused.service \
-         /usr/lib/x86_64-linux-gnu/libtokenfuse.so.0.1 /usr/lib/python3/dist-packages/tokenfuse /usr/include/tokenfuse; do
+         /usr/lib/x86_64-linux-gnu/libtokenfuse.so.0.2 /usr/lib/python3/dist-packages/tokenfuse /usr/include/tokenfuse; do
   [ ! -e "$f" ] || { echo "test-packages: $f left behind" >&2; exit 1; }
 done
 test -e /var/lib/tokenfuse/ledger.db && rm -rf /var/lib/tokenfuse   # purge keeps the ledger on purpose

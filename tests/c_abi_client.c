@@ -25,7 +25,7 @@ int main(int argc, char** argv) {
   tf_decision d = tf_check(client, "acme", "gpt-4o", 1000, NULL);
   EXPECT(d.code == TF_OK && d.cost_nano_usd == 5000000);
 
-  tf_call call = {"acme", "gpt-4o", "run-c", "agent-c", 1000, 1000, 0};
+  tf_call call = {"acme", "gpt-4o", "run-c", "agent-c", 1000, 1000, 0, NULL};
   uint64_t r = 0;
   d = tf_reserve(client, &call, &r);
   EXPECT(d.code == TF_OK && r != 0 && d.cost_nano_usd == 20000000);
@@ -34,7 +34,7 @@ int main(int argc, char** argv) {
   EXPECT(d.code == TF_OK && d.cost_nano_usd == 12500000);
   EXPECT(tf_release(client, r).code == TF_UNKNOWN_RESERVATION);
 
-  tf_usage usage = {"acme", "qwen3:8b", "ollama", NULL, NULL, 10, 20};
+  tf_usage usage = {"acme", "qwen3:8b", "ollama", NULL, NULL, 10, 20, NULL};
   d = tf_record(client, &usage);
   EXPECT(d.code == TF_OK && d.cost_nano_usd == 0 && d.ledger_seq == 2);
 

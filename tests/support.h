@@ -40,6 +40,7 @@ struct TestRegion {
     spec.model_capacity = 64;
     spec.reservation_capacity = capacity;
     spec.ledger_capacity = ledger;
+    spec.rule_capacity = capacity;
     const Status s = Region::create(spec, &region);
     REQUIRE_MESSAGE(s.ok(), s.message());
     admin = std::make_unique<RegionAdmin>(*region);

@@ -20,7 +20,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   /* ... make the LLM call here, then book what it used: */
-  tf_usage usage = {"example-app", "gpt-4o-mini", "openai", "example-run", NULL, 1800, 420};
+  tf_usage usage = {"example-app", "gpt-4o-mini", "openai", "example-run", NULL, 1800, 420, NULL};
   d = tf_record(client, &usage);
   printf("booked %lld nano-USD as ledger entry %llu\n", (long long)d.cost_nano_usd, (unsigned long long)d.ledger_seq);
   tf_detach(client);

@@ -20,10 +20,14 @@ std::string_view sv(const char* s) noexcept { return s == nullptr ? std::string_
 
 tf_decision toC(const Decision& d) noexcept {
   return {static_cast<int32_t>(d.code), d.reservation_expired ? 1 : 0, d.cost.count(), d.used.count(),
-          d.limit.count(), d.ledger_seq};
+          d.limit.count(), d.ledger_seq, d.rule, 0, d.resets_unix_ns};
 }
 
-tf_decision invalid() noexcept { return toC(Decision{tokenfuse::Code::kInvalidArgument, {}, {}, {}, false, 0}); }
+tf_decision invalid() noexcept {
+  Decision d;
+  d.code = tokenfuse::Code::kInvalidArgument;
+  return toC(d);
+}
 
 void toC(const tokenfuse::BudgetView& v, tf_budget_view* out) noexcept {
   *out = {};
@@ -97,7 +101,7 @@ tf_decision tf_reserve(tf_client* c, const tf_call* call, uint64_t* reservation)
   tokenfuse::Reservation r;
   const Decision d = c->client->reserve({sv(call->project_id), sv(call->model), sv(call->run_id), sv(call->agent_id),
                                          call->estimated_prompt_tokens, call->estimated_completion_tokens,
-                                         call->ttl_ms},
+                                         call->ttl_ms, sv(call->tags)},
                                         &r);
   *reservation = r.id;
   return toC(d);
@@ -121,7 +125,7 @@ tf_decision tf_release(tf_client* c, uint64_t reservation) {
 tf_decision tf_record(tf_client* c, const tf_usage* u) {
   if (c == nullptr || u == nullptr) return invalid();
   return toC(c->client->record({sv(u->project_id), sv(u->model), sv(u->provider), sv(u->run_id), sv(u->agent_id),
-                                u->prompt_tokens, u->completion_tokens}));
+                                u->prompt_tokens, u->completion_tokens, sv(u->tags)}));
 }
 
 int tf_wait_durable(const tf_client* c, uint64_t ledger_seq, int64_t timeout_ms) {
@@ -185,9 +189,15 @@ const char* tf_error_code(int32_t code) { return tokenfuse::errorCode(static_cas
 size_t tf_describe(const tf_decision* d, const char* project_id, char* buf, size_t len) {
   if (d == nullptr) return 0;
   try {
-    const Decision decision{static_cast<tokenfuse::Code>(d->code), tokenfuse::NanoUsd(d->cost_nano_usd),
-                            tokenfuse::NanoUsd(d->used_nano_usd), tokenfuse::NanoUsd(d->limit_nano_usd),
-                            d->reservation_expired != 0, d->ledger_seq};
+    Decision decision;
+    decision.code = static_cast<tokenfuse::Code>(d->code);
+    decision.cost = tokenfuse::NanoUsd(d->cost_nano_usd);
+    decision.used = tokenfuse::NanoUsd(d->used_nano_usd);
+    decision.limit = tokenfuse::NanoUsd(d->limit_nano_usd);
+    decision.reservation_expired = d->reservation_expired != 0;
+    decision.ledger_seq = d->ledger_seq;
+    decision.rule = d->rule;
+    decision.resets_unix_ns = d->resets_unix_ns;
     const std::string text = tokenfuse::describe(decision, sv(project_id));
     copyError(text, buf, len);
     return text.size();

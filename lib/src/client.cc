@@ -9,9 +9,9 @@
 
 namespace tokenfuse {
 
-// CallSite went opaque without changing its size: code built against the older header that
-// allocates one keeps working.
-static_assert(sizeof(CallSite) == 544 && alignof(CallSite) == 4);
+// CallSite is opaque, but applications allocate it: its size is part of the ABI. It grew by the
+// tags (layout 7, library 0.2).
+static_assert(sizeof(CallSite) == 804 && alignof(CallSite) == 4);
 
 const char* errorCode(Code code) noexcept {
   switch (code) {
@@ -20,6 +20,12 @@ const char* errorCode(Code code) noexcept {
     case Code::kTenantBudgetExhausted: return "E-BUDGET-002";
     case Code::kPlatformBudgetExhausted: return "E-BUDGET-003";
     case Code::kEmergencyKill: return "E-BUDGET-004";
+    case Code::kModelBudgetExhausted: return "E-BUDGET-005";
+    case Code::kAgentBudgetExhausted: return "E-BUDGET-006";
+    case Code::kTagBudgetExhausted: return "E-BUDGET-007";
+    case Code::kRequestRateExceeded: return "E-RATE-001";
+    case Code::kTokenRateExceeded: return "E-RATE-002";
+    case Code::kConcurrencyExceeded: return "E-CONCURRENCY-001";
     case Code::kInvalidArgument: return "E-TOKENFUSE-INVALID-ARGUMENT";
     case Code::kCapacityExhausted: return "E-TOKENFUSE-CAPACITY";
     case Code::kUnknownReservation: return "E-TOKENFUSE-UNKNOWN-RESERVATION";
@@ -57,8 +63,21 @@ std::string describe(const Decision& d, std::string_view project_id) {
     case Code::kPlatformBudgetExhausted:
       return "Platform budget exhausted: used " + usd4(d.used) + " / " + usd4(d.limit) + " — all LLM calls suspended";
     case Code::kEmergencyKill: return "Emergency kill switch activated — contact platform admin";
+    case Code::kModelBudgetExhausted:
+      return "Model budget exhausted (rule " + std::to_string(d.rule) + "): used " + usd4(d.used) + " / " + usd4(d.limit);
+    case Code::kAgentBudgetExhausted:
+      return "Agent budget exhausted (rule " + std::to_string(d.rule) + "): used " + usd4(d.used) + " / " + usd4(d.limit);
+    case Code::kTagBudgetExhausted:
+      return "Tag budget exhausted (rule " + std::to_string(d.rule) + "): used " + usd4(d.used) + " / " + usd4(d.limit);
+    case Code::kRequestRateExceeded:
+    case Code::kTokenRateExceeded:
+    case Code::kConcurrencyExceeded:
+      return std::string(d.code == Code::kRequestRateExceeded ? "Request rate" : d.code == Code::kTokenRateExceeded ? "Token budget" : "Concurrency") +
+             " limit reached (rule " + std::to_string(d.rule) + "): " + std::to_string(d.used.count()) + " / " +
+             std::to_string(d.limit.count());
     case Code::kInvalidArgument:
-      return "invalid argument: ids must be 1 to 128 bytes of UTF-8 without NUL, token counts 0 to 4294967296";
+      return "invalid argument: ids must be 1 to 128 bytes of UTF-8 without NUL, at most 8 tags (256 bytes), "
+             "token counts 0 to 4294967296, and a call may match at most 8 rule counters";
     case Code::kCapacityExhausted:
       return "a tokenfuse table is full, so this call's limit cannot be enforced: raise the region's capacity";
     case Code::kUnknownReservation: return "no such reservation: already committed or released, or never made";

@@ -58,8 +58,8 @@ bool validTokens(std::int64_t n) noexcept { return n >= 0 && n <= kMaxTokensPerC
 // Adds `amount` to the layer's `used` unless that would pass its limit. The compare-and-swap
 // is what makes committed + held <= limit hold under any concurrency.
 // Other hosts' spending (`elsewhere`) counts as used: this host may hold up to limit - elsewhere.
-bool tryHold(Counters& c, std::int64_t amount, Decision* denial) noexcept {
-  const std::int64_t limit = c.limit.load(kRelaxed);
+// `limit` is the layer's own, or for a rule counter ruleLimit()'s.
+bool tryHoldWithin(Counters& c, std::int64_t amount, std::int64_t limit, Decision* denial) noexcept {
   const std::int64_t elsewhere = limit == shm::kUnlimited ? 0 : c.elsewhere.load(kRelaxed);
   std::int64_t seen = 0;
   std::int64_t room = shm::kUnlimited;
@@ -71,6 +71,10 @@ bool tryHold(Counters& c, std::int64_t amount, Decision* denial) noexcept {
   denial->used = NanoUsd(shm::wrapAdd(seen, elsewhere));
   denial->limit = NanoUsd(limit);
   return false;
+}
+
+bool tryHold(Counters& c, std::int64_t amount, Decision* denial) noexcept {
+  return tryHoldWithin(c, amount, c.limit.load(kRelaxed), denial);
 }
 
 
@@ -132,6 +136,7 @@ Engine::Engine(const Region& region, bool agent) noexcept
       tenants_(region.tenants(), region.geometry().tenant_capacity),
       runs_(region.runs(), region.geometry().run_capacity),
       models_(region.models(), region.geometry().model_capacity),
+      rule_table_(region.ruleSlots(), region.geometry().rule_capacity),
       ring_(region.header(), region.ledger(), region.geometry().ledger_capacity),
       res_(region.reservations()),
       res_mask_(region.geometry().reservation_capacity - 1),
@@ -163,6 +168,35 @@ Price Engine::price(const CallSite& site) const noexcept {
           h_.defaults.fallback_completion_nano_per_mtok.load(kRelaxed)};
 }
 
+void Engine::deniedByRule(const RuleHit& hit, Decision* d) const noexcept {
+  d->code = denied(ruleCode(hit.scope, hit.metric));
+  d->rule = hit.rule + 1;
+  const shm::RuleDef& def = h_.rules[hit.rule];
+  const std::int64_t end = def.window_end_ns.load(kRelaxed);
+  d->resets_unix_ns = def.has_window != 0 && end != INT64_MAX ? end : 0;
+}
+
+void Engine::deniedByLayer(std::uint32_t layer, Decision* d) const noexcept {
+  d->code = denied(kLayerCode[layer]);
+  d->resets_unix_ns = layer == shm::kLayerRun ? 0 : h_.day_end_unix_ns.load(kRelaxed);
+}
+
+Decision Engine::matchSite(const CallSite& site, bool free, bool insert, RuleHits* hits) const noexcept {
+  hits->n = 0;
+  if (h_.rule_count.load(kRelaxed) == 0) return {};   // the usual case: one load
+  const RuleCall call{{site.project_id, site.project_len}, {site.run_id, site.run_len},
+                      {site.model_name, site.model_len}, {site.agent_id, site.agent_id_len},
+                      {site.tags, std::min<std::size_t>(site.tags_len, sizeof site.tags)}, free};
+  switch (matchRules(h_, rule_table_, call, insert, self(), hits)) {
+    case RuleMatch::kOk: return {};
+    case RuleMatch::kTooMany: return fail(Code::kInvalidArgument);
+    case RuleMatch::kBusy: return fail(Code::kRegionBusy);
+    case RuleMatch::kCapacity: break;
+  }
+  h_.stats.capacity_refused.fetch_add(1, kRelaxed);
+  return fail(Code::kCapacityExhausted);
+}
+
 // Through the one checked helper the reaper uses too: an index out of range is no layer.
 Engine::Layers Engine::layersOf(std::int32_t run, std::int32_t tenant) const noexcept {
   const ResLayers l = region_.layers(run, tenant);
@@ -177,7 +211,10 @@ Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept
       call.agent_id.size() > shm::kKeyMax) {
     return fail(Code::kInvalidArgument);
   }
-  if (!validIdText(call.project_id) || !validIdText(call.model) || !validIdText(call.run_id) || !validIdText(call.agent_id)) return fail(Code::kInvalidArgument);
+  if (!validIdText(call.project_id) || !validIdText(call.model) || !validIdText(call.run_id) ||
+      !validIdText(call.agent_id) || !validTags(call.tags)) {
+    return fail(Code::kInvalidArgument);
+  }
   const Found model = models_.find(call.model);
   if (model.what == Lookup::kBusy) return fail(Code::kRegionBusy);
   site->model = model.what == Lookup::kFound ? model.index : site_index::kNone;
@@ -186,6 +223,7 @@ Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept
   copyKey(site->agent_id, &site->agent_id_len, call.agent_id);
   copyKey(site->project_id, &site->project_len, call.project_id);
   copyKey(site->run_id, &site->run_len, call.run_id);
+  copyKey(site->tags, &site->tags_len, call.tags);
 
   const std::uint32_t me = self();
   auto resolve = [&](const KeyedTable<shm::BudgetSlot>& table, std::string_view key,
@@ -207,18 +245,28 @@ Decision Engine::check(const CallSite& site, std::int64_t prompt, std::int64_t c
   if (!validTokens(prompt) || !validTokens(completion) || !siteInRange(site)) return fail(Code::kInvalidArgument);
   if (killed()) return fail(denied(Code::kEmergencyKill));
   const Price p = price(site);
-  if (p.isFree()) return {};
-  const auto cost = costOf(p, prompt, completion);
+  const bool free = p.isFree();
+  const auto cost = free ? NanoUsd(0) : costOf(p, prompt, completion);
   if (!cost) return fail(Code::kInvalidArgument);
   Decision d;
   d.cost = *cost;
+  // Whether `amount` more fits under `limit` with `used` spent. Words another process can write:
+  // an overflow counts as spent to the brim, never wraps.
+  auto fits = [](std::int64_t used, std::int64_t amount, std::int64_t limit) noexcept {
+    std::int64_t room = 0;
+    return limit == shm::kUnlimited ||
+           !(used > limit || (!__builtin_sub_overflow(limit, used, &room) && amount > room));
+  };
+  auto spent = [](const Counters& c) noexcept {
+    std::int64_t used = 0;
+    return __builtin_add_overflow(c.spend.used(), c.elsewhere.load(kRelaxed), &used) ? INT64_MAX : used;
+  };
   const Layers layers = layersOf(site.run, site.tenant);
-  for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
+  for (std::uint32_t i = 0; i < shm::kLayerCount && !free; ++i) {
     std::int64_t used = 0;
     std::int64_t limit = shm::kUnlimited;
     if (Counters* c = layers.at[i]) {
-      // Words another process can write: an overflow counts as spent to the brim, never wraps.
-      if (__builtin_add_overflow(c->spend.used(), c->elsewhere.load(kRelaxed), &used)) used = INT64_MAX;
+      used = spent(*c);
       limit = c->limit.load(kRelaxed);
     } else if (i != shm::kLayerPlatform && !(i == shm::kLayerRun && site.run == site_index::kNone)) {
       const std::int32_t index = i == shm::kLayerRun ? site.run : site.tenant;
@@ -231,11 +279,25 @@ Decision Engine::check(const CallSite& site, std::int64_t prompt, std::int64_t c
         return fail(Code::kCapacityExhausted);
       }
     }
-    std::int64_t room = 0;
-    if (limit != shm::kUnlimited &&
-        (used > limit || (!__builtin_sub_overflow(limit, used, &room) && cost->count() > room))) {
+    if (!fits(used, cost->count(), limit)) {
       if (Counters* c = layers.at[i]) c->denials.fetch_add(1, kRelaxed);
-      d.code = denied(kLayerCode[i]);
+      deniedByLayer(i, &d);
+      d.used = NanoUsd(used);
+      d.limit = NanoUsd(limit);
+      return d;
+    }
+  }
+  RuleHits hits;
+  if (Decision m = matchSite(site, free, false, &hits); !m.allowed()) return m;
+  for (std::uint32_t j = 0; j < hits.n; ++j) {
+    const RuleHit& hit = hits.at[j];
+    const std::int64_t amount = ruleAmount(hit.metric, cost->count(), prompt, completion, false);
+    Counters* c = ruleCounters(hit.slot);   // none yet: nothing spent, the rule's limit applies
+    const std::int64_t used = c != nullptr ? spent(*c) : 0;
+    const std::int64_t limit = c != nullptr ? ruleLimit(*c, hit.rule_limit) : hit.rule_limit;
+    if (!fits(used, amount, limit)) {
+      if (c != nullptr) c->denials.fetch_add(1, kRelaxed);
+      deniedByRule(hit, &d);
       d.used = NanoUsd(used);
       d.limit = NanoUsd(limit);
       return d;
@@ -278,6 +340,9 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
     h_.stats.capacity_refused.fetch_add(1, kRelaxed);
     return fail(Code::kCapacityExhausted);
   }
+  // The rules' counters too, before anything changes: a call that cannot be matched holds nothing.
+  RuleHits hits;
+  if (Decision m = matchSite(site, free, true, &hits); !m.allowed()) return m;
   if (site.tenant < 0 || (site.run < 0 && site.run != site_index::kNone)) {
     h_.stats.untracked_calls.fetch_add(1, kRelaxed);
   }
@@ -313,28 +378,54 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
               {site.run_id, site.run_len},
               {site.model_name, site.model_len},
               {site.agent_id, site.agent_id_len}});
+  // What each rule counter will hold, written before any of them changes (as `held` is), so
+  // that the reconciliation knows what a reserving slot may hold on each.
+  std::int64_t amount[shm::kMaxRuleHolds];
+  s.rule_holds.store(hits.n, kRelaxed);
+  for (std::uint32_t j = 0; j < hits.n; ++j) {
+    amount[j] = ruleAmount(hits.at[j].metric, estimate->count(), prompt, completion, false);
+    s.rules[j].slot.store(hits.at[j].slot, kRelaxed);
+    s.rules[j].rule.store(static_cast<std::uint16_t>(hits.at[j].rule), kRelaxed);
+    s.rules[j].metric.store(hits.at[j].metric, kRelaxed);
+    s.rules[j].held.store(amount[j], kRelaxed);
+    s.rules[j].target.store(0, kRelaxed);
+  }
 
   // The layers are held without a step between them (see layout.h): a process that dies here
   // leaves holds the reaper does not return, and the agent's reconciliation does.
   Decision d;
   d.cost = *estimate;
   const Layers layers = layersOf(site.run, site.tenant);
-  auto undo = [&](std::uint32_t held_layers) noexcept { unhold(layers, held_layers, estimate->count()); };
+  auto undo = [&](std::uint32_t held_layers, std::uint32_t held_rules) noexcept {
+    for (std::uint32_t j = held_rules; j-- > 0;) ruleCounters(hits.at[j].slot)->spend.add(shm::wrapNeg(amount[j]), 0);
+    if (!free) unhold(layers, held_layers, estimate->count());
+  };
+  auto refuse = [&](std::uint32_t held_layers, std::uint32_t held_rules) noexcept {
+    undo(held_layers, held_rules);
+    return step(s, &w, shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0));
+  };
   for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
     Counters* c = layers.at[i];
     // Free models skip the money layers. A paid call estimated at zero is still refused by a
     // layer already past its limit, as check() refuses it.
     if (c == nullptr || free || tryHold(*c, estimate->count(), &d)) continue;
     c->denials.fetch_add(1, kRelaxed);
-    undo(i);
-    if (!step(s, &w, shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0))) return fail(Code::kStaleOwner);
-    d.code = denied(kLayerCode[i]);
+    if (!refuse(i, 0)) return fail(Code::kStaleOwner);
+    deniedByLayer(i, &d);
+    return d;
+  }
+  for (std::uint32_t j = 0; j < hits.n; ++j) {
+    Counters& c = *ruleCounters(hits.at[j].slot);   // matched with insert: every hit has a counter
+    if (tryHoldWithin(c, amount[j], ruleLimit(c, hits.at[j].rule_limit), &d)) continue;
+    c.denials.fetch_add(1, kRelaxed);
+    if (!refuse(shm::kLayerCount, j)) return fail(Code::kStaleOwner);
+    deniedByRule(hits.at[j], &d);
     return d;
   }
   // Publishes the fields with the reservation. Whoever took the slot meanwhile returned nothing
   // for a reserving slot, so every hold above is this call's to return.
   if (!step(s, &w, shm::resWord(owner, gen, shm::kResActive, 0))) {
-    if (!free) undo(shm::kLayerCount);
+    undo(shm::kLayerCount, hits.n);
     return fail(Code::kStaleOwner);
   }
   out->id = shm::reservationId(static_cast<std::uint32_t>(index), gen);
@@ -444,6 +535,16 @@ Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std:
       c->spend.add(shm::wrapNeg(held), 0);
     }
   }
+  // The rules' counters, each in its metric: the hold back, and what the call counts booked.
+  const std::uint32_t rules = std::min(s.rule_holds.load(kRelaxed), shm::kMaxRuleHolds);
+  for (std::uint32_t j = 0; j < rules; ++j) {
+    Counters* c = ruleCounters(s.rules[j].slot.load(kRelaxed));
+    if (c == nullptr) continue;
+    const std::int64_t rule_held = expired ? 0 : s.rules[j].held.load(kRelaxed);
+    const std::int64_t booked =
+        book_cost ? ruleAmount(s.rules[j].metric.load(kRelaxed), cost, prompt, completion, true) : 0;
+    c->spend.add(shm::wrapSub(booked, rule_held), booked);
+  }
   if (entry != nullptr) {
     entry->kind = shm::kLedgerCommit;
     entry->unix_ns = h_.clock_unix_ns.load(kRelaxed);
@@ -495,28 +596,66 @@ Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t mo
   Decision d;
   d.cost = *consumed;
   const std::int64_t held = s.held.load(kRelaxed);
-  if (consumed->count() > held) {
-    // Grows every layer by the difference, then one step (progress 1) says so before `held` is
-    // written: a process that dies before that step leaves the growth to reconciliation, and
-    // whoever takes the slot before it returns the old hold only, which this call then undoes.
-    const std::int64_t delta = shm::wrapSub(consumed->count(), held);
-    s.charge_target.store(consumed->count(), kRelaxed);
+  // What each rule counter must hold for the tokens charged so far (never less than it holds).
+  const std::uint32_t rules = std::min(s.rule_holds.load(kRelaxed), shm::kMaxRuleHolds);
+  std::int64_t rule_held[shm::kMaxRuleHolds], rule_want[shm::kMaxRuleHolds];
+  bool rules_grow = false;
+  for (std::uint32_t j = 0; j < rules; ++j) {
+    rule_held[j] = s.rules[j].held.load(kRelaxed);
+    rule_want[j] = std::max(rule_held[j], ruleAmount(s.rules[j].metric.load(kRelaxed), consumed->count(),
+                                                     total_prompt, total_completion, false));
+    rules_grow = rules_grow || rule_want[j] > rule_held[j];
+  }
+  if (consumed->count() > held || rules_grow) {
+    // Grows every layer and rule counter by the difference, then one step (progress 1) says so
+    // before the holds are written: a process that dies before that step leaves the growth to
+    // reconciliation, and whoever takes the slot before it returns the old holds only, which this
+    // call then undoes. The targets are written first, for the reaper after that step.
+    const std::int64_t target = std::max(consumed->count(), held);
+    const std::int64_t delta = shm::wrapSub(target, held);
+    s.charge_target.store(target, kRelaxed);
+    for (std::uint32_t j = 0; j < rules; ++j) s.rules[j].target.store(rule_want[j], kRelaxed);
     const Layers layers = layersOf(s.run.load(kRelaxed), s.tenant.load(kRelaxed));
-    auto undo = [&](std::uint32_t grown) noexcept { unhold(layers, grown, delta); };
-    for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
+    auto undo = [&](std::uint32_t grown_layers, std::uint32_t grown_rules) noexcept {
+      for (std::uint32_t j = grown_rules; j-- > 0;) {
+        if (Counters* c = ruleCounters(s.rules[j].slot.load(kRelaxed))) {
+          c->spend.add(shm::wrapSub(rule_held[j], rule_want[j]), 0);
+        }
+      }
+      if (delta != 0) unhold(layers, grown_layers, delta);
+    };
+    for (std::uint32_t i = 0; i < shm::kLayerCount && delta != 0; ++i) {
       Counters* c = layers.at[i];
       if (c == nullptr || tryHold(*c, delta, &d)) continue;
       c->denials.fetch_add(1, kRelaxed);
-      undo(i);
+      undo(i, 0);
       if (!back(shm::kResActive)) return fail(Code::kStaleOwner);
-      d.code = denied(kLayerCode[i]);
+      deniedByLayer(i, &d);
+      return d;
+    }
+    for (std::uint32_t j = 0; j < rules; ++j) {
+      Counters* c = ruleCounters(s.rules[j].slot.load(kRelaxed));
+      if (c == nullptr || rule_want[j] == rule_held[j]) continue;
+      // The rule's current limit, read from its definition as reserve did.
+      const std::uint32_t number = s.rules[j].rule.load(kRelaxed) & (shm::kMaxRules - 1);   // checked
+      RuleHit hit;
+      hit.rule = number;
+      hit.scope = h_.rules[number].scope;
+      hit.metric = static_cast<std::uint8_t>(s.rules[j].metric.load(kRelaxed));
+      const std::int64_t rule_limit = ruleLimit(*c, h_.rules[number].limit.load(kRelaxed));
+      if (tryHoldWithin(*c, shm::wrapSub(rule_want[j], rule_held[j]), rule_limit, &d)) continue;
+      c->denials.fetch_add(1, kRelaxed);
+      undo(shm::kLayerCount, j);
+      if (!back(shm::kResActive)) return fail(Code::kStaleOwner);
+      deniedByRule(hit, &d);
       return d;
     }
     if (!step(s, &w, shm::resWord(me, gen, shm::kResCharging, shm::kChargeGrown))) {
-      undo(shm::kLayerCount);
+      undo(shm::kLayerCount, rules);
       return fail(Code::kStaleOwner);
     }
-    s.held.store(consumed->count(), kRelease);
+    for (std::uint32_t j = 0; j < rules; ++j) s.rules[j].held.store(rule_want[j], kRelaxed);
+    s.held.store(target, kRelease);
   }
   s.charged_prompt.store(total_prompt, kRelaxed);
   s.charged_completion.store(total_completion, kRelaxed);
@@ -531,24 +670,32 @@ Decision Engine::record(const Usage& u) noexcept {
     return fail(Code::kInvalidArgument);
   }
   CallSite site;
-  if (Decision d = prepare({u.project_id, u.model, u.run_id, u.agent_id, 0, 0, 0}, &site, true); !d.allowed()) {
-    return d;
-  }
+  Call call{u.project_id, u.model, u.run_id, u.agent_id, 0, 0, 0};
+  call.tags = u.tags;
+  if (Decision d = prepare(call, &site, true); !d.allowed()) return d;
   const auto cost = costOf(price(site), u.prompt_tokens, u.completion_tokens);
   if (!cost) return fail(Code::kInvalidArgument);
+  // A rule key with no room is booked where it can be, as a tenant without one (below).
+  RuleHits hits;
+  const Decision matched = matchSite(site, price(site).isFree(), true, &hits);
+  if (!matched.allowed() && matched.code != Code::kCapacityExhausted) return matched;
   std::uint64_t pos = 0;
   Code refused = Code::kOk;
   shm::LedgerSlot* entry = claimEntry(&pos, &refused);
   if (entry == nullptr) return fail(refused);
   // The call has happened: its entry is written and counted where it can be, even when its
   // tenant or run has a limit but no entry; the answer then says so (kCapacityExhausted).
-  const bool counted = trackable(h_, site.tenant, site.run);
+  const bool layers_counted = trackable(h_, site.tenant, site.run);
   if (site.tenant < 0 || (site.run < 0 && site.run != site_index::kNone)) {
     h_.stats.untracked_calls.fetch_add(1, kRelaxed);
   }
   const Layers layers = layersOf(site.run, site.tenant);
   for (Counters* c : layers.at) {
     if (c != nullptr) c->spend.add(cost->count(), cost->count());
+  }
+  for (std::uint32_t j = 0; j < hits.n; ++j) {
+    const std::int64_t booked = ruleAmount(hits.at[j].metric, cost->count(), u.prompt_tokens, u.completion_tokens, true);
+    ruleCounters(hits.at[j].slot)->spend.add(booked, booked);
   }
   entry->kind = shm::kLedgerRecord;
   entry->unix_ns = h_.clock_unix_ns.load(kRelaxed);
@@ -562,8 +709,8 @@ Decision Engine::record(const Usage& u) noexcept {
   d.cost = *cost;
   if (LedgerRing::publish(*entry, pos)) {
     d.ledger_seq = pos + 1;
-    if (!counted) {
-      h_.stats.capacity_refused.fetch_add(1, kRelaxed);
+    if (!layers_counted || !matched.allowed()) {
+      if (!layers_counted) h_.stats.capacity_refused.fetch_add(1, kRelaxed);   // matchSite counted its own
       d.code = Code::kCapacityExhausted;
     }
   } else {

@@ -9,6 +9,7 @@
 #include "layout.h"
 #include "ledger_ring.h"
 #include "region.h"
+#include "rule_match.h"
 #include "table.h"
 
 #include <tokenfuse/tokenfuse.hpp>
@@ -52,11 +53,22 @@ class Engine {
   static void unhold(const Layers& layers, std::uint32_t n, std::int64_t amount) noexcept;
   BudgetView view(const shm::Counters* c, std::int64_t default_limit) const;
   int claimSlot(std::uint32_t client, std::uint64_t* word) noexcept;
-  // Counts a refusal (E-BUDGET-001 .. -004) in the region's statistics; returns `code`.
+  // Counts a refusal (E-BUDGET-001 .. -007, E-RATE-*, E-CONCURRENCY-001) in the region's
+  // statistics; returns `code`.
   Code denied(Code code) const noexcept {
-    h_.stats.denied[static_cast<int>(code) - 1].fetch_add(1, std::memory_order_relaxed);
+    const int n = static_cast<int>(code);
+    auto& counter = n <= 4 ? h_.stats.denied[n - 1] : h_.stats.denied_by_rule[n - 5];
+    counter.fetch_add(1, std::memory_order_relaxed);
     return code;
   }
+  // A rule's denial: its code (counted), the rule and when its window ends.
+  void deniedByRule(const RuleHit& hit, Decision* d) const noexcept;
+  // The built-in daily layers' denials say when the day ends; a run's never resets.
+  void deniedByLayer(std::uint32_t layer, Decision* d) const noexcept;
+  // The rules that apply to the call `site` describes (creating their counters when `insert`);
+  // a failure to match is the returned decision's code.
+  Decision matchSite(const CallSite& site, bool free, bool insert, RuleHits* hits) const noexcept;
+  shm::Counters* ruleCounters(std::int32_t slot) const noexcept { return region_.ruleCounters(slot); }
   // Ends a reservation: returns its hold and, if `book_cost`, books the call's cost.
   Decision settle(Reservation r, bool book_cost, std::int64_t prompt, std::int64_t completion,
                   shm::LedgerSlot* entry, std::string_view provider) noexcept;
@@ -86,6 +98,7 @@ class Engine {
   KeyedTable<shm::BudgetSlot> tenants_;
   KeyedTable<shm::BudgetSlot> runs_;
   KeyedTable<shm::ModelSlot> models_;
+  KeyedTable<shm::RuleSlot> rule_table_;
   LedgerRing ring_;
   shm::ReservationSlot* res_;
   std::uint32_t res_mask_;

@@ -19,7 +19,7 @@ namespace tokenfuse::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'45'53'55'46'4e'4b'54ull;   // "TKNFUSE1"
 // Increment whenever anything in this file changes the bytes or the meaning of the region.
-inline constexpr std::uint32_t kLayoutVersion = 6;
+inline constexpr std::uint32_t kLayoutVersion = 7;
 
 inline constexpr std::size_t kKeyMax = 128;      // project_id, run_id, model, agent_id bytes
 inline constexpr std::size_t kReasonMax = 256;   // kill switch reason bytes
@@ -78,11 +78,13 @@ static_assert(sizeof(Counters) == 128);
 // (client_lock.h; keyPid() is the older name).
 enum KeyState : std::uint32_t { kKeyEmpty = 0, kKeyInit = 1, kKeyReady = 2, kKeyTombstone = 3 };
 
-struct KeyHeader {
+template <std::size_t N>
+struct KeyHeaderOf {
   std::atomic<std::uint64_t> word;
   std::uint32_t key_len;      // written before the word turns kKeyReady
-  char key[kKeyMax];
+  char key[N];
 };
+using KeyHeader = KeyHeaderOf<kKeyMax>;
 
 // A tenant or run entry of an open-addressing, insert-only hash table.
 struct alignas(64) BudgetSlot {
@@ -99,6 +101,59 @@ struct alignas(64) ModelSlot {
   std::atomic<std::int64_t> completion_nano_per_mtok;
 };
 static_assert(sizeof(ModelSlot) == 256);
+
+// --- budget rules ------------------------------------------------------------------------------
+// Rules beyond the three built-in layers (docs/rules.md): the agent writes their definitions;
+// applications match each call against them and keep one counter per rule and key in the rule
+// table. Scope and metric values are agent/rules.h's RuleScope and RuleMetric.
+inline constexpr std::uint32_t kMaxRules = 32;       // rule definitions in a region
+inline constexpr std::uint32_t kMaxRuleHolds = 8;    // rule counters one call may match
+enum RuleScopeValue : std::uint8_t {
+  kScopePlatform = 0, kScopeTenant = 1, kScopeRun = 2, kScopeAgent = 3, kScopeModel = 4, kScopeTag = 5,
+  kScopeTenantModel = 6, kScopeTenantAgent = 7, kScopeCount = 8
+};
+enum RuleMetricValue : std::uint8_t {
+  kMetricUsd = 0, kMetricTokens = 1, kMetricPromptTokens = 2, kMetricCompletionTokens = 3, kMetricRequests = 4,
+  kMetricConcurrency = 5, kMetricCount = 6
+};
+// A rule counter's key: the rule's number (4 bytes: index and generation), then the scope's ids,
+// two of them (tenant x model, tenant x agent) separated by a NUL, which no id contains.
+inline constexpr std::size_t kRuleKeyMax = 4 + kKeyMax + 1 + kKeyMax + 3;   // 264
+
+// Rule definition word: [31..8] generation | [7..0] RuleState. Every field but the atomics is
+// written while the rule is not live and never while it is; a reader checks the word again after
+// reading them, so a definition replaced under it is read again, never half-old.
+enum RuleState : std::uint32_t { kRuleFree = 0, kRuleLive = 1, kRuleRetired = 2 };
+constexpr std::uint32_t ruleWord(std::uint32_t gen, RuleState st) noexcept { return (gen << 8) | st; }
+constexpr RuleState ruleState(std::uint32_t w) noexcept { return static_cast<RuleState>(w & 0xffu); }
+constexpr std::uint32_t ruleGen(std::uint32_t w) noexcept { return w >> 8; }
+
+struct alignas(64) RuleDef {
+  std::atomic<std::uint32_t> word;
+  std::uint8_t scope;                        // RuleScopeValue
+  std::uint8_t metric;                       // RuleMetricValue
+  std::uint8_t match_prefix;                 // 1: `match` is a prefix, and its keys one group
+  std::uint8_t has_window;                   // 0: all time (never resets)
+  std::uint32_t match_len;                   // 0: every key
+  std::uint32_t name_len;
+  // Keys with their own limit (config) that the agent found no room for: while non-zero, a key
+  // of this rule without a counter may be one of them, and is refused (E-TOKENFUSE-CAPACITY).
+  std::atomic<std::uint32_t> limited_untracked;
+  std::atomic<std::int64_t> limit;           // for every key without its own; kUnlimited: none
+  std::atomic<std::int64_t> window_start_ns; // the current window, kept by the agent
+  std::atomic<std::int64_t> window_end_ns;   // exclusive; INT64_MAX: never ends
+  char match[kKeyMax];
+  char name[64];
+};
+static_assert(sizeof(RuleDef) == 256);
+
+// A rule's counter for one key. `c.limit` applies when `c.limit_explicit` is set; otherwise the
+// rule's own limit does, read at each decision (so a changed rule limit needs no sweep).
+struct alignas(64) RuleSlot {
+  KeyHeaderOf<kRuleKeyMax> k;
+  alignas(64) Counters c;
+};
+static_assert(sizeof(RuleSlot) == 448);
 
 // N strings of at most kKeyMax bytes each, stored back to back so that short ids (the usual
 // case) touch one or two cache lines rather than N. Lengths are checked before set().
@@ -177,8 +232,20 @@ struct alignas(64) ReservationSlot {
   // project_id, run_id, model, agent_id: written by the owner while kResReserving, copied into
   // the ledger entry by the commit.
   PackedStrings<4> ids;
+  // The rule counters this reservation holds on, in the units of each one's metric. Written while
+  // kResReserving, before the counter changes; `held` and `target` follow the same crash-safety
+  // rules as the slot's own (see kChargeGrown).
+  struct RuleHold {
+    std::atomic<std::int32_t> slot;     // RuleSlot index
+    std::atomic<std::uint16_t> rule;    // the rule's index (its definition gives the limit)
+    std::atomic<std::uint16_t> metric;  // RuleMetricValue, copied from the rule at reserve time
+    std::atomic<std::int64_t> held;
+    std::atomic<std::int64_t> target;   // while kResCharging
+  };
+  std::atomic<std::uint32_t> rule_holds;   // entries of `rules` in use
+  RuleHold rules[kMaxRuleHolds];
 };
-static_assert(sizeof(ReservationSlot) == 640);
+static_assert(sizeof(ReservationSlot) == 832);
 enum ReservationText : std::size_t { kResProject = 0, kResRun = 1, kResModel = 2, kResAgent = 3 };
 
 // --- the ledger ring ---------------------------------------------------------------------------
@@ -256,6 +323,9 @@ struct alignas(64) Stats {
   // Calls refused, by code (E-BUDGET-001 .. -004), since the region was created. Only refusals
   // pay for this count: allowed checks count nothing, to stay a few loads.
   std::atomic<std::uint64_t> denied[4];
+  // Calls refused with the codes only rules give (E-BUDGET-005 .. -007, E-RATE-001, -002,
+  // E-CONCURRENCY-001), by code. Rules that deny with -001 .. -003 count in `denied`.
+  std::atomic<std::uint64_t> denied_by_rule[6];
   // Calls refused with E-TOKENFUSE-CAPACITY, and records booked that could not be counted
   // against a limited tenant or run: no table room for a key with a limit.
   std::atomic<std::uint64_t> capacity_refused;
@@ -300,6 +370,16 @@ struct alignas(64) Header {
   alignas(64) Counters platform;
   alignas(64) Defaults defaults;
   alignas(64) Stats stats;
+
+  // Budget rules. Written once by the creator, before `ready`:
+  std::uint32_t rule_capacity;          // rule counters; a power of two
+  std::uint32_t pad1_;
+  std::uint64_t rule_offset;
+  // Kept by the agent: one past the highest definition ever live (readers look no further), and
+  // when the current budget day ends (unix ns), for denials of the daily layers.
+  std::atomic<std::uint32_t> rule_count;
+  std::atomic<std::int64_t> day_end_unix_ns;
+  alignas(64) RuleDef rules[kMaxRules];
 };
 
 static_assert(offsetof(Header, magic) == 0);

@@ -32,7 +32,7 @@ namespace {
 constexpr std::uint64_t alignUp(std::uint64_t n, std::uint64_t a) { return (n + a - 1) / a * a; }
 
 struct Layout {
-  std::uint64_t tenant_offset, run_offset, model_offset, reservation_offset, ledger_offset, total;
+  std::uint64_t tenant_offset, run_offset, model_offset, reservation_offset, ledger_offset, rule_offset, total;
 };
 
 Layout layoutFor(const RegionSpec& spec) {
@@ -48,6 +48,8 @@ Layout layoutFor(const RegionSpec& spec) {
   off = alignUp(off + std::uint64_t{spec.reservation_capacity} * sizeof(shm::ReservationSlot), 4096);
   l.ledger_offset = off;
   off = alignUp(off + std::uint64_t{spec.ledger_capacity} * sizeof(shm::LedgerSlot), 4096);
+  l.rule_offset = off;
+  off = alignUp(off + std::uint64_t{spec.rule_capacity} * sizeof(shm::RuleSlot), 4096);
   l.total = off;
   return l;
 }
@@ -159,6 +161,8 @@ Geometry geometryOf(const Layout& l, const RegionSpec& spec) {
   g.model_capacity = spec.model_capacity;
   g.reservation_capacity = spec.reservation_capacity;
   g.ledger_capacity = spec.ledger_capacity;
+  g.rule_capacity = spec.rule_capacity;
+  g.rule_offset = l.rule_offset;
   g.tenant_offset = l.tenant_offset;
   g.run_offset = l.run_offset;
   g.model_offset = l.model_offset;
@@ -246,7 +250,7 @@ std::uint32_t Region::reclaim() const noexcept {
 bool Region::matches(const RegionSpec& spec) const noexcept {
   return geo_.tenant_capacity == spec.tenant_capacity && geo_.run_capacity == spec.run_capacity &&
          geo_.model_capacity == spec.model_capacity && geo_.reservation_capacity == spec.reservation_capacity &&
-         geo_.ledger_capacity == spec.ledger_capacity;
+         geo_.ledger_capacity == spec.ledger_capacity && geo_.rule_capacity == spec.rule_capacity;
 }
 
 std::string Region::damage() const {
@@ -274,7 +278,7 @@ Status Region::create(const RegionSpec& spec, std::unique_ptr<Region>* out) {
   for (auto [what, n] : {std::pair{"tenant capacity", spec.tenant_capacity}, {"run capacity", spec.run_capacity},
                          {"model capacity", spec.model_capacity},
                          {"reservation capacity", spec.reservation_capacity},
-                         {"ledger capacity", spec.ledger_capacity}}) {
+                         {"ledger capacity", spec.ledger_capacity}, {"rule capacity", spec.rule_capacity}}) {
     if (auto p = capacityProblem(what, n); !p.empty()) return Status::error(p);
   }
   const Layout layout = layoutFor(spec);
@@ -302,6 +306,8 @@ Status Region::create(const RegionSpec& spec, std::unique_ptr<Region>* out) {
         reinterpret_cast<shm::ReservationSlot*>(base + layout.reservation_offset), spec.reservation_capacity);
     auto* ledger = reinterpret_cast<shm::LedgerSlot*>(base + layout.ledger_offset);
     std::uninitialized_value_construct_n(ledger, spec.ledger_capacity);
+    std::uninitialized_value_construct_n(reinterpret_cast<shm::RuleSlot*>(base + layout.rule_offset),
+                                         spec.rule_capacity);
 
     h->magic = shm::kMagic;
     h->layout_version = shm::kLayoutVersion;
@@ -317,6 +323,8 @@ Status Region::create(const RegionSpec& spec, std::unique_ptr<Region>* out) {
     h->reservation_offset = layout.reservation_offset;
     h->ledger_capacity = spec.ledger_capacity;
     h->ledger_offset = layout.ledger_offset;
+    h->rule_capacity = spec.rule_capacity;
+    h->rule_offset = layout.rule_offset;
     h->created_unix_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
                              std::chrono::system_clock::now().time_since_epoch()).count();
     h->clock_unix_ns.store(h->created_unix_ns, std::memory_order_relaxed);
@@ -422,11 +430,11 @@ Status Region::attach(const std::string& shm_name, std::unique_ptr<Region>* out,
                            "): restart tokenfused with --recreate-region");
     }
     const RegionSpec spec{shm_name, h->tenant_capacity, h->run_capacity, h->model_capacity,
-                          h->reservation_capacity, 0, h->ledger_capacity, 0};
+                          h->reservation_capacity, 0, h->ledger_capacity, 0, h->rule_capacity};
     for (auto [what, n] : {std::pair{"tenant capacity", spec.tenant_capacity}, {"run capacity", spec.run_capacity},
                            {"model capacity", spec.model_capacity},
                            {"reservation capacity", spec.reservation_capacity},
-                           {"ledger capacity", spec.ledger_capacity}}) {
+                           {"ledger capacity", spec.ledger_capacity}, {"rule capacity", spec.rule_capacity}}) {
       if (auto p = capacityProblem(what, n); !p.empty()) {
         return Status::error("region " + shown + " has a bad header (" + p +
                              "): restart tokenfused with --recreate-region");
@@ -435,7 +443,8 @@ Status Region::attach(const std::string& shm_name, std::unique_ptr<Region>* out,
     const Layout layout = layoutFor(spec);
     if (layout.total != region_bytes || layout.tenant_offset != h->tenant_offset ||
         layout.run_offset != h->run_offset || layout.model_offset != h->model_offset ||
-        layout.reservation_offset != h->reservation_offset || layout.ledger_offset != h->ledger_offset) {
+        layout.reservation_offset != h->reservation_offset || layout.ledger_offset != h->ledger_offset ||
+        layout.rule_offset != h->rule_offset) {
       return Status::error("region " + shown +
                            " has table offsets this library does not expect: restart tokenfused with "
                            "--recreate-region");

@@ -29,6 +29,7 @@ struct RegionSpec {
   // The ledger sequence number the region continues from: the highest one already in the
   // agent's SQLite ledger, so that a new region never reuses a sequence number.
   std::uint64_t ledger_base = 0;
+  std::uint32_t rule_capacity = 16384;   // counters of budget rules (one per rule and key)
 };
 
 // The bytes a region made to `spec` takes (header, tables and ledger ring, page-aligned).
@@ -46,8 +47,9 @@ enum class AttachFailure { kNone, kNotFound, kNotReady, kIncompatible, kOwned, k
 struct Geometry {
   std::uint64_t region_bytes = 0;
   std::uint32_t tenant_capacity = 0, run_capacity = 0, model_capacity = 0, reservation_capacity = 0,
-                ledger_capacity = 0;
-  std::uint64_t tenant_offset = 0, run_offset = 0, model_offset = 0, reservation_offset = 0, ledger_offset = 0;
+                ledger_capacity = 0, rule_capacity = 0;
+  std::uint64_t tenant_offset = 0, run_offset = 0, model_offset = 0, reservation_offset = 0, ledger_offset = 0,
+                rule_offset = 0;
 };
 
 // What a CallSite's tenant, run or model holds when it is not a slot index. Internal: the public
@@ -91,6 +93,7 @@ class Region {
   shm::ModelSlot* models() const noexcept { return at<shm::ModelSlot>(geo_.model_offset); }
   shm::ReservationSlot* reservations() const noexcept { return at<shm::ReservationSlot>(geo_.reservation_offset); }
   shm::LedgerSlot* ledger() const noexcept { return at<shm::LedgerSlot>(geo_.ledger_offset); }
+  shm::RuleSlot* ruleSlots() const noexcept { return at<shm::RuleSlot>(geo_.rule_offset); }
   const Geometry& geometry() const noexcept { return geo_; }
   const std::string& name() const noexcept { return name_; }
 
@@ -109,6 +112,12 @@ class Region {
       l.bad = true;
     }
     return l;
+  }
+
+  // A rule counter by its index in the rule table (a reservation's RuleHold); nullptr when the
+  // index is out of range, as layers() does.
+  shm::Counters* ruleCounters(std::int32_t slot) const noexcept {
+    return slot >= 0 && static_cast<std::uint32_t>(slot) < geo_.rule_capacity ? &ruleSlots()[slot].c : nullptr;
   }
 
   // Set (from a SIGBUS handler) when the region's file was truncated under this mapping: the

@@ -1,5 +1,5 @@
 // An insert-only, open-addressing hash table in shared memory, keyed by a string of at most
-// shm::kKeyMax bytes. Lock-free: a slot is claimed with one compare-and-swap that carries the
+// the slot's key buffer (shm::kKeyMax bytes, shm::kRuleKeyMax for rule counters). Lock-free: a slot is claimed with one compare-and-swap that carries the
 // key's hash tag and the claimer's pid, filled, then published as ready with release order.
 //
 // A reader that meets a slot being filled with the same hash tag waits for it (a few hundred
@@ -48,9 +48,10 @@ struct Found {
 
 // A slot's key, with its length clamped to the key buffer: key_len is in the region, which any
 // group member can write. Read key_len once.
-inline std::string_view keyOf(const shm::KeyHeader& k) noexcept {
+template <std::size_t N>
+inline std::string_view keyOf(const shm::KeyHeaderOf<N>& k) noexcept {
   const std::uint32_t len = k.key_len;
-  return {k.key, len < shm::kKeyMax ? len : shm::kKeyMax};
+  return {k.key, len < N ? len : N};
 }
 
 template <typename Slot>
@@ -84,7 +85,8 @@ class KeyedTable {
     const auto tag = static_cast<std::uint32_t>(h >> 32);
     std::uint32_t i = static_cast<std::uint32_t>(h) & mask_;
     for (std::uint32_t n = 0; n <= mask_ && n < kMaxProbe; ++n, i = (i + 1) & mask_) {
-      shm::KeyHeader& k = slots_[i].k;
+      auto& k = slots_[i].k;
+      constexpr std::size_t kMax = sizeof(k.key);
       std::uint64_t w = k.word.load(std::memory_order_acquire);
       int spins = 0;
       for (;;) {   // look at slot i until it is decided; then go on to the next slot
@@ -115,7 +117,7 @@ class KeyedTable {
           continue;
         }
         const std::uint32_t len = k.key_len;   // once: the region may change it under us
-        if (len == key.size() && len <= shm::kKeyMax && std::memcmp(k.key, key.data(), len) == 0) {
+        if (len == key.size() && len <= kMax && std::memcmp(k.key, key.data(), len) == 0) {
           return {Lookup::kFound, static_cast<std::int32_t>(i)};
         }
         break;

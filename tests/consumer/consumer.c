@@ -6,7 +6,7 @@
 int main(int argc, char** argv) {
   char error[256];
   tf_client* c = NULL;
-  tf_usage u = {"consumer", "gpt-4o", "openai", NULL, NULL, 1000, 0};
+  tf_usage u = {"consumer", "gpt-4o", "openai", NULL, NULL, 1000, 0, NULL};
   tf_decision d;
   if (argc != 2) return 2;
   if (tf_attach(argv[1], &c, error, sizeof error) != 0) {

@@ -1,6 +1,11 @@
 // Real processes and real threads racing on one region: the budget property must hold exactly.
 #include "support.h"
 
+#include "region_admin.h"
+#include "rule_match.h"
+
+#include <map>
+
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -286,5 +291,203 @@ TEST_CASE("reserve: 200 concurrent calls of $0.042 against a $1.00 limit spend a
   CHECK(passed == 23);   // 23 * 0.042 = 0.966; a 24th would make 1.008
   CHECK(t.client->tenant("acme").committed == usd("0.966"));
   CHECK(t.client->tenant("acme").denials == 200 - 23);
+  ::munmap(shared, sizeof(Shared));
+}
+
+namespace {
+
+// What one child process booked on the rules test's counters.
+struct RuleBooked {
+  std::int64_t commits = 0, tokens = 0, reserved = 0, denied = 0, failures = 0;
+};
+
+void ruleWorker(Client& c, int seed, int iterations, RuleBooked* out, std::mutex* mu) {
+  std::mt19937 rng(static_cast<unsigned>(seed));
+  static const char* const kTagLists[] = {"", "batch", "eval", "batch,eval"};
+  static const char* const kModels[] = {"gpt-4o", "gpt-4o-mini", "ollama/llama3"};
+  RuleBooked mine;
+  for (int i = 0; i < iterations; ++i) {
+    const std::string project = "tenant-" + std::to_string(rng() % kTenants);
+    const std::string agent = "agent-" + std::to_string(rng() % 3);
+    Call call;
+    call.project_id = project;
+    call.model = kModels[rng() % 3];
+    call.agent_id = agent;
+    call.tags = kTagLists[rng() % 4];
+    call.estimated_prompt_tokens = 50 + rng() % 400;
+    call.estimated_completion_tokens = rng() % 200;
+    Reservation r;
+    const Decision d = c.reserve(call, &r);
+    if (!d.allowed()) {
+      mine.denied += 1;
+      if (d.rule == 0 || (d.code != Code::kModelBudgetExhausted && d.code != Code::kTagBudgetExhausted &&
+                          d.code != Code::kRequestRateExceeded && d.code != Code::kTokenRateExceeded &&
+                          d.code != Code::kConcurrencyExceeded && d.code != Code::kAgentBudgetExhausted)) {
+        mine.failures += 1;
+      }
+      continue;
+    }
+    mine.reserved += 1;
+    // A second call in flight beside it, so that calls overlap even on a machine of two cores.
+    Reservation beside;
+    const Decision b = c.reserve(call, &beside);
+    if (b.allowed()) {
+      if (!c.release(beside).allowed()) mine.failures += 1;
+    } else if (b.rule == 0) {
+      mine.failures += 1;
+    }
+    const std::int64_t prompt = call.estimated_prompt_tokens;
+    switch (rng() % 3) {
+      case 0:
+        if (!c.release(r).allowed()) mine.failures += 1;
+        break;
+      case 1: {   // stream until done or stopped by a rule
+        std::int64_t got = 0;
+        if (!c.charge(r, prompt, 0).allowed()) mine.failures += 1;
+        const std::int64_t want = call.estimated_completion_tokens + rng() % 400;
+        while (got < want && c.charge(r, 0, 25).allowed()) got += 25;
+        if (!c.commit(r, "openai", prompt, got).allowed()) mine.failures += 1;
+        mine.commits += 1;
+        mine.tokens += prompt + got;
+        break;
+      }
+      default: {
+        const auto p = static_cast<std::int64_t>(rng() % (prompt + 1));
+        const auto k = static_cast<std::int64_t>(rng() % (call.estimated_completion_tokens + 1));
+        if (!c.commit(r, "openai", p, k).allowed()) mine.failures += 1;
+        mine.commits += 1;
+        mine.tokens += p + k;
+        break;
+      }
+    }
+  }
+  std::lock_guard lock(*mu);
+  out->commits += mine.commits;
+  out->tokens += mine.tokens;
+  out->reserved += mine.reserved;
+  out->denied += mine.denied;
+  out->failures += mine.failures;
+}
+
+}  // namespace
+
+TEST_CASE("rules: under 4 processes x 4 threads no rule counter of any kind passes its limit, and the counts "
+          "equal what was committed") {
+  TestRegion t(1024, "mp-rules");
+  auto rule = [](std::string name, RuleScope scope, RuleMetric metric, std::int64_t limit, std::string match = {}) {
+    RuleSpec r;
+    r.name = std::move(name);
+    r.scope = scope;
+    r.metric = metric;
+    r.limit = limit;
+    r.window.kind = metric == RuleMetric::kConcurrency ? WindowKind::kAllTime : WindowKind::kHour;
+    r.match = std::move(match);
+    return r;
+  };
+  // Checked in this order: the ones that deny least come first, so that each gets to deny.
+  const std::vector<RuleSpec> rules = {
+      rule("in-flight", RuleScope::kPlatform, RuleMetric::kConcurrency, 2),
+      rule("gpt4-money", RuleScope::kTenantModel, RuleMetric::kUsd, usd("0.10").count(), "gpt-4*"),
+      rule("agent-requests", RuleScope::kAgent, RuleMetric::kRequests, 150),
+      rule("tenant-tokens", RuleScope::kTenant, RuleMetric::kTokens, 1'000'000'000),   // counts, never denies
+      rule("agent-money", RuleScope::kTenantAgent, RuleMetric::kUsd, usd("0.04").count()),
+      rule("tag-tokens", RuleScope::kTag, RuleMetric::kTokens, 20'000),
+  };
+  std::vector<std::uint32_t> indices;
+  REQUIRE(t.admin->setRules(rules, std::vector<WindowSpan>(rules.size(), WindowSpan{0, 0, INT64_MAX}), &indices).ok());
+
+  constexpr int kProcesses = 4;
+  constexpr int kThreads = 4;
+  constexpr int kIterations = 1500;
+  Shared* shared = sharedPage();
+  std::vector<std::pair<pid_t, int>> children;
+  for (int p = 0; p < kProcesses; ++p) {
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::close(fds[0]);
+      std::unique_ptr<Client> c;
+      if (!Client::attach({t.spec.shm_name}, &c).ok()) ::_exit(3);
+      RuleBooked total;
+      std::mutex mu;
+      std::vector<std::thread> threads;
+      for (int i = 0; i < kThreads; ++i) {
+        threads.emplace_back([&, i] {
+          awaitStart(shared);
+          ruleWorker(*c, p * 100 + i, kIterations, &total, &mu);
+        });
+      }
+      for (auto& th : threads) th.join();
+      const bool sent = ::write(fds[1], &total, sizeof total) == static_cast<ssize_t>(sizeof total);
+      ::_exit(sent ? 0 : 4);
+    }
+    ::close(fds[1]);
+    children.emplace_back(pid, fds[0]);
+  }
+
+  // Every rule counter, sampled while the children race: committed + held within its limit.
+  const shm::Header& h = t.region->header();
+  auto forEachCounter = [&](auto&& f) {
+    for (std::uint32_t i = 0; i < t.spec.rule_capacity; ++i) {
+      const shm::RuleSlot& s = t.region->ruleSlots()[i];
+      RuleKey key;
+      if (shm::keyState(s.k.word.load()) != shm::kKeyReady || !parseRuleKey(keyOf(s.k), &key)) continue;
+      f(key.rule, s.c, ruleLimit(s.c, h.rules[key.rule].limit.load()));
+    }
+  };
+  std::atomic<bool> done{false};
+  std::atomic<std::int64_t> violations{0}, samples{0};
+  std::thread monitor([&] {
+    while (!done.load()) {
+      forEachCounter([&](std::uint32_t, const shm::Counters& c, std::int64_t limit) {
+        if (c.spend.used() > limit) violations++;
+      });
+      samples++;
+    }
+  });
+  CHECK(allWaiting(shared, kProcesses * kThreads));
+  shared->go.store(1);
+
+  RuleBooked sum;
+  for (auto [pid, fd] : children) {
+    RuleBooked b;
+    CHECK(::read(fd, &b, sizeof b) == static_cast<ssize_t>(sizeof b));
+    ::close(fd);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    sum.commits += b.commits;
+    sum.tokens += b.tokens;
+    sum.reserved += b.reserved;
+    sum.denied += b.denied;
+    sum.failures += b.failures;
+  }
+  done = true;
+  monitor.join();
+
+  MESSAGE("reserved " << sum.reserved << ", denied " << sum.denied << ", monitor samples " << samples.load());
+  CHECK(sum.failures == 0);
+  CHECK(violations.load() == 0);
+  CHECK(sum.reserved > 100);
+  CHECK(sum.denied > 100);
+  // At rest: nothing held anywhere, every count within its limit, and the counts that see every
+  // call (requests per agent, tokens per tenant) add up to what the children committed.
+  std::int64_t requests = 0, tokens = 0;
+  std::map<std::uint32_t, std::int64_t> denials;
+  forEachCounter([&](std::uint32_t index, const shm::Counters& c, std::int64_t limit) {
+    CHECK(c.spend.used() == c.spend.committed());
+    CHECK(c.spend.committed() <= limit);
+    if (index == indices[2]) requests += c.spend.committed();
+    if (index == indices[3]) tokens += c.spend.committed();
+    if (index == indices[0]) CHECK(c.spend.committed() == 0);
+    denials[index] += c.denials.load();
+  });
+  CHECK(requests == sum.commits);
+  CHECK(tokens == sum.tokens);
+  // Each limiting rule denied some calls: the race covered every kind.
+  for (std::size_t i : {0u, 1u, 2u, 4u, 5u}) CHECK_MESSAGE(denials[indices[i]] > 0, rules[i].name);
+  CHECK(t.client->info().live_reservations == 0);
   ::munmap(shared, sizeof(Shared));
 }

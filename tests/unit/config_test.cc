@@ -3,6 +3,8 @@
 #include "pricing.h"
 
 #include <fstream>
+#include <set>
+#include <sstream>
 
 using namespace tokenfuse;
 using namespace tokenfuse::test;
@@ -15,6 +17,31 @@ std::string parseError(const std::string& text) {
     return e.what();
   }
   return "no error";
+}
+
+// The error for one [[rules]] table named "r" with `body` (its keys, one a line).
+std::string ruleError(const std::string& body) { return parseError("[[rules]]\nname = \"r\"\n" + body); }
+
+// Field by field, so that a failure names the rule and the field.
+void checkRule(const RuleSpec& got, const RuleSpec& want) {
+  INFO("rule ", want.name);
+  CHECK(got.name == want.name);
+  CHECK(scopeName(got.scope) == scopeName(want.scope));
+  CHECK(got.match == want.match);
+  CHECK(metricName(got.metric) == metricName(want.metric));
+  CHECK(windowName(got.window.kind) == windowName(want.window.kind));
+  CHECK(got.window.week_start == want.window.week_start);
+  CHECK(got.limit == want.limit);
+  CHECK(got.keys == want.keys);
+  CHECK(got.host_only == want.host_only);
+}
+
+std::string readFile(const std::string& path) {
+  std::ifstream in(path);
+  REQUIRE(in);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
 }
 }  // namespace
 
@@ -35,6 +62,48 @@ TEST_CASE("config: the shipped packaging/tokenfuse.toml is valid and equals the 
   CHECK(c.tenant_capacity == d.tenant_capacity);
   CHECK(c.reservation_ttl_s == d.reservation_ttl_s);
   CHECK_FALSE(c.kill_active);
+  CHECK(c.rules.empty());
+}
+
+TEST_CASE("config: the [[rules]] examples in packaging/tokenfuse.toml are valid once uncommented") {
+  // The examples are the comment block that starts at "# [[rules]]"; prose in it is a comment
+  // of its own ("#   ...") and stays one.
+  std::istringstream in(readFile(TOKENFUSE_SOURCE_DIR "/packaging/tokenfuse.toml"));
+  std::string line, toml;
+  bool inside = false;
+  while (std::getline(in, line)) {
+    if (line.rfind("# [[rules]]", 0) == 0) inside = true;
+    if (!inside) continue;
+    if (line.rfind('#', 0) != 0) break;
+    toml += (line.rfind("# ", 0) == 0 ? line.substr(2) : std::string()) + "\n";
+  }
+  const Config c = parseConfig(toml, "packaging/tokenfuse.toml, uncommented");
+  REQUIRE(c.rules.size() == 3);
+  CHECK(c.rules[0].keys.size() == 2);
+  CHECK(c.rules[1].window.kind == WindowKind::kWeek);
+  CHECK(c.rules[2].metric == RuleMetric::kConcurrency);
+}
+
+TEST_CASE("config: every TOML example in docs/rules.md is valid, and together they show every scope and window") {
+  const std::string doc = readFile(TOKENFUSE_SOURCE_DIR "/docs/rules.md");
+  std::set<std::string_view> scopes, windows;
+  int blocks = 0;
+  for (std::size_t at = doc.find("```toml\n"); at != std::string::npos; at = doc.find("```toml\n", at)) {
+    const std::size_t begin = at + 8;
+    const std::size_t end = doc.find("```", begin);
+    REQUIRE(end != std::string::npos);
+    const std::string origin = "docs/rules.md block " + std::to_string(++blocks);
+    INFO(origin);
+    Config c;
+    CHECK_NOTHROW(c = parseConfig(doc.substr(begin, end - begin), origin));
+    for (const RuleSpec& r : c.rules) {
+      scopes.insert(scopeName(r.scope));
+      if (r.metric != RuleMetric::kConcurrency) windows.insert(windowName(r.window.kind));
+    }
+    at = end + 3;
+  }
+  CHECK(scopes.size() == 8);
+  CHECK(windows.size() == 6);
 }
 
 TEST_CASE("config: limits, prices and the kill switch are read exactly") {
@@ -171,6 +240,287 @@ TEST_CASE("config: [alerts] thresholds per scope and tenant, notifiers, and what
   // A secret's file is named when it cannot be read; its content never is.
   CHECK(parseError("[[alerts.notifiers]]\nkind = \"telegram\"\nbot_token_file = \"/nonexistent/bot\"\n"
                    "chat_id = \"1\"\n") == "t.toml: alerts.notifiers[0].bot_token_file: cannot read /nonexistent/bot");
+}
+
+TEST_CASE("config: rule scope, metric, window and weekday names read back as written") {
+  for (int i = 0; i < 8; ++i) {
+    const auto s = static_cast<RuleScope>(i);
+    CHECK(parseScope(scopeName(s)) == s);
+  }
+  for (int i = 0; i < 6; ++i) {
+    const auto m = static_cast<RuleMetric>(i);
+    CHECK(parseMetric(metricName(m)) == m);
+  }
+  for (int i = 0; i < 6; ++i) {
+    const auto k = static_cast<WindowKind>(i);
+    CHECK(parseWindow(windowName(k)) == k);
+  }
+  for (unsigned d = 0; d < 7; ++d) CHECK(parseWeekday(weekdayName(d)) == d);
+  CHECK(scopeName(RuleScope::kTenantModel) == "tenant+model");
+  CHECK(metricName(RuleMetric::kCompletionTokens) == "completion_tokens");
+  CHECK(windowName(WindowKind::kAllTime) == "all-time");
+  CHECK(weekdayName(0) == "sunday");
+  CHECK(scopeName(static_cast<RuleScope>(200)) == "unknown");   // a byte from the region, say
+  CHECK_FALSE(parseScope("Tenant").has_value());
+  CHECK_FALSE(parseMetric("").has_value());
+  CHECK_FALSE(parseWindow("daily").has_value());
+  CHECK_FALSE(parseWeekday("mon").has_value());
+}
+
+TEST_CASE("config: [[rules]] of every scope, window and metric are read exactly, in the file's order") {
+  const Config c = parseConfig(R"(
+[[rules]]
+name = "platform-hourly"
+scope = "platform"
+window = "hour"
+limit = "40.50"
+
+[[rules]]
+name = "tenant-monthly"
+scope = "tenant"
+window = "month"
+limit = 500
+host_only = true
+[rules.keys]
+"acme" = "1200.000000001"
+"internal" = "unlimited"
+
+[[rules]]
+name = "run.tokens"
+scope = "run"
+window = "all-time"
+metric = "tokens"
+limit = 2000000
+
+[[rules]]
+name = "bots_weekly"
+scope = "agent"
+match = "bot-*"
+window = "week"
+week_start = "sunday"
+metric = "completion_tokens"
+limit = 100000
+
+[[rules]]
+name = "gpt-4-family"
+scope = "model"
+match = "gpt-4*"
+window = "day"
+metric = "prompt_tokens"
+keys = { "gpt-4o" = 0 }
+
+[[rules]]
+name = "tag-rate"
+scope = "tag"
+window = "minute"
+metric = "requests"
+limit = 600
+keys = { "batch" = "unlimited", "interactive" = 60 }
+
+[[rules]]
+name = "opus-per-tenant"
+scope = "tenant+model"
+match = "claude-opus-4-7"
+window = "week"
+limit = "unlimited"
+
+[[rules]]
+name = "in-flight"
+scope = "tenant+agent"
+metric = "concurrency"
+limit = 8
+)",
+                               "t.toml");
+  std::vector<RuleSpec> want(8);
+  want[0].name = "platform-hourly";
+  want[0].scope = RuleScope::kPlatform;
+  want[0].window.kind = WindowKind::kHour;
+  want[0].limit = 40'500'000'000;
+
+  want[1].name = "tenant-monthly";
+  want[1].scope = RuleScope::kTenant;
+  want[1].window.kind = WindowKind::kMonth;
+  want[1].limit = 500'000'000'000;
+  want[1].keys = {{"acme", 1'200'000'000'001}, {"internal", std::nullopt}};
+  want[1].host_only = true;
+
+  want[2].name = "run.tokens";
+  want[2].scope = RuleScope::kRun;
+  want[2].metric = RuleMetric::kTokens;
+  want[2].window.kind = WindowKind::kAllTime;
+  want[2].limit = 2'000'000;
+
+  want[3].name = "bots_weekly";
+  want[3].scope = RuleScope::kAgent;
+  want[3].match = "bot-*";
+  want[3].metric = RuleMetric::kCompletionTokens;
+  want[3].window = {WindowKind::kWeek, 0};
+  want[3].limit = 100'000;
+
+  want[4].name = "gpt-4-family";
+  want[4].scope = RuleScope::kModel;
+  want[4].match = "gpt-4*";
+  want[4].metric = RuleMetric::kPromptTokens;
+  want[4].window.kind = WindowKind::kDay;
+  want[4].keys = {{"gpt-4o", 0}};
+
+  want[5].name = "tag-rate";
+  want[5].scope = RuleScope::kTag;
+  want[5].metric = RuleMetric::kRequests;
+  want[5].window.kind = WindowKind::kMinute;
+  want[5].limit = 600;
+  want[5].keys = {{"batch", std::nullopt}, {"interactive", 60}};
+
+  want[6].name = "opus-per-tenant";
+  want[6].scope = RuleScope::kTenantModel;
+  want[6].match = "claude-opus-4-7";
+  want[6].window = {WindowKind::kWeek, 1};   // Monday unless told
+  want[6].limit = std::nullopt;
+
+  want[7].name = "in-flight";
+  want[7].scope = RuleScope::kTenantAgent;
+  want[7].metric = RuleMetric::kConcurrency;
+  want[7].window.kind = WindowKind::kAllTime;   // concurrency has no window
+  want[7].limit = 8;
+
+  REQUIRE(c.rules.size() == want.size());
+  for (std::size_t i = 0; i < want.size(); ++i) checkRule(c.rules[i], want[i]);
+  CHECK(parseConfig("rules = []\n", "t.toml").rules.empty());
+}
+
+TEST_CASE("config: [[rules]] as a whole: a list of tables, at most 32, names unique") {
+  CHECK(parseError("rules = 5\n") == "t.toml: rules: must be a list of [[rules]] tables");
+  CHECK(parseError("[rules]\nname = \"r\"\n") == "t.toml: rules: must be a list of [[rules]] tables");
+  CHECK(parseError("rules = [1]\n") == "t.toml: rules[0]: must be a table");
+  auto many = [](int n) {
+    std::string text;
+    for (int i = 0; i < n; ++i) text += "[[rules]]\nname = \"r" + std::to_string(i) + "\"\nscope = \"tenant\"\nwindow = \"day\"\n";
+    return text;
+  };
+  CHECK(parseConfig(many(32), "t.toml").rules.size() == 32);
+  CHECK(parseError(many(33)) == "t.toml: rules: at most 32 rules are allowed; this file has 33");
+  CHECK(parseError("[[rules]]\nname = \"r\"\nscope = \"tenant\"\nwindow = \"day\"\n"
+                   "[[rules]]\nname = \"s\"\nscope = \"run\"\nwindow = \"day\"\n"
+                   "[[rules]]\nname = \"r\"\nscope = \"model\"\nwindow = \"day\"\n") ==
+        "t.toml: rules[2] (\"r\").name: is already the name of rules[0]; names must be unique");
+}
+
+TEST_CASE("config: a rule's name is required, 1 to 63 of A-Z a-z 0-9 . _ -, and names the rule in every message") {
+  CHECK(parseError("[[rules]]\nscope = \"tenant\"\n") ==
+        "t.toml: rules[0].name: is missing (every rule needs one, e.g. name = \"tenant-monthly\")");
+  CHECK(parseError("[[rules]]\nname = 7\n") == "t.toml: rules[0].name: must be a string");
+  CHECK(parseError("[[rules]]\nname = \"\"\n") == "t.toml: rules[0].name: must not be empty");
+  CHECK(parseConfig("[[rules]]\nname = \"" + std::string(63, 'n') + "\"\nscope = \"run\"\nwindow = \"day\"\n", "t.toml")
+            .rules.at(0)
+            .name.size() == 63);
+  CHECK(parseError("[[rules]]\nname = \"" + std::string(64, 'n') + "\"\n") ==
+        "t.toml: rules[0].name: may be at most 63 characters");
+  CHECK(parseError("[[rules]]\nname = \"tenant monthly\"\n") ==
+        "t.toml: rules[0].name: may hold only A-Z, a-z, 0-9, '.', '_' and '-'");
+  CHECK(parseError("[[rules]]\nname = \"t\u00e9\"\n") ==
+        "t.toml: rules[0].name: may hold only A-Z, a-z, 0-9, '.', '_' and '-'");
+  CHECK(ruleError("scope = \"tenant\"\nwindow = \"day\"\nlimt = \"1\"\n") ==
+        "t.toml: rules[0] (\"r\").limt: unknown key (check its spelling and section)");
+}
+
+TEST_CASE("config: a rule's scope is required and one of the eight") {
+  CHECK(ruleError("window = \"day\"\n") ==
+        "t.toml: rules[0] (\"r\").scope: is missing: one of platform, tenant, run, agent, model, tag, tenant+model, "
+        "tenant+agent");
+  CHECK(ruleError("scope = \"tenants\"\nwindow = \"day\"\n") ==
+        "t.toml: rules[0] (\"r\").scope: must be one of platform, tenant, run, agent, model, tag, tenant+model, "
+        "tenant+agent");
+  CHECK(ruleError("scope = [\"tenant\"]\nwindow = \"day\"\n") == "t.toml: rules[0] (\"r\").scope: must be a string");
+}
+
+TEST_CASE("config: a rule's metric is one of the six, usd unless given") {
+  CHECK(metricName(parseConfig("[[rules]]\nname = \"r\"\nscope = \"run\"\nwindow = \"day\"\n", "t").rules.at(0).metric) ==
+        "usd");
+  CHECK(ruleError("scope = \"tenant\"\nwindow = \"day\"\nmetric = \"dollars\"\n") ==
+        "t.toml: rules[0] (\"r\").metric: must be one of usd, tokens, prompt_tokens, completion_tokens, requests, "
+        "concurrency");
+}
+
+TEST_CASE("config: a rule's window is required, one of the six, and absent for concurrency") {
+  CHECK(ruleError("scope = \"tenant\"\n") ==
+        "t.toml: rules[0] (\"r\").window: is missing: one of minute, hour, day, week, month, all-time");
+  CHECK(ruleError("scope = \"tenant\"\nwindow = \"daily\"\n") ==
+        "t.toml: rules[0] (\"r\").window: must be one of minute, hour, day, week, month, all-time");
+  CHECK(ruleError("scope = \"tenant\"\nmetric = \"concurrency\"\nwindow = \"all-time\"\n") ==
+        "t.toml: rules[0] (\"r\").window: must not be given for metric concurrency (it has no window)");
+}
+
+TEST_CASE("config: a rule's week_start is a weekday, and only for weekly windows") {
+  CHECK(parseConfig("[[rules]]\nname = \"r\"\nscope = \"run\"\nwindow = \"week\"\nweek_start = \"saturday\"\n", "t")
+            .rules.at(0)
+            .window.week_start == 6);
+  CHECK(ruleError("scope = \"tenant\"\nwindow = \"month\"\nweek_start = \"monday\"\n") ==
+        "t.toml: rules[0] (\"r\").week_start: is only for window = \"week\"");
+  CHECK(ruleError("scope = \"tenant\"\nmetric = \"concurrency\"\nweek_start = \"monday\"\n") ==
+        "t.toml: rules[0] (\"r\").week_start: is only for window = \"week\"");
+  CHECK(ruleError("scope = \"tenant\"\nwindow = \"week\"\nweek_start = \"Monday\"\n") ==
+        "t.toml: rules[0] (\"r\").week_start: must be a day from sunday to saturday (lower case)");
+}
+
+TEST_CASE("config: a rule's match is \"\", a key or a prefix with '*', at most 128 bytes of text, and not for the platform") {
+  const std::string base = "scope = \"model\"\nwindow = \"day\"\n";
+  CHECK(parseConfig("[[rules]]\nname = \"r\"\n" + base + "match = \"" + std::string(127, 'm') + "*\"\n", "t")
+            .rules.at(0)
+            .match.size() == 128);
+  CHECK(ruleError(base + "match = \"" + std::string(129, 'm') + "\"\n") ==
+        "t.toml: rules[0] (\"r\").match: may be at most 128 bytes");
+  CHECK(ruleError(base + "match = \"gpt\\u0000\"\n") ==
+        "t.toml: rules[0] (\"r\").match: must be UTF-8 text without NUL (\\u0000)");
+  CHECK(ruleError(base + "match = \"gpt-*-mini\"\n") ==
+        "t.toml: rules[0] (\"r\").match: may hold '*' only at its end (\"gpt-4*\": every key that starts with gpt-4)");
+  CHECK(ruleError(base + "match = \"*\"\n") ==
+        "t.toml: rules[0] (\"r\").match: \"*\" alone is not a pattern: write \"\" for every key, or a prefix before "
+        "the '*'");
+  CHECK(ruleError(base + "match = 4\n") == "t.toml: rules[0] (\"r\").match: must be a string");
+  CHECK(ruleError("scope = \"platform\"\nwindow = \"day\"\nmatch = \"\"\n") ==
+        "t.toml: rules[0] (\"r\").match: is not for scope platform, which counts every call in one counter");
+}
+
+TEST_CASE("config: a rule's limit is money for usd and a whole number for the other metrics") {
+  const std::string usd = "scope = \"tenant\"\nwindow = \"day\"\n";
+  CHECK(ruleError(usd + "limit = 1.5\n").find("rules[0] (\"r\").limit: write money as a string") != std::string::npos);
+  CHECK(ruleError(usd + "limit = -1\n") == "t.toml: rules[0] (\"r\").limit: must not be negative");
+  CHECK(ruleError(usd + "limit = \"lots\"\n").rfind("t.toml: rules[0] (\"r\").limit: ", 0) == 0);
+  CHECK(ruleError(usd + "limit = \"lots\"\n").find("(or write \"unlimited\")") != std::string::npos);
+  CHECK(ruleError("scope = \"tenant\"\nwindow = \"day\"\nmetric = \"tokens\"\nlimit = \"5.00\"\n") ==
+        "t.toml: rules[0] (\"r\").limit: must be a whole number of tokens, such as 1000 (or \"unlimited\")");
+  CHECK(ruleError("scope = \"tenant\"\nwindow = \"day\"\nmetric = \"requests\"\nlimit = 2.0\n") ==
+        "t.toml: rules[0] (\"r\").limit: must be a whole number of requests, such as 1000 (or \"unlimited\")");
+  CHECK(ruleError("scope = \"tenant\"\nmetric = \"concurrency\"\nlimit = -3\n") ==
+        "t.toml: rules[0] (\"r\").limit: must not be negative");
+}
+
+TEST_CASE("config: a rule's keys are ids with limits of the rule's kind, and not for platform, tenant+model, tenant+agent") {
+  CHECK(ruleError("scope = \"platform\"\nwindow = \"day\"\nkeys = { \"x\" = \"1\" }\n") ==
+        "t.toml: rules[0] (\"r\").keys: is not for scope platform, which has one counter: use limit");
+  CHECK(ruleError("scope = \"tenant+model\"\nwindow = \"day\"\nkeys = { \"x\" = \"1\" }\n") ==
+        "t.toml: rules[0] (\"r\").keys: is not for scope tenant+model: use match to choose the model and limit for "
+        "every tenant");
+  CHECK(ruleError("scope = \"tenant+agent\"\nwindow = \"day\"\nkeys = { \"x\" = \"1\" }\n") ==
+        "t.toml: rules[0] (\"r\").keys: is not for scope tenant+agent: use match to choose the agent and limit for "
+        "every tenant");
+  CHECK(ruleError("scope = \"tenant\"\nwindow = \"day\"\nkeys = 5\n") == "t.toml: rules[0] (\"r\").keys: must be a table");
+  CHECK(ruleError("scope = \"tenant\"\nwindow = \"day\"\nkeys = { \"\" = \"1\" }\n") ==
+        "t.toml: rules[0] (\"r\").keys.\"\": a project_id must be 1 to 128 bytes");
+  CHECK(ruleError("scope = \"run\"\nwindow = \"day\"\nkeys = { \"" + std::string(129, 'k') + "\" = \"1\" }\n")
+            .find("a run_id must be 1 to 128 bytes") != std::string::npos);
+  CHECK(ruleError("scope = \"agent\"\nwindow = \"day\"\nkeys = { \"a\\u0000\" = \"1\" }\n")
+            .find("an agent_id must not hold NUL") != std::string::npos);
+  CHECK(ruleError("scope = \"model\"\nwindow = \"day\"\nkeys = { \"gpt-4o\" = 0.5 }\n")
+            .find("rules[0] (\"r\").keys.\"gpt-4o\": write money as a string") != std::string::npos);
+  CHECK(ruleError("scope = \"tag\"\nwindow = \"day\"\nmetric = \"requests\"\nkeys = { \"batch\" = \"10\" }\n") ==
+        "t.toml: rules[0] (\"r\").keys.\"batch\": must be a whole number of requests, such as 1000 (or \"unlimited\")");
+}
+
+TEST_CASE("config: a rule's host_only is true or false") {
+  CHECK(ruleError("scope = \"tenant\"\nwindow = \"day\"\nhost_only = \"yes\"\n") ==
+        "t.toml: rules[0] (\"r\").host_only: must be true or false");
+  CHECK_FALSE(parseConfig("[[rules]]\nname = \"r\"\nscope = \"run\"\nwindow = \"day\"\n", "t").rules.at(0).host_only);
 }
 
 TEST_CASE("agent: an unknown time zone in the config stops start-up with a message naming it") {

@@ -64,10 +64,10 @@ TEST_CASE("c abi: an id that is not UTF-8 is refused with TF_INVALID_ARGUMENT at
   REQUIRE(tf_attach(t.spec.shm_name.c_str(), &client, error, sizeof error) == 0);
   CHECK(tf_check(client, "\xFF", "gpt-4o", 1000, nullptr).code == TF_INVALID_ARGUMENT);
   CHECK(tf_check(client, "acme", "gpt-4o", 1000, "r\xC3").code == TF_INVALID_ARGUMENT);
-  tf_call call = {"acme\xFF", "gpt-4o", nullptr, nullptr, 1000, 0, 0};
+  tf_call call = {"acme\xFF", "gpt-4o", nullptr, nullptr, 1000, 0, 0, nullptr};
   std::uint64_t r = 0;
   CHECK(tf_reserve(client, &call, &r).code == TF_INVALID_ARGUMENT);
-  tf_usage usage = {"acme", "gpt-4o", "openai", nullptr, "agent\x80", 10, 20};
+  tf_usage usage = {"acme", "gpt-4o", "openai", nullptr, "agent\x80", 10, 20, nullptr};
   CHECK(tf_record(client, &usage).code == TF_INVALID_ARGUMENT);
   CHECK(std::string(tf_error_code(TF_INVALID_ARGUMENT)) == "E-TOKENFUSE-INVALID-ARGUMENT");
   tf_detach(client);

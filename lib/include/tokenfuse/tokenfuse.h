@@ -25,6 +25,12 @@ enum tf_code {
   TF_TENANT_BUDGET_EXHAUSTED = 2,   /* E-BUDGET-002 */
   TF_PLATFORM_BUDGET_EXHAUSTED = 3, /* E-BUDGET-003 */
   TF_EMERGENCY_KILL = 4,            /* E-BUDGET-004 */
+  TF_MODEL_BUDGET_EXHAUSTED = 5,    /* E-BUDGET-005 (budget rules: docs/rules.md) */
+  TF_AGENT_BUDGET_EXHAUSTED = 6,    /* E-BUDGET-006 */
+  TF_TAG_BUDGET_EXHAUSTED = 7,      /* E-BUDGET-007 */
+  TF_REQUEST_RATE_EXCEEDED = 8,     /* E-RATE-001 */
+  TF_TOKEN_RATE_EXCEEDED = 9,       /* E-RATE-002 */
+  TF_CONCURRENCY_EXCEEDED = 10,     /* E-CONCURRENCY-001 */
   TF_INVALID_ARGUMENT = 100,
   TF_CAPACITY_EXHAUSTED = 101,      /* a limited tenant or run has no table room: refused; from
                                        tf_record with ledger_seq > 0, booked but not counted
@@ -46,6 +52,9 @@ typedef struct tf_decision {
   int64_t used_nano_usd;       /* on a budget denial: the layer's committed + held */
   int64_t limit_nano_usd;      /* on a budget denial: the layer's limit */
   uint64_t ledger_seq;         /* commit and record: the entry's sequence number in the ledger */
+  uint32_t rule;               /* on a denial: the denying rule's number, 0 for a built-in layer */
+  uint32_t reserved_;
+  int64_t resets_unix_ns;      /* on a denial: when the denying window ends; 0: never */
 } tf_decision;
 
 typedef struct tf_call {
@@ -56,6 +65,7 @@ typedef struct tf_call {
   int64_t estimated_prompt_tokens;
   int64_t estimated_completion_tokens;
   int64_t ttl_ms; /* 0: the agent's default */
+  const char* tags; /* optional: comma-separated labels for tag rules */
 } tf_call;
 
 typedef struct tf_usage {
@@ -66,6 +76,7 @@ typedef struct tf_usage {
   const char* agent_id; /* optional */
   int64_t prompt_tokens;
   int64_t completion_tokens;
+  const char* tags; /* optional, as tf_call.tags */
 } tf_usage;
 
 typedef struct tf_budget_view {

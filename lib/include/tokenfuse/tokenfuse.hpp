@@ -40,6 +40,14 @@ enum class Code : std::int32_t {
   kTenantBudgetExhausted = 2,     // E-BUDGET-002
   kPlatformBudgetExhausted = 3,   // E-BUDGET-003
   kEmergencyKill = 4,             // E-BUDGET-004
+  // Budget rules (docs/rules.md). A money rule on the run, tenant or platform scope denies with
+  // the built-in layer's code above; the other kinds have their own.
+  kModelBudgetExhausted = 5,      // E-BUDGET-005: a money rule on a model, model group or tenant x model
+  kAgentBudgetExhausted = 6,      // E-BUDGET-006: a money rule on an agent (user, key) or tenant x agent
+  kTagBudgetExhausted = 7,        // E-BUDGET-007: a money rule on a tag
+  kRequestRateExceeded = 8,       // E-RATE-001: a rule on requests per window
+  kTokenRateExceeded = 9,         // E-RATE-002: a rule on tokens per window (or all time)
+  kConcurrencyExceeded = 10,      // E-CONCURRENCY-001: a cap on calls in flight
   kInvalidArgument = 100,         // an id too long, a token count negative or absurd
   kCapacityExhausted = 101,       // a table is full and the call could not be counted safely: a
                                   // tenant or run with a limit has no entry (or no reservation
@@ -73,9 +81,16 @@ struct Decision {
   // check/reserve: the estimated cost. charge: the cost of all tokens charged so far.
   // commit/record: the cost booked. release: the hold returned.
   NanoUsd cost;
-  // On a budget denial: the denying layer's spending (committed + held) and its limit.
+  // On a budget denial: the denying layer's spending (committed + held) and its limit, in the
+  // unit of its metric (nano-USD for money; tokens, requests or calls in flight for rules that
+  // count those: read them with .count()).
   NanoUsd used;
   NanoUsd limit;
+  // On a denial: the rule that denied (1 + its index in the region's rule table, as Client::rules
+  // lists it; 0 for a built-in layer), and when its window ends and the count starts again (unix
+  // ns; 0: never, as for a run or an all-time rule). HTTP answers turn it into Retry-After.
+  std::uint32_t rule = 0;
+  std::int64_t resets_unix_ns = 0;
   // commit only: the reservation had outlived its deadline and its hold was already returned;
   // the cost was still booked in full.
   bool reservation_expired = false;
@@ -108,7 +123,13 @@ struct Call {
   // make the limit exact; a commit above the hold is still booked, and may overshoot.
   std::int64_t estimated_completion_tokens = 0;
   std::int64_t ttl_ms = 0;                      // 0: the agent's default reservation lifetime
+  // Labels for tag rules, comma-separated ("batch,eval"): at most kMaxTags, each 1 to 128
+  // bytes, kMaxTagBytes in all. Tags only select rules; they are not kept in the ledger yet.
+  std::string_view tags = {};
 };
+
+inline constexpr std::size_t kMaxTags = 8;
+inline constexpr std::size_t kMaxTagBytes = 256;
 
 // A finished call booked without a reservation (the reference's record_token_usage).
 struct Usage {
@@ -119,6 +140,7 @@ struct Usage {
   std::string_view agent_id;
   std::int64_t prompt_tokens = 0;
   std::int64_t completion_tokens = 0;
+  std::string_view tags = {};   // as Call::tags
 };
 
 struct CallSiteAccess;  // libtokenfuse's own (lib/src); not part of the API
@@ -131,7 +153,7 @@ struct CallSiteAccess;  // libtokenfuse's own (lib/src); not part of the API
 // keeping it private means the indices are not part of the ABI, so the table layout can change
 // without breaking applications, and an application cannot build one that names another
 // tenant's slot (the library still checks every index it reads back, as the bytes live in the
-// caller's memory). sizeof(CallSite) is 544 bytes, as when its fields were public.
+// caller's memory).
 class CallSite {
  public:
   CallSite() noexcept = default;
@@ -151,6 +173,8 @@ class CallSite {
   char agent_id[128] = {};
   char project_id[128] = {};
   char run_id[128] = {};
+  std::uint32_t tags_len = 0;
+  char tags[kMaxTagBytes] = {};
 };
 
 // One budget layer as it stands now.

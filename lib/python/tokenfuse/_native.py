@@ -23,6 +23,12 @@ RUN_BUDGET_EXHAUSTED = 1
 TENANT_BUDGET_EXHAUSTED = 2
 PLATFORM_BUDGET_EXHAUSTED = 3
 EMERGENCY_KILL = 4
+MODEL_BUDGET_EXHAUSTED = 5
+AGENT_BUDGET_EXHAUSTED = 6
+TAG_BUDGET_EXHAUSTED = 7
+REQUEST_RATE_EXCEEDED = 8
+TOKEN_RATE_EXCEEDED = 9
+CONCURRENCY_EXCEEDED = 10
 INVALID_ARGUMENT = 100
 CAPACITY_EXHAUSTED = 101
 LEDGER_FULL = 105
@@ -41,6 +47,9 @@ class Decision(ctypes.Structure):
         ("used_nano_usd", ctypes.c_int64),
         ("limit_nano_usd", ctypes.c_int64),
         ("ledger_seq", ctypes.c_uint64),
+        ("rule", ctypes.c_uint32),
+        ("reserved_", ctypes.c_uint32),
+        ("resets_unix_ns", ctypes.c_int64),
     ]
 
 
@@ -53,6 +62,7 @@ class Call(ctypes.Structure):
         ("estimated_prompt_tokens", ctypes.c_int64),
         ("estimated_completion_tokens", ctypes.c_int64),
         ("ttl_ms", ctypes.c_int64),
+        ("tags", ctypes.c_char_p),
     ]
 
 
@@ -65,6 +75,7 @@ class Usage(ctypes.Structure):
         ("agent_id", ctypes.c_char_p),
         ("prompt_tokens", ctypes.c_int64),
         ("completion_tokens", ctypes.c_int64),
+        ("tags", ctypes.c_char_p),
     ]
 
 
@@ -96,7 +107,7 @@ class KillState(ctypes.Structure):
 
 
 def _load() -> ctypes.CDLL:
-    path = os.environ.get("TOKENFUSE_LIBRARY") or ctypes.util.find_library("tokenfuse") or "libtokenfuse.so.0.1"
+    path = os.environ.get("TOKENFUSE_LIBRARY") or ctypes.util.find_library("tokenfuse") or "libtokenfuse.so.0.2"
     try:
         lib = ctypes.CDLL(path)
     except OSError as exc:
