@@ -92,14 +92,31 @@ void reply(Response& res, int status, const json& body) {
   res.content_type = "application/json";
 }
 
-void denial(Response& res, const Decision& d, std::string_view project_id) {
+// A refusal: 402 for a budget, 429 for a rate or a concurrency cap (try again later, as HTTP
+// has it), with Retry-After when the denying window ends; a denying rule is named.
+void denial(Response& res, const Decision& d, std::string_view project_id, const shm::Header& h) {
+  const bool rate = d.code == Code::kRequestRateExceeded || d.code == Code::kTokenRateExceeded ||
+                    d.code == Code::kConcurrencyExceeded;
   const int status = d.code == Code::kInvalidArgument ? 400
                      : d.code == Code::kUnknownReservation ? 404
                      : (d.code == Code::kLedgerFull || d.code == Code::kRegionBusy || d.code == Code::kCapacityExhausted ||
                         d.code == Code::kRegionCorrupt || d.code == Code::kLedgerUnavailable)
                          ? 503
-                         : 402;
-  reply(res, status, {{"allowed", false}, {"error_code", d.errorCode()}, {"message", describe(d, project_id)}});
+                     : rate ? 429
+                            : 402;
+  json body{{"allowed", false}, {"error_code", d.errorCode()}, {"message", describe(d, project_id)}};
+  if (d.rule > 0 && d.rule <= shm::kMaxRules) {
+    const shm::RuleDef& def = h.rules[d.rule - 1];
+    body["rule"] = std::string(def.name, std::min<std::size_t>(def.name_len, sizeof def.name));
+  }
+  if (d.resets_unix_ns > 0) {
+    body["resets_unix_ns"] = d.resets_unix_ns;
+    // Whole seconds, rounded up, at least 1 (RFC 9110 10.2.3).
+    const std::int64_t now_ns = h.clock_unix_ns.load(std::memory_order_relaxed);   // the agent's clock, as the window's
+    const std::int64_t wait_s = std::max<std::int64_t>(1, (d.resets_unix_ns - now_ns + 999'999'999) / 1'000'000'000);
+    res.headers.emplace_back("Retry-After", std::to_string(wait_s));
+  }
+  reply(res, status, body);
 }
 
 // The id in /v1/reservations/{id}{suffix}: digits only, or no such reservation.
@@ -314,11 +331,14 @@ http::Router HttpApi::routes() {
     const std::string project = text(b, "project_id", true), model = text(b, "model", true);
     const std::string run = text(b, "run_id", false), agent = text(b, "agent_id", false);
     const std::int64_t est = count(b, "estimated_prompt_tokens", false, 4000, kMaxTokensPerCall);
+    const std::string tags = text(b, "tags", false, kMaxTagBytes);
     CallSite site;
-    Decision d = engine_.prepare({project, model, run, agent, est, 0, 0}, &site, false);
+    Call call{project, model, run, agent, est, 0, 0};
+    call.tags = tags;
+    Decision d = engine_.prepare(call, &site, false);
     if (d.allowed()) d = engine_.check(site, est, 0);
     metrics_.decision(Metrics::Endpoint::kCheck, d.code);
-    if (!d.allowed()) return denial(res, d, project);
+    if (!d.allowed()) return denial(res, d, project, admin_.header());
     reply(res, 200, {{"allowed", true}, {"estimated_cost_usd", d.cost.toString()}});
   });
 
@@ -329,12 +349,15 @@ http::Router HttpApi::routes() {
     const std::int64_t prompt = count(b, "estimated_prompt_tokens", true, 0, kMaxTokensPerCall);
     const std::int64_t completion = count(b, "estimated_completion_tokens", false, 0, kMaxTokensPerCall);
     const std::int64_t ttl_s = count(b, "ttl_s", false, 0, 7 * 86400);
+    const std::string tags = text(b, "tags", false, kMaxTagBytes);
     CallSite site;
     Reservation r;
-    Decision d = engine_.prepare({project, model, run, agent, prompt, completion, 0}, &site, true);
+    Call call{project, model, run, agent, prompt, completion, 0};
+    call.tags = tags;
+    Decision d = engine_.prepare(call, &site, true);
     if (d.allowed()) d = engine_.reserve(site, prompt, completion, ttl_s * 1000, &r);
     metrics_.decision(Metrics::Endpoint::kReserve, d.code);
-    if (!d.allowed()) return denial(res, d, project);
+    if (!d.allowed()) return denial(res, d, project, admin_.header());
     const std::int64_t ttl_ns =
         ttl_s > 0 ? ttl_s * 1'000'000'000 : admin_.header().defaults.reservation_ttl_ns.load();
     reply(res, 201, {{"reservation_id", std::to_string(r.id)},
@@ -350,7 +373,7 @@ http::Router HttpApi::routes() {
     const std::int64_t completion = count(b, "completion_tokens", true, 0, kMaxTokensPerCall);
     const Decision d = engine_.commit({id}, provider, prompt, completion);
     metrics_.decision(Metrics::Endpoint::kCommit, d.code);
-    if (!d.allowed()) return denial(res, d, {});
+    if (!d.allowed()) return denial(res, d, {}, admin_.header());
     reply(res, 200, {{"cost_usd", d.cost.toString()},
                      {"ledger_seq", d.ledger_seq},
                      {"reservation_expired", d.reservation_expired}});
@@ -363,14 +386,14 @@ http::Router HttpApi::routes() {
     const std::int64_t completion = count(b, "completion_tokens", true, 0, kMaxTokensPerCall);
     const Decision d = engine_.charge({id}, prompt, completion);
     metrics_.decision(Metrics::Endpoint::kCharge, d.code);
-    if (!d.allowed()) return denial(res, d, {});
+    if (!d.allowed()) return denial(res, d, {}, admin_.header());
     reply(res, 200, {{"allowed", true}, {"consumed_usd", d.cost.toString()}});
   });
 
   on_id("DELETE", "/v1/reservations/", "", [this](const Request& req, Response& res) {
     const Decision d = engine_.release({reservationId(req, "")});
     metrics_.decision(Metrics::Endpoint::kRelease, d.code);
-    if (!d.allowed()) return denial(res, d, {});
+    if (!d.allowed()) return denial(res, d, {}, admin_.header());
     res.status = 204;
   });
 
@@ -381,7 +404,8 @@ http::Router HttpApi::routes() {
     const std::string run = text(b, "run_id", false), agent = text(b, "agent_id", false);
     const std::int64_t prompt = count(b, "prompt_tokens", true, 0, kMaxTokensPerCall);
     const std::int64_t completion = count(b, "completion_tokens", true, 0, kMaxTokensPerCall);
-    const Decision d = engine_.record({project, model, provider, run, agent, prompt, completion});
+    const std::string tags = text(b, "tags", false, kMaxTagBytes);
+    const Decision d = engine_.record({project, model, provider, run, agent, prompt, completion, tags});
     metrics_.decision(Metrics::Endpoint::kUsage, d.code);
     if (d.code == Code::kCapacityExhausted && d.ledger_seq != 0) {
       // Booked (do not retry), but not counted against the tenant's or run's limit: no table room.
@@ -391,7 +415,7 @@ http::Router HttpApi::routes() {
                               {"message", "booked in the ledger, but not counted against the limit of its tenant or "
                                           "run: the region's table is full"}});
     }
-    if (!d.allowed()) return denial(res, d, project);
+    if (!d.allowed()) return denial(res, d, project, admin_.header());
     reply(res, 201, {{"cost_usd", d.cost.toString()}, {"ledger_seq", d.ledger_seq}});
   });
 

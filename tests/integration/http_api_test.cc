@@ -338,3 +338,49 @@ TEST_CASE("http: 200 concurrent reservations of $0.042 against $1.00 spend at mo
   CHECK(passed == 23);
   CHECK(f.client->tenant("acme").committed == *NanoUsd::parse("0.966"));
 }
+
+TEST_CASE("http: [[rules]] from the config file are enforced; a rate denial is 429 with the rule, Retry-After "
+          "and the window's end") {
+  HttpFixture f("http-rules", R"(
+[[rules]]
+name = "batch-rpm"
+scope = "tag"
+match = "batch"
+window = "minute"
+metric = "requests"
+limit = 2
+
+[[rules]]
+name = "acme-monthly"
+scope = "tenant"
+match = "acme"
+window = "month"
+limit = "0.01"
+)");
+  const std::string batch = R"({"project_id":"acme","model":"gpt-4o","estimated_prompt_tokens":10,"tags":"batch"})";
+  for (int i = 0; i < 2; ++i) CHECK(f.send("POST", "/v1/reservations", batch).first == 201);
+  httplib::Client c = f.http();
+  const httplib::Result r = c.Post("/v1/reservations", batch, "application/json");
+  REQUIRE(r);
+  CHECK(r->status == 429);
+  const json body = json::parse(r->body);
+  CHECK(body["error_code"] == "E-RATE-001");
+  CHECK(body["rule"] == "batch-rpm");
+  const int retry = std::stoi(r->get_header_value("Retry-After"));
+  CHECK(retry >= 1);
+  CHECK(retry <= 61);
+  // The window ends on a minute boundary, within the minute.
+  const std::int64_t resets = body["resets_unix_ns"];
+  CHECK(resets % 60'000'000'000 == 0);
+  // Untagged calls and other tags are not counted by it.
+  CHECK(f.send("POST", "/v1/check", R"({"project_id":"acme","model":"gpt-4o","estimated_prompt_tokens":10})").first == 200);
+  // The money rule: $0.01 a month for acme (1000 prompt tokens of gpt-4o cost $0.005).
+  const std::string paid = R"({"project_id":"acme","model":"gpt-4o","estimated_prompt_tokens":1000})";
+  CHECK(f.send("POST", "/v1/reservations", paid).first == 201);
+  auto [status, denied] = f.send("POST", "/v1/reservations", paid);
+  CHECK(status == 402);
+  CHECK(denied["error_code"] == "E-BUDGET-002");
+  CHECK(denied["rule"] == "acme-monthly");
+  CHECK(f.send("POST", "/v1/reservations", R"({"project_id":"other","model":"gpt-4o","estimated_prompt_tokens":1000})")
+            .first == 201);
+}
