@@ -278,6 +278,49 @@ void BM_LedgerSustained(benchmark::State& state) {
 }
 BENCHMARK(BM_LedgerSustained)->Iterations(3)->UseRealTime()->Unit(benchmark::kMillisecond);
 
+// Budget rules (docs/rules.md): the cost of each rule a call matches, beside the three built-in
+// layers. N rules on the benchmark's tenant, of every metric in turn, limited but never reached;
+// installed for the benchmark and retired after it. Registered last: a retired definition is
+// still looked at (one load) by every later call.
+struct WithRules {
+  explicit WithRules(std::int64_t n) {
+    std::vector<RuleSpec> rules;
+    constexpr RuleMetric kMetrics[] = {RuleMetric::kUsd, RuleMetric::kTokens, RuleMetric::kRequests,
+                                       RuleMetric::kConcurrency};
+    for (std::int64_t i = 0; i < n; ++i) {
+      RuleSpec r;
+      r.name = "bench-" + std::to_string(i);
+      r.scope = i % 2 == 0 ? RuleScope::kTenant : RuleScope::kTenantModel;
+      r.metric = kMetrics[i % 4];
+      r.window.kind = r.metric == RuleMetric::kConcurrency ? WindowKind::kAllTime : WindowKind::kMonth;
+      r.limit = std::int64_t{1} << 60;
+      rules.push_back(r);
+    }
+    std::vector<std::uint32_t> indices;
+    const std::vector<WindowSpan> spans(rules.size(), WindowSpan{0, 0, INT64_MAX});
+    if (Status s = g->admin->setRules(rules, spans, &indices); !s.ok()) throw std::runtime_error(s.message());
+  }
+  ~WithRules() {
+    std::vector<std::uint32_t> none;
+    (void)g->admin->setRules({}, {}, &none);
+  }
+};
+
+void BM_CheckRules(benchmark::State& state) {
+  const WithRules rules(state.range(0));
+  for (auto _ : state) {
+    const Decision d = g->client->check(g->site, 1000, 0);
+    benchmark::DoNotOptimize(d);
+  }
+}
+BENCHMARK(BM_CheckRules)->Arg(1)->Arg(4)->Arg(8);
+
+void BM_ReserveCommitRules(benchmark::State& state) {
+  const WithRules rules(state.range(0));
+  reserveCommit(state, nullptr);
+}
+BENCHMARK(BM_ReserveCommitRules)->Arg(1)->Arg(4)->Arg(8);
+
 }  // namespace
 
 int main(int argc, char** argv) {
