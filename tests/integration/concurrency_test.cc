@@ -62,6 +62,54 @@ void awaitStart(Shared* s) {
   while (s->go.load() == 0) std::this_thread::yield();
 }
 
+// Forks `processes` children attached to `shm_name`, each running `threads` threads of
+// work(client, seed, &total, &mu) from the start barrier on; releases them together and returns
+// the sum of what each child sent back (add(sum, one) adds one child's Result to the sum).
+template <typename Result, typename Work, typename Add>
+Result raceChildren(const std::string& shm_name, int processes, int threads, Work work, Add add) {
+  Shared* shared = sharedPage();
+  std::vector<std::pair<pid_t, int>> children;
+  for (int p = 0; p < processes; ++p) {
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::close(fds[0]);
+      std::unique_ptr<Client> c;
+      if (!Client::attach({shm_name}, &c).ok()) ::_exit(3);
+      Result total;
+      std::mutex mu;
+      std::vector<std::thread> pool;
+      for (int i = 0; i < threads; ++i) {
+        pool.emplace_back([&, i] {
+          awaitStart(shared);
+          work(*c, p * 100 + i, &total, &mu);
+        });
+      }
+      for (auto& th : pool) th.join();
+      const bool sent = ::write(fds[1], &total, sizeof total) == static_cast<ssize_t>(sizeof total);
+      ::_exit(sent ? 0 : 4);
+    }
+    ::close(fds[1]);
+    children.emplace_back(pid, fds[0]);
+  }
+  CHECK(allWaiting(shared, processes * threads));
+  shared->go.store(1);
+  Result sum;
+  for (auto [pid, fd] : children) {
+    Result one;
+    CHECK(::read(fd, &one, sizeof one) == static_cast<ssize_t>(sizeof one));
+    ::close(fd);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    add(sum, one);
+  }
+  ::munmap(shared, sizeof(Shared));
+  return sum;
+}
+
 // One thread's work: reserve, then commit at most the estimate, stream in chunks, or release.
 void worker(Client& c, int seed, int iterations, Booked* out, std::mutex* mu) {
   std::mt19937 rng(static_cast<unsigned>(seed));
@@ -140,36 +188,7 @@ TEST_CASE("reserve: concurrent processes and threads never take any layer past i
   t.admin->setDefaultLimit(LimitTable::kTenant, tenant_limit);
   t.admin->setDefaultLimit(LimitTable::kRun, run_limit);
 
-  constexpr int kProcesses = 4;
-  constexpr int kThreads = 4;
   constexpr int kIterations = 1500;
-  Shared* shared = sharedPage();
-  std::vector<std::pair<pid_t, int>> children;
-  for (int p = 0; p < kProcesses; ++p) {
-    int fds[2];
-    REQUIRE(::pipe(fds) == 0);
-    const pid_t pid = ::fork();
-    if (pid == 0) {
-      ::close(fds[0]);
-      std::unique_ptr<Client> c;
-      if (!Client::attach({t.spec.shm_name}, &c).ok()) ::_exit(3);
-      Booked total;
-      std::mutex mu;
-      std::vector<std::thread> threads;
-      for (int i = 0; i < kThreads; ++i) {
-        threads.emplace_back([&, i] {
-          awaitStart(shared);
-          worker(*c, p * 100 + i, kIterations, &total, &mu);
-        });
-      }
-      for (auto& th : threads) th.join();
-      const bool sent = ::write(fds[1], &total, sizeof total) == static_cast<ssize_t>(sizeof total);
-      ::_exit(sent ? 0 : 4);
-    }
-    ::close(fds[1]);
-    children.emplace_back(pid, fds[0]);
-  }
-
   // Watch every layer while the children race: committed + held must never pass the limit.
   std::atomic<bool> done{false};
   std::atomic<std::int64_t> violations{0}, samples{0};
@@ -191,26 +210,18 @@ TEST_CASE("reserve: concurrent processes and threads never take any layer past i
       samples++;
     }
   });
-  CHECK(allWaiting(shared, kProcesses * kThreads));
-  shared->go.store(1);
-
-  Booked sum;
-  for (auto [pid, fd] : children) {
-    Booked b;
-    CHECK(::read(fd, &b, sizeof b) == static_cast<ssize_t>(sizeof b));
-    ::close(fd);
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    CHECK(WIFEXITED(status));
-    CHECK(WEXITSTATUS(status) == 0);
-    for (int i = 0; i < kTenants; ++i) sum.tenant[i] += b.tenant[i];
-    for (int i = 0; i < kRuns; ++i) sum.run[i] += b.run[i];
-    sum.total += b.total;
-    sum.reserved += b.reserved;
-    sum.denied += b.denied;
-    sum.stopped_streams += b.stopped_streams;
-    sum.failures += b.failures;
-  }
+  const Booked sum = raceChildren<Booked>(
+      t.spec.shm_name, 4, 4,
+      [](Client& c, int seed, Booked* total, std::mutex* mu) { worker(c, seed, kIterations, total, mu); },
+      [](Booked& into, const Booked& b) {
+    for (int i = 0; i < kTenants; ++i) into.tenant[i] += b.tenant[i];
+    for (int i = 0; i < kRuns; ++i) into.run[i] += b.run[i];
+    into.total += b.total;
+    into.reserved += b.reserved;
+    into.denied += b.denied;
+    into.stopped_streams += b.stopped_streams;
+    into.failures += b.failures;
+  });
   done = true;
   monitor.join();
 
@@ -240,7 +251,6 @@ TEST_CASE("reserve: concurrent processes and threads never take any layer past i
     CHECK(v.committed <= run_limit);
   }
   CHECK(t.client->info().live_reservations == 0);
-  ::munmap(shared, sizeof(Shared));
 }
 
 TEST_CASE("reserve: 200 concurrent calls of $0.042 against a $1.00 limit spend at most $1.00 (the reference "
@@ -328,13 +338,15 @@ void ruleWorker(Client& c, int seed, int iterations, RuleBooked* out, std::mutex
       continue;
     }
     mine.reserved += 1;
-    // A second call in flight beside it, so that calls overlap even on a machine of two cores.
-    Reservation beside;
-    const Decision b = c.reserve(call, &beside);
-    if (b.allowed()) {
-      if (!c.release(beside).allowed()) mine.failures += 1;
-    } else if (b.rule == 0) {
-      mine.failures += 1;
+    // Two more calls in flight beside it: with the cap at 2, the third is refused by it even when
+    // no other thread's call overlaps (a machine of two cores runs few at once).
+    Reservation beside[2];
+    for (Reservation& b : beside) {
+      const Decision more = c.reserve(call, &b);
+      if (!more.allowed() && more.rule == 0) mine.failures += 1;
+    }
+    for (Reservation& b : beside) {
+      if (b.valid() && !c.release(b).allowed()) mine.failures += 1;
     }
     const std::int64_t prompt = call.estimated_prompt_tokens;
     switch (rng() % 3) {
@@ -387,45 +399,16 @@ TEST_CASE("rules: under 4 processes x 4 threads no rule counter of any kind pass
   // Checked in this order: the ones that deny least come first, so that each gets to deny.
   const std::vector<RuleSpec> rules = {
       rule("in-flight", RuleScope::kPlatform, RuleMetric::kConcurrency, 2),
-      rule("gpt4-money", RuleScope::kTenantModel, RuleMetric::kUsd, usd("0.10").count(), "gpt-4*"),
+      rule("gpt4-money", RuleScope::kTenantModel, RuleMetric::kUsd, usd("0.03").count(), "gpt-4*"),
       rule("agent-requests", RuleScope::kAgent, RuleMetric::kRequests, 150),
       rule("tenant-tokens", RuleScope::kTenant, RuleMetric::kTokens, 1'000'000'000),   // counts, never denies
-      rule("agent-money", RuleScope::kTenantAgent, RuleMetric::kUsd, usd("0.04").count()),
+      rule("agent-money", RuleScope::kTenantAgent, RuleMetric::kUsd, usd("0.015").count()),
       rule("tag-tokens", RuleScope::kTag, RuleMetric::kTokens, 20'000),
   };
   std::vector<std::uint32_t> indices;
   REQUIRE(t.admin->setRules(rules, std::vector<WindowSpan>(rules.size(), WindowSpan{0, 0, INT64_MAX}), &indices).ok());
 
-  constexpr int kProcesses = 4;
-  constexpr int kThreads = 4;
   constexpr int kIterations = 1500;
-  Shared* shared = sharedPage();
-  std::vector<std::pair<pid_t, int>> children;
-  for (int p = 0; p < kProcesses; ++p) {
-    int fds[2];
-    REQUIRE(::pipe(fds) == 0);
-    const pid_t pid = ::fork();
-    if (pid == 0) {
-      ::close(fds[0]);
-      std::unique_ptr<Client> c;
-      if (!Client::attach({t.spec.shm_name}, &c).ok()) ::_exit(3);
-      RuleBooked total;
-      std::mutex mu;
-      std::vector<std::thread> threads;
-      for (int i = 0; i < kThreads; ++i) {
-        threads.emplace_back([&, i] {
-          awaitStart(shared);
-          ruleWorker(*c, p * 100 + i, kIterations, &total, &mu);
-        });
-      }
-      for (auto& th : threads) th.join();
-      const bool sent = ::write(fds[1], &total, sizeof total) == static_cast<ssize_t>(sizeof total);
-      ::_exit(sent ? 0 : 4);
-    }
-    ::close(fds[1]);
-    children.emplace_back(pid, fds[0]);
-  }
-
   // Every rule counter, sampled while the children race: committed + held within its limit.
   const shm::Header& h = t.region->header();
   auto forEachCounter = [&](auto&& f) {
@@ -446,24 +429,16 @@ TEST_CASE("rules: under 4 processes x 4 threads no rule counter of any kind pass
       samples++;
     }
   });
-  CHECK(allWaiting(shared, kProcesses * kThreads));
-  shared->go.store(1);
-
-  RuleBooked sum;
-  for (auto [pid, fd] : children) {
-    RuleBooked b;
-    CHECK(::read(fd, &b, sizeof b) == static_cast<ssize_t>(sizeof b));
-    ::close(fd);
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    CHECK(WIFEXITED(status));
-    CHECK(WEXITSTATUS(status) == 0);
-    sum.commits += b.commits;
-    sum.tokens += b.tokens;
-    sum.reserved += b.reserved;
-    sum.denied += b.denied;
-    sum.failures += b.failures;
-  }
+  const RuleBooked sum = raceChildren<RuleBooked>(
+      t.spec.shm_name, 4, 4,
+      [](Client& c, int seed, RuleBooked* total, std::mutex* mu) { ruleWorker(c, seed, kIterations, total, mu); },
+      [](RuleBooked& into, const RuleBooked& b) {
+        into.commits += b.commits;
+        into.tokens += b.tokens;
+        into.reserved += b.reserved;
+        into.denied += b.denied;
+        into.failures += b.failures;
+      });
   done = true;
   monitor.join();
 
@@ -489,5 +464,4 @@ TEST_CASE("rules: under 4 processes x 4 threads no rule counter of any kind pass
   // Each limiting rule denied some calls: the race covered every kind.
   for (std::size_t i : {0u, 1u, 2u, 4u, 5u}) CHECK_MESSAGE(denials[indices[i]] > 0, rules[i].name);
   CHECK(t.client->info().live_reservations == 0);
-  ::munmap(shared, sizeof(Shared));
 }
