@@ -21,6 +21,10 @@ constexpr bool kSanitized = true;
 #else
 constexpr bool kSanitized = false;
 #endif
+// How soon a fresh check must be answered while the server holds hostile or idle connections:
+// the issue's 100 ms; under a sanitizer (5 to 15 times slower, on a machine busy with its other
+// tests) only that it is not blocked behind them.
+constexpr auto kAnswerWithin = kSanitized ? 500ms : 100ms;
 
 struct ServerFixture : AgentFixture {
   explicit ServerFixture(const char* what, const std::string& http_toml = "") : AgentFixture(what, "", "", http_toml) {
@@ -100,7 +104,7 @@ TEST_CASE("http server: 10,000 idle connections cost no thread each, and a fresh
   MESSAGE("tokenfused holds " << f.metric("tokenfuse_http_connections") << " connections with " << threads
                               << " threads, RSS " << procStatus(f.agent->pid(), "VmRSS") / 1024 << " MiB");
   CHECK(threads < 32);
-  for (int i = 0; i < 20; ++i) CHECK(f.timedCheck() < 100ms);
+  for (int i = 0; i < 20; ++i) CHECK(f.timedCheck() < kAnswerWithin);
   if (!kSanitized) CHECK(procStatus(f.agent->pid(), "VmRSS") < 256 * 1024);
   for (const int fd : idle) ::close(fd);
 }
@@ -128,7 +132,7 @@ TEST_CASE("http server: 64 slowloris and 64 slow keep-alive clients held open, a
     }
   });
   std::this_thread::sleep_for(200ms);   // every one of them is mid-request
-  for (int i = 0; i < 20; ++i) CHECK(f.timedCheck() < 100ms);
+  for (int i = 0; i < 20; ++i) CHECK(f.timedCheck() < kAnswerWithin);
   CHECK(f.metric("tokenfuse_http_connections") >= 128);
   stop = true;
   drip.join();
