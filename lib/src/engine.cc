@@ -638,7 +638,7 @@ Decision Engine::charge(Reservation r, std::int64_t more_prompt, std::int64_t mo
       if (c == nullptr || rule_want[j] == rule_held[j]) continue;
       // The rule's current limit, read from its definition as reserve did.
       const std::uint32_t number = s.rules[j].rule.load(kRelaxed) & (shm::kMaxRules - 1);   // checked
-      RuleHit hit;
+      RuleHit hit{};
       hit.rule = number;
       hit.scope = h_.rules[number].scope;
       hit.metric = static_cast<std::uint8_t>(s.rules[j].metric.load(kRelaxed));

@@ -19,13 +19,14 @@ struct RuleCall {
   bool free_model = false;
 };
 
-// One rule counter a call counts on.
+// One rule counter a call counts on. No default member initialisers: RuleHits lives on the
+// stack of every check and reserve, and matchRules() sets every field of each hit it counts.
 struct RuleHit {
-  std::int32_t slot = -1;     // RuleSlot index; -1: none yet (check() without insert), nothing spent
-  std::uint32_t rule = 0;     // index of the rule's definition
-  std::uint8_t metric = 0;    // shm::RuleMetricValue, copied from the definition
-  std::uint8_t scope = 0;     // shm::RuleScopeValue
-  std::int64_t rule_limit = shm::kUnlimited;   // the definition's limit, read with it
+  std::int32_t slot;          // RuleSlot index; -1: none yet (check() without insert), nothing spent
+  std::uint32_t rule;         // index of the rule's definition
+  std::uint8_t metric;        // shm::RuleMetricValue, copied from the definition
+  std::uint8_t scope;         // shm::RuleScopeValue
+  std::int64_t rule_limit;    // the definition's limit, read with it
 };
 
 struct RuleHits {
