@@ -68,6 +68,11 @@ class Engine {
   // The rules that apply to the call `site` describes (creating their counters when `insert`);
   // a failure to match is the returned decision's code.
   Decision matchSite(const CallSite& site, bool free, bool insert, RuleHits* hits) const noexcept;
+  // check()'s work, into *d (a default Decision).
+  void decide(const CallSite& site, std::int64_t prompt, std::int64_t completion, Decision* d) const noexcept;
+  // check() for the rules, once the built-in layers allowed the call: a denial goes into *d.
+  void checkRules(const CallSite& site, bool free, std::int64_t prompt, std::int64_t completion,
+                  Decision* d) const noexcept;
   shm::Counters* ruleCounters(std::int32_t slot) const noexcept { return region_.ruleCounters(slot); }
   // Ends a reservation: returns its hold and, if `book_cost`, books the call's cost.
   Decision settle(Reservation r, bool book_cost, std::int64_t prompt, std::int64_t completion,
