@@ -96,6 +96,12 @@ tf_decision tf_check(const tf_client* c, const char* project_id, const char* mod
   return toC(c->client->check(sv(project_id), sv(model), est_prompt, sv(run_id)));
 }
 
+tf_decision tf_check_call(const tf_client* c, const tf_call* call) {
+  if (c == nullptr || call == nullptr) return invalid();
+  return toC(c->client->check({sv(call->project_id), sv(call->model), sv(call->run_id), sv(call->agent_id),
+                               call->estimated_prompt_tokens, call->estimated_completion_tokens, 0, sv(call->tags)}));
+}
+
 tf_decision tf_reserve(tf_client* c, const tf_call* call, uint64_t* reservation) {
   if (c == nullptr || call == nullptr || reservation == nullptr) return invalid();
   tokenfuse::Reservation r;

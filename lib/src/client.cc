@@ -120,6 +120,12 @@ Decision Client::check(std::string_view project_id, std::string_view model, std:
   return engine_->check(site, estimated_prompt_tokens, 0);
 }
 
+Decision Client::check(const Call& call) const noexcept {
+  CallSite site;
+  if (Decision d = engine_->prepare(call, &site, false); !d.allowed()) return d;
+  return engine_->check(site, call.estimated_prompt_tokens, call.estimated_completion_tokens);
+}
+
 Decision Client::check(const CallSite& site, std::int64_t estimated_prompt_tokens,
                        std::int64_t estimated_completion_tokens) const noexcept {
   return engine_->check(site, estimated_prompt_tokens, estimated_completion_tokens);

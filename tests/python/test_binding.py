@@ -45,6 +45,21 @@ tiny = "0.001"
 [budgets.runs]
 run-1 = "0.03"
 run-2 = "0.03"
+
+[[rules]]
+name = "py-batch-rpm"
+scope = "tag"
+match = "py-batch"
+window = "minute"
+metric = "requests"
+limit = 2
+
+[[rules]]
+name = "py-agent-money"
+scope = "agent"
+match = "py-agent"
+window = "month"
+limit = "0.01"
 """
 
 
@@ -248,6 +263,28 @@ class Reservations(unittest.TestCase):
         self.assertEqual((u["used_usd"], u["reserved_usd"]), (Decimal("0.029"), Decimal(0)))
         self.assertTrue(wait_for(lambda: len(agent.ledger("stream2")) == 1))
         self.assertEqual(agent.ledger("stream2")[0]["completion_tokens"], 1600)
+
+    def test_budget_rules_refuse_with_their_codes_and_tags_select_them(self) -> None:
+        # Two requests a minute for calls tagged py-batch: the third is refused, as a rate.
+        for _ in range(2):
+            with tokenfuse.reserve("acme", "gpt-4o", 10, tags=["py-batch", "other"]) as r:
+                r.commit("openai", 10, 0)
+        with self.assertRaises(tokenfuse.RateLimitedError) as e:
+            sync.reserve("acme", "gpt-4o", 10, tags="py-batch")
+        self.assertEqual(e.exception.error_code, "E-RATE-001")
+        self.assertEqual(e.exception.rule, 1)
+        self.assertGreater(e.exception.resets_unix_ns, time.time_ns())
+        self.assertIsInstance(e.exception, tokenfuse.BudgetExhaustedError)
+        with self.assertRaises(tokenfuse.RateLimitedError):
+            sync.check_budget_before_llm_call("acme", "gpt-4o", 10, tags="py-batch")
+        sync.check_budget_before_llm_call("acme", "gpt-4o", 10)   # untagged: not counted by it
+        # $0.01 a month for the agent py-agent: the check sees the agent, the record counts it.
+        sync.record_token_usage(project_id="acme", model="gpt-4o", provider="openai", prompt_tokens=2000,
+                                completion_tokens=0, agent_id="py-agent")
+        with self.assertRaises(tokenfuse.BudgetExhaustedError) as e:
+            sync.check_budget_before_llm_call("acme", "gpt-4o", 1, agent_id="py-agent")
+        self.assertEqual(e.exception.error_code, "E-BUDGET-006")
+        sync.check_budget_before_llm_call("acme", "gpt-4o", 1, agent_id="someone-else")
 
     def test_estimates_may_be_floats_and_round_up(self) -> None:
         with tokenfuse.reserve("floaty", "gpt-4o", 1000 * 1.5) as r:

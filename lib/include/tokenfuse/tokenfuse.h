@@ -111,6 +111,9 @@ TOKENFUSE_EXPORT void tf_detach(tf_client* client);
 
 TOKENFUSE_EXPORT tf_decision tf_check(const tf_client* client, const char* project_id, const char* model,
                                       int64_t estimated_prompt_tokens, const char* run_id);
+/* The check for a whole call: its agent_id and tags select budget rules too (tf_check cannot
+ * name them). Holds nothing; ttl_ms is ignored. */
+TOKENFUSE_EXPORT tf_decision tf_check_call(const tf_client* client, const tf_call* call);
 /* On success sets *reservation to a non-zero id. */
 TOKENFUSE_EXPORT tf_decision tf_reserve(tf_client* client, const tf_call* call, uint64_t* reservation);
 TOKENFUSE_EXPORT tf_decision tf_commit(tf_client* client, uint64_t reservation, const char* provider,

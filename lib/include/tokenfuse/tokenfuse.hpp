@@ -252,6 +252,9 @@ class TOKENFUSE_EXPORT Client {
                  std::string_view run_id = {}) const noexcept;
   Decision check(const CallSite& site, std::int64_t estimated_prompt_tokens,
                  std::int64_t estimated_completion_tokens = 0) const noexcept;
+  // The check for a whole call, as reserve would see it: its agent_id and tags select budget
+  // rules too. Holds nothing.
+  Decision check(const Call& call) const noexcept;
 
   // Looks up (creating if needed) the call's tenant and run entries. On success fills *site.
   Decision prepare(const Call& call, CallSite* site) noexcept;

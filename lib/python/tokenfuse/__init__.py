@@ -34,6 +34,7 @@ from . import sync
 from .sync import (
     BUDGET_ALERT_THRESHOLDS,
     BudgetExhaustedError,
+    RateLimitedError,
     Reservation,
     TokenfuseError,
     TokenfuseUnavailableError,
@@ -48,6 +49,7 @@ from .sync import (
 __all__ = [
     "BUDGET_ALERT_THRESHOLDS",
     "BudgetExhaustedError",
+    "RateLimitedError",
     "Reservation",
     "TokenfuseError",
     "TokenfuseUnavailableError",
@@ -74,8 +76,10 @@ async def check_budget_before_llm_call(
     *,
     agent_id: str | None = None,
     run_id: str | None = None,
+    tags=None,
 ) -> None:
-    sync.check_budget_before_llm_call(project_id, model, estimated_prompt_tokens, agent_id=agent_id, run_id=run_id)
+    sync.check_budget_before_llm_call(project_id, model, estimated_prompt_tokens, agent_id=agent_id, run_id=run_id,
+                                      tags=tags)
 
 
 async def check_emergency_kill() -> None:
@@ -91,10 +95,11 @@ async def record_token_usage(
     completion_tokens: int,
     agent_id: str | None = None,
     run_id: str | None = None,
+    tags=None,
 ) -> Decimal:
     return await sync._record_token_usage_async(project_id=project_id, model=model, provider=provider,
                                                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                                agent_id=agent_id, run_id=run_id)
+                                                agent_id=agent_id, run_id=run_id, tags=tags)
 
 
 async def activate_emergency_kill(reason: str = "") -> None:

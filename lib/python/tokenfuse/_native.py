@@ -36,7 +36,9 @@ LEDGER_LOST = 106
 REGION_CORRUPT = 107
 LEDGER_UNAVAILABLE = 108
 STALE_OWNER = 109
-BUDGET_CODES = frozenset({RUN_BUDGET_EXHAUSTED, TENANT_BUDGET_EXHAUSTED, PLATFORM_BUDGET_EXHAUSTED, EMERGENCY_KILL})
+BUDGET_CODES = frozenset({RUN_BUDGET_EXHAUSTED, TENANT_BUDGET_EXHAUSTED, PLATFORM_BUDGET_EXHAUSTED, EMERGENCY_KILL,
+                          MODEL_BUDGET_EXHAUSTED, AGENT_BUDGET_EXHAUSTED, TAG_BUDGET_EXHAUSTED})
+RATE_CODES = frozenset({REQUEST_RATE_EXCEEDED, TOKEN_RATE_EXCEEDED, CONCURRENCY_EXCEEDED})
 
 
 class Decision(ctypes.Structure):
@@ -121,6 +123,7 @@ def _load() -> ctypes.CDLL:
         "tf_attach": (c.c_int, [c.c_char_p, c.POINTER(client), c.c_char_p, c.c_size_t]),
         "tf_detach": (None, [client]),
         "tf_check": (Decision, [client, c.c_char_p, c.c_char_p, c.c_int64, c.c_char_p]),
+        "tf_check_call": (Decision, [client, c.POINTER(Call)]),
         "tf_reserve": (Decision, [client, c.POINTER(Call), c.POINTER(c.c_uint64)]),
         "tf_commit": (Decision, [client, c.c_uint64, c.c_char_p, c.c_int64, c.c_int64]),
         "tf_charge": (Decision, [client, c.c_uint64, c.c_int64, c.c_int64]),
@@ -148,6 +151,13 @@ lib = _load()
 
 def encode(s: str | None) -> bytes | None:
     return None if s is None else s.encode()
+
+
+def encode_tags(tags) -> bytes | None:
+    """tags= as the library takes them: None, "a,b", or an iterable of tags."""
+    if tags is None:
+        return None
+    return (tags if isinstance(tags, str) else ",".join(tags)).encode()
 
 
 def usd(nano: int) -> Decimal:

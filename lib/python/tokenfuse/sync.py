@@ -35,11 +35,22 @@ BUDGET_ALERT_THRESHOLDS = {
 
 
 class BudgetExhaustedError(Exception):
-    """The call was refused: a budget is spent (E-BUDGET-001..003) or the kill switch is on (-004)."""
+    """The call was refused: a budget is spent (E-BUDGET-001..003, and -005..007 for budget rules
+    on a model, an agent or a tag) or the kill switch is on (-004). `rule` names the budget rule
+    that refused (1 + its index; 0 for a built-in layer) and `resets_unix_ns` when its window
+    ends (0: never)."""
 
-    def __init__(self, error_code: str, message: str) -> None:
+    def __init__(self, error_code: str, message: str, rule: int = 0, resets_unix_ns: int = 0) -> None:
         self.error_code = error_code
+        self.rule = rule
+        self.resets_unix_ns = resets_unix_ns
         super().__init__(f"[{error_code}] {message}")
+
+
+class RateLimitedError(BudgetExhaustedError):
+    """A budget rule on requests (E-RATE-001), tokens (E-RATE-002) or calls in flight
+    (E-CONCURRENCY-001) refused the call: retry after `resets_unix_ns` (a rate) or once calls
+    finish (concurrency). A BudgetExhaustedError, so code that catches that one catches it too."""
 
 
 class TokenfuseError(RuntimeError):
@@ -86,8 +97,10 @@ def _raise_for(d: n.Decision, project_id: str | None) -> None:
     if d.code == n.OK:
         return
     message = n.describe(d, project_id)
+    if d.code in n.RATE_CODES:
+        raise RateLimitedError(n.error_code(d.code), message, d.rule, d.resets_unix_ns)
     if d.code in n.BUDGET_CODES:
-        raise BudgetExhaustedError(n.error_code(d.code), message)
+        raise BudgetExhaustedError(n.error_code(d.code), message, d.rule, d.resets_unix_ns)
     if d.code == n.INVALID_ARGUMENT:
         raise ValueError(f"[{n.error_code(d.code)}] {message}")
     raise TokenfuseError(n.error_code(d.code), message)
@@ -133,15 +146,19 @@ def check_budget_before_llm_call(
     *,
     agent_id: str | None = None,
     run_id: str | None = None,
+    tags=None,
 ) -> None:
     """Raises BudgetExhaustedError if the call may not be made: the kill switch first, then (for
-    paid models) the run, tenant and platform budgets. A check holds nothing: use reserve() to
-    make the limit exact under concurrency."""
+    paid models) the run, tenant and platform budgets, then the budget rules that apply to the
+    call (its agent_id and `tags`, "a,b" or a list, select them too). A check holds nothing: use
+    reserve() to make the limit exact under concurrency."""
     estimated_prompt_tokens = _tokens("estimated_prompt_tokens", estimated_prompt_tokens)
     h = _handle()
     if h is None:
         return   # fail open: logged once by the client
-    d = n.lib.tf_check(h, project_id.encode(), model.encode(), estimated_prompt_tokens, n.encode(run_id))
+    call = n.Call(project_id.encode(), model.encode(), n.encode(run_id), n.encode(agent_id), estimated_prompt_tokens, 0,
+                  0, n.encode_tags(tags))
+    d = n.lib.tf_check_call(h, ctypes.byref(call))
     _raise_for(d, project_id)
 
 
@@ -156,12 +173,14 @@ def record_token_usage(
     completion_tokens: int,
     agent_id: str | None = None,
     run_id: str | None = None,
+    tags=None,
 ) -> Decimal:
-    """Books a finished call and returns its cost in USD. The entry is in the host's ledger when
+    """Books a finished call and returns its cost in USD (and counts it on the budget rules that
+    apply to it; `tags` as for check_budget_before_llm_call). The entry is in the host's ledger when
     this returns (in the region, which outlives this process; on disk within milliseconds).
     As the reference, it never raises once the call has been made: a booking that fails is
     logged (token_usage_not_recorded) and the estimated cost returned."""
-    usage = _usage(project_id, model, provider, prompt_tokens, completion_tokens, agent_id, run_id)
+    usage = _usage(project_id, model, provider, prompt_tokens, completion_tokens, agent_id, run_id, tags)
     if usage is None:
         return _not_recorded(project_id, model, prompt_tokens, completion_tokens, "no tokenfuse agent on this host")
     h, u = usage
@@ -177,7 +196,7 @@ def record_token_usage(
 async def _record_token_usage_async(**kwargs) -> Decimal:
     """record_token_usage for the event loop: waits out a full ledger ring without blocking it."""
     usage = _usage(kwargs["project_id"], kwargs["model"], kwargs["provider"], kwargs["prompt_tokens"],
-                   kwargs["completion_tokens"], kwargs.get("agent_id"), kwargs.get("run_id"))
+                   kwargs["completion_tokens"], kwargs.get("agent_id"), kwargs.get("run_id"), kwargs.get("tags"))
     if usage is None:
         return _not_recorded(kwargs["project_id"], kwargs["model"], kwargs["prompt_tokens"],
                              kwargs["completion_tokens"], "no tokenfuse agent on this host")
@@ -191,10 +210,11 @@ async def _record_token_usage_async(**kwargs) -> Decimal:
     return _recorded(d, kwargs["project_id"], kwargs["model"], kwargs["prompt_tokens"], kwargs["completion_tokens"])
 
 
-def _usage(project_id, model, provider, prompt_tokens, completion_tokens, agent_id, run_id):
+def _usage(project_id, model, provider, prompt_tokens, completion_tokens, agent_id, run_id, tags):
     """(handle, tf_usage) for a record, or None while no agent runs (fail open)."""
     u = n.Usage(project_id.encode(), model.encode(), provider.encode(), n.encode(run_id), n.encode(agent_id),
-                _tokens("prompt_tokens", prompt_tokens), _tokens("completion_tokens", completion_tokens))
+                _tokens("prompt_tokens", prompt_tokens), _tokens("completion_tokens", completion_tokens),
+                n.encode_tags(tags))
     h = _handle()
     return None if h is None else (h, u)
 
@@ -249,7 +269,8 @@ class Reservation:
     loses tokens that were received."""
 
     def __init__(self, project_id: str, model: str, estimated_prompt_tokens, estimated_completion_tokens,
-                 run_id: str | None, agent_id: str | None, ttl_s: float | None, provider: str | None) -> None:
+                 run_id: str | None, agent_id: str | None, ttl_s: float | None, provider: str | None,
+                 tags=None) -> None:
         self.project_id, self.model, self.provider = project_id, model, provider or ""
         self.id = 0
         self.reserved_usd = Decimal(0)
@@ -263,7 +284,7 @@ class Reservation:
             self.reserved_usd = estimate_cost(prompt, completion, model)
             return
         call = n.Call(project_id.encode(), model.encode(), n.encode(run_id), n.encode(agent_id), prompt, completion,
-                      int((ttl_s or 0) * 1000))
+                      int((ttl_s or 0) * 1000), n.encode_tags(tags))
         rid = ctypes.c_uint64()
         d = n.lib.tf_reserve(self._h, ctypes.byref(call), ctypes.byref(rid))
         _raise_for(d, project_id)
@@ -345,13 +366,14 @@ def reserve(
     agent_id: str | None = None,
     ttl_s: float | None = None,
     provider: str | None = None,
+    tags=None,
 ) -> Reservation:
     """Holds the estimated cost against the run, tenant and platform budgets, all or nothing, or
     raises BudgetExhaustedError. Concurrent reservations can never together pass a limit. Set
     estimated_completion_tokens to the request's max_tokens to make the limit exact. `provider`
     is what the ledger records if the with block ends with tokens charged but not committed."""
     return Reservation(project_id, model, estimated_prompt_tokens, estimated_completion_tokens, run_id, agent_id, ttl_s,
-                       provider)
+                       provider, tags)
 
 
 # --- Views ---------------------------------------------------------------------------------------
