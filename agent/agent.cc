@@ -240,11 +240,47 @@ void Agent::rebuildFromLedger(std::int32_t today) {
     p.completion_tokens += t.completion_tokens, p.calls += t.calls;
   }
   (void)a.restore(LimitTable::kTenant, {}, NanoUsd(p.cost_nano_usd), p.prompt_tokens, p.completion_tokens, p.calls);
+  rebuildRulesFromLedger();
   log::info("counters_rebuilt", {{"day", DayClock::format(today)},
                                  {"platform_committed_usd", NanoUsd(p.cost_nano_usd).toString()},
                                  {"tenants", tenants},
                                  {"runs", runs},
                                  {"ledger_seq", ledger_->maxSeq()}});
+}
+
+void Agent::rebuildRulesFromLedger() {
+  // Each rule's current window, from the entries booked since it began: rules that share a
+  // window start share one pass over the ledger. Calls in flight (concurrency) are not in it.
+  const shm::Header& h = admin_->header();
+  std::set<std::int64_t> starts;
+  for (const std::uint32_t i : rule_index_) {
+    const shm::RuleDef& d = h.rules[i];
+    if (d.metric != shm::kMetricConcurrency) starts.insert(d.has_window != 0 ? d.window_start_ns.load() : INT64_MIN);
+  }
+  std::size_t rows = 0;
+  std::uint32_t left_out = 0;
+  for (const std::int64_t start : starts) {
+    const std::int32_t first_day =
+        start == INT64_MIN ? INT32_MIN
+                           : days_.dayOf(std::chrono::system_clock::time_point(
+                                 std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                                     std::chrono::nanoseconds(start)))) - 1;
+    for (const CallTotal& t : ledger_->callTotalsSince(start, first_day)) {
+      if (!validIdText(t.project_id) || !validIdText(t.run_id) || !validIdText(t.model) || !validIdText(t.agent_id)) {
+        continue;   // an old ledger's ids: no rule key can be named by them (the platform counts them)
+      }
+      ++rows;
+      left_out += admin_->restoreRules({t.project_id, t.run_id, t.model, t.agent_id, {}, false}, start,
+                                       t.cost_nano_usd, t.prompt_tokens, t.completion_tokens, t.calls);
+    }
+  }
+  if (!starts.empty()) {
+    log::info("rules_rebuilt", {{"windows", starts.size()}, {"ledger_groups", rows}, {"not_counted", left_out}});
+  }
+  if (left_out != 0) {
+    log::error("rules_rebuild_incomplete",
+               {{"groups", left_out}, {"why", "the rule table is full (raise region.rule_capacity)"}});
+  }
 }
 
 void Agent::resyncStatsFromLedger() {

@@ -114,6 +114,8 @@ class Agent {
   // Waits (briefly) until the ledger writer has made every entry before `target` durable.
   bool drainLedgerTo(std::uint64_t target);
   void resyncStatsFromLedger();
+  // A new region's rule counters, from the ledger (tag rules excepted: tags are not in it).
+  void rebuildRulesFromLedger();
   // Puts the config's [[rules]] in the region (start-up). Never fails for capacity: it logs.
   void applyRules(std::int64_t now_ns);
   // Every tick: starts the next window of each rule whose window has ended, and keeps the

@@ -336,6 +336,20 @@ std::vector<LedgerTotal> Ledger::runTotals() {
   return out;
 }
 
+std::vector<CallTotal> Ledger::callTotalsSince(std::int64_t since_unix_ns, std::int32_t first_day) {
+  SQLite::Statement q(*db_, std::string("SELECT project_id, COALESCE(run_id, ''), model, COALESCE(agent_id, ''), ") +
+                                kSums + " FROM budget_ledger WHERE day >= ? AND created_at_unix_ns >= ? "
+                                        "GROUP BY 1, 2, 3, 4");
+  q.bind(1, first_day);
+  q.bind(2, since_unix_ns);
+  std::vector<CallTotal> out;
+  while (q.executeStep()) {
+    out.push_back({column(q, 0), column(q, 1), column(q, 2), column(q, 3), q.getColumn(4).getInt64(),
+                   q.getColumn(5).getInt64(), q.getColumn(6).getInt64(), q.getColumn(7).getInt64()});
+  }
+  return out;
+}
+
 std::vector<LedgerEntry> Ledger::list(const LedgerFilter& f) {
   try {
     return listOrThrow(f);

@@ -59,6 +59,13 @@ struct LedgerTotal {
   std::uint64_t last_seq = 0;
 };
 
+// What a call's ids spent since some instant (Ledger::callTotalsSince): the rows budget rules are
+// rebuilt from. Empty run_id and agent_id stand for none.
+struct CallTotal {
+  std::string project_id, run_id, model, agent_id;
+  std::int64_t cost_nano_usd = 0, prompt_tokens = 0, completion_tokens = 0, calls = 0;
+};
+
 struct LedgerFilter {
   std::optional<std::string> project_id, run_id;
   std::optional<std::int64_t> since_unix_ns, until_unix_ns;   // [since, until)
@@ -118,6 +125,10 @@ class Ledger {
   // only (the agent moves the budget day back after a corrected clock step: see Agent::tick).
   std::vector<LedgerTotal> tenantTotalsFrom(std::int32_t first_day, std::uint64_t max_seq);
   std::vector<LedgerTotal> runTotals();   // runs are budgeted over their whole life
+  // Totals of the entries booked at or after `since_unix_ns` (INT64_MIN: all), by tenant, run,
+  // model and agent. `first_day` (a budget day at or before that instant) lets SQLite use its day
+  // index; INT32_MIN for all.
+  std::vector<CallTotal> callTotalsSince(std::int64_t since_unix_ns, std::int32_t first_day);
   std::vector<LedgerEntry> list(const LedgerFilter& filter);
   std::string integrityCheck();           // "ok", or what SQLite found
 

@@ -647,6 +647,25 @@ void RegionAdmin::rollRule(std::uint32_t index, std::int64_t start_ns, std::int6
   d.window_end_ns.store(end_ns, kRelease);
 }
 
+std::uint32_t RegionAdmin::restoreRules(const RuleCall& ids, std::int64_t window_start_ns, std::int64_t cost,
+                                        std::int64_t prompt, std::int64_t completion, std::int64_t calls) {
+  shm::Header& h = region_.header();
+  const KeyedTable<shm::RuleSlot> table(region_.ruleSlots(), region_.geometry().rule_capacity);
+  RuleHits hits;
+  // Each matching rule's counter, found or created exactly as a call with these ids would.
+  if (matchRules(h, table, ids, true, engine_.self(), &hits) != RuleMatch::kOk) return 1;
+  for (std::uint32_t j = 0; j < hits.n; ++j) {
+    const RuleHit& hit = hits.at[j];
+    const shm::RuleDef& d = h.rules[hit.rule];
+    const std::int64_t start = d.has_window != 0 ? d.window_start_ns.load(kRelaxed) : INT64_MIN;
+    if (start != window_start_ns) continue;
+    const std::int64_t amount =
+        hit.metric == shm::kMetricRequests ? calls : ruleAmount(hit.metric, cost, prompt, completion, true);
+    table.at(hit.slot).c.spend.add(amount, amount);
+  }
+  return 0;
+}
+
 void RegionAdmin::setDayEnd(std::int64_t unix_ns) noexcept {
   region_.header().day_end_unix_ns.store(unix_ns, kRelaxed);
 }

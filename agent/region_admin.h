@@ -153,6 +153,13 @@ class RegionAdmin {
   // Starts window [start_ns, end_ns) of rule `index`: every counter's committed count goes to
   // zero, holds stay held, as rollover() does for days.
   void rollRule(std::uint32_t index, std::int64_t start_ns, std::int64_t end_ns);
+  // Counts what a call's ids spent (a row of the ledger's totals: `prompt`, `completion`, `cost`
+  // over `calls` calls) on every counter of every live rule that matches those ids and whose
+  // window starts at `window_start_ns` (INT64_MIN: rules of all time), as committed. For a new
+  // region, before it is published: the rebuild from the ledger. Tags are not in the ledger, so
+  // tag rules are not rebuilt. Returns how many counters it could not create (table full).
+  std::uint32_t restoreRules(const RuleCall& ids, std::int64_t window_start_ns, std::int64_t cost, std::int64_t prompt,
+                             std::int64_t completion, std::int64_t calls);
   // When the current budget day ends, for the daily layers' denials (Decision::resets_unix_ns).
   void setDayEnd(std::int64_t unix_ns) noexcept;
 

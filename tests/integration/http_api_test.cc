@@ -384,3 +384,82 @@ limit = "0.01"
   CHECK(f.send("POST", "/v1/reservations", R"({"project_id":"other","model":"gpt-4o","estimated_prompt_tokens":1000})")
             .first == 201);
 }
+
+TEST_CASE("http: rule counters come back from the ledger in a new region: a restart keeps every rule's limit") {
+  HttpFixture f("http-rules-rebuild", R"(
+[[rules]]
+name = "acme-monthly"
+scope = "tenant"
+match = "acme"
+window = "month"
+limit = "0.012"
+
+[[rules]]
+name = "model-tokens"
+scope = "tenant+model"
+window = "day"
+metric = "tokens"
+limit = 3000
+
+[[rules]]
+name = "agent-requests"
+scope = "agent"
+window = "hour"
+metric = "requests"
+limit = 3
+
+[[rules]]
+name = "run-tokens"
+scope = "run"
+window = "all-time"
+metric = "completion_tokens"
+limit = 500
+)");
+  auto usage = [&](const char* model, int prompt, int completion) {
+    const std::string body = std::string(R"({"project_id":"acme","model":")") + model +
+                             R"(","provider":"p","prompt_tokens":)" + std::to_string(prompt) +
+                             R"(,"completion_tokens":)" + std::to_string(completion) +
+                             R"(,"agent_id":"bot","run_id":"run-7"})";
+    return f.send("POST", "/v1/usage", body).first;
+  };
+  REQUIRE(usage("gpt-4o", 2000, 100) == 201);        // $0.0115, 2100 tokens
+  REQUIRE(usage("ollama/llama3", 800, 300) == 201);  // free: 1100 tokens of another model
+  REQUIRE(f.client->waitDurable(2, 5000));
+  auto denied = [&](const char* model, int prompt, const char* agent, const char* run) {
+    const std::string body = std::string(R"({"project_id":"acme","model":")") + model +
+                             R"(","estimated_prompt_tokens":)" + std::to_string(prompt) + R"(,"agent_id":")" + agent +
+                             R"(","run_id":")" + run + R"("})";
+    return f.send("POST", "/v1/check", body).second.value("error_code", std::string("OK"));
+  };
+  REQUIRE(f.send("POST", "/v1/usage", R"({"project_id":"zeta","model":"ollama/llama3","provider":"p",
+                 "prompt_tokens":0,"completion_tokens":0,"agent_id":"bot"})").first == 201);   // bot's 3rd request
+  REQUIRE(f.client->waitDurable(3, 5000));
+  // Each rule at its edge: refused one step past it, allowed up to it.
+  auto reserveRun = [&](int completion) {
+    auto [status, body] = f.send("POST", "/v1/reservations",
+                                 R"({"project_id":"acme","model":"gpt-4o-mini","estimated_prompt_tokens":1,"run_id":"run-7",)"
+                                 R"("estimated_completion_tokens":)" + std::to_string(completion) + "}");
+    if (status == 201) f.send("DELETE", "/v1/reservations/" + body["reservation_id"].get<std::string>(), "");
+    return status == 201 ? std::string("OK") : body.value("error_code", std::string("?"));
+  };
+  auto expect = [&] {
+    CHECK(denied("gpt-4o", 200, "x", "r") == "E-BUDGET-002");         // $0.0115 + $0.001 > $0.012
+    CHECK(denied("gpt-4o-mini", 100, "x", "r") == "OK");              // $0.000015 still fits
+    CHECK(denied("ollama/llama3", 1901, "x", "r") == "E-RATE-002");   // 1100 + 1901 > 3000 tokens today
+    CHECK(denied("ollama/llama3", 1900, "x", "r") == "OK");
+    CHECK(denied("ollama/llama3", 1, "bot", "r") == "E-RATE-001");    // a 4th request this hour
+    CHECK(reserveRun(101) == "E-RATE-002");                           // 400 + 101 > 500 completion tokens
+    CHECK(reserveRun(100) == "OK");
+  };
+  expect();
+
+  // A restart on a new region (as after a reboot): the counters are rebuilt from the ledger.
+  f.agent->signal(SIGTERM);
+  REQUIRE(f.agent->wait() == 0);
+  f.client.reset();
+  Region::remove(f.shm);
+  f.agent = f.start();
+  f.client = f.waitForRegion(f.agent->pid());
+  f.port = f.httpPort();
+  expect();
+}
