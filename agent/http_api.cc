@@ -181,6 +181,35 @@ json budgetJson(const char* key, std::string_view id, const BudgetView& v) {
   return out;
 }
 
+// An amount in a rule's metric: USD as the other views write it, other metrics as numbers.
+json ruleAmountJson(std::uint8_t metric, std::int64_t v) {
+  return metric == shm::kMetricUsd ? json(NanoUsd(v).toString()) : json(v);
+}
+
+json ruleCounterJson(const RuleUsage& r, const RuleUsage::Counter& c) {
+  return {{"key", c.key},
+          {"used", ruleAmountJson(r.metric, c.committed)},
+          {"reserved", ruleAmountJson(r.metric, c.held)},
+          {"limit", c.limit ? ruleAmountJson(r.metric, *c.limit) : json(nullptr)},
+          {"denials", c.denials}};
+}
+
+// A rule with its window; `counters` filled by the caller.
+json ruleJson(const RuleUsage& r) {
+  json out = {{"rule", r.number},
+              {"name", r.name},
+              {"scope", scopeName(static_cast<RuleScope>(r.scope))},
+              {"match", r.match},
+              {"metric", metricName(static_cast<RuleMetric>(r.metric))},
+              {"window", windowName(r.window)},
+              {"limit", r.limit ? ruleAmountJson(r.metric, *r.limit) : json(nullptr)}};
+  if (r.window_end_ns != INT64_MAX) {
+    out["window_start_unix_ns"] = r.window_start_ns;
+    out["window_end_unix_ns"] = r.window_end_ns;
+  }
+  return out;
+}
+
 // A whole number from the query string, or `fallback` when absent.
 std::int64_t queryNumber(const Request& req, const char* name, std::int64_t fallback, std::int64_t max) {
   const std::optional<std::string> given = req.param(name);
@@ -422,12 +451,46 @@ http::Router HttpApi::routes() {
   // Ids in paths: pathId() takes them from the raw target (an id may hold '/' as %2F).
   on_id("GET", "/v1/tenants/", "", [this](const Request& req, Response& res) {
     const std::string id = pathId(req, "/v1/tenants/", "", "project_id");
-    reply(res, 200, budgetJson("project_id", id, engine_.tenant(id)));
-  });
+    json out = budgetJson("project_id", id, engine_.tenant(id));
+    // The rules that count this tenant's calls, each with the tenant's counters (the whole rule
+    // table is read: on the blocking pool).
+    json rules = json::array();
+    for (const RuleUsage& r : admin_.rules()) {
+      const bool per_tenant = r.scope == shm::kScopeTenant || r.scope == shm::kScopeTenantModel ||
+                              r.scope == shm::kScopeTenantAgent;
+      if (!per_tenant) continue;
+      json counters = json::array();
+      // A tenant prefix group has one counter for all its tenants, under no key.
+      const bool group = r.scope == shm::kScopeTenant && r.match.ends_with('*');
+      for (const RuleUsage::Counter& c : r.counters) {
+        if (c.first == (group ? std::string() : id)) counters.push_back(ruleCounterJson(r, c));
+      }
+      const bool applies = r.match.empty() || r.scope != shm::kScopeTenant ||
+                           (r.match.ends_with('*') ? id.starts_with(r.match.substr(0, r.match.size() - 1)) : id == r.match);
+      if (!applies) continue;
+      json j = ruleJson(r);
+      j["counters"] = std::move(counters);
+      rules.push_back(std::move(j));
+    }
+    out["rules"] = std::move(rules);
+    reply(res, 200, out);
+  }, Run::kBlocking);
   on_id("GET", "/v1/runs/", "", [this](const Request& req, Response& res) {
     const std::string id = pathId(req, "/v1/runs/", "", "run_id");
     reply(res, 200, budgetJson("run_id", id, engine_.run(id)));
   });
+  // Every rule with every counter it has (one pass over the rule table).
+  on("GET", "/v1/rules", [this](const Request&, Response& res) {
+    json rules = json::array();
+    for (const RuleUsage& r : admin_.rules()) {
+      json j = ruleJson(r);
+      json counters = json::array();
+      for (const RuleUsage::Counter& c : r.counters) counters.push_back(ruleCounterJson(r, c));
+      j["counters"] = std::move(counters);
+      rules.push_back(std::move(j));
+    }
+    reply(res, 200, {{"rules", std::move(rules)}});
+  }, Run::kBlocking);
   on("GET", "/v1/platform", [this](const Request&, Response& res) {
     reply(res, 200, budgetJson("scope", "platform", engine_.platform()));
   });

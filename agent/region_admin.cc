@@ -67,7 +67,9 @@ bool sameShape(const shm::RuleDef& d, const RuleSpec& r, const std::string& matc
   return std::string_view(d.name, std::min<std::size_t>(d.name_len, sizeof d.name)) == r.name &&
          d.scope == static_cast<std::uint8_t>(r.scope) && d.metric == static_cast<std::uint8_t>(r.metric) &&
          std::string_view(d.match, std::min<std::size_t>(d.match_len, sizeof d.match)) == match &&
-         (d.match_prefix != 0) == prefix && (d.has_window != 0) == (r.window.kind != WindowKind::kAllTime);
+         (d.match_prefix != 0) == prefix && (d.has_window != 0) == (r.window.kind != WindowKind::kAllTime) &&
+         d.window_kind == static_cast<std::uint8_t>(r.window.kind) &&
+         d.week_start == static_cast<std::uint8_t>(r.window.week_start);
 }
 
 }  // namespace
@@ -576,6 +578,8 @@ Status RegionAdmin::setRules(const std::vector<RuleSpec>& rules, const std::vect
       d.metric = static_cast<std::uint8_t>(r.metric);
       d.match_prefix = prefix ? 1 : 0;
       d.has_window = r.window.kind != WindowKind::kAllTime ? 1 : 0;
+      d.window_kind = static_cast<std::uint8_t>(r.window.kind);
+      d.week_start = static_cast<std::uint8_t>(r.window.week_start);
       d.match_len = static_cast<std::uint32_t>(std::min(match.size(), sizeof d.match));
       std::memcpy(d.match, match.data(), d.match_len);
       d.name_len = static_cast<std::uint32_t>(std::min(r.name.size(), sizeof d.name));
@@ -664,6 +668,54 @@ std::uint32_t RegionAdmin::restoreRules(const RuleCall& ids, std::int64_t window
     table.at(hit.slot).c.spend.add(amount, amount);
   }
   return 0;
+}
+
+std::vector<RuleUsage> RegionAdmin::rules() const {
+  const shm::Header& h = region_.header();
+  std::vector<RuleUsage> out;
+  std::vector<int> at(shm::kMaxRules, -1);   // index -> position in out
+  std::uint32_t gen[shm::kMaxRules] = {};
+  for (std::uint32_t i = 0; i < std::min(h.rule_count.load(kAcquire), shm::kMaxRules); ++i) {
+    const shm::RuleDef& d = h.rules[i];
+    const std::uint32_t w = d.word.load(kAcquire);
+    if (shm::ruleState(w) != shm::kRuleLive) continue;
+    gen[i] = shm::ruleGen(w);
+    at[i] = static_cast<int>(out.size());
+    RuleUsage& r = out.emplace_back();
+    r.number = i + 1;
+    r.name.assign(d.name, std::min<std::size_t>(d.name_len, sizeof d.name));
+    r.scope = d.scope;
+    r.metric = d.metric;
+    r.match.assign(d.match, std::min<std::size_t>(d.match_len, sizeof d.match));
+    if (d.match_prefix != 0) r.match += '*';
+    r.window = d.window_kind <= static_cast<std::uint8_t>(WindowKind::kAllTime) ? static_cast<WindowKind>(d.window_kind)
+                                                                                : WindowKind::kAllTime;
+    if (const std::int64_t limit = d.limit.load(kRelaxed); limit != shm::kUnlimited) r.limit = limit;
+    if (d.has_window != 0) {
+      r.window_start_ns = d.window_start_ns.load(kRelaxed);
+      r.window_end_ns = d.window_end_ns.load(kRelaxed);
+    }
+  }
+  const KeyedTable<shm::RuleSlot> table(region_.ruleSlots(), region_.geometry().rule_capacity);
+  for (std::uint32_t k = 0; k < table.capacity(); ++k) {
+    const shm::RuleSlot& slot = table.at(static_cast<std::int32_t>(k));
+    RuleKey key;
+    if (shm::keyState(slot.k.word.load(kAcquire)) != shm::kKeyReady || !parseRuleKey(keyOf(slot.k), &key) ||
+        at[key.rule] < 0 || key.gen != gen[key.rule]) {
+      continue;
+    }
+    RuleUsage& r = out[static_cast<std::size_t>(at[key.rule])];
+    RuleUsage::Counter& c = r.counters.emplace_back();
+    const bool two = r.scope == shm::kScopeTenantModel || r.scope == shm::kScopeTenantAgent;
+    c.first = key.first;
+    c.key = two ? std::string(key.first) + "/" + std::string(key.second) : std::string(key.first);
+    c.committed = slot.c.spend.committed();
+    c.held = std::max<std::int64_t>(0, shm::wrapSub(slot.c.spend.used(), c.committed));
+    c.denials = slot.c.denials.load(kRelaxed);
+    const std::int64_t limit = ruleLimit(slot.c, r.limit.value_or(shm::kUnlimited));
+    if (limit != shm::kUnlimited) c.limit = limit;
+  }
+  return out;
 }
 
 void RegionAdmin::setDayEnd(std::int64_t unix_ns) noexcept {

@@ -45,6 +45,24 @@ struct HoldCorrection {
   std::int64_t difference = 0;      // nano-USD taken out of `used` (negative: added)
 };
 
+// A live rule and its counters as they stand, for the views (RegionAdmin::rules).
+struct RuleUsage {
+  std::uint32_t number = 0;   // 1 + its index: what Decision::rule names
+  std::string name;
+  std::uint8_t scope = 0, metric = 0;   // shm::RuleScopeValue, shm::RuleMetricValue
+  std::string match;          // as written: "", "x" or "x*"
+  std::optional<std::int64_t> limit;   // the rule's own; nullopt: none
+  WindowKind window = WindowKind::kAllTime;
+  std::int64_t window_start_ns = 0, window_end_ns = INT64_MAX;   // INT64_MAX: never ends
+  struct Counter {
+    std::string key;          // "acme"; "acme/gpt-4o" for tenant x model; "" for a group or the platform
+    std::string first;        // the tenant for the tenant scopes
+    std::int64_t committed = 0, held = 0, denials = 0;
+    std::optional<std::int64_t> limit;   // what applies to it now; nullopt: unlimited
+  };
+  std::vector<Counter> counters;
+};
+
 // A rule counter for people: "<rule name>:<key>" (a prefix group shows its pattern; tenant x
 // model shows "tenant/model").
 std::string ruleCounterName(const shm::Header& h, std::string_view key);
@@ -160,6 +178,8 @@ class RegionAdmin {
   // tag rules are not rebuilt. Returns how many counters it could not create (table full).
   std::uint32_t restoreRules(const RuleCall& ids, std::int64_t window_start_ns, std::int64_t cost, std::int64_t prompt,
                              std::int64_t completion, std::int64_t calls);
+  // Every live rule with its counters (one pass over the rule table).
+  std::vector<RuleUsage> rules() const;
   // When the current budget day ends, for the daily layers' denials (Decision::resets_unix_ns).
   void setDayEnd(std::int64_t unix_ns) noexcept;
 

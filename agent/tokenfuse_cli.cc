@@ -127,6 +127,28 @@ void printLimit(const json& v, bool as_json) {
               v.value("used_usd", "?").c_str(), v.value("reserved_usd", "?").c_str(), v.value("day", "?").c_str());
 }
 
+// GET /v1/rules for people: a line per rule, then one per counter.
+void printRules(const json& v, bool as_json) {
+  if (as_json) {
+    std::cout << v.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
+    return;
+  }
+  auto text = [](const json& j) { return j.is_string() ? j.get<std::string>() : j.is_null() ? "unlimited" : j.dump(); };
+  const json& rules = v["rules"];
+  if (rules.empty()) std::printf("no rules ([[rules]] in the config file: docs/rules.md)\n");
+  for (const json& r : rules) {
+    const std::string match = r.value("match", "");
+    std::printf("%d %s: %s%s%s, %s per %s, limit %s\n", r.value("rule", 0), r.value("name", "?").c_str(),
+                r.value("scope", "?").c_str(), match.empty() ? "" : " ", match.c_str(), r.value("metric", "?").c_str(),
+                r.value("window", "?").c_str(), text(r["limit"]).c_str());
+    for (const json& c : r["counters"]) {
+      std::printf("    %-40s used %s  reserved %s  limit %s  denials %lld\n", c.value("key", "").c_str(),
+                  text(c["used"]).c_str(), text(c["reserved"]).c_str(), text(c["limit"]).c_str(),
+                  c.value("denials", 0LL));
+    }
+  }
+}
+
 json budgetJson(const BudgetView& v) {
   return {{"tracked", v.tracked},
           {"limit_usd", v.limit ? json(v.limit->toString()) : json(nullptr)},
@@ -293,6 +315,9 @@ int main(int argc, char** argv) {
     cmd->add_option("--data-dir", ep.data_dir, "the agent's data dir")->envname("TOKENFUSE_DATA_DIR");
   };
   ep.data_dir = "/var/lib/tokenfuse";
+  auto* rules = app.add_subcommand("rules", "budget rules (from the config file's [[rules]]: docs/rules.md)");
+  add_endpoint(rules->add_subcommand("list", "every rule with its counters: used, reserved, limit"));
+  rules->require_subcommand(1);
   auto* kill_cmd = app.add_subcommand("kill", "the emergency kill switch: every paid and free call is refused (E-BUDGET-004)");
   kill_cmd->require_subcommand(1);
   add_endpoint(kill_cmd);
@@ -339,6 +364,12 @@ int main(int argc, char** argv) {
     return ledgerCommand(data_dir, list->parsed(), filter, format, day_text, as_json);
   }
 
+  if (*rules) {
+    json reply;
+    const int rc = adminRequest(ep, "GET", "/v1/rules", nullptr, &reply);
+    if (rc == 0) printRules(reply, as_json);
+    return rc;
+  }
   if (*kill_cmd) {
     json reply;
     int rc = 0;

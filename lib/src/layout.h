@@ -139,6 +139,9 @@ struct alignas(64) RuleDef {
   // Keys with their own limit (config) that the agent found no room for: while non-zero, a key
   // of this rule without a counter may be one of them, and is refused (E-TOKENFUSE-CAPACITY).
   std::atomic<std::uint32_t> limited_untracked;
+  std::uint8_t window_kind;                  // for people: agent/calendar_window.h's WindowKind
+  std::uint8_t week_start;                   // for people: 0 Sunday .. 6 Saturday
+  std::uint16_t pad_;
   std::atomic<std::int64_t> limit;           // for every key without its own; kUnlimited: none
   std::atomic<std::int64_t> window_start_ns; // the current window, kept by the agent
   std::atomic<std::int64_t> window_end_ns;   // exclusive; INT64_MAX: never ends

@@ -383,6 +383,34 @@ limit = "0.01"
   CHECK(denied["rule"] == "acme-monthly");
   CHECK(f.send("POST", "/v1/reservations", R"({"project_id":"other","model":"gpt-4o","estimated_prompt_tokens":1000})")
             .first == 201);
+
+  // The views: every rule with its counters; a tenant's view with the rules that count it.
+  auto [s_rules, rules] = f.send("GET", "/v1/rules", "");
+  CHECK(s_rules == 200);
+  REQUIRE(rules["rules"].size() == 2);
+  const json& rpm = rules["rules"][0];
+  CHECK(rpm["name"] == "batch-rpm");
+  CHECK(rpm["scope"] == "tag");
+  CHECK(rpm["match"] == "batch");
+  CHECK(rpm["metric"] == "requests");
+  CHECK(rpm["window"] == "minute");
+  CHECK(rpm["limit"] == 2);
+  CHECK(rpm["window_end_unix_ns"] == resets);
+  REQUIRE(rpm["counters"].size() == 1);
+  CHECK(rpm["counters"][0] == json{{"key", "batch"}, {"used", 0}, {"reserved", 2}, {"limit", 2}, {"denials", 1}});
+  auto [s_tenant, acme] = f.send("GET", "/v1/tenants/acme", "");
+  CHECK(s_tenant == 200);
+  REQUIRE(acme["rules"].size() == 1);
+  CHECK(acme["rules"][0]["name"] == "acme-monthly");
+  CHECK(acme["rules"][0]["window"] == "month");
+  REQUIRE(acme["rules"][0]["counters"].size() == 1);
+  CHECK(acme["rules"][0]["counters"][0]["reserved"] == "0.005100");   // two batch calls and one paid
+  CHECK(acme["rules"][0]["counters"][0]["limit"] == "0.010000");
+  CHECK(f.send("GET", "/v1/tenants/other", "").second["rules"].empty());   // the rule matches acme only
+  std::string out;
+  CHECK(f.cli({"rules", "list", "--data-dir", f.dir.path + "/state"}, &out) == 0);
+  CHECK(out.find("1 batch-rpm: tag batch, requests per minute, limit 2") != std::string::npos);
+  CHECK(out.find("acme  ") != std::string::npos);
 }
 
 TEST_CASE("http: rule counters come back from the ledger in a new region: a restart keeps every rule's limit") {
