@@ -80,11 +80,11 @@ void checkRegionFits(const Config& c) {
       (shm_free == UINT64_MAX ? std::string("unknown") : gib(shm_free)) + " free: lower the capacities");
 }
 
-std::uint32_t tableEntries(RegionAdmin& admin, LimitTable table) {
-  const Region& r = admin.region();
-  const Geometry& g = r.geometry();
-  const shm::BudgetSlot* slots = table == LimitTable::kTenant ? r.tenants() : r.runs();
-  const std::uint32_t capacity = table == LimitTable::kTenant ? g.tenant_capacity : g.run_capacity;
+namespace {
+
+// The keys of a keyed table that are in use.
+template <typename Slot>
+std::uint32_t readyKeys(const Slot* slots, std::uint32_t capacity) {
   std::uint32_t n = 0;
   for (std::uint32_t i = 0; i < capacity; ++i) {
     if (shm::keyState(slots[i].k.word.load(kRelaxed)) == shm::kKeyReady) ++n;
@@ -92,13 +92,20 @@ std::uint32_t tableEntries(RegionAdmin& admin, LimitTable table) {
   return n;
 }
 
-std::uint32_t modelEntries(RegionAdmin& admin) {
+}  // namespace
+
+std::uint32_t tableEntries(RegionAdmin& admin, LimitTable table) {
   const Region& r = admin.region();
-  std::uint32_t n = 0;
-  for (std::uint32_t i = 0; i < r.geometry().model_capacity; ++i) {
-    if (shm::keyState(r.models()[i].k.word.load(kRelaxed)) == shm::kKeyReady) ++n;
-  }
-  return n;
+  return table == LimitTable::kTenant ? readyKeys(r.tenants(), r.geometry().tenant_capacity)
+                                      : readyKeys(r.runs(), r.geometry().run_capacity);
+}
+
+std::uint32_t modelEntries(RegionAdmin& admin) {
+  return readyKeys(admin.region().models(), admin.region().geometry().model_capacity);
+}
+
+std::uint32_t ruleEntries(RegionAdmin& admin) {
+  return readyKeys(admin.region().ruleSlots(), admin.region().geometry().rule_capacity);
 }
 
 std::uint32_t reservationEntries(RegionAdmin& admin) {

@@ -51,6 +51,7 @@ void checkRegionFits(const Config& config);
 // Ready keys in a table (entries in use), for the fill metrics.
 std::uint32_t tableEntries(RegionAdmin& admin, LimitTable table);
 std::uint32_t modelEntries(RegionAdmin& admin);
+std::uint32_t ruleEntries(RegionAdmin& admin);   // rule counters (one per rule and key)
 std::uint32_t reservationEntries(RegionAdmin& admin);   // slots not free
 
 // Notices, in the agent's tick, calls that a full table left uncounted (stats.untracked_calls)

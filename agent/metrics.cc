@@ -63,6 +63,11 @@ class RegionCollector final : public prometheus::Collectable {
     for (int i = 0; i < 4; ++i) {
       sample(denied, static_cast<double>(st.denied[i].load(r)), {{"error_code", errorCode(static_cast<Code>(i + 1))}});
     }
+    // The codes only budget rules give (E-BUDGET-005 .. -007, E-RATE-*, E-CONCURRENCY-001).
+    for (int i = 0; i < 6; ++i) {
+      sample(denied, static_cast<double>(st.denied_by_rule[i].load(r)),
+             {{"error_code", errorCode(static_cast<Code>(i + 5))}});
+    }
 
     const BudgetView p = admin_.engine().platform();
     sample(out.emplace_back(family("tokenfuse_platform_spent_usd", "Committed spending of this budget day, USD",
@@ -180,6 +185,7 @@ class RegionCollector final : public prometheus::Collectable {
         {"run", {tableEntries(admin_, LimitTable::kRun), admin_.region().geometry().run_capacity}},
         {"model", {modelEntries(admin_), admin_.region().geometry().model_capacity}},
         {"reservation", {reservationEntries(admin_), admin_.region().geometry().reservation_capacity}},
+        {"rule", {ruleEntries(admin_), admin_.region().geometry().rule_capacity}},
     };
     for (const auto& [name, fill] : tables) {
       sample(entries, fill.first, {{"table", name}});

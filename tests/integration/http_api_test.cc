@@ -407,6 +407,12 @@ limit = "0.01"
   CHECK(acme["rules"][0]["counters"][0]["reserved"] == "0.005100");   // two batch calls and one paid
   CHECK(acme["rules"][0]["counters"][0]["limit"] == "0.010000");
   CHECK(f.send("GET", "/v1/tenants/other", "").second["rules"].empty());   // the rule matches acme only
+  // Refusals by the rules' codes, and the rule table's fill, are metrics.
+  const httplib::Result m = c.Get("/metrics");
+  REQUIRE(m);
+  CHECK(m->body.find("tokenfuse_denials_total{error_code=\"E-RATE-001\"} 1") != std::string::npos);
+  CHECK(m->body.find("tokenfuse_table_entries{table=\"rule\"} 2") != std::string::npos);   // batch and acme
+  CHECK(m->body.find("tokenfuse_table_capacity{table=\"rule\"} 16384") != std::string::npos);
   std::string out;
   CHECK(f.cli({"rules", "list", "--data-dir", f.dir.path + "/state"}, &out) == 0);
   CHECK(out.find("1 batch-rpm: tag batch, requests per minute, limit 2") != std::string::npos);
