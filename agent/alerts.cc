@@ -93,6 +93,12 @@ std::string text(const nlohmann::json& body) {
                                              "): every LLM call is refused"
                                        : "tokenfuse: emergency kill switch off";
   }
+  if (body.value("scope", "") == "rule") {
+    const auto amount = [](const nlohmann::json& j) { return j.is_string() ? "$" + j.get<std::string>() : j.dump(); };
+    return "tokenfuse: rule " + body.value("rule", "") + " (" + body.value("metric", "") + " per " +
+           body.value("window", "") + ") for '" + body.value("key", "") + "' has used " +
+           std::to_string(body.value("level_pct", 0)) + "% (" + amount(body["used"]) + " of " + amount(body["limit"]) + ")";
+  }
   const std::string who = body.value("scope", "") == "platform"
                               ? std::string("The platform")
                               : body.value("scope", "") + " " + body.value("scope_id", "");
@@ -106,6 +112,9 @@ struct Alerter::Event {
   nlohmann::json body;
   std::string scope, id;
   std::int64_t level_pct = -1;   // -1: not a threshold (the kill switch)
+  // alert_fired.day: the budget day, kLifetime for a run, and for a rule its window (the minute
+  // it starts, since 1970; kLifetime for all time), so that a threshold fires once per window.
+  std::optional<std::int64_t> period;
 };
 
 Alerter::Alerter(const AlertsConfig& config, const CentralConfig& central, std::string origin, RegionAdmin& admin,
@@ -146,6 +155,48 @@ void Alerter::scan() {
   scanOne("platform", "", engine.platform());
   admin_.forEachTenant([&](std::string_view id) { scanOne("tenant", id, engine.tenant(id)); });
   admin_.forEachEntry(LimitTable::kRun, [&](std::string_view id) { scanOne("run", id, engine.run(id)); });
+  scanRules();
+}
+
+void Alerter::scanRules() {
+  for (const RuleUsage& r : admin_.rules()) {
+    if (r.metric == shm::kMetricConcurrency) continue;   // calls in flight: nothing is ever spent
+    const std::int64_t period = r.window_end_ns == INT64_MAX ? kLifetime : r.window_start_ns / 60'000'000'000;
+    for (const RuleUsage::Counter& c : r.counters) {
+      if (!c.limit || *c.limit <= 0) continue;
+      // What already fired in this window (or, after a restart, the database says: raise()
+      // inserts each threshold once per window, so a lost cache only costs a lookup).
+      RuleFired& done = rule_fired_[{r.name, c.key}];
+      if (done.period != period) done = {period, 0};
+      for (const std::int64_t pct : config_.thresholdsFor("rule", c.key)) {
+        if (pct <= done.pct) continue;
+        if (shm::U128{static_cast<std::uint64_t>(std::max<std::int64_t>(0, c.committed))} * 100 <
+            shm::U128{static_cast<std::uint64_t>(*c.limit)} * static_cast<std::uint64_t>(pct)) {
+          break;
+        }
+        const auto amount = [&](std::int64_t v) {
+          return r.metric == shm::kMetricUsd ? nlohmann::json(NanoUsd(v).toString()) : nlohmann::json(v);
+        };
+        Event e;
+        e.scope = "rule";
+        e.id = r.name + ":" + c.key;
+        e.level_pct = pct;
+        e.period = period;
+        e.body = {{"event", std::string("budget_rule_") + levelName(pct)},
+                  {"scope", "rule"},
+                  {"rule", r.name},
+                  {"key", c.key},
+                  {"metric", metricName(static_cast<RuleMetric>(r.metric))},
+                  {"window", windowName(r.window)},
+                  {"level_pct", pct},
+                  {"used", amount(c.committed)},
+                  {"limit", amount(*c.limit)}};
+        if (r.window_end_ns != INT64_MAX) e.body["window_end_unix_ns"] = r.window_end_ns;
+        raise(e);
+        done.pct = pct;
+      }
+    }
+  }
 }
 
 void Alerter::scanOne(const char* scope, std::string_view id, const BudgetView& v) {
@@ -195,7 +246,7 @@ void Alerter::raise(const Event& e) {
     SQLite::Transaction txn(*db_);
     if (e.level_pct >= 0) {
       SQLite::Statement f(*db_, "INSERT OR IGNORE INTO alert_fired VALUES (?, ?, ?, ?, ?)");
-      f.bind(1, e.scope == "run" ? kLifetime : admin_.day());
+      f.bind(1, e.period ? *e.period : e.scope == "run" ? kLifetime : admin_.day());
       f.bind(2, e.scope);
       f.bind(3, e.id);
       f.bind(4, e.level_pct);

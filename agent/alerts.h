@@ -32,6 +32,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stop_token>
 #include <string>
 
@@ -75,6 +76,8 @@ class Alerter {
   struct Event;
   void raise(const Event& e);
   void scanOne(const char* scope, std::string_view id, const BudgetView& v);
+  // Budget rules: each counter with a limit, its thresholds once per window.
+  void scanRules();
   bool send(const NotifierConfig& n, const std::string& body);
   // Whether this host is the one to send the alert `body`: kMine without a central Redis, or
   // when Redis cannot be asked. markSent() tells the fleet that one of its notifiers took it.
@@ -96,6 +99,12 @@ class Alerter {
   std::int32_t day_ = -1;
   // (scope, id) -> the highest level fired today (runs: ever)
   std::map<std::pair<std::string, std::string>, std::int64_t> fired_;
+  // Rules: the highest threshold fired per (rule, key) in its current window (under db_mu_).
+  struct RuleFired {
+    std::int64_t period = INT64_MIN;
+    std::int64_t pct = 0;
+  };
+  std::map<std::pair<std::string, std::string>, RuleFired> rule_fired_;
   std::mutex mu_;
   std::condition_variable_any cv_;
   bool wake_ = false;

@@ -279,7 +279,7 @@ const AlertsConfig::Thresholds& AlertsConfig::thresholdsFor(std::string_view sco
     if (tenant_pct) return *tenant_pct;
   } else if (scope == "run") {
     if (run_pct) return *run_pct;
-  } else if (platform_pct) {
+  } else if (scope == "platform" && platform_pct) {
     return *platform_pct;
   }
   return thresholds_pct;

@@ -696,6 +696,7 @@ std::vector<RuleUsage> RegionAdmin::rules() const {
       r.window_end_ns = d.window_end_ns.load(kRelaxed);
     }
   }
+  if (out.empty()) return out;   // no rules: the table is not read
   const KeyedTable<shm::RuleSlot> table(region_.ruleSlots(), region_.geometry().rule_capacity);
   for (std::uint32_t k = 0; k < table.capacity(); ++k) {
     const shm::RuleSlot& slot = table.at(static_cast<std::int32_t>(k));

@@ -63,3 +63,64 @@ TEST_CASE("alerts: thresholds per scope and tenant, a tenant's fire again the ne
   CHECK(fired() == std::vector<std::string>{"life run run-1 100", "2026-11-29 platform  50", "2026-11-29 tenant acme 90",
                                             "2026-11-29 tenant vip 10", "2026-11-30 tenant acme 90"});
 }
+
+TEST_CASE("alerts: a rule's thresholds fire once per key and window, again in the next window, never twice "
+          "after a restart") {
+  TempDir dir;
+  Config c = testConfig(dir, "alertrules");
+  RuleSpec rpm;
+  rpm.name = "rpm-hour";
+  rpm.scope = RuleScope::kTenant;
+  rpm.metric = RuleMetric::kRequests;
+  rpm.window.kind = WindowKind::kHour;
+  rpm.limit = 10;
+  RuleSpec in_flight;   // calls in flight are never spending: no alerts
+  in_flight.name = "cap";
+  in_flight.scope = RuleScope::kPlatform;
+  in_flight.metric = RuleMetric::kConcurrency;
+  in_flight.window.kind = WindowKind::kAllTime;
+  in_flight.limit = 1;
+  c.rules = {rpm, in_flight};
+  RegionCleanup cleanup{c.shm_name};
+  FakeClock clock{utc("2026-11-29T10:00:00Z")};
+  auto fired = [&] {
+    SQLite::Database db(dir.path + "/ledger.db");
+    SQLite::Statement q(db, "SELECT scope, scope_id, level_pct FROM alert_fired ORDER BY day, 1, 2, 3");
+    std::vector<std::string> out;
+    while (q.executeStep()) {
+      out.push_back(q.getColumn(0).getString() + " " + q.getColumn(1).getString() + " " +
+                    std::to_string(q.getColumn(2).getInt()));
+    }
+    return out;
+  };
+  {
+    Agent agent(c, {false, clock.fn()});
+    auto client = attachClient(c.shm_name);
+    Reservation held;
+    REQUIRE(client->reserve({"acme", "gpt-4o", {}, {}, 10, 0, 0}, &held).allowed());   // the cap, full
+    auto calls = [&](const char* tenant, int n) {
+      for (int i = 0; i < n; ++i) REQUIRE(client->record({tenant, "gpt-4o", "openai", {}, {}, 10, 0}).allowed());
+      agent.tick();
+    };
+    calls("acme", 7);
+    CHECK(fired().empty());
+    calls("acme", 1);   // 8 of 10: 80 %
+    calls("beta", 9);   // 90 %: its own counter, its own alert
+    CHECK(fired() == std::vector<std::string>{"rule rpm-hour:acme 80", "rule rpm-hour:beta 80"});
+    calls("acme", 2);   // 10 of 10: 95 and 100 at once
+    CHECK(agent.alerter().stats().fired == 4);
+    calls("acme", 3);   // past it: nothing new in this window
+    CHECK(agent.alerter().stats().fired == 4);
+
+    clock.now = utc("2026-11-29T11:00:01Z");   // the next hour: the count starts again
+    agent.tick();
+    calls("acme", 8);
+    CHECK(agent.alerter().stats().fired == 5);
+    REQUIRE(client->release(held).allowed());
+  }
+  Agent agent(c, {false, clock.fn()});   // a restart in the same hour adds nothing
+  agent.tick();
+  CHECK(agent.alerter().stats().fired == 0);
+  CHECK(fired() == std::vector<std::string>{"rule rpm-hour:acme 80", "rule rpm-hour:acme 95", "rule rpm-hour:acme 100",
+                                            "rule rpm-hour:beta 80", "rule rpm-hour:acme 80"});
+}
