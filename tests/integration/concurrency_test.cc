@@ -63,10 +63,12 @@ void awaitStart(Shared* s) {
 }
 
 // Forks `processes` children attached to `shm_name`, each running `threads` threads of
-// work(client, seed, &total, &mu) from the start barrier on; releases them together and returns
-// the sum of what each child sent back (add(sum, one) adds one child's Result to the sum).
-template <typename Result, typename Work, typename Add>
-Result raceChildren(const std::string& shm_name, int processes, int threads, Work work, Add add) {
+// work(client, seed, &total, &mu) from the start barrier on; calls forked() (the parent may start
+// threads only then: a fork after threads exist is unsafe, and ThreadSanitizer refuses it),
+// releases them together and returns the sum of what each child sent back (add(sum, one) adds
+// one child's Result to the sum).
+template <typename Result, typename Work, typename Add, typename Forked>
+Result raceChildren(const std::string& shm_name, int processes, int threads, Work work, Add add, Forked forked) {
   Shared* shared = sharedPage();
   std::vector<std::pair<pid_t, int>> children;
   for (int p = 0; p < processes; ++p) {
@@ -93,6 +95,7 @@ Result raceChildren(const std::string& shm_name, int processes, int threads, Wor
     ::close(fds[1]);
     children.emplace_back(pid, fds[0]);
   }
+  forked();
   CHECK(allWaiting(shared, processes * threads));
   shared->go.store(1);
   Result sum;
@@ -192,7 +195,8 @@ TEST_CASE("reserve: concurrent processes and threads never take any layer past i
   // Watch every layer while the children race: committed + held must never pass the limit.
   std::atomic<bool> done{false};
   std::atomic<std::int64_t> violations{0}, samples{0};
-  std::thread monitor([&] {
+  std::thread monitor;
+  auto watch = [&] {
     while (!done.load()) {
       auto over = [&](const shm::Counters& c) {
         const std::int64_t limit = c.limit.load();
@@ -209,19 +213,20 @@ TEST_CASE("reserve: concurrent processes and threads never take any layer past i
       }
       samples++;
     }
-  });
+  };
   const Booked sum = raceChildren<Booked>(
       t.spec.shm_name, 4, 4,
       [](Client& c, int seed, Booked* total, std::mutex* mu) { worker(c, seed, kIterations, total, mu); },
       [](Booked& into, const Booked& b) {
-    for (int i = 0; i < kTenants; ++i) into.tenant[i] += b.tenant[i];
-    for (int i = 0; i < kRuns; ++i) into.run[i] += b.run[i];
-    into.total += b.total;
-    into.reserved += b.reserved;
-    into.denied += b.denied;
-    into.stopped_streams += b.stopped_streams;
-    into.failures += b.failures;
-  });
+        for (int i = 0; i < kTenants; ++i) into.tenant[i] += b.tenant[i];
+        for (int i = 0; i < kRuns; ++i) into.run[i] += b.run[i];
+        into.total += b.total;
+        into.reserved += b.reserved;
+        into.denied += b.denied;
+        into.stopped_streams += b.stopped_streams;
+        into.failures += b.failures;
+      },
+      [&] { monitor = std::thread(watch); });
   done = true;
   monitor.join();
 
@@ -421,14 +426,15 @@ TEST_CASE("rules: under 4 processes x 4 threads no rule counter of any kind pass
   };
   std::atomic<bool> done{false};
   std::atomic<std::int64_t> violations{0}, samples{0};
-  std::thread monitor([&] {
+  std::thread monitor;
+  auto watch = [&] {
     while (!done.load()) {
       forEachCounter([&](std::uint32_t, const shm::Counters& c, std::int64_t limit) {
         if (c.spend.used() > limit) violations++;
       });
       samples++;
     }
-  });
+  };
   const RuleBooked sum = raceChildren<RuleBooked>(
       t.spec.shm_name, 4, 4,
       [](Client& c, int seed, RuleBooked* total, std::mutex* mu) { ruleWorker(c, seed, kIterations, total, mu); },
@@ -438,7 +444,8 @@ TEST_CASE("rules: under 4 processes x 4 threads no rule counter of any kind pass
         into.reserved += b.reserved;
         into.denied += b.denied;
         into.failures += b.failures;
-      });
+      },
+      [&] { monitor = std::thread(watch); });
   done = true;
   monitor.join();
 
