@@ -424,10 +424,9 @@ void Agent::rollRules(std::int64_t now_ns) {
     const RuleSpec& r = config_.rules[i];
     if (r.window.kind == WindowKind::kAllTime) continue;
     const shm::RuleDef& d = h.rules[rule_index_[i]];
-    const std::int64_t end = d.window_end_ns.load(std::memory_order_relaxed);
-    const std::int64_t start = d.window_start_ns.load(std::memory_order_relaxed);
-    // Ended, or (a clock stepped back, a word written from outside) not containing now at all.
-    if (now_ns < end && now_ns >= start) continue;
+    // Only forward: a clock stepped back is still in a window that began later, whose count must
+    // not be wiped again (docs/rules.md, "Not yet": the window it left early is not rebuilt).
+    if (now_ns < d.window_end_ns.load(std::memory_order_relaxed)) continue;
     const WindowSpan w = windows_.at(r.window, now_ns);
     a.rollRule(rule_index_[i], w.start_ns, w.end_ns);
     log::info("rule_window_rollover", {{"rule", r.name}, {"window", windowName(r.window.kind)},

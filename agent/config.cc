@@ -258,6 +258,10 @@ RuleSpec readRule(const toml::node& n, std::size_t index, const std::string& ori
            "is not for scope " + std::string(scopeName(r.scope)) + ": use match to choose the " +
                (r.scope == RuleScope::kTenantModel ? "model" : "agent") + " and limit for every tenant");
     }
+    if (r.match.ends_with('*')) {
+      fail(origin, key + "keys", "is not for a prefix group (match \"" + r.match +
+                                     "\"), which has one counter for all its keys: use limit");
+    }
     forEachId(k, origin, key + "keys.", keyKind(r.scope),
               [&](const std::string& id, const toml::node& v, const std::string& entry_key) {
                 r.keys[id] = getRuleLimit(v, r.metric, origin, entry_key);

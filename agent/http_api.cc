@@ -111,10 +111,14 @@ void denial(Response& res, const Decision& d, std::string_view project_id, const
   }
   if (d.resets_unix_ns > 0) {
     body["resets_unix_ns"] = d.resets_unix_ns;
-    // Whole seconds, rounded up, at least 1 (RFC 9110 10.2.3).
+    // Whole seconds, rounded up, at least 1 (RFC 9110 10.2.3). Both are region words: a
+    // difference that overflows (written from outside) gets no header rather than a wrong one.
     const std::int64_t now_ns = h.clock_unix_ns.load(std::memory_order_relaxed);   // the agent's clock, as the window's
-    const std::int64_t wait_s = std::max<std::int64_t>(1, (d.resets_unix_ns - now_ns + 999'999'999) / 1'000'000'000);
-    res.headers.emplace_back("Retry-After", std::to_string(wait_s));
+    std::int64_t left_ns = 0;
+    if (!__builtin_sub_overflow(d.resets_unix_ns, now_ns, &left_ns) && left_ns < INT64_MAX - 999'999'999) {
+      const std::int64_t wait_s = std::max<std::int64_t>(1, (left_ns + 999'999'999) / 1'000'000'000);
+      res.headers.emplace_back("Retry-After", std::to_string(wait_s));
+    }
   }
   reply(res, status, body);
 }

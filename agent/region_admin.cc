@@ -657,7 +657,7 @@ std::uint32_t RegionAdmin::restoreRules(const RuleCall& ids, std::int64_t window
   const KeyedTable<shm::RuleSlot> table(region_.ruleSlots(), region_.geometry().rule_capacity);
   RuleHits hits;
   // Each matching rule's counter, found or created exactly as a call with these ids would.
-  if (matchRules(h, table, ids, true, engine_.self(), &hits) != RuleMatch::kOk) return 1;
+  const bool all = matchRules(h, table, ids, true, engine_.self(), &hits, /*best_effort=*/true) == RuleMatch::kOk;
   for (std::uint32_t j = 0; j < hits.n; ++j) {
     const RuleHit& hit = hits.at[j];
     const shm::RuleDef& d = h.rules[hit.rule];
@@ -667,7 +667,7 @@ std::uint32_t RegionAdmin::restoreRules(const RuleCall& ids, std::int64_t window
         hit.metric == shm::kMetricRequests ? calls : ruleAmount(hit.metric, cost, prompt, completion, true);
     table.at(hit.slot).c.spend.add(amount, amount);
   }
-  return 0;
+  return all ? 0 : 1;
 }
 
 std::vector<RuleUsage> RegionAdmin::rules() const {

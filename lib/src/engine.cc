@@ -194,13 +194,14 @@ void Engine::deniedByLayer(std::uint32_t layer, Decision* d) const noexcept {
   d->resets_unix_ns = layer == shm::kLayerRun ? 0 : h_.day_end_unix_ns.load(kRelaxed);
 }
 
-Decision Engine::matchSite(const CallSite& site, bool free, bool insert, RuleHits* hits) const noexcept {
+Decision Engine::matchSite(const CallSite& site, bool free, bool insert, RuleHits* hits,
+                           bool best_effort) const noexcept {
   hits->n = 0;
   if (h_.rule_count.load(kRelaxed) == 0) return {};   // the usual case: one load
   const RuleCall call{{site.project_id, site.project_len}, {site.run_id, site.run_len},
                       {site.model_name, site.model_len}, {site.agent_id, site.agent_id_len},
                       {site.tags, std::min<std::size_t>(site.tags_len, sizeof site.tags)}, free};
-  switch (matchRules(h_, rule_table_, call, insert, self(), hits)) {
+  switch (matchRules(h_, rule_table_, call, insert, self(), hits, best_effort)) {
     case RuleMatch::kOk: return {};
     case RuleMatch::kTooMany: return fail(Code::kInvalidArgument);
     case RuleMatch::kBusy: return fail(Code::kRegionBusy);
@@ -694,10 +695,11 @@ Decision Engine::record(const Usage& u) noexcept {
   if (Decision d = prepare(call, &site, true); !d.allowed()) return d;
   const auto cost = costOf(price(site), u.prompt_tokens, u.completion_tokens);
   if (!cost) return fail(Code::kInvalidArgument);
-  // A rule key with no room is booked where it can be, as a tenant without one (below).
+  // The call has happened: every rule counter that can count it does; one that cannot (no room,
+  // a key left half-written, more rules than a call may match) makes the answer
+  // kCapacityExhausted, as a tenant without a table entry does (below).
   RuleHits hits;
-  const Decision matched = matchSite(site, price(site).isFree(), true, &hits);
-  if (!matched.allowed() && matched.code != Code::kCapacityExhausted) return matched;
+  const Decision matched = matchSite(site, price(site).isFree(), true, &hits, /*best_effort=*/true);
   std::uint64_t pos = 0;
   Code refused = Code::kOk;
   shm::LedgerSlot* entry = claimEntry(&pos, &refused);

@@ -67,7 +67,8 @@ class Engine {
   void deniedByLayer(std::uint32_t layer, Decision* d) const noexcept;
   // The rules that apply to the call `site` describes (creating their counters when `insert`);
   // a failure to match is the returned decision's code.
-  Decision matchSite(const CallSite& site, bool free, bool insert, RuleHits* hits) const noexcept;
+  Decision matchSite(const CallSite& site, bool free, bool insert, RuleHits* hits,
+                     bool best_effort = false) const noexcept;
   // check()'s work, into *d (a default Decision).
   void decide(const CallSite& site, std::int64_t prompt, std::int64_t completion, Decision* d) const noexcept;
   // check() for the rules, once the built-in layers allowed the call: a denial goes into *d.

@@ -71,8 +71,9 @@ bool validTags(std::string_view tags) noexcept {
 }
 
 RuleMatch matchRules(const shm::Header& h, const KeyedTable<shm::RuleSlot>& table, const RuleCall& call,
-                     bool insert, std::uint32_t client, RuleHits* out) noexcept {
+                     bool insert, std::uint32_t client, RuleHits* out, bool best_effort) noexcept {
   out->n = 0;
+  RuleMatch worst = RuleMatch::kOk;
   const std::uint32_t count = std::min(h.rule_count.load(kAcquire), shm::kMaxRules);
   for (std::uint32_t r = 0; r < count; ++r) {
     const shm::RuleDef& def = h.rules[r];
@@ -130,12 +131,21 @@ RuleMatch matchRules(const shm::Header& h, const KeyedTable<shm::RuleSlot>& tabl
       case shm::kScopeModel:
         if (applies(d, call.model, &part)) m = add(part, {}, false);
         break;
-      case shm::kScopeTag:
+      case shm::kScopeTag: {
+        // Each counter once per call: a tag given twice, or two tags of one prefix group.
+        std::string_view done[kMaxTags];
+        std::size_t n_done = 0;
         forEachTag(call.tags, [&](std::string_view tag) noexcept {
-          if (applies(d, tag, &part)) m = add(part, {}, false);
+          if (!applies(d, tag, &part)) return true;
+          for (std::size_t k = 0; k < n_done; ++k) {
+            if (done[k] == part) return true;
+          }
+          if (n_done < kMaxTags) done[n_done++] = part;
+          m = add(part, {}, false);
           return m == RuleMatch::kOk;
         });
         break;
+      }
       case shm::kScopeTenantModel:
         if (applies(d, call.model, &part)) m = add(call.project_id, part, true);
         break;
@@ -144,9 +154,11 @@ RuleMatch matchRules(const shm::Header& h, const KeyedTable<shm::RuleSlot>& tabl
         break;
       default: break;   // a scope no correct agent writes
     }
-    if (m != RuleMatch::kOk) return m;
+    if (m == RuleMatch::kOk) continue;
+    if (!best_effort || m == RuleMatch::kTooMany) return m;
+    worst = m;   // go on: the other rules still count what they can
   }
-  return RuleMatch::kOk;
+  return worst;
 }
 
 std::string_view ruleKey(char (&buf)[shm::kRuleKeyMax], std::uint32_t index, std::uint32_t gen, std::string_view first,

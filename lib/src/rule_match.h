@@ -48,9 +48,11 @@ bool validTags(std::string_view tags) noexcept;
 // Fills *out with the counters of every live rule that applies to `call`, in definition order,
 // creating them when `insert` (a counter that does not exist yet and may not be created is
 // slot -1). `client` names the inserter (client_lock.h). Reads definitions as layout.h says:
-// a definition replaced while it was read is read again.
+// a definition replaced while it was read is read again. Stops at the first rule it cannot
+// match, unless `best_effort` (a call that has happened: book what can be), which goes on past
+// a busy or full key and returns the worst of them; more than kMaxRuleHolds always stops.
 RuleMatch matchRules(const shm::Header& h, const KeyedTable<shm::RuleSlot>& table, const RuleCall& call,
-                     bool insert, std::uint32_t client, RuleHits* out) noexcept;
+                     bool insert, std::uint32_t client, RuleHits* out, bool best_effort = false) noexcept;
 
 // The limit that applies to a rule counter now: its own when set explicitly, else the rule's.
 inline std::int64_t ruleLimit(const shm::Counters& c, std::int64_t rule_limit) noexcept {

@@ -307,7 +307,7 @@ scope = "model"
 match = "gpt-4*"
 window = "day"
 metric = "prompt_tokens"
-keys = { "gpt-4o" = 0 }
+limit = 0
 
 [[rules]]
 name = "tag-rate"
@@ -362,7 +362,7 @@ limit = 8
   want[4].match = "gpt-4*";
   want[4].metric = RuleMetric::kPromptTokens;
   want[4].window.kind = WindowKind::kDay;
-  want[4].keys = {{"gpt-4o", 0}};
+  want[4].limit = 0;
 
   want[5].name = "tag-rate";
   want[5].scope = RuleScope::kTag;
@@ -498,6 +498,9 @@ TEST_CASE("config: a rule's limit is money for usd and a whole number for the ot
 TEST_CASE("config: a rule's keys are ids with limits of the rule's kind, and not for platform, tenant+model, tenant+agent") {
   CHECK(ruleError("scope = \"platform\"\nwindow = \"day\"\nkeys = { \"x\" = \"1\" }\n") ==
         "t.toml: rules[0] (\"r\").keys: is not for scope platform, which has one counter: use limit");
+  CHECK(ruleError("scope = \"model\"\nwindow = \"day\"\nmatch = \"gpt-4*\"\nkeys = { \"gpt-4o\" = \"1\" }\n") ==
+        "t.toml: rules[0] (\"r\").keys: is not for a prefix group (match \"gpt-4*\"), which has one counter for all "
+        "its keys: use limit");
   CHECK(ruleError("scope = \"tenant+model\"\nwindow = \"day\"\nkeys = { \"x\" = \"1\" }\n") ==
         "t.toml: rules[0] (\"r\").keys: is not for scope tenant+model: use match to choose the model and limit for "
         "every tenant");

@@ -297,3 +297,59 @@ TEST_CASE("rules: the reaper returns an overdue reservation's rule holds; the re
   CHECK(fixed[0].difference == 1);
   CHECK(counter(t, idx[0], "acme") == std::pair<std::int64_t, std::int64_t>{0, 1});
 }
+
+TEST_CASE("rules: a tag given twice, or two tags of one prefix group, count once on its counter") {
+  TestRegion t;
+  const auto idx = install(t, {rule("batch-group", RuleScope::kTag, RuleMetric::kConcurrency, 1, WindowKind::kAllTime,
+                                    "batch*"),
+                               rule("per-tag", RuleScope::kTag, RuleMetric::kRequests, 5)});
+  Call c = call("acme", "gpt-4o");
+  c.tags = "batch-a,batch-b,eval,eval";
+  Reservation r;
+  REQUIRE(t.client->reserve(c, &r).allowed());   // one call in flight in the group, not two
+  CHECK(counter(t, idx[0], "") == std::pair<std::int64_t, std::int64_t>{0, 1});
+  CHECK(counter(t, idx[1], "eval") == std::pair<std::int64_t, std::int64_t>{0, 1});
+  REQUIRE(t.client->commit(r, "openai", 1, 1).allowed());
+  CHECK(counter(t, idx[1], "eval") == std::pair<std::int64_t, std::int64_t>{1, 0});
+}
+
+TEST_CASE("rules: record books a call that matches more rule counters than a call may hold, as far as it can") {
+  TestRegion t;
+  const auto idx = install(t, {rule("per-tag", RuleScope::kTag, RuleMetric::kRequests, 100),
+                               rule("tenant", RuleScope::kTenant, RuleMetric::kRequests, 100)});
+  Usage u{"acme", "gpt-4o", "openai", {}, {}, 10, 0};
+  u.tags = "a,b,c,d,e,f,g,h";   // 8 tag counters, then the tenant's would be the 9th
+  const Decision d = t.client->record(u);
+  CHECK(d.code == Code::kCapacityExhausted);   // booked, but not counted against every limit
+  CHECK(d.ledger_seq > 0);
+  CHECK(t.client->tenant("acme").committed == d.cost);
+  CHECK(counter(t, idx[0], "h").first == 1);
+  CHECK(counter(t, idx[1], "acme").first == 0);
+}
+
+TEST_CASE("rules: the agent rolls a window at its end, and a clock stepped back does not wipe the window again") {
+  TempDir dir;
+  Config c = testConfig(dir, "rulesroll");
+  c.rules = {rule("rpm", RuleScope::kTenant, RuleMetric::kRequests, 2)};
+  RegionCleanup cleanup{c.shm_name};
+  FakeClock clock{utc("2026-11-29T10:00:10Z")};
+  Agent agent(c, {false, clock.fn()});
+  auto client = attachClient(c.shm_name);
+  auto request = [&] { return client->record({"acme", "gpt-4o", "openai", {}, {}, 1, 0}).code; };
+  auto refused = [&] { return client->check(call("acme", "gpt-4o", 1)).code; };
+  REQUIRE(request() == Code::kOk);
+  REQUIRE(request() == Code::kOk);
+  CHECK(refused() == Code::kRequestRateExceeded);
+  clock.now = utc("2026-11-29T10:00:59Z");   // still the same minute
+  agent.tick();
+  CHECK(refused() == Code::kRequestRateExceeded);
+  clock.now = utc("2026-11-29T10:01:00Z");   // the next minute, to the nanosecond
+  agent.tick();
+  CHECK(refused() == Code::kOk);
+  REQUIRE(request() == Code::kOk);
+  REQUIRE(request() == Code::kOk);
+  CHECK(refused() == Code::kRequestRateExceeded);
+  clock.now = utc("2026-11-29T10:00:30Z");   // stepped back into the minute before
+  agent.tick();
+  CHECK(refused() == Code::kRequestRateExceeded);   // the count stands
+}
