@@ -75,8 +75,13 @@ TEST_CASE("ledger: a writer in another pid namespace stopped between claiming a 
   LedgerRing ring(h, f.t.region->ledger(), f.t.region->geometry().ledger_capacity);
   std::mt19937 rng(7);
   bool caught = false;
+  Outcome o;
+  bool done = false;
   for (int attempt = 0; attempt < 5000 && !caught; ++attempt) {
     f.writer->drainOnce();
+    // A writer that finished before it was caught half-way cannot be stopped any more (waiting
+    // for it to stop took half a second per attempt, 40 minutes in all): the race was lost.
+    if ((done = ::read(out[0], &o, sizeof o) == sizeof o)) break;
     std::this_thread::sleep_for(std::chrono::microseconds(rng() % 300));
     ::kill(inner, SIGSTOP);
     for (int i = 0; i < 10000 && !isStopped(inner); ++i) std::this_thread::sleep_for(std::chrono::microseconds(50));
@@ -98,8 +103,6 @@ TEST_CASE("ledger: a writer in another pid namespace stopped between claiming a 
     ::kill(inner, SIGCONT);
   }
   CHECK(caught);
-  Outcome o;
-  bool done = false;
   for (int i = 0; i < 6000 && !done; ++i) {   // 60 s: a bound for correctness, not speed
     f.writer->drainOnce();
     done = ::read(out[0], &o, sizeof o) == sizeof o;
