@@ -42,6 +42,17 @@ struct HttpFixture : AgentFixture {
     return {r->status, r->body.empty() ? json(nullptr) : json::parse(r->body)};
   }
 
+  // Stops the agent and starts it again; with `new_region`, on a new region, as after a reboot.
+  void restart(bool new_region) {
+    agent->signal(SIGTERM);
+    REQUIRE(agent->wait() == 0);
+    client.reset();
+    if (new_region) Region::remove(shm);
+    agent = start();
+    client = waitForRegion(agent->pid());
+    port = httpPort();
+  }
+
   std::unique_ptr<Process> agent;
   std::unique_ptr<Client> client;
   int port = 0;
@@ -141,13 +152,7 @@ TEST_CASE("http: admin changes are saved, outlive a restart and win over the con
   CHECK_FALSE(f.client->tenant("beta").limit.has_value());
 
   // A restart, with a new region as after a reboot: the changes come back from the data dir.
-  f.agent->signal(SIGTERM);
-  REQUIRE(f.agent->wait() == 0);
-  f.client.reset();
-  Region::remove(f.shm);
-  f.agent = f.start();
-  f.client = f.waitForRegion(f.agent->pid());
-  f.port = f.httpPort();
+  f.restart(/*new_region=*/true);
   CHECK(f.client->tenant("acme").limit == NanoUsd::fromWholeUsd(1));
   CHECK(f.client->platform().limit == NanoUsd::fromWholeUsd(70));
   CHECK(f.client->killSwitch().active);
@@ -488,12 +493,6 @@ limit = 500
   expect();
 
   // A restart on a new region (as after a reboot): the counters are rebuilt from the ledger.
-  f.agent->signal(SIGTERM);
-  REQUIRE(f.agent->wait() == 0);
-  f.client.reset();
-  Region::remove(f.shm);
-  f.agent = f.start();
-  f.client = f.waitForRegion(f.agent->pid());
-  f.port = f.httpPort();
+  f.restart(/*new_region=*/true);
   expect();
 }
