@@ -110,11 +110,11 @@ inline constexpr std::uint32_t kMaxRules = 32;       // rule definitions in a re
 inline constexpr std::uint32_t kMaxRuleHolds = 8;    // rule counters one call may match
 enum RuleScopeValue : std::uint8_t {
   kScopePlatform = 0, kScopeTenant = 1, kScopeRun = 2, kScopeAgent = 3, kScopeModel = 4, kScopeTag = 5,
-  kScopeTenantModel = 6, kScopeTenantAgent = 7, kScopeCount = 8
+  kScopeTenantModel = 6, kScopeTenantAgent = 7
 };
 enum RuleMetricValue : std::uint8_t {
   kMetricUsd = 0, kMetricTokens = 1, kMetricPromptTokens = 2, kMetricCompletionTokens = 3, kMetricRequests = 4,
-  kMetricConcurrency = 5, kMetricCount = 6
+  kMetricConcurrency = 5
 };
 // A rule counter's key: the rule's number (4 bytes: index and generation), then the scope's ids,
 // two of them (tenant x model, tenant x agent) separated by a NUL, which no id contains.
