@@ -50,7 +50,7 @@ run-2 = "0.03"
 name = "py-batch-rpm"
 scope = "tag"
 match = "py-batch"
-window = "minute"
+window = "month"
 metric = "requests"
 limit = 2
 
@@ -265,7 +265,8 @@ class Reservations(unittest.TestCase):
         self.assertEqual(agent.ledger("stream2")[0]["completion_tokens"], 1600)
 
     def test_budget_rules_refuse_with_their_codes_and_tags_select_them(self) -> None:
-        # Two requests a minute for calls tagged py-batch: the third is refused, as a rate.
+        # Two requests a month for calls tagged py-batch (a month: a test never spans its end):
+        # the third is refused, as a rate.
         for _ in range(2):
             with tokenfuse.reserve("acme", "gpt-4o", 10, tags=["py-batch", "other"]) as r:
                 r.commit("openai", 10, 0)
