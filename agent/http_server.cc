@@ -394,7 +394,10 @@ class Session final : public SessionBase {
   void evict() override {
     auto self = std::static_pointer_cast<Session>(shared_from_this());
     net::post(socket_.get_executor(), [self] {
-      if (self->idle_since_ns.load(std::memory_order_relaxed) < 0) {   // a request came first: served
+      // A request came first, or its bytes are already here though not yet read (a busy machine):
+      // it is served, and the newcomer goes over the limit by one for a moment.
+      beast::error_code ec;
+      if (self->idle_since_ns.load(std::memory_order_relaxed) < 0 || self->socket_.available(ec) > 0) {
         self->evicting.store(false, std::memory_order_relaxed);
         return;
       }
