@@ -233,7 +233,10 @@ void Agent::rebuildFromLedger(std::int32_t today) {
   // set back since: they count for today (see backdateDay), on the side of refusing.
   const std::vector<LedgerTotal> daily = ledger_->tenantTotalsFrom(today, UINT64_MAX);
   const std::size_t tenants = restore_all(LimitTable::kTenant, daily, region_->geometry().tenant_capacity);
-  const std::size_t runs = restore_all(LimitTable::kRun, ledger_->runTotals(), region_->geometry().run_capacity);
+  // Runs idle for longer than their lifetime would only be reclaimed: they come back from the
+  // ledger if they return (LedgerWriter).
+  const std::size_t runs =
+      restore_all(LimitTable::kRun, ledger_->runTotals(runsActiveSince()), region_->geometry().run_capacity);
   LedgerTotal p;
   for (const LedgerTotal& t : daily) {
     p.cost_nano_usd += t.cost_nano_usd, p.prompt_tokens += t.prompt_tokens;
@@ -301,6 +304,8 @@ void Agent::resyncStatsFromLedger() {
   for (const LedgerTotal& t : ledger_->tenantTotals(day)) {
     a.setStats(LimitTable::kTenant, t.id, t.prompt_tokens, t.completion_tokens, t.calls);
   }
+  // Every run's, not only the recently active: one in the region without its statistics would
+  // look new to the ledger writer, which would add its earlier totals a second time.
   for (const LedgerTotal& r : ledger_->runTotals()) {
     a.setStats(LimitTable::kRun, r.id, r.prompt_tokens, r.completion_tokens, r.calls);
   }
@@ -508,10 +513,27 @@ void Agent::tick() {
     behind_since_ns_ = kNotBehind;
   }
   rollRules(ns);
+  reclaimKeys(ns);
   try {
     alerter_->scan();
   } catch (const std::exception& e) {   // an alert is never worth stopping the tick
     log::error("alert_scan_failed", {{"error", e.what()}});
+  }
+}
+
+std::int64_t Agent::runsActiveSince() const {
+  return shm::wrapSub(toUnixNs(clock_()), config_.run_idle_lifetime_s * 1'000'000'000);
+}
+
+void Agent::reclaimKeys(std::int64_t now_ns) {
+  // After the rollovers above, so that a day or window that just ended frees its keys.
+  const std::int64_t interval = config_.reclaim_interval_s * 1'000'000'000;
+  if (now_ns >= last_reclaim_ns_ && now_ns - last_reclaim_ns_ < interval) return;
+  last_reclaim_ns_ = now_ns;
+  const ReclaimStats r = admin_->reclaimKeys(now_ns, config_.run_idle_lifetime_s * 1'000'000'000);
+  if (r.total() > 0) {
+    log::info("keys_reclaimed", {{"tenants", r.tenants}, {"runs", r.runs}, {"rule_counters", r.rule_counters},
+                                 {"kept_in_use", r.kept}});
   }
 }
 

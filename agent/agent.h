@@ -121,6 +121,10 @@ class Agent {
   // Every tick: starts the next window of each rule whose window has ended, and keeps the
   // region's end of the budget day current.
   void rollRules(std::int64_t now_ns);
+  // Every reclaim_interval_s: frees the entries of keys nothing needs (RegionAdmin::reclaimKeys).
+  void reclaimKeys(std::int64_t now_ns);
+  // Runs whose last booking is older than this are past their idle lifetime.
+  std::int64_t runsActiveSince() const;
 
   Config config_;
   Clock clock_;
@@ -150,6 +154,7 @@ class Agent {
   static constexpr std::int64_t kClockBehindGraceNs = std::int64_t{60} * 1'000'000'000;
   static constexpr std::int64_t kNotBehind = INT64_MIN;
   std::int64_t behind_since_ns_ = kNotBehind;   // the clock's time when it was first seen behind
+  std::int64_t last_reclaim_ns_ = INT64_MIN / 2;  // the clock's time at the last reclaimKeys
   std::atomic<bool> writer_running_{false};
   std::atomic<std::int32_t> latest_day_{0};    // the latest budget day this agent has set (ledger checks)     // run()'s ledger writer thread is on
 };

@@ -359,7 +359,8 @@ Config parseConfig(const std::string& text, const std::string& origin) {
   if (const toml::table* r = subtable(root, "region", origin, "")) {
     rejectUnknown(*r, origin, "region.",
                   {"tenant_capacity", "run_capacity", "model_capacity", "reservation_capacity", "ledger_capacity",
-                   "rule_capacity"});
+                   "rule_capacity", "reclaim_interval_s"});
+    c.reclaim_interval_s = getInt(*r, "reclaim_interval_s", origin, "region.reclaim_interval_s", c.reclaim_interval_s, 1, 86400);
     c.ledger_capacity = getCapacity(*r, "ledger_capacity", origin, c.ledger_capacity);
     c.rule_capacity = getCapacity(*r, "rule_capacity", origin, c.rule_capacity);
     c.tenant_capacity = getCapacity(*r, "tenant_capacity", origin, c.tenant_capacity);
@@ -377,13 +378,15 @@ Config parseConfig(const std::string& text, const std::string& origin) {
   if (const toml::table* b = subtable(root, "budgets", origin, "")) {
     rejectUnknown(*b, origin, "budgets.",
                   {"platform_daily_limit_usd", "tenant_default_daily_limit_usd", "run_default_limit_usd",
-                   "reservation_ttl_s", "tenants", "runs"});
+                   "reservation_ttl_s", "run_idle_lifetime_s", "tenants", "runs"});
     c.platform_daily_limit = getLimit(*b, "platform_daily_limit_usd", origin, "budgets.platform_daily_limit_usd");
     c.tenant_default_daily_limit =
         getLimit(*b, "tenant_default_daily_limit_usd", origin, "budgets.tenant_default_daily_limit_usd");
     c.run_default_limit = getLimit(*b, "run_default_limit_usd", origin, "budgets.run_default_limit_usd");
     c.reservation_ttl_s = getInt(*b, "reservation_ttl_s", origin, "budgets.reservation_ttl_s", c.reservation_ttl_s, 1,
                                  7 * 86400);
+    c.run_idle_lifetime_s = getInt(*b, "run_idle_lifetime_s", origin, "budgets.run_idle_lifetime_s",
+                                   c.run_idle_lifetime_s, 1, 10LL * 365 * 86400);
     readLimits(subtable(*b, "tenants", origin, "budgets."), origin, "budgets.tenants.", "a project_id", &c.tenant_limits);
     readLimits(subtable(*b, "runs", origin, "budgets."), origin, "budgets.runs.", "a run_id", &c.run_limits);
   }

@@ -84,6 +84,9 @@ struct Config {
   std::uint32_t reservation_capacity = 16384;
   std::uint32_t ledger_capacity = 16384;   // ring slots between applications and SQLite
   std::uint32_t rule_capacity = 16384;     // counters of [[rules]], one per rule and key
+  // How often the agent reclaims the entries of keys nothing needs any more (RegionAdmin::reclaimKeys);
+  // a key goes after two passes that found it idle.
+  std::int64_t reclaim_interval_s = 60;
 
   // [http]
   std::string http_host = "127.0.0.1";   // loopback unless configured otherwise
@@ -109,6 +112,9 @@ struct Config {
   std::optional<NanoUsd> tenant_default_daily_limit;
   std::optional<NanoUsd> run_default_limit;
   std::int64_t reservation_ttl_s = 600;
+  // A run's entry may be reclaimed once it has booked nothing for this long; its totals come back
+  // from the ledger if it returns, and a restart restores only the runs active within it.
+  std::int64_t run_idle_lifetime_s = 7 * 86400;
   std::map<std::string, std::optional<NanoUsd>, std::less<>> tenant_limits;   // [budgets.tenants]
   std::map<std::string, std::optional<NanoUsd>, std::less<>> run_limits;      // [budgets.runs]
 

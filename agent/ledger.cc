@@ -49,6 +49,19 @@ CREATE TABLE IF NOT EXISTS spend_by_day (
   PRIMARY KEY (day, project_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spend_by_day_updated ON spend_by_day (updated_seq);
+-- Each run's lifetime totals, kept the same way: a run's budget is lifelong, and its entry in the
+-- region may be reclaimed after it has been idle a while (RegionAdmin::reclaimKeys), so its
+-- totals come back from here when it returns, and a restart restores the recently active runs.
+CREATE TABLE IF NOT EXISTS spend_by_run (
+  run_id            TEXT    NOT NULL PRIMARY KEY,
+  cost_nano_usd     INTEGER NOT NULL,
+  prompt_tokens     INTEGER NOT NULL,
+  completion_tokens INTEGER NOT NULL,
+  calls             INTEGER NOT NULL,
+  last_seq          INTEGER NOT NULL,       -- the newest ledger entry in it
+  last_unix_ns      INTEGER NOT NULL        -- and when it was booked
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS spend_by_run_last ON spend_by_run (last_unix_ns);
 -- Changes made through the admin API, which outlive a restart and win over the config file.
 CREATE TABLE IF NOT EXISTS limit_override (
   scope          TEXT    NOT NULL CHECK (scope IN ('tenant', 'run', 'platform')),
@@ -144,6 +157,23 @@ Ledger::Ledger(const std::string& path, std::string host_id) : host_id_(std::mov
       setMetaInt("spend_by_day_filled", 1);
       txn.commit();
     }
+    if (metaInt("spend_by_run_filled") == 0) {
+      // A ledger from before spend_by_run: fill it once from the entries.
+      SQLite::Transaction txn(*db_);
+      db_->exec("DELETE FROM spend_by_run");
+      db_->exec("INSERT INTO spend_by_run SELECT run_id, SUM(cost_nano_usd), SUM(prompt_tokens), "
+                "SUM(completion_tokens), COUNT(*), MAX(seq), MAX(created_at_unix_ns) FROM budget_ledger "
+                "WHERE run_id IS NOT NULL GROUP BY run_id");
+      setMetaInt("spend_by_run_filled", 1);
+      txn.commit();
+    }
+    add_run_ = std::make_unique<SQLite::Statement>(
+        *db_,
+        "INSERT INTO spend_by_run VALUES (?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (run_id) DO UPDATE SET cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd, "
+        "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+        "completion_tokens = completion_tokens + excluded.completion_tokens, calls = calls + excluded.calls, "
+        "last_seq = MAX(last_seq, excluded.last_seq), last_unix_ns = MAX(last_unix_ns, excluded.last_unix_ns)");
     add_spend_ = std::make_unique<SQLite::Statement>(
         *db_,
         "INSERT INTO spend_by_day VALUES (?, ?, ?, ?, ?, ?, ?) "
@@ -263,8 +293,30 @@ std::size_t Ledger::append(std::vector<LedgerEntry>& entries, const std::vector<
         b.completion += e.completion_tokens;
         ++b.calls;
         b.seq = std::max(b.seq, e.seq);
+        if (!e.run_id.empty()) {
+          BatchSpend& r = run_spend_[e.run_id];
+          r.cost += e.cost_nano_usd;
+          r.prompt += e.prompt_tokens;
+          r.completion += e.completion_tokens;
+          ++r.calls;
+          r.seq = std::max(r.seq, e.seq);
+          r.unix_ns = std::max(r.unix_ns, e.unix_ns);
+        }
       }
     }
+    for (const auto& [run, b] : run_spend_) {
+      SQLite::Statement& a = *add_run_;
+      a.bindNoCopy(1, run);
+      a.bind(2, b.cost);
+      a.bind(3, b.prompt);
+      a.bind(4, b.completion);
+      a.bind(5, b.calls);
+      a.bind(6, static_cast<std::int64_t>(b.seq));
+      a.bind(7, b.unix_ns);
+      a.exec();
+      a.reset();
+    }
+    run_spend_.clear();
     for (const auto& [key, b] : spend_) {
       SQLite::Statement& a = *add_spend_;
       a.bind(1, key.first);
@@ -282,7 +334,9 @@ std::size_t Ledger::append(std::vector<LedgerEntry>& entries, const std::vector<
   } catch (const SQLite::Exception& e) {
     insert_->reset();
     add_spend_->reset();
+    add_run_->reset();
     spend_.clear();
+    run_spend_.clear();
     throw LedgerError(std::string("cannot write the ledger: ") + e.what());
   }
   return added;
@@ -328,12 +382,23 @@ std::vector<LedgerTotal> Ledger::tenantTotalsFrom(std::int32_t first_day, std::u
   }
 }
 
-std::vector<LedgerTotal> Ledger::runTotals() {
-  SQLite::Statement q(*db_, std::string("SELECT run_id, ") + kSums +
-                                ", MAX(seq) FROM budget_ledger WHERE run_id IS NOT NULL GROUP BY run_id");
+std::vector<LedgerTotal> Ledger::runTotals(std::int64_t since_unix_ns) {
+  SQLite::Statement q(*db_,
+                      "SELECT run_id, cost_nano_usd, prompt_tokens, completion_tokens, calls, last_seq FROM spend_by_run "
+                      "WHERE last_unix_ns >= ?");
+  q.bind(1, since_unix_ns);
   std::vector<LedgerTotal> out;
   while (q.executeStep()) out.push_back(total(q));
   return out;
+}
+
+std::optional<LedgerTotal> Ledger::runTotal(const std::string& run_id) {
+  SQLite::Statement q(*db_,
+                      "SELECT run_id, cost_nano_usd, prompt_tokens, completion_tokens, calls, last_seq FROM spend_by_run "
+                      "WHERE run_id = ?");
+  q.bind(1, run_id);
+  if (!q.executeStep()) return std::nullopt;
+  return total(q);
 }
 
 std::vector<CallTotal> Ledger::callTotalsSince(std::int64_t since_unix_ns, std::int32_t first_day) {

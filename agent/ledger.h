@@ -124,7 +124,10 @@ class Ledger {
   // Each tenant's totals over budget days from `first_day` on, counting entries up to `max_seq`
   // only (the agent moves the budget day back after a corrected clock step: see Agent::tick).
   std::vector<LedgerTotal> tenantTotalsFrom(std::int32_t first_day, std::uint64_t max_seq);
-  std::vector<LedgerTotal> runTotals();   // runs are budgeted over their whole life
+  // Runs are budgeted over their whole life: the totals of each run whose last entry was booked
+  // at or after `since_unix_ns`, and of one run (nullopt: it booked nothing).
+  std::vector<LedgerTotal> runTotals(std::int64_t since_unix_ns = INT64_MIN);
+  std::optional<LedgerTotal> runTotal(const std::string& run_id);
   // Totals of the entries booked at or after `since_unix_ns` (INT64_MIN: all), by tenant, run,
   // model and agent. `first_day` (a budget day at or before that instant) lets SQLite use its day
   // index; INT32_MIN for all.
@@ -158,11 +161,14 @@ class Ledger {
   std::unique_ptr<SQLite::Database> db_;
   std::unique_ptr<SQLite::Statement> insert_;
   std::unique_ptr<SQLite::Statement> add_spend_;
+  std::unique_ptr<SQLite::Statement> add_run_;
   struct BatchSpend {
     std::int64_t cost = 0, prompt = 0, completion = 0, calls = 0;
     std::uint64_t seq = 0;
+    std::int64_t unix_ns = 0;
   };
   std::map<std::pair<std::int32_t, std::string>, BatchSpend> spend_;   // one batch's, by (day, tenant)
+  std::map<std::string, BatchSpend> run_spend_;                         // and by run
   std::string host_id_;
 };
 

@@ -359,8 +359,22 @@ DrainStats LedgerWriter::drainOnce() {
     ++pos;
   }
   if (pos == head_) return stats;
+  // A run whose entry in the region is new, and which booked calls before (its old entry was
+  // reclaimed after it sat idle: RegionAdmin::reclaimKeys): its earlier totals, read before this
+  // batch is in them, go back on its new entry, so its lifelong limit counts them.
+  returning_.clear();
+  for (const LedgerEntry& e : batch_) {
+    if (e.run_id.empty() || returning_.contains(e.run_id) || !admin_.runIsNew(e.run_id)) continue;
+    returning_.emplace(e.run_id, ledger_.runTotal(e.run_id));
+  }
   ledger_.append(batch_, quarantine_, pos);   // on disk when it returns; throws, leaving the ring as is
   stats.written = batch_.size();
+  for (const auto& [run, earlier] : returning_) {
+    if (!earlier) continue;
+    admin_.addReturned(run, earlier->cost_nano_usd, earlier->prompt_tokens, earlier->completion_tokens, earlier->calls);
+    log::info("run_returned", {{"run_id", run}, {"earlier_cost_usd", NanoUsd(earlier->cost_nano_usd).toString()},
+                               {"earlier_calls", earlier->calls}});
+  }
   const bool log_each = spdlog::default_logger_raw()->should_log(spdlog::level::debug);
   for (const LedgerEntry& e : batch_) {
     if (!e.written) continue;

@@ -19,6 +19,8 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
+#include <optional>
 #include <stop_token>
 #include <string>
 #include <vector>
@@ -95,6 +97,7 @@ class LedgerWriter {
   RegionAdmin& admin_;
   Region& region_;
   Ledger& ledger_;
+  std::map<std::string, std::optional<LedgerTotal>> returning_;   // drainOnce: runs back after a reclaim
   LedgerRing ring_;
   std::string host_id_;
   Options options_;

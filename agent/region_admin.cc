@@ -139,6 +139,7 @@ void RegionAdmin::setPlatformLimit(std::optional<NanoUsd> limit) noexcept {
 
 Status RegionAdmin::setLimit(LimitTable t, std::string_view id, std::optional<NanoUsd> limit) {
   if (auto p = idProblem(t, id); !p.empty()) return Status::error(p);
+  std::lock_guard lock(stats_mu_);   // against reclaimKeys: a key given a limit stays
   const Found f = findOrInsertBudget(table(t), id, engine_.self(), defaultLimit(t));
   if (f.index < 0) {
     return Status::error(std::string(t == LimitTable::kTenant ? "tenant" : "run") + " table is " +
@@ -180,6 +181,7 @@ void RegionAdmin::forEachEntry(LimitTable t, const std::function<void(std::strin
 
 Status RegionAdmin::clearLimit(LimitTable t, std::string_view id) {
   if (auto p = idProblem(t, id); !p.empty()) return Status::error(p);
+  std::lock_guard lock(stats_mu_);   // against reclaimKeys
   const Found f = table(t).find(id);
   if (f.index < 0) return {};
   shm::Counters& c = table(t).at(f.index).c;
@@ -196,6 +198,7 @@ void RegionAdmin::setDefaultLimit(LimitTable t, std::optional<NanoUsd> limit) no
   // inserter that read the old default claimed its slot before this store, so the sweep below
   // sees the slot, waits for it to be ready, and corrects it.
   def.store(raw(limit), std::memory_order_seq_cst);
+  std::lock_guard lock(stats_mu_);   // against reclaimKeys, whose reclaiming words look half-written
   const KeyedTable<shm::BudgetSlot> tab = table(t);
   for (std::uint32_t i = 0; i < tab.capacity(); ++i) {
     shm::BudgetSlot& s = tab.at(static_cast<std::int32_t>(i));
@@ -383,6 +386,10 @@ ReapStats RegionAdmin::reap(std::int64_t now_unix_ns) {
       auto& k = slots_of_table[i].k;
       std::uint64_t w = k.word.load(kAcquire);
       if (shm::keyState(w) != shm::kKeyInit) continue;
+      if (shm::keyReclaiming(w)) {   // a reclaim an agent left unfinished: the key stays
+        (void)k.word.compare_exchange_strong(w, shm::keptWord(w), kRelaxed);
+        continue;
+      }
       // The inserter's client number; 0 is no client's (written from outside): cleared too.
       const std::uint32_t client = shm::keyPid(w);
       if (client != 0 && !clientGone(client)) continue;
@@ -418,7 +425,11 @@ void RegionAdmin::addStats(std::string_view project_id, std::string_view run_id,
   std::lock_guard lock(stats_mu_);
   if (!run_id.empty()) {
     const Found r = table(LimitTable::kRun).find(run_id);
-    if (r.index >= 0) addCounts(table(LimitTable::kRun).at(r.index).c, prompt_tokens, completion_tokens);
+    if (r.index >= 0) {
+      shm::Counters& c = table(LimitTable::kRun).at(r.index).c;
+      addCounts(c, prompt_tokens, completion_tokens);
+      c.last_unix_ns.store(region_.header().clock_unix_ns.load(kRelaxed), kRelaxed);   // its idle time starts
+    }
   }
   if (day != region_.header().day.load(kAcquire)) return;   // a day already rolled over
   addCounts(region_.header().platform, prompt_tokens, completion_tokens);
@@ -518,6 +529,7 @@ Status RegionAdmin::setRules(const std::vector<RuleSpec>& rules, const std::vect
     return Status::error("at most " + std::to_string(shm::kMaxRules) + " rules (" + std::to_string(rules.size()) + " given)");
   }
   if (windows.size() != rules.size()) return Status::error("setRules: one window per rule");
+  std::lock_guard lock(stats_mu_);   // against reclaimKeys: counters given their own limit stay
   shm::Header& h = region_.header();
   // Which definition each rule goes to: the live one of the same shape, or a free (or retired)
   // one. Decided before anything is written, so that a failure changes nothing.

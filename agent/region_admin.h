@@ -13,6 +13,7 @@
 
 #include <tokenfuse/tokenfuse.hpp>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -36,6 +37,13 @@ struct ReapStats {
 };
 
 enum class LimitTable { kTenant, kRun };
+
+// What one RegionAdmin::reclaimKeys call freed, per table; `kept`: keys it chose that turned out
+// to be in use after all (a call looked them up meanwhile).
+struct ReclaimStats {
+  std::uint32_t tenants = 0, runs = 0, rule_counters = 0, kept = 0;
+  std::uint32_t total() const noexcept { return tenants + runs + rule_counters; }
+};
 
 // One layer whose holds (used - committed) the agent corrected: what it held beyond (positive) or
 // short of (negative) what the live reservations hold on it, unchanged over two sweeps.
@@ -126,6 +134,29 @@ class RegionAdmin {
   // Call it after reap(), every sweep; O(reservations + tables). Not thread-safe with itself.
   std::vector<HoldCorrection> reconcileHolds();
 
+  // Frees the table entries nothing needs any more, so that a region of fixed size serves any
+  // number of keys over time (table.h says how a lookup takes a key back from a reclaim):
+  //   - a tenant with nothing booked, held, counted or spent elsewhere in the current day;
+  //   - a rule counter with nothing held and nothing counted in its current window, or of a rule
+  //     that no longer exists;
+  //   - a run with nothing held that booked nothing, or whose last booking is `run_idle_ns` old:
+  //     its totals stay in the ledger, and the agent adds them back if the run returns
+  //     (runReturned).
+  // Keys with an explicit limit stay. A key goes only when two calls in a row found it idle with
+  // its word unchanged, so one just added is not taken before its first use. Not thread-safe
+  // with itself, reap() or the writers of limits; it takes stats_mu_ against the statistics'.
+  ReclaimStats reclaimKeys(std::int64_t now_unix_ns, std::int64_t run_idle_ns);
+  // For the ledger writer, before it books entries of `run_id`: true when the run's entry is new
+  // since its statistics were last set (it has counted no call), so that what the run booked
+  // before its entry was reclaimed can be added back (addReturned).
+  bool runIsNew(std::string_view run_id) const;
+  // Keys reclaimed since this agent started: tenants, runs, rule counters.
+  std::uint64_t reclaimed(LimitTable t) const noexcept { return reclaimed_[t == LimitTable::kTenant ? 0 : 1].load(); }
+  std::uint64_t reclaimedRuleCounters() const noexcept { return reclaimed_[2].load(); }
+  // Adds a returning run's earlier totals (from the ledger) to its new entry.
+  void addReturned(std::string_view run_id, std::int64_t cost, std::int64_t prompt_tokens,
+                   std::int64_t completion_tokens, std::int64_t calls);
+
   // Sets an unpublished region's counters from the ledger: `committed` and the token and call
   // counts of one entry (creating it; id empty means the platform). Only before publish: it
   // overwrites, so it must not race with clients.
@@ -193,11 +224,14 @@ class RegionAdmin {
 
   // reconcileHolds(): each layer's difference at the previous call (0: none, or it moved).
   std::vector<std::int64_t> last_difference_;
+  // reclaimKeys(): per table (tenant, run, rule), each slot's word when last found idle; 0: not.
+  std::vector<std::uint64_t> idle_seen_[3];
+  std::atomic<std::uint64_t> reclaimed_[3] = {};   // keys reclaimed so far, per table
 
   Region& region_;
   Engine engine_;
   std::mutex kill_mu_;
-  std::mutex stats_mu_;   // addStats against rollover
+  std::mutex stats_mu_;   // addStats against rollover; limits and statistics against reclaimKeys
   std::atomic<std::uint32_t> limited_untracked_[2][2] = {};   // by table, by LimitSource
 };
 

@@ -11,7 +11,7 @@ namespace tokenfuse {
 
 // CallSite is opaque, but applications allocate it: its size is part of the ABI. It grew by the
 // tags (layout 7, library 0.2).
-static_assert(sizeof(CallSite) == 804 && alignof(CallSite) == 4);
+static_assert(sizeof(CallSite) == 824 && alignof(CallSite) == 8);
 
 const char* errorCode(Code code) noexcept {
   switch (code) {

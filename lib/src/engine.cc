@@ -41,6 +41,10 @@ void initSelfOnce() {
   });
 }
 
+// How often reserve and record look their keys up again when the agent reclaimed one under
+// them: more than once in a row means keys are reclaimed as fast as they are used (kRegionBusy).
+constexpr int kMaxKeyAttempts = 4;
+
 // What acquire() returns when another party held the reservation for too long.
 constexpr auto kAcquireBusy = static_cast<shm::ResState>(0xf);
 
@@ -124,6 +128,17 @@ bool step(ReservationSlot& s, std::uint64_t* w, std::uint64_t next) noexcept {
   if (!s.word.compare_exchange_strong(expect, next, std::memory_order_acq_rel, kRelaxed)) return false;
   *w = next;
   return true;
+}
+
+// A tenant or run key's entry: its index (or a site_index marker) and its word. False: busy.
+bool resolveKey(const KeyedTable<shm::BudgetSlot>& table, std::string_view key,
+                const std::atomic<std::int64_t>& default_limit, bool insert, std::uint32_t client, std::int32_t* index,
+                std::uint64_t* word) noexcept {
+  const Found f = insert ? findOrInsertBudget(table, key, client, default_limit) : table.find(key);
+  // Not there yet (nothing spent) is not the same as no room for it (cannot be counted).
+  *index = f.index >= 0 ? f.index : f.what == Lookup::kAbsent ? site_index::kAbsent : site_index::kUntracked;
+  *word = f.word;
+  return f.what != Lookup::kBusy;
 }
 
 void copyKey(char* dst, std::uint32_t* len, std::string_view src) noexcept {
@@ -240,18 +255,34 @@ Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept
   copyKey(site->tags, &site->tags_len, call.tags);
 
   const std::uint32_t me = self();
-  auto resolve = [&](const KeyedTable<shm::BudgetSlot>& table, std::string_view key,
-                     const std::atomic<std::int64_t>& default_limit, std::int32_t* out) {
-    const Found f = insert ? findOrInsertBudget(table, key, me, default_limit) : table.find(key);
-    // Not there yet (nothing spent) is not the same as no room for it (cannot be counted).
-    *out = f.index >= 0 ? f.index : f.what == Lookup::kAbsent ? site_index::kAbsent : site_index::kUntracked;
-    return f.what != Lookup::kBusy;
-  };
-  if (!resolve(tenants_, call.project_id, h_.defaults.tenant_limit, &site->tenant)) return fail(Code::kRegionBusy);
-  if (!call.run_id.empty() && !resolve(runs_, call.run_id, h_.defaults.run_limit, &site->run)) {
+  if (!resolveKey(tenants_, call.project_id, h_.defaults.tenant_limit, insert, me, &site->tenant, &site->tenant_word)) {
+    return fail(Code::kRegionBusy);
+  }
+  if (!call.run_id.empty() &&
+      !resolveKey(runs_, call.run_id, h_.defaults.run_limit, insert, me, &site->run, &site->run_word)) {
     return fail(Code::kRegionBusy);
   }
   return {};
+}
+
+bool Engine::findKeys(const CallSite& site, bool insert, Keys* keys) const noexcept {
+  if (keys->tenant >= 0 && !tenants_.current(keys->tenant, keys->tenant_word) &&
+      !resolveKey(tenants_, {site.project_id, site.project_len}, h_.defaults.tenant_limit, insert, self(),
+                  &keys->tenant, &keys->tenant_word)) {
+    return false;
+  }
+  return !(keys->run >= 0 && !runs_.current(keys->run, keys->run_word) &&
+           !resolveKey(runs_, {site.run_id, site.run_len}, h_.defaults.run_limit, insert, self(), &keys->run,
+                       &keys->run_word));
+}
+
+bool Engine::stillCurrent(const Keys& keys, const RuleHits& hits) const noexcept {
+  if (keys.tenant >= 0 && !tenants_.current(keys.tenant, keys.tenant_word)) return false;
+  if (keys.run >= 0 && !runs_.current(keys.run, keys.run_word)) return false;
+  for (std::uint32_t j = 0; j < hits.n; ++j) {
+    if (hits.at[j].slot >= 0 && !rule_table_.current(hits.at[j].slot, hits.at[j].word)) return false;
+  }
+  return true;
 }
 
 // One Decision, built where the caller receives it: returning one of several (fail()'s, a local
@@ -273,15 +304,17 @@ void Engine::decide(const CallSite& site, std::int64_t prompt, std::int64_t comp
   const auto cost = free ? NanoUsd(0) : costOf(p, prompt, completion);
   if (!cost) return refuse(Code::kInvalidArgument);
   d.cost = *cost;
-  const Layers layers = layersOf(site.run, site.tenant);
+  Keys keys;
+  if (!keysOf(site, false, &keys)) return refuse(Code::kRegionBusy);
+  const Layers layers = layersOf(keys.run, keys.tenant);
   for (std::uint32_t i = 0; i < shm::kLayerCount && !free; ++i) {
     std::int64_t used = 0;
     std::int64_t limit = shm::kUnlimited;
     if (Counters* c = layers.at[i]) {
       used = spent(*c);
       limit = c->limit.load(kRelaxed);
-    } else if (i != shm::kLayerPlatform && !(i == shm::kLayerRun && site.run == site_index::kNone)) {
-      const std::int32_t index = i == shm::kLayerRun ? site.run : site.tenant;
+    } else if (i != shm::kLayerPlatform && !(i == shm::kLayerRun && keys.run == site_index::kNone)) {
+      const std::int32_t index = i == shm::kLayerRun ? keys.run : keys.tenant;
       if (index == site_index::kAbsent || index == site_index::kNone) {
         // Not in the table yet: nothing spent, and the default limit is what it will get.
         limit = (i == shm::kLayerRun ? h_.defaults.run_limit : h_.defaults.tenant_limit).load(kRelaxed);
@@ -354,16 +387,18 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
   const bool free = p.isFree();
   const auto estimate = free ? NanoUsd(0) : costOf(p, prompt, completion);
   if (!estimate) return fail(Code::kInvalidArgument);
+  Keys keys;
+  if (!keysOf(site, true, &keys)) return fail(Code::kRegionBusy);
   // A limited layer that could not get a table entry cannot be enforced: refuse rather than
   // let it spend unchecked. Unlimited ones are simply not counted per tenant or run.
-  if (!trackable(h_, site.tenant, site.run)) {
+  if (!trackable(h_, keys.tenant, keys.run)) {
     h_.stats.capacity_refused.fetch_add(1, kRelaxed);
     return fail(Code::kCapacityExhausted);
   }
   // The rules' counters too, before anything changes: a call that cannot be matched holds nothing.
   RuleHits hits;
   if (Decision m = matchSite(site, free, true, &hits); !m.allowed()) return m;
-  if (site.tenant < 0 || (site.run < 0 && site.run != site_index::kNone)) {
+  if (keys.tenant < 0 || (keys.run < 0 && keys.run != site_index::kNone)) {
     h_.stats.untracked_calls.fetch_add(1, kRelaxed);
   }
 
@@ -389,8 +424,6 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
   s.charge_target.store(0, kRelaxed);
   s.charged_prompt.store(0, kRelaxed);
   s.charged_completion.store(0, kRelaxed);
-  s.tenant.store(site.tenant, kRelaxed);
-  s.run.store(site.run, kRelaxed);
   s.prompt_nano_per_mtok.store(p.prompt_nano_per_mtok, kRelaxed);
   s.completion_nano_per_mtok.store(p.completion_nano_per_mtok, kRelaxed);
   s.free_model.store(free ? 1 : 0, kRelaxed);
@@ -398,49 +431,70 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
               {site.run_id, site.run_len},
               {site.model_name, site.model_len},
               {site.agent_id, site.agent_id_len}});
-  // What each rule counter will hold, written before any of them changes (as `held` is), so
-  // that the reconciliation knows what a reserving slot may hold on each.
-  std::int64_t amount[shm::kMaxRuleHolds];
-  s.rule_holds.store(hits.n, kRelaxed);
-  for (std::uint32_t j = 0; j < hits.n; ++j) {
-    amount[j] = ruleAmount(hits.at[j].metric, estimate->count(), prompt, completion, false);
-    s.rules[j].slot.store(hits.at[j].slot, kRelaxed);
-    s.rules[j].rule.store(static_cast<std::uint16_t>(hits.at[j].rule), kRelaxed);
-    s.rules[j].metric.store(hits.at[j].metric, kRelaxed);
-    s.rules[j].held.store(amount[j], kRelaxed);
-    s.rules[j].target.store(0, kRelaxed);
-  }
+  auto release_slot = [&]() noexcept { return step(s, &w, shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0)); };
 
-  // The layers are held without a step between them (see layout.h): a process that dies here
-  // leaves holds the reaper does not return, and the agent's reconciliation does.
   Decision d;
   d.cost = *estimate;
-  const Layers layers = layersOf(site.run, site.tenant);
+  std::int64_t amount[shm::kMaxRuleHolds];
+  Layers layers{};
   auto undo = [&](std::uint32_t held_layers, std::uint32_t held_rules) noexcept {
     for (std::uint32_t j = held_rules; j-- > 0;) ruleCounters(hits.at[j].slot)->spend.add(shm::wrapNeg(amount[j]), 0);
     if (!free) unhold(layers, held_layers, estimate->count());
   };
   auto refuse = [&](std::uint32_t held_layers, std::uint32_t held_rules) noexcept {
     undo(held_layers, held_rules);
-    return step(s, &w, shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0));
+    return release_slot();
   };
-  for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
-    Counters* c = layers.at[i];
-    // Free models skip the money layers. A paid call estimated at zero is still refused by a
-    // layer already past its limit, as check() refuses it.
-    if (c == nullptr || free || tryHold(*c, estimate->count(), &d)) continue;
-    c->denials.fetch_add(1, kRelaxed);
-    if (!refuse(i, 0)) return fail(Code::kStaleOwner);
-    deniedByLayer(i, &d);
-    return d;
-  }
-  for (std::uint32_t j = 0; j < hits.n; ++j) {
-    Counters& c = *ruleCounters(hits.at[j].slot);   // matched with insert: every hit has a counter
-    if (tryHoldWithin(c, amount[j], ruleLimit(c, hits.at[j].rule_limit), &d)) continue;
-    c.denials.fetch_add(1, kRelaxed);
-    if (!refuse(shm::kLayerCount, j)) return fail(Code::kStaleOwner);
-    deniedByRule(hits.at[j], &d);
-    return d;
+  for (int attempt = 1;; ++attempt) {
+    // The entries and what each rule counter will hold, written before any of them changes (as
+    // `held` is), so that the reconciliation knows what a reserving slot may hold on each, and
+    // the agent sees which keys it must not reclaim.
+    s.tenant.store(keys.tenant, kRelaxed);
+    s.run.store(keys.run, kRelaxed);
+    s.rule_holds.store(hits.n, kRelaxed);
+    for (std::uint32_t j = 0; j < hits.n; ++j) {
+      amount[j] = ruleAmount(hits.at[j].metric, estimate->count(), prompt, completion, false);
+      s.rules[j].slot.store(hits.at[j].slot, kRelaxed);
+      s.rules[j].rule.store(static_cast<std::uint16_t>(hits.at[j].rule), kRelaxed);
+      s.rules[j].metric.store(hits.at[j].metric, kRelaxed);
+      s.rules[j].held.store(amount[j], kRelaxed);
+      s.rules[j].target.store(0, kRelaxed);
+    }
+
+    // The layers are held without a step between them (see layout.h): a process that dies here
+    // leaves holds the reaper does not return, and the agent's reconciliation does.
+    layers = layersOf(keys.run, keys.tenant);
+    for (std::uint32_t i = 0; i < shm::kLayerCount; ++i) {
+      Counters* c = layers.at[i];
+      // Free models skip the money layers. A paid call estimated at zero is still refused by a
+      // layer already past its limit, as check() refuses it.
+      if (c == nullptr || free || tryHold(*c, estimate->count(), &d)) continue;
+      c->denials.fetch_add(1, kRelaxed);
+      if (!refuse(i, 0)) return fail(Code::kStaleOwner);
+      deniedByLayer(i, &d);
+      return d;
+    }
+    for (std::uint32_t j = 0; j < hits.n; ++j) {
+      Counters& c = *ruleCounters(hits.at[j].slot);   // matched with insert: every hit has a counter
+      if (tryHoldWithin(c, amount[j], ruleLimit(c, hits.at[j].rule_limit), &d)) continue;
+      c.denials.fetch_add(1, kRelaxed);
+      if (!refuse(shm::kLayerCount, j)) return fail(Code::kStaleOwner);
+      deniedByRule(hits.at[j], &d);
+      return d;
+    }
+    // Pairs with the fence in RegionAdmin::reclaimKeys: either it sees these holds and the
+    // entries named above, or this sees its reclaim. A hold is a locked instruction (cas16),
+    // which on x86-64 orders every store before it with every load after it; only a call that
+    // held nothing (a free model without rules) needs the fence itself.
+    if (free && hits.n == 0) std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (stillCurrent(keys, hits)) break;
+    undo(shm::kLayerCount, hits.n);
+    const bool again = attempt < kMaxKeyAttempts && keysOf(site, true, &keys) && trackable(h_, keys.tenant, keys.run);
+    const Decision m = again ? matchSite(site, free, true, &hits) : fail(Code::kRegionBusy);
+    if (!again || !m.allowed()) {
+      if (!release_slot()) return fail(Code::kStaleOwner);
+      return m;
+    }
   }
   // Publishes the fields with the reservation. Whoever took the slot meanwhile returned nothing
   // for a reserving slot, so every hold above is this call's to return.
@@ -698,25 +752,45 @@ Decision Engine::record(const Usage& u) noexcept {
   // The call has happened: every rule counter that can count it does; one that cannot (no room,
   // a key left half-written, more rules than a call may match) makes the answer
   // kCapacityExhausted, as a tenant without a table entry does (below).
+  const bool free = price(site).isFree();
   RuleHits hits;
-  const Decision matched = matchSite(site, price(site).isFree(), true, &hits, /*best_effort=*/true);
+  Decision matched = matchSite(site, free, true, &hits, /*best_effort=*/true);
   std::uint64_t pos = 0;
   Code refused = Code::kOk;
   shm::LedgerSlot* entry = claimEntry(&pos, &refused);
   if (entry == nullptr) return fail(refused);
   // The call has happened: its entry is written and counted where it can be, even when its
   // tenant or run has a limit but no entry; the answer then says so (kCapacityExhausted).
-  const bool layers_counted = trackable(h_, site.tenant, site.run);
   if (site.tenant < 0 || (site.run < 0 && site.run != site_index::kNone)) {
     h_.stats.untracked_calls.fetch_add(1, kRelaxed);
   }
-  const Layers layers = layersOf(site.run, site.tenant);
-  for (Counters* c : layers.at) {
-    if (c != nullptr) c->spend.add(cost->count(), cost->count());
-  }
-  for (std::uint32_t j = 0; j < hits.n; ++j) {
-    const std::int64_t booked = ruleAmount(hits.at[j].metric, cost->count(), u.prompt_tokens, u.completion_tokens, true);
-    ruleCounters(hits.at[j].slot)->spend.add(booked, booked);
+  bool layers_counted = false;
+  for (int attempt = 1;; ++attempt) {
+    layers_counted = trackable(h_, site.tenant, site.run);
+    auto book = [&](std::int64_t sign) noexcept {
+      for (Counters* c : layersOf(site.run, site.tenant).at) {
+        if (c != nullptr) c->spend.add(sign * cost->count(), sign * cost->count());
+      }
+      for (std::uint32_t j = 0; j < hits.n; ++j) {
+        const std::int64_t booked =
+            sign * ruleAmount(hits.at[j].metric, cost->count(), u.prompt_tokens, u.completion_tokens, true);
+        ruleCounters(hits.at[j].slot)->spend.add(booked, booked);
+      }
+    };
+    book(1);
+    // As in reserve: an entry the agent reclaimed under this booking is booked again on the
+    // key's new entry. (Booked on, a key is not reclaimed again soon: the last try stands.)
+    // The platform's booking is a locked instruction, the fence reserve needs (x86-64).
+    if (attempt == kMaxKeyAttempts || stillCurrent({site.tenant, site.run, site.tenant_word, site.run_word}, hits)) {
+      break;
+    }
+    book(-1);
+    if (Decision again = prepare(call, &site, true); !again.allowed()) {
+      matched = again;
+      hits.n = 0;
+      continue;
+    }
+    matched = matchSite(site, free, true, &hits, /*best_effort=*/true);
   }
   entry->kind = shm::kLedgerRecord;
   entry->unix_ns = h_.clock_unix_ns.load(kRelaxed);

@@ -50,6 +50,27 @@ class Engine {
     shm::Counters* at[shm::kLayerCount];
   };
   Layers layersOf(std::int32_t run, std::int32_t tenant) const noexcept;
+  // A call site's tenant and run entries, each checked against the word it was found with: a key
+  // reclaimed since the site was prepared is looked up again (inserted when `insert`). False when
+  // a slot is busy.
+  struct Keys {
+    std::int32_t tenant, run;
+    std::uint64_t tenant_word, run_word;
+  };
+  bool keysOf(const CallSite& site, bool insert, Keys* keys) const noexcept {
+    *keys = {site.tenant, site.run, site.tenant_word, site.run_word};
+    // The usual case: both entries are still the site's (a load each).
+    if ((keys->tenant < 0 || tenants_.current(keys->tenant, keys->tenant_word)) &&
+        (keys->run < 0 || runs_.current(keys->run, keys->run_word))) {
+      return true;
+    }
+    return findKeys(site, insert, keys);
+  }
+  bool findKeys(const CallSite& site, bool insert, Keys* keys) const noexcept;
+  // After holding on them (and a fence): whether every entry held on is still the call's. One
+  // that is not is the agent's reclaim winning the race, so the holds go back and the call
+  // looks its keys up again.
+  bool stillCurrent(const Keys& keys, const RuleHits& hits) const noexcept;
   static void unhold(const Layers& layers, std::uint32_t n, std::int64_t amount) noexcept;
   BudgetView view(const shm::Counters* c, std::int64_t default_limit) const;
   int claimSlot(std::uint32_t client, std::uint64_t* word) noexcept;

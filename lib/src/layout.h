@@ -71,12 +71,23 @@ struct alignas(64) Counters {
   alignas(64) std::atomic<std::int64_t> prompt_tokens;
   std::atomic<std::int64_t> completion_tokens;
   std::atomic<std::int64_t> calls;
+  // When the last call the ledger booked for it was made (the agent's clock), or when its totals
+  // were restored; 0: none yet. A run idle longer than its lifetime may be reclaimed.
+  std::atomic<std::int64_t> last_unix_ns;
 };
 static_assert(sizeof(Counters) == 128);
 
-// Key slot state word: [63..32] hash tag | [31..30] state | [29..0] client number of the inserter
-// (client_lock.h; keyPid() is the older name).
+// Key slot state word: [63..32] hash tag | [31..30] state | [29..0] by state:
+//   kKeyEmpty      never used (all zero);
+//   kKeyInit       being filled by the client number in [28..0] (client_lock.h; keyPid()), or, with
+//                  bit 29 (kKeyReclaiming) set, the agent deciding whether to reclaim the key of
+//                  generation [28..0]: anyone who looks that key up takes it back (table.h);
+//   kKeyReady      holds a key; [28..0] its generation, which grows each time the slot is reused,
+//                  so a word seen once and seen again means the same key is still there;
+//   kKeyTombstone  held the key of generation [28..0] and is free for another.
 enum KeyState : std::uint32_t { kKeyEmpty = 0, kKeyInit = 1, kKeyReady = 2, kKeyTombstone = 3 };
+inline constexpr std::uint32_t kKeyReclaiming = 1u << 29;
+inline constexpr std::uint32_t kKeyGenMask = kKeyReclaiming - 1;
 
 template <std::size_t N>
 struct KeyHeaderOf {
@@ -475,6 +486,18 @@ constexpr std::uint64_t keyWord(std::uint32_t tag, KeyState state, std::uint32_t
 constexpr std::uint32_t keyTag(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w >> 32); }
 constexpr KeyState keyState(std::uint64_t w) noexcept { return static_cast<KeyState>((w >> 30) & 3u); }
 constexpr std::uint32_t keyPid(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w & 0x3fff'ffffu); }
+constexpr std::uint32_t keyGen(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w) & kKeyGenMask; }
+constexpr bool keyReclaiming(std::uint64_t w) noexcept {
+  return keyState(w) == kKeyInit && (static_cast<std::uint32_t>(w) & kKeyReclaiming) != 0;
+}
+// The word a reclaim of the key with Ready word `ready` starts with, and the one that takes the
+// key back from it (or from a reclaim left unfinished): Ready, one generation on.
+constexpr std::uint64_t reclaimWord(std::uint64_t ready) noexcept {
+  return keyWord(keyTag(ready), kKeyInit, kKeyReclaiming | keyGen(ready));
+}
+constexpr std::uint64_t keptWord(std::uint64_t reclaiming) noexcept {
+  return keyWord(keyTag(reclaiming), kKeyReady, (keyGen(reclaiming) + 1) & kKeyGenMask);
+}
 
 inline constexpr std::uint32_t kGenMask = 0xff'ffffu;   // 24-bit generation
 

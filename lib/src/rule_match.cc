@@ -102,6 +102,7 @@ RuleMatch matchRules(const shm::Header& h, const KeyedTable<shm::RuleSlot>& tabl
       if (f.what == Lookup::kBusy) return RuleMatch::kBusy;
       RuleHit& hit = out->at[out->n];
       hit.slot = f.index;
+      hit.word = f.word;
       hit.rule = r;
       hit.metric = d.metric;
       hit.scope = d.scope;

@@ -27,6 +27,7 @@ struct RuleHit {
   std::uint8_t metric;        // shm::RuleMetricValue, copied from the definition
   std::uint8_t scope;         // shm::RuleScopeValue
   std::int64_t rule_limit;    // the definition's limit, read with it
+  std::uint64_t word;         // the counter slot's word when matched (KeyedTable::current)
 };
 
 struct RuleHits {

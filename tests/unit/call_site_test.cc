@@ -21,7 +21,7 @@ static_assert(!ReadsTenant<CallSite> && !ReadsRun<CallSite> && !ReadsModel<CallS
 static_assert(!NamesMarkers<CallSite>);
 static_assert(!std::is_aggregate_v<CallSite>);
 static_assert(std::is_trivially_copyable_v<CallSite>);
-static_assert(sizeof(CallSite) == 804);
+static_assert(sizeof(CallSite) == 824);
 
 TEST_CASE("call site: opaque to callers, yet prepare still finds the tenant, run and model it names") {
   TestRegion t;

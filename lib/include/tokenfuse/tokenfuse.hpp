@@ -164,6 +164,8 @@ class CallSite {
   std::int32_t tenant = -1;  // slot index, or one of lib/src's site_index markers
   std::int32_t run = -1;
   std::int32_t model = -1;
+  std::uint64_t tenant_word = 0;  // the slots' words when found: a key reclaimed since is looked up again
+  std::uint64_t run_word = 0;
   bool free_model = false;
   std::uint32_t model_len = 0;
   std::uint32_t agent_id_len = 0;
