@@ -537,6 +537,11 @@ void Agent::reclaimKeys(std::int64_t now_ns) {
   }
 }
 
+void Agent::drainLedger() {
+  while (writer_->drainOnce().any()) {
+  }
+}
+
 bool Agent::drainLedgerTo(std::uint64_t target) {
   Engine& e = admin_->engine();
   if (!writer_running_.load()) {   // no writer thread (tests drive tick() alone): drain here

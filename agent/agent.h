@@ -72,6 +72,10 @@ class Agent {
   bool regionDamaged() const noexcept { return region_damaged_.load(std::memory_order_acquire); }
   static constexpr int kExitRegionDamaged = 3;
 
+  // Writes what the ring holds to SQLite now, as run()'s writer thread would (tests that drive
+  // tick() themselves). Throws LedgerError.
+  void drainLedger();
+
   RegionAdmin& admin() noexcept { return *admin_; }
   bool adoptedRegion() const noexcept { return adopted_; }
   const Config& config() const noexcept { return config_; }
