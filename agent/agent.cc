@@ -235,8 +235,16 @@ void Agent::rebuildFromLedger(std::int32_t today) {
   const std::size_t tenants = restore_all(LimitTable::kTenant, daily, region_->geometry().tenant_capacity);
   // Runs idle for longer than their lifetime would only be reclaimed: they come back from the
   // ledger if they return (LedgerWriter).
-  const std::size_t runs =
+  std::size_t runs =
       restore_all(LimitTable::kRun, ledger_->runTotals(runsActiveSince()), region_->geometry().run_capacity);
+  // Runs with a limit of their own are never reclaimed: theirs come back whatever their age.
+  std::vector<std::string> limited;
+  a.forEachExplicit(LimitTable::kRun, [&](std::string_view id, std::optional<NanoUsd>) { limited.emplace_back(id); });
+  for (const std::string& id : limited) {
+    if (const std::optional<LedgerTotal> t = ledger_->runTotal(id)) {
+      runs += a.restore(LimitTable::kRun, id, NanoUsd(t->cost_nano_usd), t->prompt_tokens, t->completion_tokens, t->calls).ok();
+    }
+  }
   LedgerTotal p;
   for (const LedgerTotal& t : daily) {
     p.cost_nano_usd += t.cost_nano_usd, p.prompt_tokens += t.prompt_tokens;

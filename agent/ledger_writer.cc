@@ -359,21 +359,37 @@ DrainStats LedgerWriter::drainOnce() {
     ++pos;
   }
   if (pos == head_) return stats;
-  // A run whose entry in the region is new, and which booked calls before (its old entry was
-  // reclaimed after it sat idle: RegionAdmin::reclaimKeys): its earlier totals, read before this
-  // batch is in them, go back on its new entry, so its lifelong limit counts them.
-  returning_.clear();
-  for (const LedgerEntry& e : batch_) {
-    if (e.run_id.empty() || returning_.contains(e.run_id) || !admin_.runIsNew(e.run_id)) continue;
-    returning_.emplace(e.run_id, ledger_.runTotal(e.run_id));
-  }
   ledger_.append(batch_, quarantine_, pos);   // on disk when it returns; throws, leaving the ring as is
   stats.written = batch_.size();
-  for (const auto& [run, earlier] : returning_) {
-    if (!earlier) continue;
-    admin_.addReturned(run, earlier->cost_nano_usd, earlier->prompt_tokens, earlier->completion_tokens, earlier->calls);
-    log::info("run_returned", {{"run_id", run}, {"earlier_cost_usd", NanoUsd(earlier->cost_nano_usd).toString()},
-                               {"earlier_calls", earlier->calls}});
+  // A run whose entry in the region is new may have booked calls before, on an entry reclaimed
+  // after it sat idle (RegionAdmin::reclaimKeys): what the ledger has of it up to the new entry's
+  // birth goes on the new entry, once, so its lifelong limit counts it.
+  // Its entries after the birth are all in this batch: the first batch to hold one does this.
+  history_.clear();
+  for (const LedgerEntry& e : batch_) {
+    if (e.run_id.empty() || !e.written) continue;
+    auto it = history_.find(e.run_id);
+    if (it == history_.end()) {
+      const std::optional<std::uint64_t> born = admin_.runWithoutHistory(e.run_id);
+      if (!born) continue;
+      it = history_.emplace(e.run_id, History{*born, 0, {}}).first;
+    }
+    // The money booked on this entry (after its birth); the statistics of every entry of the
+    // batch, which addStats adds below.
+    History& run = it->second;
+    if (e.seq > run.born) run.cost_since += e.cost_nano_usd;
+    run.batch.prompt_tokens += e.prompt_tokens, run.batch.completion_tokens += e.completion_tokens, ++run.batch.calls;
+  }
+  for (const auto& [run, hist] : history_) {
+    LedgerTotal earlier = ledger_.runTotal(run).value_or(LedgerTotal{});
+    earlier.cost_nano_usd -= hist.cost_since;
+    earlier.prompt_tokens -= hist.batch.prompt_tokens, earlier.completion_tokens -= hist.batch.completion_tokens;
+    earlier.calls -= hist.batch.calls;
+    admin_.addHistory(run, hist.born, earlier);
+    if (earlier.calls > 0) {
+      log::info("run_returned", {{"run_id", run}, {"earlier_cost_usd", NanoUsd(earlier.cost_nano_usd).toString()},
+                                 {"earlier_calls", earlier.calls}});
+    }
   }
   const bool log_each = spdlog::default_logger_raw()->should_log(spdlog::level::debug);
   for (const LedgerEntry& e : batch_) {

@@ -19,10 +19,9 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
-#include <map>
-#include <optional>
 #include <stop_token>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace tokenfuse {
@@ -97,7 +96,13 @@ class LedgerWriter {
   RegionAdmin& admin_;
   Region& region_;
   Ledger& ledger_;
-  std::map<std::string, std::optional<LedgerTotal>> returning_;   // drainOnce: runs back after a reclaim
+  // drainOnce: the batch's runs whose entry lacks what they booked before it was made.
+  struct History {
+    std::uint64_t born;          // Counters::born_seq: later ledger entries are booked on it
+    std::int64_t cost_since;     // the batch's cost booked on it
+    LedgerTotal batch;           // the batch's tokens and calls (addStats counts them)
+  };
+  std::unordered_map<std::string, History> history_;
   LedgerRing ring_;
   std::string host_id_;
   Options options_;

@@ -176,8 +176,8 @@ class RegionCollector final : public prometheus::Collectable {
     const shm::Stats& st = h.stats;
     constexpr auto r = std::memory_order_relaxed;
     MetricFamily entries = family("tokenfuse_table_entries",
-                                  "Entries in use in a region table (tenant, run and model entries are never removed "
-                                  "while the region lives; reservation slots are in use while live)",
+                                  "Entries in use in a region table (tenant, run and rule entries are reclaimed once "
+                                  "nothing needs them; reservation slots are in use while live)",
                                   MetricType::Gauge);
     MetricFamily capacity = family("tokenfuse_table_capacity", "Slots in a region table", MetricType::Gauge);
     const std::pair<const char*, std::pair<std::uint32_t, std::uint32_t>> tables[] = {
@@ -193,6 +193,13 @@ class RegionCollector final : public prometheus::Collectable {
     }
     out.push_back(std::move(entries));
     out.push_back(std::move(capacity));
+    MetricFamily reclaimed = family("tokenfuse_keys_reclaimed_total",
+                                    "Table entries the agent freed because nothing needed them any more, since it started",
+                                    MetricType::Counter);
+    sample(reclaimed, static_cast<double>(admin_.reclaimed(LimitTable::kTenant)), {{"table", "tenant"}});
+    sample(reclaimed, static_cast<double>(admin_.reclaimed(LimitTable::kRun)), {{"table", "run"}});
+    sample(reclaimed, static_cast<double>(admin_.reclaimedRuleCounters()), {{"table", "rule"}});
+    out.push_back(std::move(reclaimed));
     if (capacity_ != nullptr) {
       MetricFamily left = family("tokenfuse_capacity_left_out",
                                  "Keys the agent's start wanted in a table (limits, ledger totals) but found no room for",

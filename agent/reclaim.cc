@@ -11,9 +11,11 @@
 //      keys' words, so either this sees their holds and the keys they named, or they see the
 //      reclaiming word and take the key back (or find it gone, return their holds and look the
 //      key up again);
-//   3. the word becomes a tombstone (a compare-and-swap: it fails if a lookup took the key back
-//      meanwhile), and only then are the counters cleared for the next key, by adding the
-//      negatives of what they held, so that whatever a late holder still adds or returns adds up.
+//   3. the word becomes the agent's "being filled" word (a compare-and-swap: it fails if a lookup
+//      took the key back meanwhile), the counters are cleared for the next key (what it booked is
+//      taken out by adding its negative, so that whatever a late holder still adds or returns adds
+//      up), and only then does the slot become a tombstone an insert may reuse. A key whose counts
+//      or holds changed since it was chosen is kept.
 #include "region_admin.h"
 
 #include "rule_match.h"
@@ -37,6 +39,7 @@ struct Candidate {
   int table;
   std::uint32_t index;
   std::uint64_t word;       // its Ready word when chosen
+  std::int64_t committed;   // and what it had booked: a booking since keeps it
   shm::Counters* c;
 };
 
@@ -103,15 +106,18 @@ ReclaimStats RegionAdmin::reclaimKeys(std::int64_t now_unix_ns, std::int64_t run
                    : k.table == kRuns  ? region_.runs()[k.index].k.word
                                        : region_.ruleSlots()[k.index].k.word;
       const std::int64_t committed = k.c->spend.committed();
-      const bool idle = holdsNothing(*k.c) && !std::binary_search(named[k.table].begin(), named[k.table].end(), k.index) &&
-                        (k.table == kRuns || k.table == kRules || committed == 0);
+      const bool idle = holdsNothing(*k.c) && committed == k.committed &&
+                        !std::binary_search(named[k.table].begin(), named[k.table].end(), k.index);
       std::uint64_t expect = shm::reclaimWord(k.word);
       if (!idle) {
         (void)word.compare_exchange_strong(expect, shm::keptWord(expect));   // unless a lookup did
         ++stats.kept;
         continue;
       }
-      if (!word.compare_exchange_strong(expect, shm::keyWord(shm::keyTag(k.word), shm::kKeyTombstone, shm::keyGen(k.word)))) {
+      // Gone for lookups, but not free for inserts until its counters are cleared: a lookup of
+      // its key meanwhile waits, as for a key being inserted (nanoseconds).
+      const std::uint64_t clearing = shm::keyWord(shm::keyTag(k.word), shm::kKeyInit, engine_.self());
+      if (!word.compare_exchange_strong(expect, clearing)) {
         ++stats.kept;   // a lookup took it back
         continue;
       }
@@ -120,10 +126,12 @@ ReclaimStats RegionAdmin::reclaimKeys(std::int64_t now_unix_ns, std::int64_t run
       c.elsewhere.store(0, kRelaxed);
       c.limit_explicit.store(0, kRelaxed);
       c.denials.store(0, kRelaxed);
+      c.history.store(0, kRelaxed);
       c.prompt_tokens.store(0, kRelaxed);
       c.completion_tokens.store(0, kRelaxed);
       c.calls.store(0, kRelaxed);
       c.last_unix_ns.store(0, kRelaxed);
+      word.store(shm::keyWord(shm::keyTag(k.word), shm::kKeyTombstone, shm::keyGen(k.word)), std::memory_order_release);
       ++(k.table == kTenants ? stats.tenants : k.table == kRuns ? stats.runs : stats.rule_counters);
     }
     batch.clear();
@@ -146,9 +154,10 @@ ReclaimStats RegionAdmin::reclaimKeys(std::int64_t now_unix_ns, std::int64_t run
         continue;
       }
       seen[i] = 0;
+      const std::int64_t committed = s.c.spend.committed();
       std::uint64_t expect = w;
       if (!s.k.word.compare_exchange_strong(expect, shm::reclaimWord(w))) continue;   // it moved
-      batch.push_back({table, i, w, &s.c});
+      batch.push_back({table, i, w, committed, &s.c});
       if (batch.size() == kBatch) settle();
     }
     settle();
@@ -162,21 +171,26 @@ ReclaimStats RegionAdmin::reclaimKeys(std::int64_t now_unix_ns, std::int64_t run
   return stats;
 }
 
-bool RegionAdmin::runIsNew(std::string_view run_id) const {
+std::optional<std::uint64_t> RegionAdmin::runWithoutHistory(std::string_view run_id) {
+  std::lock_guard lock(stats_mu_);
   const Found f = table(LimitTable::kRun).find(run_id);
-  return f.index >= 0 && table(LimitTable::kRun).at(f.index).c.calls.load(kRelaxed) == 0;
+  if (f.index < 0) return std::nullopt;
+  const shm::Counters& c = table(LimitTable::kRun).at(f.index).c;
+  if (c.history.load(kRelaxed) != 0) return std::nullopt;
+  return c.born_seq.load(kRelaxed);
 }
 
-void RegionAdmin::addReturned(std::string_view run_id, std::int64_t cost, std::int64_t prompt_tokens,
-                              std::int64_t completion_tokens, std::int64_t calls) {
+void RegionAdmin::addHistory(std::string_view run_id, std::uint64_t born_seq, const LedgerTotal& earlier) {
   std::lock_guard lock(stats_mu_);
   const Found f = table(LimitTable::kRun).find(run_id);
   if (f.index < 0) return;
   shm::Counters& c = table(LimitTable::kRun).at(f.index).c;
-  c.spend.add(cost, cost);
-  c.prompt_tokens.store(shm::wrapAdd(c.prompt_tokens.load(kRelaxed), prompt_tokens), kRelaxed);
-  c.completion_tokens.store(shm::wrapAdd(c.completion_tokens.load(kRelaxed), completion_tokens), kRelaxed);
-  c.calls.store(shm::wrapAdd(c.calls.load(kRelaxed), calls), kRelaxed);
+  if (c.history.load(kRelaxed) != 0 || c.born_seq.load(kRelaxed) != born_seq) return;   // done, or another entry
+  c.spend.add(earlier.cost_nano_usd, earlier.cost_nano_usd);
+  c.prompt_tokens.store(shm::wrapAdd(c.prompt_tokens.load(kRelaxed), earlier.prompt_tokens), kRelaxed);
+  c.completion_tokens.store(shm::wrapAdd(c.completion_tokens.load(kRelaxed), earlier.completion_tokens), kRelaxed);
+  c.calls.store(shm::wrapAdd(c.calls.load(kRelaxed), earlier.calls), kRelaxed);
+  c.history.store(1, kRelaxed);
 }
 
 }  // namespace tokenfuse

@@ -140,7 +140,7 @@ void RegionAdmin::setPlatformLimit(std::optional<NanoUsd> limit) noexcept {
 Status RegionAdmin::setLimit(LimitTable t, std::string_view id, std::optional<NanoUsd> limit) {
   if (auto p = idProblem(t, id); !p.empty()) return Status::error(p);
   std::lock_guard lock(stats_mu_);   // against reclaimKeys: a key given a limit stays
-  const Found f = findOrInsertBudget(table(t), id, engine_.self(), defaultLimit(t));
+  const Found f = findOrInsertBudget(table(t), id, engine_.self(), defaultLimit(t), region_.header().ledger_tail);
   if (f.index < 0) {
     return Status::error(std::string(t == LimitTable::kTenant ? "tenant" : "run") + " table is " +
                          (f.what == Lookup::kBusy ? "busy (a client died while adding an entry; retry)"
@@ -159,7 +159,7 @@ Status RegionAdmin::setElsewhere(std::int32_t day, std::string_view project_id, 
   if (!project_id.empty()) {
     if (auto p = idProblem(LimitTable::kTenant, project_id); !p.empty()) return Status::error(p);
     const Found f = findOrInsertBudget(table(LimitTable::kTenant), project_id, engine_.self(),
-                                       defaultLimit(LimitTable::kTenant));
+                                       defaultLimit(LimitTable::kTenant), region_.header().ledger_tail);
     if (f.index < 0) return Status::error("tenant table is full or busy");
     c = &table(LimitTable::kTenant).at(f.index).c;
   }
@@ -173,9 +173,10 @@ void RegionAdmin::forEachTenant(const std::function<void(std::string_view)>& fn)
 
 void RegionAdmin::forEachEntry(LimitTable t, const std::function<void(std::string_view)>& fn) const {
   const KeyedTable<shm::BudgetSlot> tab = table(t);
+  std::string key;
   for (std::uint32_t i = 0; i < tab.capacity(); ++i) {
     const shm::BudgetSlot& s = tab.at(static_cast<std::int32_t>(i));
-    if (shm::keyState(s.k.word.load(kAcquire)) == shm::kKeyReady) fn(keyOf(s.k));
+    if (copyReadyKey(s.k, &key)) fn(key);
   }
 }
 
@@ -216,11 +217,12 @@ void RegionAdmin::setDefaultLimit(LimitTable t, std::optional<NanoUsd> limit) no
 void RegionAdmin::forEachExplicit(LimitTable t,
                                   const std::function<void(std::string_view, std::optional<NanoUsd>)>& fn) const {
   const KeyedTable<shm::BudgetSlot> tab = table(t);
+  std::string key;
   for (std::uint32_t i = 0; i < tab.capacity(); ++i) {
     const shm::BudgetSlot& s = tab.at(static_cast<std::int32_t>(i));
-    if (shm::keyState(s.k.word.load(kAcquire)) != shm::kKeyReady || s.c.limit_explicit.load(kRelaxed) == 0) continue;
+    if (s.c.limit_explicit.load(kRelaxed) == 0 || !copyReadyKey(s.k, &key)) continue;
     const std::int64_t limit = s.c.limit.load(kRelaxed);
-    fn(keyOf(s.k), limit == shm::kUnlimited ? std::nullopt : std::optional(NanoUsd(limit)));
+    fn(key, limit == shm::kUnlimited ? std::nullopt : std::optional(NanoUsd(limit)));
   }
 }
 
@@ -411,11 +413,12 @@ Status RegionAdmin::restore(LimitTable t, std::string_view id, NanoUsd committed
   shm::Counters* c = &region_.header().platform;
   if (!id.empty()) {
     if (auto p = idProblem(t, id); !p.empty()) return Status::error(p);
-    const Found f = findOrInsertBudget(table(t), id, engine_.self(), defaultLimit(t));
+    const Found f = findOrInsertBudget(table(t), id, engine_.self(), defaultLimit(t), region_.header().ledger_tail);
     if (f.index < 0) return Status::error(std::string(t == LimitTable::kTenant ? "tenant" : "run") + " table is full");
     c = &table(t).at(f.index).c;
   }
   c->spend.reset(committed.count(), committed.count());
+  c->history.store(1, kRelaxed);   // restored with every entry the ledger has of it
   setCounts(*c, prompt_tokens, completion_tokens, calls);
   return {};
 }
@@ -499,7 +502,8 @@ Status RegionAdmin::backdate(std::int32_t day, const std::vector<std::pair<std::
       continue;
     }
     const Found f =
-        findOrInsertBudget(table(LimitTable::kTenant), id, engine_.self(), defaultLimit(LimitTable::kTenant));
+        findOrInsertBudget(table(LimitTable::kTenant), id, engine_.self(), defaultLimit(LimitTable::kTenant),
+                           region_.header().ledger_tail);
     if (f.index < 0) return Status::error("tenant table is full or busy: cannot bring back the spending of " + id);
     layers.emplace_back(&table(LimitTable::kTenant).at(f.index).c, d);
   }
@@ -710,11 +714,11 @@ std::vector<RuleUsage> RegionAdmin::rules() const {
   }
   if (out.empty()) return out;   // no rules: the table is not read
   const KeyedTable<shm::RuleSlot> table(region_.ruleSlots(), region_.geometry().rule_capacity);
+  std::string bytes;
   for (std::uint32_t k = 0; k < table.capacity(); ++k) {
     const shm::RuleSlot& slot = table.at(static_cast<std::int32_t>(k));
     RuleKey key;
-    if (shm::keyState(slot.k.word.load(kAcquire)) != shm::kKeyReady || !parseRuleKey(keyOf(slot.k), &key) ||
-        at[key.rule] < 0 || key.gen != gen[key.rule]) {
+    if (!copyReadyKey(slot.k, &bytes) || !parseRuleKey(bytes, &key) || at[key.rule] < 0 || key.gen != gen[key.rule]) {
       continue;
     }
     RuleUsage& r = out[static_cast<std::size_t>(at[key.rule])];

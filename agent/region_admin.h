@@ -7,6 +7,7 @@
 #pragma once
 
 #include "engine.h"
+#include "ledger.h"
 #include "layout.h"
 #include "region.h"
 #include "rules.h"
@@ -141,21 +142,20 @@ class RegionAdmin {
   //     that no longer exists;
   //   - a run with nothing held that booked nothing, or whose last booking is `run_idle_ns` old:
   //     its totals stay in the ledger, and the agent adds them back if the run returns
-  //     (runReturned).
+  //     (addHistory).
   // Keys with an explicit limit stay. A key goes only when two calls in a row found it idle with
   // its word unchanged, so one just added is not taken before its first use. Not thread-safe
   // with itself, reap() or the writers of limits; it takes stats_mu_ against the statistics'.
   ReclaimStats reclaimKeys(std::int64_t now_unix_ns, std::int64_t run_idle_ns);
-  // For the ledger writer, before it books entries of `run_id`: true when the run's entry is new
-  // since its statistics were last set (it has counted no call), so that what the run booked
-  // before its entry was reclaimed can be added back (addReturned).
-  bool runIsNew(std::string_view run_id) const;
+  // For the ledger writer: the ledger's tail when the entry of `run_id` was made, if what the run
+  // booked before that (on an entry since reclaimed) is not on it yet (Counters::history).
+  std::optional<std::uint64_t> runWithoutHistory(std::string_view run_id);
+  // Adds what a run booked before its entry was made (from the ledger: its entries up to
+  // `born_seq`) to that entry, once.
+  void addHistory(std::string_view run_id, std::uint64_t born_seq, const LedgerTotal& earlier);
   // Keys reclaimed since this agent started: tenants, runs, rule counters.
   std::uint64_t reclaimed(LimitTable t) const noexcept { return reclaimed_[t == LimitTable::kTenant ? 0 : 1].load(); }
   std::uint64_t reclaimedRuleCounters() const noexcept { return reclaimed_[2].load(); }
-  // Adds a returning run's earlier totals (from the ledger) to its new entry.
-  void addReturned(std::string_view run_id, std::int64_t cost, std::int64_t prompt_tokens,
-                   std::int64_t completion_tokens, std::int64_t calls);
 
   // Sets an unpublished region's counters from the ledger: `committed` and the token and call
   // counts of one entry (creating it; id empty means the platform). Only before publish: it

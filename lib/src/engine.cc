@@ -131,10 +131,10 @@ bool step(ReservationSlot& s, std::uint64_t* w, std::uint64_t next) noexcept {
 }
 
 // A tenant or run key's entry: its index (or a site_index marker) and its word. False: busy.
-bool resolveKey(const KeyedTable<shm::BudgetSlot>& table, std::string_view key,
+bool resolveKey(const KeyedTable<shm::BudgetSlot>& table, std::string_view key, const shm::Header& h,
                 const std::atomic<std::int64_t>& default_limit, bool insert, std::uint32_t client, std::int32_t* index,
                 std::uint64_t* word) noexcept {
-  const Found f = insert ? findOrInsertBudget(table, key, client, default_limit) : table.find(key);
+  const Found f = insert ? findOrInsertBudget(table, key, client, default_limit, h.ledger_tail) : table.find(key);
   // Not there yet (nothing spent) is not the same as no room for it (cannot be counted).
   *index = f.index >= 0 ? f.index : f.what == Lookup::kAbsent ? site_index::kAbsent : site_index::kUntracked;
   *word = f.word;
@@ -255,11 +255,11 @@ Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept
   copyKey(site->tags, &site->tags_len, call.tags);
 
   const std::uint32_t me = self();
-  if (!resolveKey(tenants_, call.project_id, h_.defaults.tenant_limit, insert, me, &site->tenant, &site->tenant_word)) {
+  if (!resolveKey(tenants_, call.project_id, h_, h_.defaults.tenant_limit, insert, me, &site->tenant, &site->tenant_word)) {
     return fail(Code::kRegionBusy);
   }
   if (!call.run_id.empty() &&
-      !resolveKey(runs_, call.run_id, h_.defaults.run_limit, insert, me, &site->run, &site->run_word)) {
+      !resolveKey(runs_, call.run_id, h_, h_.defaults.run_limit, insert, me, &site->run, &site->run_word)) {
     return fail(Code::kRegionBusy);
   }
   return {};
@@ -267,12 +267,12 @@ Decision Engine::prepare(const Call& call, CallSite* site, bool insert) noexcept
 
 bool Engine::findKeys(const CallSite& site, bool insert, Keys* keys) const noexcept {
   if (keys->tenant >= 0 && !tenants_.current(keys->tenant, keys->tenant_word) &&
-      !resolveKey(tenants_, {site.project_id, site.project_len}, h_.defaults.tenant_limit, insert, self(),
+      !resolveKey(tenants_, {site.project_id, site.project_len}, h_, h_.defaults.tenant_limit, insert, self(),
                   &keys->tenant, &keys->tenant_word)) {
     return false;
   }
   return !(keys->run >= 0 && !runs_.current(keys->run, keys->run_word) &&
-           !resolveKey(runs_, {site.run_id, site.run_len}, h_.defaults.run_limit, insert, self(), &keys->run,
+           !resolveKey(runs_, {site.run_id, site.run_len}, h_, h_.defaults.run_limit, insert, self(), &keys->run,
                        &keys->run_word));
 }
 
@@ -779,16 +779,17 @@ Decision Engine::record(const Usage& u) noexcept {
     };
     book(1);
     // As in reserve: an entry the agent reclaimed under this booking is booked again on the
-    // key's new entry. (Booked on, a key is not reclaimed again soon: the last try stands.)
-    // The platform's booking is a locked instruction, the fence reserve needs (x86-64).
-    if (attempt == kMaxKeyAttempts || stillCurrent({site.tenant, site.run, site.tenant_word, site.run_word}, hits)) {
-      break;
-    }
+    // key's new entry. The platform's booking is a locked instruction, the fence reserve needs
+    // (x86-64).
+    if (stillCurrent({site.tenant, site.run, site.tenant_word, site.run_word}, hits)) break;
     book(-1);
-    if (Decision again = prepare(call, &site, true); !again.allowed()) {
-      matched = again;
-      hits.n = 0;
-      continue;
+    const Decision again = attempt < kMaxKeyAttempts ? prepare(call, &site, true) : fail(Code::kRegionBusy);
+    if (!again.allowed()) {
+      // Keys reclaimed as fast as they are booked on, or a slot busy: counted in the platform
+      // only, and the answer says the call's own keys could not count it.
+      h_.platform.spend.add(cost->count(), cost->count());
+      layers_counted = false;
+      break;
     }
     matched = matchSite(site, free, true, &hits, /*best_effort=*/true);
   }

@@ -65,7 +65,12 @@ struct alignas(64) Counters {
   std::atomic<std::int64_t> elsewhere;
   std::atomic<std::int64_t> denials;       // applications count their denials
   std::atomic<std::uint32_t> limit_explicit;  // 0: limit follows the region default
-  std::uint32_t pad_;
+  // Runs only (their budget is lifelong, their entry may be reclaimed: RegionAdmin::reclaimKeys):
+  // 1 once the agent has added what the run booked before this entry was made (or restored the
+  // entry with its totals); born_seq is the ledger's tail when the entry was made, so that the
+  // ledger entries before it are told from those booked on this entry.
+  std::atomic<std::uint32_t> history;
+  std::atomic<std::uint64_t> born_seq;
   // Statistics the agent keeps from the ledger entries it writes, so that the hot path pays for
   // money only. They trail the ledger by at most its flush interval.
   alignas(64) std::atomic<std::int64_t> prompt_tokens;

@@ -28,6 +28,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
+#include <string>
 #include <string_view>
 
 namespace tokenfuse {
@@ -64,6 +66,19 @@ template <std::size_t N>
 inline std::string_view keyOf(const shm::KeyHeaderOf<N>& k) noexcept {
   const std::uint32_t len = k.key_len;
   return {k.key, len < N ? len : N};
+}
+
+// The key of a slot that holds one, copied: false when it holds none, or when it was reclaimed
+// and reused while being copied (the agent's threads read keys while applications insert).
+template <std::size_t N>
+inline bool copyReadyKey(const shm::KeyHeaderOf<N>& k, std::string* out) {
+  const std::uint64_t w = k.word.load(std::memory_order_acquire);
+  if (shm::keyState(w) != shm::kKeyReady) return false;
+  const std::uint32_t len = std::min<std::uint32_t>(__atomic_load_n(&k.key_len, __ATOMIC_RELAXED), N);
+  out->resize(len);
+  for (std::uint32_t j = 0; j < len; ++j) (*out)[j] = __atomic_load_n(&k.key[j], __ATOMIC_RELAXED);
+  std::atomic_thread_fence(std::memory_order_acquire);
+  return k.word.load(std::memory_order_relaxed) == w;
 }
 
 template <typename Slot>
@@ -148,7 +163,8 @@ class KeyedTable {
       // Ready or reclaiming: the key bytes are whole. Read again after comparing, so that a
       // slot reused meanwhile is not taken for this key.
       const bool same = sameKey(k, key);
-      const std::uint64_t again = k.word.load(std::memory_order_acquire);
+      std::atomic_thread_fence(std::memory_order_acquire);   // the key's bytes before the word again
+      const std::uint64_t again = k.word.load(std::memory_order_relaxed);
       if (again != w) {
         if (++spins > kSpinLimit) return {Seen::kBusy, again};
         w = again;

@@ -107,6 +107,7 @@ TEST_CASE("capacity: an agent on a fresh region with more run ids in its ledger 
   CHECK(sampleOf(m, R"(tokenfuse_table_capacity{table="run"})") == 256);
   CHECK(sampleOf(m, R"(tokenfuse_table_entries{table="run"})") > 200);
   CHECK(sampleOf(m, R"(tokenfuse_table_entries{table="tenant"})") >= 1);
+  CHECK(sampleOf(m, R"(tokenfuse_keys_reclaimed_total{table="run"})") == 0);   // two passes, a minute apart
 
   // And again on a later start: still no failure.
   agent->signal(SIGTERM);

@@ -264,3 +264,48 @@ TEST_CASE("reclaim: under 4 threads booking, holding and letting go of keys whil
   }
   CHECK(t.client->platform().committed == NanoUsd(5'000'000LL * (kKeys / 2 * 2 * kRounds)));
 }
+
+TEST_CASE("reclaim: a call booked on a run's old entry, still in the ring when the entry is reclaimed, counts "
+          "once on the run's new entry") {
+  LedgerFixture f;
+  TestRegion& t = f.t;
+  const std::int64_t t0 = nowNs(), lifetime = 3'600'000'000'000;
+  t.admin->setClock(t0);
+  REQUIRE(t.client->record({"p", "gpt-4o", "openai", "run-1", {}, 2000, 0}).allowed());   // $0.01
+  (void)f.writer->drainOnce();
+  t.admin->setClock(t0 + lifetime + 1);
+  // Booked on the old entry, not yet written by the agent: the entry still looks idle by its
+  // last written booking.
+  REQUIRE(t.client->record({"p", "gpt-4o", "openai", "run-1", {}, 400, 0}).allowed());    // $0.002
+  CHECK(reclaimTwice(t, t0 + lifetime + 1, lifetime).runs == 1);
+  REQUIRE(t.client->record({"p", "gpt-4o", "openai", "run-1", {}, 400, 0}).allowed());    // $0.002, new entry
+  (void)f.writer->drainOnce();
+  CHECK(t.client->run("run-1").committed == usd("0.014"));
+  CHECK(t.client->run("run-1").calls == 3);
+  // Once: more calls add only themselves.
+  REQUIRE(t.client->record({"p", "gpt-4o", "openai", "run-1", {}, 400, 0}).allowed());
+  (void)f.writer->drainOnce();
+  CHECK(t.client->run("run-1").committed == usd("0.016"));
+}
+
+TEST_CASE("reclaim: a rule counter that counts a call between being chosen and being reclaimed is kept") {
+  TestRegion t(64);
+  RuleSpec r;
+  r.name = "all-time-requests";
+  r.scope = RuleScope::kTenant;
+  r.metric = RuleMetric::kRequests;
+  r.limit = 3;
+  r.window.kind = WindowKind::kAllTime;
+  std::vector<std::uint32_t> idx;
+  REQUIRE(t.admin->setRules({r}, {WindowSpan{0, 0, INT64_MAX}}, &idx).ok());
+  CallSite site;
+  Call c = call("a");
+  REQUIRE(t.client->prepare(c, &site).allowed());
+  Reservation res;   // creates the counter, holds one request, then gives it back: idle, all time
+  REQUIRE(t.client->reserve(site, 1000, 0, &res).allowed());
+  REQUIRE(t.client->release(res).allowed());
+  (void)t.admin->reclaimKeys(nowNs(), kDayNs);   // seen idle once
+  REQUIRE(t.client->record({"a", "gpt-4o", "openai", {}, {}, 1000, 0}).allowed());   // counts one request
+  CHECK(t.admin->reclaimKeys(nowNs(), kDayNs).rule_counters == 0);
+  CHECK(t.admin->rules()[0].counters.at(0).committed == 1);
+}
