@@ -18,7 +18,9 @@
 #include <benchmark/benchmark.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -155,6 +157,58 @@ void BM_CheckUnknownFullTable(benchmark::State& state) {
   Region::remove(spec.shm_name);
 }
 BENCHMARK(BM_CheckUnknownFullTable);
+
+// Check cost against the number of keys in the tables (issue 14: flat is the goal): a tenant table
+// holding N tenants (1,000 or 1,000,000, in a table of twice that), and checks of 1,024 of them
+// spread over it, in turn: prepared (the call site keeps the entry and its word) or by name (a
+// hash lookup each time). With a million keys the entries no longer fit the CPU's caches, so a
+// by-name check pays for memory misses; the lookup itself is the same bounded probe.
+void checkKeys(benchmark::State& state, bool by_name) {
+  const auto n = static_cast<std::uint32_t>(state.range(0));
+  RegionSpec spec;
+  spec.shm_name = "tokenfuse-bench-keys-" + std::to_string(::getpid());
+  spec.tenant_capacity = std::bit_ceil(2 * n);
+  std::unique_ptr<Region> region;
+  if (Status s = Region::create(spec, &region); !s.ok()) {
+    state.SkipWithError(s.message().c_str());
+    return;
+  }
+  {
+    RegionAdmin admin(*region);
+    (void)admin.setFallbackPrice(kReferenceFallbackPrice);
+    for (const auto& [model, price] : referencePrices()) (void)admin.setPrice(model, price);
+    admin.publish(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                      std::chrono::system_clock::now().time_since_epoch()).count(), 20'000);
+    std::unique_ptr<Client> client;
+    if (Status s = Client::attach({spec.shm_name}, &client); !s.ok()) {
+      state.SkipWithError(s.message().c_str());
+    } else {
+      std::vector<std::string> ids;
+      std::vector<CallSite> sites;
+      for (std::uint32_t i = 0; i < n; ++i) {
+        const std::string id = "tenant-" + std::to_string(i);
+        CallSite site;
+        (void)client->prepare({id, "gpt-4o", {}, {}, 1000, 0, 0}, &site);
+        if (i % std::max<std::uint32_t>(1, n / 1024) == 0 && ids.size() < 1024) {
+          ids.push_back(id);
+          sites.push_back(site);
+        }
+      }
+      std::size_t k = 0;
+      for (auto _ : state) {
+        const Decision d = by_name ? client->check(ids[k], "gpt-4o", 1000) : client->check(sites[k], 1000);
+        benchmark::DoNotOptimize(d);
+        k = k + 1 == ids.size() ? 0 : k + 1;
+      }
+    }
+  }
+  region.reset();
+  Region::remove(spec.shm_name);
+}
+void BM_CheckKeys(benchmark::State& state) { checkKeys(state, false); }
+void BM_CheckKeysByName(benchmark::State& state) { checkKeys(state, true); }
+BENCHMARK(BM_CheckKeys)->Arg(1000)->Arg(1'000'000);
+BENCHMARK(BM_CheckKeysByName)->Arg(1000)->Arg(1'000'000);
 
 // A reserve and a commit as an application makes them: on E-TOKENFUSE-LEDGER-FULL it retries.
 // Any other failure stops the benchmark, so the figure is never that of a failing path.
