@@ -125,6 +125,15 @@ void BM_CheckByName(benchmark::State& state) {
 }
 BENCHMARK(BM_CheckByName);
 
+// Publishes a benchmark's own region and attaches to it; nullptr (the benchmark skipped) if that fails.
+std::unique_ptr<Client> publishAndAttach(RegionAdmin& admin, const RegionSpec& spec, benchmark::State& state) {
+  admin.publish(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                    std::chrono::system_clock::now().time_since_epoch()).count(), 20'000);
+  std::unique_ptr<Client> client;
+  if (Status s = Client::attach({spec.shm_name}, &client); !s.ok()) state.SkipWithError(s.message().c_str());
+  return client;
+}
+
 // A check by name for a tenant that is not in a full tenant table (16,384 slots, the default):
 // the lookup's probe is bounded (table.h, kMaxProbe), so this stays near BM_CheckByName instead of
 // walking the whole table.
@@ -141,12 +150,8 @@ void BM_CheckUnknownFullTable(benchmark::State& state) {
     for (std::uint32_t i = 0; i < spec.tenant_capacity * 4; ++i) {   // every slot taken
       (void)admin.setLimit(LimitTable::kTenant, "tenant-" + std::to_string(i), std::nullopt);
     }
-    admin.publish(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                      std::chrono::system_clock::now().time_since_epoch()).count(), 20'000);
-    std::unique_ptr<Client> client;
-    if (Status s = Client::attach({spec.shm_name}, &client); !s.ok()) {
-      state.SkipWithError(s.message().c_str());
-    } else {
+    std::unique_ptr<Client> client = publishAndAttach(admin, spec, state);
+    if (client) {
       for (auto _ : state) {
         Decision d = client->check("never-seen-tenant", "gpt-4o", 1000);
         benchmark::DoNotOptimize(d);
@@ -177,12 +182,8 @@ void checkKeys(benchmark::State& state, bool by_name) {
     RegionAdmin admin(*region);
     (void)admin.setFallbackPrice(kReferenceFallbackPrice);
     for (const auto& [model, price] : referencePrices()) (void)admin.setPrice(model, price);
-    admin.publish(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                      std::chrono::system_clock::now().time_since_epoch()).count(), 20'000);
-    std::unique_ptr<Client> client;
-    if (Status s = Client::attach({spec.shm_name}, &client); !s.ok()) {
-      state.SkipWithError(s.message().c_str());
-    } else {
+    std::unique_ptr<Client> client = publishAndAttach(admin, spec, state);
+    if (client) {
       std::vector<std::string> ids;
       std::vector<CallSite> sites;
       for (std::uint32_t i = 0; i < n; ++i) {

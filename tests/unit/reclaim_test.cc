@@ -32,6 +32,17 @@ ReclaimStats reclaimTwice(TestRegion& t, std::int64_t now = nowNs(), std::int64_
   return {a.tenants + b.tenants, a.runs + b.runs, a.rule_counters + b.rule_counters, a.kept + b.kept};
 }
 
+// A per-tenant request count over `window`.
+RuleSpec tenantRequests(std::string name, std::int64_t limit, WindowKind window) {
+  RuleSpec r;
+  r.name = std::move(name);
+  r.scope = RuleScope::kTenant;
+  r.metric = RuleMetric::kRequests;
+  r.limit = limit;
+  r.window.kind = window;
+  return r;
+}
+
 // Every key in Ready slots of a table, with how many slots hold it.
 template <typename Slot>
 std::map<std::string, int> readyKeys(const Slot* slots, std::uint32_t capacity) {
@@ -153,12 +164,7 @@ TEST_CASE("reclaim: a freed slot is reused by the next key of its probe sequence
 
 TEST_CASE("reclaim: a rule counter goes once its window rolled with nothing in it, or once its rule is gone") {
   TestRegion t(64);
-  RuleSpec per_tenant;
-  per_tenant.name = "hourly";
-  per_tenant.scope = RuleScope::kTenant;
-  per_tenant.metric = RuleMetric::kRequests;
-  per_tenant.limit = 10;
-  per_tenant.window.kind = WindowKind::kHour;
+  const RuleSpec per_tenant = tenantRequests("hourly", 10, WindowKind::kHour);
   const std::int64_t start = 1'700'000'000'000'000'000, hour = 3'600'000'000'000;
   std::vector<std::uint32_t> idx;
   REQUIRE(t.admin->setRules({per_tenant}, {WindowSpan{0, start, start + hour}}, &idx).ok());
@@ -290,12 +296,7 @@ TEST_CASE("reclaim: a call booked on a run's old entry, still in the ring when t
 
 TEST_CASE("reclaim: a rule counter that counts a call between being chosen and being reclaimed is kept") {
   TestRegion t(64);
-  RuleSpec r;
-  r.name = "all-time-requests";
-  r.scope = RuleScope::kTenant;
-  r.metric = RuleMetric::kRequests;
-  r.limit = 3;
-  r.window.kind = WindowKind::kAllTime;
+  const RuleSpec r = tenantRequests("all-time-requests", 3, WindowKind::kAllTime);
   std::vector<std::uint32_t> idx;
   REQUIRE(t.admin->setRules({r}, {WindowSpan{0, 0, INT64_MAX}}, &idx).ok());
   CallSite site;
