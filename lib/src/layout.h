@@ -102,7 +102,7 @@ struct KeyHeaderOf {
 };
 using KeyHeader = KeyHeaderOf<kKeyMax>;
 
-// A tenant or run entry of an open-addressing, insert-only hash table.
+// A tenant or run entry of an open-addressing hash table (table.h).
 struct alignas(64) BudgetSlot {
   KeyHeader k;
   alignas(64) Counters c;
