@@ -373,6 +373,8 @@ class Session final : public SessionBase {
   }
   // Counts the connection as open, once it is accepted.
   void accepted() {
+    beast::error_code ignored;
+    socket_.non_blocking(true, ignored);   // run() reads what async_wait said is there
     counted_ = true;
     server.stats.open.fetch_add(1, std::memory_order_relaxed);
     server.stats.accepted.fetch_add(1, std::memory_order_relaxed);
@@ -630,12 +632,20 @@ net::awaitable<void> Session<Protocol>::run() {
     // Waiting for a request: the idle timeout, and first in line to be closed for a newcomer.
     if (buffer_.size() == 0) {
       if (buffer_.capacity() > 8192) buffer_.shrink_to_fit();   // an idle connection costs little
-      idle_since_ns.store(steadyNs(), std::memory_order_relaxed);
-      deadline(limits.idle_timeout);
-      const std::size_t n = co_await socket_.async_read_some(buffer_.prepare(4096), net::redirect_error(use_awaitable, ec));
-      idle_since_ns.store(-1, std::memory_order_relaxed);
-      if (evicted_) co_return;
-      if (timedOut()) server.count(Closed::kIdleTimeout);
+      // Waits for the request's first bytes without taking them, so that while this connection
+      // counts as idle its bytes stay in the socket, where evict() sees them (an async read
+      // takes them at once and reports later: a busy connection evicted on a busy machine).
+      std::size_t n = 0;
+      do {
+        idle_since_ns.store(steadyNs(), std::memory_order_relaxed);
+        deadline(limits.idle_timeout);
+        co_await socket_.async_wait(net::socket_base::wait_read, net::redirect_error(use_awaitable, ec));
+        idle_since_ns.store(-1, std::memory_order_relaxed);
+        if (evicted_) co_return;
+        if (timedOut()) server.count(Closed::kIdleTimeout);
+        if (ec) break;
+        n = socket_.read_some(buffer_.prepare(4096), ec);   // non-blocking (accepted())
+      } while (ec == net::error::would_block || ec == net::error::try_again);
       if (ec) break;
       buffer_.commit(n);
     }
