@@ -316,12 +316,15 @@ struct RuleBooked {
   std::int64_t commits = 0, tokens = 0, reserved = 0, denied = 0, failures = 0;
 };
 
-void ruleWorker(Client& c, int seed, int iterations, RuleBooked* out, std::mutex* mu) {
+// Makes `iterations` calls, and more (up to 4 times as many) until `min_reserved` of them were
+// reserved: on a loaded machine the concurrency cap refuses most calls, and the other rules must
+// still see enough to reach their limits.
+void ruleWorker(Client& c, int seed, int iterations, int min_reserved, RuleBooked* out, std::mutex* mu) {
   std::mt19937 rng(static_cast<unsigned>(seed));
   static const char* const kTagLists[] = {"", "batch", "eval", "batch,eval"};
   static const char* const kModels[] = {"gpt-4o", "gpt-4o-mini", "ollama/llama3"};
   RuleBooked mine;
-  for (int i = 0; i < iterations; ++i) {
+  for (int i = 0; i < iterations || (mine.reserved < min_reserved && i < 4 * iterations); ++i) {
     const std::string project = "tenant-" + std::to_string(rng() % kTenants);
     const std::string agent = "agent-" + std::to_string(rng() % 3);
     Call call;
@@ -437,7 +440,8 @@ TEST_CASE("rules: under 4 processes x 4 threads no rule counter of any kind pass
   };
   const RuleBooked sum = raceChildren<RuleBooked>(
       t.spec.shm_name, 4, 4,
-      [](Client& c, int seed, RuleBooked* total, std::mutex* mu) { ruleWorker(c, seed, kIterations, total, mu); },
+      // 16 workers x 50: enough committed requests (about 2 in 3) to pass 3 agents x 150.
+      [](Client& c, int seed, RuleBooked* total, std::mutex* mu) { ruleWorker(c, seed, kIterations, 50, total, mu); },
       [](RuleBooked& into, const RuleBooked& b) {
         into.commits += b.commits;
         into.tokens += b.tokens;
