@@ -3,6 +3,8 @@
 #include "ids.h"
 #include "log.h"
 
+#include <nlohmann/json.hpp>
+
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -264,6 +266,7 @@ void Agent::rebuildRulesFromLedger() {
   // window start share one pass over the ledger. Calls in flight (concurrency) are not in it.
   const shm::Header& h = admin_->header();
   std::set<std::int64_t> starts;
+  std::lock_guard lock(rules_mu_);
   for (const std::uint32_t i : rule_index_) {
     const shm::RuleDef& d = h.rules[i];
     if (d.metric != shm::kMetricConcurrency) starts.insert(d.has_window != 0 ? d.window_start_ns.load() : INT64_MIN);
@@ -416,14 +419,175 @@ void Agent::applyConfig() {
 }
 
 void Agent::applyRules(std::int64_t now_ns) {
-  std::vector<WindowSpan> spans;
-  for (const RuleSpec& r : config_.rules) spans.push_back(windows_.at(r.window, now_ns));
-  if (Status s = admin_->setRules(config_.rules, spans, &rule_index_); !s.ok()) {
+  std::lock_guard settings(settings_mu_);
+  rule_overrides_.clear();
+  std::size_t admin_rules = 0;
+  for (const RuleOverride& o : settings_->ruleOverrides()) {
+    // A saved change that no longer reads (a newer agent's, or edited by hand) must not stop the
+    // agent: it is logged, and the config file's rule of that name stays in force.
+    std::optional<RuleSpec> rule;
+    try {
+      if (o.spec_json) rule = ruleFromJson(o.name, nlohmann::json::parse(*o.spec_json));
+    } catch (const std::exception& e) {
+      log::error("rule_override_skipped", {{"rule", o.name}, {"error", e.what()},
+                                           {"fix", "tokenfuse rules reset " + o.name + ", or set it again"}});
+      continue;
+    }
+    auto next = rule_overrides_;
+    next[o.name] = std::move(rule);
+    if (mergedRules(next).size() > kMaxRules) {
+      log::error("rule_override_skipped", {{"rule", o.name}, {"error", "more than " + std::to_string(kMaxRules) + " rules"},
+                                           {"fix", "remove a rule, or tokenfuse rules reset " + o.name}});
+      continue;
+    }
+    rule_overrides_ = std::move(next);
+    ++admin_rules;
+  }
+  std::lock_guard lock(rules_mu_);
+  bool applied = false;
+  if (Status s = installRules(mergedRules(rule_overrides_), now_ns, &applied); !s.ok()) {
     // Too many keys for the table, or no definition free (a region full of retired rules):
     // logged, never fatal; the rules that could not count a key refuse it.
     log::error("rules_not_all_applied", {{"error", s.message()}});
   }
-  log::info("rules_applied", {{"rules", config_.rules.size()}});
+  log::info("rules_applied", {{"rules", rules_.size()}, {"admin_api_changes", admin_rules}});
+}
+
+std::vector<RuleSpec> Agent::mergedRules(
+    const std::map<std::string, std::optional<RuleSpec>, std::less<>>& overrides) const {
+  std::vector<RuleSpec> out;
+  for (const RuleSpec& r : config_.rules) {
+    const auto it = overrides.find(r.name);
+    if (it == overrides.end()) {
+      out.push_back(r);
+    } else if (it->second) {
+      out.push_back(*it->second);
+    }
+  }
+  for (const auto& [name, rule] : overrides) {
+    if (rule && !inConfig(name)) out.push_back(*rule);
+  }
+  return out;
+}
+
+Status Agent::installRules(std::vector<RuleSpec> rules, std::int64_t now_ns, bool* applied) {
+  std::vector<WindowSpan> spans;
+  for (const RuleSpec& r : rules) spans.push_back(windows_.at(r.window, now_ns));
+  std::vector<std::uint32_t> index;
+  Status s = admin_->setRules(rules, spans, &index);
+  *applied = index.size() == rules.size();   // else setRules changed nothing
+  if (*applied) {
+    rules_ = std::move(rules);
+    rule_index_ = std::move(index);
+  }
+  return s;
+}
+
+bool Agent::inConfig(std::string_view name) const {
+  return std::ranges::any_of(config_.rules, [&](const RuleSpec& r) { return r.name == name; });
+}
+
+bool Agent::inForce(const std::string& name) const {
+  return std::ranges::any_of(mergedRules(rule_overrides_), [&](const RuleSpec& r) { return r.name == name; });
+}
+
+Status Agent::putRule(const RuleSpec& rule, std::string* warning) {
+  std::lock_guard settings(settings_mu_);
+  auto next = rule_overrides_;
+  next[rule.name] = rule;
+  std::vector<RuleSpec> merged = mergedRules(next);
+  if (merged.size() > kMaxRules) {
+    return Status::error("at most " + std::to_string(kMaxRules) + " rules may be in force (config file and admin API "
+                         "together): remove one first");
+  }
+  {
+    std::lock_guard lock(rules_mu_);
+    bool applied = false;
+    if (Status s = installRules(std::move(merged), toUnixNs(clock_()), &applied); !s.ok()) {
+      if (!applied) return s;   // refused: nothing changed
+      *warning = s.message();
+      log::error("rules_not_all_applied", {{"rule", rule.name}, {"error", s.message()}});
+    }
+  }
+  rule_overrides_ = std::move(next);
+  saveRule(rule.name, ruleToJson(rule).dump());
+  log::info("rule_set", {{"rule", rule.name}, {"spec", ruleToJson(rule)}});
+  return {};
+}
+
+Status Agent::removeRule(const std::string& name) {
+  std::lock_guard settings(settings_mu_);
+  const bool in_config = inConfig(name);
+  auto next = rule_overrides_;
+  if (in_config) {
+    next[name] = std::nullopt;
+  } else {
+    next.erase(name);
+  }
+  if (!inForce(name)) return Status::error("no rule named \"" + name + "\" is in force");
+  {
+    std::lock_guard lock(rules_mu_);
+    bool applied = false;
+    if (Status s = installRules(mergedRules(next), toUnixNs(clock_()), &applied); !s.ok()) {
+      if (!applied) return s;
+      log::error("rules_not_all_applied", {{"error", s.message()}});
+    }
+  }
+  rule_overrides_ = std::move(next);
+  if (in_config) {
+    saveRule(name, std::nullopt);
+  } else {
+    try {
+      settings_->eraseRule(name);
+    } catch (const LedgerError& e) {
+      log::error("rule_not_saved", {{"rule", name}, {"error", e.what()}});
+      throw NotSavedError(std::string("the rule is out of force but that could not be saved, so a restart would bring "
+                                      "it back: ") + e.what());
+    }
+  }
+  log::info("rule_removed", {{"rule", name}, {"from_config", in_config}});
+  return {};
+}
+
+Status Agent::resetRule(const std::string& name) {
+  std::lock_guard settings(settings_mu_);
+  if (!rule_overrides_.contains(name)) {
+    return Status::error("the admin API has not changed a rule named \"" + name + "\"");
+  }
+  settings_->eraseRule(name);   // throws LedgerError: nothing changed
+  rule_overrides_.erase(name);
+  {
+    std::lock_guard lock(rules_mu_);
+    bool applied = false;
+    if (Status s = installRules(mergedRules(rule_overrides_), toUnixNs(clock_()), &applied); !s.ok()) {
+      log::error("rules_not_all_applied", {{"error", s.message()}});
+    }
+  }
+  log::info("rule_reset", {{"rule", name}});
+  return {};
+}
+
+void Agent::saveRule(const std::string& name, std::optional<std::string> spec_json) {
+  try {
+    settings_->saveRule({name, std::move(spec_json), toUnixNs(clock_())});
+  } catch (const LedgerError& e) {
+    // In force but not saved: say so, rather than let a restart undo it silently.
+    log::error("rule_not_saved", {{"rule", name}, {"error", e.what()}});
+    throw NotSavedError(std::string("the rule change is in force but could not be saved, so a restart would undo it: ") +
+                        e.what());
+  }
+}
+
+Agent::RuleSources Agent::ruleSources() {
+  RuleSources out;
+  std::lock_guard settings(settings_mu_);
+  for (const RuleSpec& r : mergedRules(rule_overrides_)) {
+    out.of[r.name] = rule_overrides_.contains(r.name) ? "admin_api" : "config";
+  }
+  for (const auto& [name, rule] : rule_overrides_) {
+    if (!rule) out.removed.push_back(name);
+  }
+  return out;
 }
 
 void Agent::rollRules(std::int64_t now_ns) {
@@ -433,8 +597,9 @@ void Agent::rollRules(std::int64_t now_ns) {
     day_end_for_ = day;
   }
   const shm::Header& h = a.header();
-  for (std::size_t i = 0; i < rule_index_.size() && i < config_.rules.size(); ++i) {
-    const RuleSpec& r = config_.rules[i];
+  std::lock_guard lock(rules_mu_);
+  for (std::size_t i = 0; i < rule_index_.size() && i < rules_.size(); ++i) {
+    const RuleSpec& r = rules_[i];
     if (r.window.kind == WindowKind::kAllTime) continue;
     const shm::RuleDef& d = h.rules[rule_index_[i]];
     // Only forward: a clock stepped back is still in a window that began later, whose count must

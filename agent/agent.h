@@ -22,10 +22,14 @@
 #include <atomic>
 #include <chrono>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <optional>
 #include <stop_token>
+#include <string>
+#include <vector>
 
 namespace tokenfuse {
 
@@ -93,6 +97,23 @@ class Agent {
   Status setLimit(Scope scope, const std::string& id, std::optional<NanoUsd> limit);
   // Forgets the admin API's limit: the config file's (or the default) applies again.
   Status resetLimit(Scope scope, const std::string& id);
+  // Budget rules through the admin API, saved as limits are: a rule put here replaces the config
+  // file's rule of its name (or adds one), removeRule takes a rule out of force (the config
+  // file's too), resetRule forgets the admin API's change so that the config file's rule (if any)
+  // applies again. A refusal (too many rules, no such rule) is a Status error and nothing
+  // changes. *warning is set when the rule is in force but some of its keys found no counter
+  // room. LedgerError: saving failed first, nothing changed; NotSavedError: in force, not saved.
+  Status putRule(const RuleSpec& rule, std::string* warning);
+  Status removeRule(const std::string& name);
+  Status resetRule(const std::string& name);
+  // Where each rule in force comes from ("config" or "admin_api"), and the config file's rules
+  // that the admin API removed.
+  struct RuleSources {
+    std::map<std::string, std::string, std::less<>> of;
+    std::vector<std::string> removed;
+  };
+  RuleSources ruleSources();
+
   // ttl_s 0: until turned off. Both apply to the region first, then save (NotSavedError: in
   // force, but not saved), so the kill switch turns off with the disk full as it turns on.
   void setKill(const std::string& reason, std::int64_t ttl_s);
@@ -120,8 +141,21 @@ class Agent {
   void resyncStatsFromLedger();
   // A new region's rule counters, from the ledger (tag rules excepted: tags are not in it).
   void rebuildRulesFromLedger();
-  // Puts the config's [[rules]] in the region (start-up). Never fails for capacity: it logs.
+  // Puts the config's [[rules]], with the admin API's saved changes over them, in the region
+  // (start-up). Never fails for capacity: it logs.
   void applyRules(std::int64_t now_ns);
+  // The config file's rules with `overrides` over them: each replaces or removes the file's rule
+  // of its name, or follows the file's rules.
+  std::vector<RuleSpec> mergedRules(const std::map<std::string, std::optional<RuleSpec>, std::less<>>& overrides) const;
+  // Makes `rules` the region's rules (RegionAdmin::setRules) and rules_; rules_mu_ held. An
+  // error Status with *applied: some keys found no counter room (the rules are in force).
+  // *applied false: refused (more rules than definitions), nothing changed.
+  Status installRules(std::vector<RuleSpec> rules, std::int64_t now_ns, bool* applied);
+  bool inConfig(std::string_view rule_name) const;
+  // Whether a rule of that name is in force; settings_mu_ held.
+  bool inForce(const std::string& name) const;
+  // Saves an admin API rule change (spec nullopt: removed). Throws NotSavedError.
+  void saveRule(const std::string& name, std::optional<std::string> spec_json);
   // Every tick: starts the next window of each rule whose window has ended, and keeps the
   // region's end of the budget day current.
   void rollRules(std::int64_t now_ns);
@@ -134,7 +168,13 @@ class Agent {
   Clock clock_;
   DayClock days_;
   CalendarWindows windows_;                // the same zone, for rules
-  std::vector<std::uint32_t> rule_index_;  // config_.rules[i]'s definition in the region
+  // The rules in force and each one's definition in the region, under rules_mu_ (the admin API
+  // changes them while tick() rolls their windows). settings_mu_ is taken first when both are.
+  std::mutex rules_mu_;
+  std::vector<RuleSpec> rules_;
+  std::vector<std::uint32_t> rule_index_;
+  // The admin API's saved rule changes (nullopt: removed), under settings_mu_.
+  std::map<std::string, std::optional<RuleSpec>, std::less<>> rule_overrides_;
   std::int32_t day_end_for_ = INT32_MIN;   // the budget day whose end the region was given
   int data_dir_lock_ = -1;
   std::unique_ptr<LedgerFile> ledger_file_;   // which file ledger.db is; checked by the writer

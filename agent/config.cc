@@ -6,6 +6,7 @@
 #include "region.h"
 
 #include <arpa/inet.h>
+#include <nlohmann/json.hpp>
 #include <toml++/toml.h>
 #include <unistd.h>
 
@@ -23,7 +24,7 @@ namespace tokenfuse {
 namespace {
 
 [[noreturn]] void fail(const std::string& origin, const std::string& key, const std::string& rule) {
-  throw ConfigError(origin + ": " + key + ": " + rule);
+  throw ConfigError(origin, key, rule);
 }
 
 void rejectUnknown(const toml::table& t, const std::string& origin, const std::string& prefix,
@@ -72,7 +73,7 @@ std::optional<NanoUsd> getMoney(const toml::node& n, const std::string& origin, 
     return NanoUsd::fromWholeUsd(v);
   }
   if (n.is_floating_point()) {
-    fail(origin, key, "write money as a string, e.g. \"0.075\", so that it is exact (a TOML float is not)");
+    fail(origin, key, "write money as a string, e.g. \"0.075\", so that it is exact (a float is not)");
   }
   if (!n.is_string()) fail(origin, key, "must be a USD amount as a string, e.g. \"5.00\"");
   const std::string& s = n.as_string()->get();
@@ -153,8 +154,6 @@ AlertsConfig::Thresholds thresholds(const toml::node& n, const std::string& orig
   return out;
 }
 
-constexpr std::size_t kMaxRules = 32;
-
 // A rule's limit in its metric's unit: money written as in [budgets] (nano-USD) for usd, a whole
 // number for the others; "unlimited" is nullopt for every metric, so that `keys` can exempt a key.
 std::optional<std::int64_t> getRuleLimit(const toml::node& n, RuleMetric metric, const std::string& origin,
@@ -187,19 +186,9 @@ const char* keyKind(RuleScope scope) {
   }
 }
 
-// One [[rules]] table. Every message names the rule by its place in the file and its name,
-// rules[2] ("tenant-monthly").window, since a file may hold many rules that differ in one key.
-RuleSpec readRule(const toml::node& n, std::size_t index, const std::string& origin) {
-  std::string key = "rules[" + std::to_string(index) + "]";
-  const toml::table* t = n.as_table();
-  if (t == nullptr) fail(origin, key, "must be a table");
-  RuleSpec r;
-  if (t->get("name") == nullptr) {
-    fail(origin, key + ".name", "is missing (every rule needs one, e.g. name = \"tenant-monthly\")");
-  }
-  r.name = getString(*t, "name", origin, key + ".name", "");
-  if (auto p = ruleNameProblem(r.name); !p.empty()) fail(origin, key + ".name", p);
-  key += " (\"" + r.name + "\").";
+// A rule's fields but its name, from a [[rules]] table or the admin API's body; `key` prefixes
+// each field in messages.
+void readRuleFields(const toml::table* t, const std::string& origin, const std::string& key, RuleSpec& r) {
   rejectUnknown(*t, origin, key,
                 {"name", "scope", "match", "window", "week_start", "metric", "limit", "host_only", "keys"});
 
@@ -272,10 +261,94 @@ RuleSpec readRule(const toml::node& n, std::size_t index, const std::string& ori
     if (!h->is_boolean()) fail(origin, key + "host_only", "must be true or false");
     r.host_only = h->as_boolean()->get();
   }
+}
+
+// One [[rules]] table. Every message names the rule by its place in the file and its name,
+// rules[2] ("tenant-monthly").window, since a file may hold many rules that differ in one key.
+RuleSpec readRule(const toml::node& n, std::size_t index, const std::string& origin) {
+  const std::string key = "rules[" + std::to_string(index) + "]";
+  const toml::table* t = n.as_table();
+  if (t == nullptr) fail(origin, key, "must be a table");
+  RuleSpec r;
+  if (t->get("name") == nullptr) {
+    fail(origin, key + ".name", "is missing (every rule needs one, e.g. name = \"tenant-monthly\")");
+  }
+  r.name = getString(*t, "name", origin, key + ".name", "");
+  if (auto p = ruleNameProblem(r.name); !p.empty()) fail(origin, key + ".name", p);
+  readRuleFields(t, origin, key + " (\"" + r.name + "\").", r);
   return r;
 }
 
+// A JSON value as TOML, so that the admin API's rules pass the config file's checks: null is
+// "unlimited" where a limit may stand (`limits`), and left out elsewhere.
+void insertJson(toml::table& t, const std::string& key, const nlohmann::json& v, bool limits) {
+  using Type = nlohmann::json::value_t;
+  switch (v.type()) {
+    case Type::null:
+      if (limits) t.insert(key, "unlimited");
+      return;
+    case Type::object: {
+      toml::table sub;
+      for (const auto& [k, x] : v.items()) insertJson(sub, k, x, limits || key == "keys");
+      t.insert(key, std::move(sub));
+      return;
+    }
+    case Type::string: t.insert(key, v.get<std::string>()); return;
+    case Type::boolean: t.insert(key, v.get<bool>()); return;
+    case Type::number_integer: t.insert(key, v.get<std::int64_t>()); return;
+    case Type::number_unsigned:
+      if (v.get<std::uint64_t>() <= static_cast<std::uint64_t>(INT64_MAX)) {
+        t.insert(key, static_cast<std::int64_t>(v.get<std::uint64_t>()));
+        return;
+      }
+      [[fallthrough]];
+    case Type::number_float: t.insert(key, v.get<double>()); return;
+    default: t.insert(key, toml::array{}); return;   // an array: no rule key takes one
+  }
+}
+
 }  // namespace
+
+RuleSpec ruleFromJson(const std::string& name, const nlohmann::json& body) {
+  const std::string origin = "rule \"" + name + "\"";
+  if (auto p = ruleNameProblem(name); !p.empty()) fail(origin, "name", p);
+  if (!body.is_object()) fail(origin, "body", "must be a JSON object with the keys of a [[rules]] table (docs/rules.md)");
+  toml::table t;
+  for (const auto& [k, v] : body.items()) {
+    if (k == "name") {
+      if (!v.is_string() || v.get<std::string>() != name) {
+        fail(origin, "name", "must be left out or be the name in the path (\"" + name + "\")");
+      }
+      continue;
+    }
+    insertJson(t, k, v, k == "limit");
+  }
+  RuleSpec r;
+  r.name = name;
+  readRuleFields(&t, origin, "", r);
+  return r;
+}
+
+nlohmann::json ruleToJson(const RuleSpec& r) {
+  auto amount = [&r](const std::optional<std::int64_t>& v) {
+    if (!v) return nlohmann::json(nullptr);
+    return r.metric == RuleMetric::kUsd ? nlohmann::json(NanoUsd(*v).toString()) : nlohmann::json(*v);
+  };
+  nlohmann::json j = {{"name", r.name},
+                      {"scope", scopeName(r.scope)},
+                      {"metric", metricName(r.metric)},
+                      {"limit", amount(r.limit)},
+                      {"host_only", r.host_only}};
+  if (!r.match.empty()) j["match"] = r.match;
+  if (r.metric != RuleMetric::kConcurrency) j["window"] = windowName(r.window.kind);
+  if (r.window.kind == WindowKind::kWeek) j["week_start"] = weekdayName(r.window.week_start);
+  if (!r.keys.empty()) {
+    nlohmann::json keys = nlohmann::json::object();
+    for (const auto& [id, limit] : r.keys) keys[id] = amount(limit);
+    j["keys"] = std::move(keys);
+  }
+  return j;
+}
 
 const AlertsConfig::Thresholds& AlertsConfig::thresholdsFor(std::string_view scope, std::string_view id) const {
   if (scope == "tenant") {

@@ -6,6 +6,8 @@
 
 #include "rules.h"
 
+#include <nlohmann/json_fwd.hpp>
+
 #include <tokenfuse/money.hpp>
 
 #include <cstdint>
@@ -20,6 +22,15 @@ namespace tokenfuse {
 class ConfigError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+  // "origin: key: problem", with the key and the problem kept apart for callers that answer a
+  // client (the admin API names the field).
+  ConfigError(const std::string& origin, std::string key, std::string problem)
+      : std::runtime_error(origin + ": " + key + ": " + problem), key_(std::move(key)), problem_(std::move(problem)) {}
+  const std::string& key() const noexcept { return key_; }
+  const std::string& problem() const noexcept { return problem_; }
+
+ private:
+  std::string key_, problem_;
 };
 
 struct RedisEndpoint {
@@ -149,6 +160,17 @@ std::string dataDirProblem(const std::string& path);
 std::string timezoneProblem(const std::string& zone);
 // Parses a redis:// URL. Returns what is wrong with it, or "" (and sets *out).
 std::string parseRedisUrl(const std::string& url, RedisEndpoint* out);
+// The most rules a config file, and the config file with the admin API's rules, may hold
+// (shm::kMaxRules: one definition each in the region).
+inline constexpr std::size_t kMaxRules = 32;
+// A rule as the admin API takes it (PUT /v1/rules/{name}): the keys of a [[rules]] table as a
+// JSON object, checked as the config file's are, with null meaning "unlimited" for `limit` and
+// `keys`. A "name" in it must be `name`. Throws ConfigError whose key() names the field
+// ("window", "keys.\"acme\"").
+RuleSpec ruleFromJson(const std::string& name, const nlohmann::json& body);
+// The JSON that ruleFromJson reads back: how the agent saves an admin API rule.
+nlohmann::json ruleToJson(const RuleSpec& rule);
+
 // Parses TOML text over the defaults; `origin` names it in messages. Throws ConfigError.
 Config parseConfig(const std::string& toml_text, const std::string& origin);
 

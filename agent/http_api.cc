@@ -320,7 +320,7 @@ void answer(const std::function<void(const Request&, Response&)>& handler, const
   try {
     handler(req, res);
   } catch (const BadRequest& e) {
-    reply(res, e.status, {{"error", e.status == 404 ? "not_found" : e.status == 401 ? "unauthorized" : "bad_request"},
+    reply(res, e.status, {{"error", e.status == 404 ? "not_found" : e.status == 401 ? "unauthorized" : e.status == 409 ? "conflict" : "bad_request"},
                           {"field", e.field},
                           {"message", e.field + " " + e.message}});
   } catch (const NotSavedError& e) {
@@ -483,17 +483,56 @@ http::Router HttpApi::routes() {
     const std::string id = pathId(req, "/v1/runs/", "", "run_id");
     reply(res, 200, budgetJson("run_id", id, engine_.run(id)));
   });
-  // Every rule with every counter it has (one pass over the rule table).
-  on("GET", "/v1/rules", [this](const Request&, Response& res) {
+  // Every rule with every counter it has (one pass over the rule table), where it comes from,
+  // and the config file's rules that the admin API removed.
+  auto rules_json = [this] {
+    const Agent::RuleSources sources = agent_.ruleSources();
     json rules = json::array();
     for (const RuleUsage& r : admin_.rules()) {
       json j = ruleJson(r);
+      const auto source = sources.of.find(r.name);
+      j["source"] = source == sources.of.end() ? "config" : source->second;
       json counters = json::array();
       for (const RuleUsage::Counter& c : r.counters) counters.push_back(ruleCounterJson(r, c));
       j["counters"] = std::move(counters);
       rules.push_back(std::move(j));
     }
-    reply(res, 200, {{"rules", std::move(rules)}});
+    return json{{"rules", std::move(rules)}, {"removed", sources.removed}};
+  };
+  on("GET", "/v1/rules", [rules_json](const Request&, Response& res) { reply(res, 200, rules_json()); },
+     Run::kBlocking);
+  // PUT /v1/rules/{name} {a [[rules]] table as JSON}: makes or replaces the rule; DELETE takes it
+  // out of force (the config file's too); DELETE /v1/rules/{name}/override forgets the change.
+  // Saved in ledger.db, as limits are; the reply is GET /v1/rules.
+  auto rule_name = [](const Request& req, std::string_view suffix) {
+    const std::string name = pathId(req, "/v1/rules/", suffix, "name");
+    if (auto p = ruleNameProblem(name); !p.empty()) throw BadRequest{400, "name", p};
+    return name;
+  };
+  on_id("PUT", "/v1/rules/", "", [this, admin_only, rule_name, rules_json](const Request& req, Response& res) {
+    admin_only(req);
+    const std::string name = rule_name(req, "");
+    RuleSpec rule;
+    try {
+      rule = ruleFromJson(name, parseBody(req));
+    } catch (const ConfigError& e) {
+      throw BadRequest{400, e.key(), e.problem()};
+    }
+    std::string warning;
+    if (Status st = agent_.putRule(rule, &warning); !st.ok()) throw BadRequest{409, "name", st.message()};
+    json out = rules_json();
+    if (!warning.empty()) out["warning"] = warning;
+    reply(res, 200, out);
+  }, Run::kBlocking);
+  on_id("DELETE", "/v1/rules/", "/override", [this, admin_only, rule_name, rules_json](const Request& req, Response& res) {
+    admin_only(req);
+    if (Status st = agent_.resetRule(rule_name(req, "/override")); !st.ok()) throw BadRequest{404, "name", st.message()};
+    reply(res, 200, rules_json());
+  }, Run::kBlocking);
+  on_id("DELETE", "/v1/rules/", "", [this, admin_only, rule_name, rules_json](const Request& req, Response& res) {
+    admin_only(req);
+    if (Status st = agent_.removeRule(rule_name(req, "")); !st.ok()) throw BadRequest{404, "name", st.message()};
+    reply(res, 200, rules_json());
   }, Run::kBlocking);
   on("GET", "/v1/platform", [this](const Request&, Response& res) {
     reply(res, 200, budgetJson("scope", "platform", engine_.platform()));

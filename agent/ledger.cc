@@ -70,6 +70,13 @@ CREATE TABLE IF NOT EXISTS limit_override (
   set_unix_ns    INTEGER NOT NULL,
   PRIMARY KEY (scope, id)
 );
+-- Rules made, replaced or removed through the admin API (PUT/DELETE /v1/rules/{name}): they win
+-- over the config file's [[rules]] of the same name.
+CREATE TABLE IF NOT EXISTS rule_override (
+  name        TEXT    PRIMARY KEY,
+  spec        TEXT,                         -- the rule as JSON (docs/http-api.md); NULL: removed
+  set_unix_ns INTEGER NOT NULL
+);
 -- Ring entries that cannot be valid (written over in shared memory, or by a broken client):
 -- never budget rows, kept with what they held and why they were set aside.
 CREATE TABLE IF NOT EXISTS ledger_quarantine (
@@ -510,6 +517,51 @@ std::vector<LimitOverride> Ledger::limitOverrides() {
     }
   } catch (const SQLite::Exception& e) {
     throw LedgerError(std::string("reading saved limits (limit_override): ") + e.what());
+  }
+  return out;
+}
+
+void Ledger::saveRule(const RuleOverride& o) {
+  requireFile("a rule");
+  try {
+    SQLite::Statement q(*db_,
+                        "INSERT INTO rule_override (name, spec, set_unix_ns) VALUES (?, ?, ?) "
+                        "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, set_unix_ns = excluded.set_unix_ns");
+    q.bind(1, o.name);
+    if (o.spec_json) {
+      q.bind(2, *o.spec_json);
+    } else {
+      q.bind(2);
+    }
+    q.bind(3, o.set_unix_ns);
+    q.exec();
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("saving a rule: ") + e.what());
+  }
+}
+
+bool Ledger::eraseRule(const std::string& name) {
+  requireFile("a rule");
+  try {
+    SQLite::Statement q(*db_, "DELETE FROM rule_override WHERE name = ?");
+    q.bind(1, name);
+    return q.exec() > 0;
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("erasing a rule: ") + e.what());
+  }
+}
+
+std::vector<RuleOverride> Ledger::ruleOverrides() {
+  std::vector<RuleOverride> out;
+  try {
+    SQLite::Statement q(*db_, "SELECT name, spec, set_unix_ns FROM rule_override ORDER BY set_unix_ns, name");
+    while (q.executeStep()) {
+      RuleOverride o{q.getColumn(0).getString(), std::nullopt, q.getColumn(2).getInt64()};
+      if (!q.isColumnNull(1)) o.spec_json = q.getColumn(1).getString();
+      out.push_back(std::move(o));
+    }
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("reading saved rules (rule_override): ") + e.what());
   }
   return out;
 }

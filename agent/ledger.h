@@ -89,6 +89,14 @@ struct LimitOverride {
   std::int64_t set_unix_ns = 0;
 };
 
+// A rule made, replaced or removed through the admin API: it outlives restarts and wins over
+// the config file's rule of the same name.
+struct RuleOverride {
+  std::string name;
+  std::optional<std::string> spec_json;   // ruleToJson (config.h); nullopt: the rule is removed
+  std::int64_t set_unix_ns = 0;
+};
+
 // The kill switch as the admin API last left it.
 struct StoredKill {
   bool active = false;
@@ -148,6 +156,9 @@ class Ledger {
   void saveLimit(const LimitOverride& o);
   bool eraseLimit(const std::string& scope, const std::string& id);   // false: there was none
   std::vector<LimitOverride> limitOverrides();
+  void saveRule(const RuleOverride& o);
+  bool eraseRule(const std::string& name);   // false: there was none
+  std::vector<RuleOverride> ruleOverrides();   // oldest change first
   void saveKill(const StoredKill& k);
   std::optional<StoredKill> storedKill();
   void markKillPublished();

@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cctype>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <optional>
@@ -127,6 +128,43 @@ void printLimit(const json& v, bool as_json) {
               v.value("used_usd", "?").c_str(), v.value("reserved_usd", "?").c_str(), v.value("day", "?").c_str());
 }
 
+// `rules set`'s options: the keys of a [[rules]] table.
+struct RuleOptions {
+  std::string name, scope, window, week_start, metric, match, limit;
+  std::vector<std::string> keys;   // KEY=LIMIT
+  bool host_only = false;
+
+  // The body of PUT /v1/rules/{name}, or what is wrong with the options. Limits go as the
+  // config file writes them: USD as a string for usd, a whole number for the others; the agent
+  // checks the rest.
+  std::string toJson(json* out) const {
+    const bool usd = metric.empty() || metric == "usd";
+    std::string why;
+    auto amount = [&](const std::string& text) -> json {
+      if (text == "unlimited") return nullptr;
+      if (usd) return text;
+      std::int64_t v = 0;
+      const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+      if (ec != std::errc{} || end != text.data() + text.size()) why = "'" + text + "' is not a whole number (or unlimited)";
+      return v;
+    };
+    json j = {{"scope", scope}};
+    if (!window.empty()) j["window"] = window;
+    if (!week_start.empty()) j["week_start"] = week_start;
+    if (!metric.empty()) j["metric"] = metric;
+    if (!match.empty()) j["match"] = match;
+    if (!limit.empty()) j["limit"] = amount(limit);
+    if (host_only) j["host_only"] = true;
+    for (const std::string& k : keys) {
+      const auto eq = k.rfind('=');
+      if (eq == std::string::npos || eq == 0) return "--key takes KEY=LIMIT, e.g. --key acme=50.00 (got '" + k + "')";
+      j["keys"][k.substr(0, eq)] = amount(k.substr(eq + 1));
+    }
+    *out = std::move(j);
+    return why;
+  }
+};
+
 // GET /v1/rules for people: a line per rule, then one per counter.
 void printRules(const json& v, bool as_json) {
   if (as_json) {
@@ -138,14 +176,19 @@ void printRules(const json& v, bool as_json) {
   if (rules.empty()) std::printf("no rules ([[rules]] in the config file: docs/rules.md)\n");
   for (const json& r : rules) {
     const std::string match = r.value("match", "");
-    std::printf("%d %s: %s%s%s, %s per %s, limit %s\n", r.value("rule", 0), r.value("name", "?").c_str(),
+    std::printf("%d %s: %s%s%s, %s per %s, limit %s%s\n", r.value("rule", 0), r.value("name", "?").c_str(),
                 r.value("scope", "?").c_str(), match.empty() ? "" : " ", match.c_str(), r.value("metric", "?").c_str(),
-                r.value("window", "?").c_str(), text(r["limit"]).c_str());
+                r.value("window", "?").c_str(), text(r["limit"]).c_str(),
+                r.value("source", "config") == "admin_api" ? "  (set through the admin API)" : "");
     for (const json& c : r["counters"]) {
       std::printf("    %-40s used %s  reserved %s  limit %s  denials %lld\n", c.value("key", "").c_str(),
                   text(c["used"]).c_str(), text(c["reserved"]).c_str(), text(c["limit"]).c_str(),
                   c.value("denials", 0LL));
     }
+  }
+  for (const json& name : v.value("removed", json::array())) {
+    std::printf("- %s: the config file's rule, removed through the admin API (rules reset to bring it back)\n",
+                name.get<std::string>().c_str());
   }
 }
 
@@ -315,9 +358,29 @@ int main(int argc, char** argv) {
     cmd->add_option("--data-dir", ep.data_dir, "the agent's data dir")->envname("TOKENFUSE_DATA_DIR");
   };
   ep.data_dir = "/var/lib/tokenfuse";
-  auto* rules = app.add_subcommand("rules", "budget rules (from the config file's [[rules]]: docs/rules.md)");
-  add_endpoint(rules->add_subcommand("list", "every rule with its counters: used, reserved, limit"));
+  auto* rules = app.add_subcommand("rules", "budget rules: the config file's [[rules]] and the admin API's (docs/rules.md)");
   rules->require_subcommand(1);
+  add_endpoint(rules);
+  rules->add_subcommand("list", "every rule with its counters: used, reserved, limit");
+  // rules set: the keys of a [[rules]] table as options; the agent checks them as it checks the file.
+  RuleOptions rule;
+  auto* rule_set = rules->add_subcommand("set", "make or replace a rule (saved: it wins over the config file until reset): "
+                                                "rules set tenant-monthly --scope tenant --window month --limit 1000.00");
+  rule_set->add_option("name", rule.name, "the rule's name")->required();
+  rule_set->add_option("--scope", rule.scope, "platform, tenant, run, agent, model, tag, tenant+model or tenant+agent")
+      ->required();
+  rule_set->add_option("--window", rule.window, "minute, hour, day, week, month or all-time (not for concurrency)");
+  rule_set->add_option("--week-start", rule.week_start, "the day a week starts, for --window week (default monday)");
+  rule_set->add_option("--metric", rule.metric, "usd (default), tokens, prompt_tokens, completion_tokens, requests or concurrency");
+  rule_set->add_option("--match", rule.match, "only this key, or a group of keys by prefix: \"gpt-4*\"");
+  rule_set->add_option("--limit", rule.limit, "for every key: USD (5.00) for usd, a whole number for the others, or unlimited");
+  rule_set->add_option("--key", rule.keys, "a key's own limit, KEY=LIMIT (repeatable)");
+  rule_set->add_flag("--host-only", rule.host_only, "count on this host only, never shared with the fleet");
+  std::string rule_name;
+  auto* rule_clear = rules->add_subcommand("clear", "take a rule out of force, the config file's too (saved)");
+  rule_clear->add_option("name", rule_name, "the rule's name")->required();
+  auto* rule_reset = rules->add_subcommand("reset", "forget the admin API's change: the config file's rule applies again");
+  rule_reset->add_option("name", rule_name, "the rule's name")->required();
   auto* kill_cmd = app.add_subcommand("kill", "the emergency kill switch: every paid and free call is refused (E-BUDGET-004)");
   kill_cmd->require_subcommand(1);
   add_endpoint(kill_cmd);
@@ -366,8 +429,25 @@ int main(int argc, char** argv) {
 
   if (*rules) {
     json reply;
-    const int rc = adminRequest(ep, "GET", "/v1/rules", nullptr, &reply);
-    if (rc == 0) printRules(reply, as_json);
+    int rc = 0;
+    if (rule_set->parsed()) {
+      json body;
+      if (std::string why = rule.toJson(&body); !why.empty()) {
+        std::fprintf(stderr, "tokenfuse: rules set: %s\n", why.c_str());
+        return kUsage;
+      }
+      rc = adminRequest(ep, "PUT", "/v1/rules/" + pathSegment(rule.name), body, &reply);
+    } else if (rule_clear->parsed()) {
+      rc = adminRequest(ep, "DELETE", "/v1/rules/" + pathSegment(rule_name), nullptr, &reply);
+    } else if (rule_reset->parsed()) {
+      rc = adminRequest(ep, "DELETE", "/v1/rules/" + pathSegment(rule_name) + "/override", nullptr, &reply);
+    } else {
+      rc = adminRequest(ep, "GET", "/v1/rules", nullptr, &reply);
+    }
+    if (rc == 0) {
+      if (reply.contains("warning")) std::fprintf(stderr, "tokenfuse: warning: %s\n", reply.value("warning", "").c_str());
+      printRules(reply, as_json);
+    }
     return rc;
   }
   if (*kill_cmd) {

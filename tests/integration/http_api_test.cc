@@ -496,3 +496,116 @@ limit = 500
   f.restart(/*new_region=*/true);
   expect();
 }
+
+TEST_CASE("http: rules made, replaced and removed through the admin API apply at once, outlive a restart and win "
+          "over the config file until reset") {
+  HttpFixture f("http-rules-admin", R"(
+[[rules]]
+name = "acme-monthly"
+scope = "tenant"
+match = "acme"
+window = "month"
+limit = "0.004"
+)");
+  const std::string paid = R"({"project_id":"acme","model":"gpt-4o","estimated_prompt_tokens":1000})";   // $0.005
+  const std::string bot_call = R"({"project_id":"zeta","model":"ollama/llama3","provider":"ollama","prompt_tokens":1,)"
+                               R"("completion_tokens":1,"agent_id":"bot"})";
+  const std::string bot_check = R"({"project_id":"zeta","model":"ollama/llama3","agent_id":"bot"})";
+  auto code = [&](const std::string& body) {
+    return f.send("POST", "/v1/check", body).second.value("error_code", std::string("OK"));
+  };
+  auto names = [](const json& rules) {
+    std::vector<std::string> out;
+    for (const json& r : rules["rules"]) out.push_back(r["name"].get<std::string>() + "/" + r["source"].get<std::string>());
+    return out;
+  };
+  CHECK(code(paid) == "E-BUDGET-002");
+
+  // A new rule: two requests an hour for the agent "bot".
+  const std::string rph = R"({"scope":"agent","match":"bot","window":"hour","metric":"requests","limit":2})";
+  CHECK(f.send("PUT", "/v1/rules/bot-rph", rph).first == 401);
+  auto [s_put, put] = f.send("PUT", "/v1/rules/bot-rph", rph, true);
+  CHECK(s_put == 200);
+  CHECK(names(put) == std::vector<std::string>{"acme-monthly/config", "bot-rph/admin_api"});
+  for (int i = 0; i < 2; ++i) REQUIRE(f.send("POST", "/v1/usage", bot_call).first == 201);
+  CHECK(code(bot_check) == "E-RATE-001");
+  CHECK(f.send("POST", "/v1/check", bot_check).second["rule"] == "bot-rph");
+
+  // Bad rules are refused naming the field, as the config file's are, and change nothing.
+  auto refused = [&](const std::string& path, const std::string& body) {
+    auto [status, reply] = f.send("PUT", path, body, true);
+    CHECK(status == 400);
+    return reply.value("field", std::string()) + ": " + reply.value("message", std::string());
+  };
+  CHECK(refused("/v1/rules/x", R"({"scope":"tenant","window":"fortnight"})").starts_with("window: window must be one of"));
+  CHECK(refused("/v1/rules/x", R"({"scope":"tenant","window":"day","limit":0.5})").find("write money as a string") !=
+        std::string::npos);
+  CHECK(refused("/v1/rules/x", R"({"scope":"tenant","window":"day","limt":"1"})").starts_with("limt: limt unknown key"));
+  CHECK(refused("/v1/rules/x", R"({"name":"y","scope":"tenant","window":"day"})").starts_with("name:"));
+  CHECK(refused("/v1/rules/x", R"({"scope":"run","window":"day","keys":{"r1":"x"}})").starts_with("keys.\"r1\":"));
+  CHECK(refused("/v1/rules/bad%20name", R"({"scope":"tenant","window":"day"})").starts_with("name:"));
+  CHECK(refused("/v1/rules/x", "[1]").starts_with("body:"));
+  CHECK(names(f.send("GET", "/v1/rules", "").second).size() == 2);
+
+  // The config file's rule, replaced, then removed.
+  CHECK(f.send("PUT", "/v1/rules/acme-monthly", R"({"scope":"tenant","match":"acme","window":"month","limit":"1.00"})",
+               true).first == 200);
+  CHECK(code(paid) == "OK");
+  auto [s_del, del] = f.send("DELETE", "/v1/rules/acme-monthly", "", true);
+  CHECK(s_del == 200);
+  CHECK(names(del) == std::vector<std::string>{"bot-rph/admin_api"});
+  CHECK(del["removed"] == json{"acme-monthly"});
+  CHECK(f.send("DELETE", "/v1/rules/acme-monthly", "", true).first == 404);
+  CHECK(f.send("DELETE", "/v1/rules/nosuch/override", "", true).first == 404);
+
+  // A restart on a new region: the admin API's rules come back from the data dir, and the
+  // request rule's count from the ledger.
+  REQUIRE(f.client->waitDurable(2, 5000));
+  f.restart(/*new_region=*/true);
+  CHECK(names(f.send("GET", "/v1/rules", "").second) == std::vector<std::string>{"bot-rph/admin_api"});
+  CHECK(code(bot_check) == "E-RATE-001");
+  CHECK(code(paid) == "OK");
+
+  // Reset: the config file's rule again, as the file has it.
+  auto [s_reset, reset] = f.send("DELETE", "/v1/rules/acme-monthly/override", "", true);
+  CHECK(s_reset == 200);
+  CHECK(names(reset) == std::vector<std::string>{"bot-rph/admin_api", "acme-monthly/config"});
+  CHECK(reset["removed"].empty());
+  CHECK(code(paid) == "E-BUDGET-002");
+  // A rule only the admin API made goes for good.
+  CHECK(f.send("DELETE", "/v1/rules/bot-rph", "", true).first == 200);
+  CHECK(code(bot_check) == "OK");
+  CHECK(f.send("DELETE", "/v1/rules/bot-rph/override", "", true).first == 404);
+
+  // The CLI speaks the same API.
+  std::string out;
+  const std::string data_dir = f.dir.path + "/state";
+  CHECK(f.cli({"rules", "set", "gpt4-daily", "--scope", "model", "--match", "gpt-4*", "--window", "day", "--limit",
+               "2.50", "--data-dir", data_dir}, &out) == 0);
+  CHECK(out.find("gpt4-daily: model gpt-4*, usd per day, limit 2.500000  (set through the admin API)") != std::string::npos);
+  CHECK(f.cli({"rules", "set", "bot-tokens", "--scope", "agent", "--metric", "tokens", "--window", "week",
+               "--week-start", "sunday", "--key", "bot=100", "--key", "vip=unlimited", "--data-dir", data_dir}, &out) == 0);
+  const json saved = f.send("GET", "/v1/rules", "").second;
+  REQUIRE(saved["rules"].size() == 3);
+  CHECK(saved["rules"][2]["window"] == "week");
+  CHECK(f.cli({"rules", "set", "bad", "--scope", "tenant", "--window", "fortnight", "--data-dir", data_dir}, &out) != 0);
+  CHECK(out.find("window must be one of") != std::string::npos);
+  CHECK(f.cli({"rules", "clear", "acme-monthly", "--data-dir", data_dir}, &out) == 0);
+  CHECK(out.find("- acme-monthly: the config file's rule, removed") != std::string::npos);
+  CHECK(f.cli({"rules", "reset", "acme-monthly", "--data-dir", data_dir}, &out) == 0);
+  CHECK(f.cli({"rules", "clear", "gpt4-daily", "--data-dir", data_dir}, &out) == 0);
+  CHECK(out.find("gpt4-daily") == std::string::npos);
+
+  // At most 32 rules in force, the config file's and the admin API's together.
+  int made = 0;
+  for (int i = 0; i < 40; ++i) {
+    auto [status, reply] = f.send("PUT", "/v1/rules/r" + std::to_string(i), R"({"scope":"tenant","window":"day"})", true);
+    if (status != 200) {
+      CHECK(status == 409);
+      CHECK(reply["message"].get<std::string>().find("at most 32 rules") != std::string::npos);
+      break;
+    }
+    ++made;
+  }
+  CHECK(made == 30);   // beside acme-monthly and bot-tokens
+}

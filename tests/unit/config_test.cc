@@ -2,6 +2,8 @@
 
 #include "pricing.h"
 
+#include <nlohmann/json.hpp>
+
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -524,6 +526,72 @@ TEST_CASE("config: a rule's host_only is true or false") {
   CHECK(ruleError("scope = \"tenant\"\nwindow = \"day\"\nhost_only = \"yes\"\n") ==
         "t.toml: rules[0] (\"r\").host_only: must be true or false");
   CHECK_FALSE(parseConfig("[[rules]]\nname = \"r\"\nscope = \"run\"\nwindow = \"day\"\n", "t").rules.at(0).host_only);
+}
+
+TEST_CASE("config: a rule as the admin API takes it (JSON) reads as the config file's, and round-trips") {
+  const Config c = parseConfig(R"(
+[[rules]]
+name = "a"
+scope = "tenant"
+window = "month"
+limit = "50.00"
+keys = { acme = "100", beta = "unlimited" }
+[[rules]]
+name = "b"
+scope = "model"
+match = "gpt-4*"
+window = "week"
+week_start = "sunday"
+metric = "tokens"
+limit = 1000
+host_only = true
+[[rules]]
+name = "c"
+scope = "tenant+agent"
+metric = "concurrency"
+limit = 4
+[[rules]]
+name = "d"
+scope = "run"
+window = "all-time"
+metric = "completion_tokens"
+keys = { r1 = 7 }
+)", "t.toml");
+  REQUIRE(c.rules.size() == 4);
+  for (const RuleSpec& r : c.rules) {
+    CAPTURE(r.name);
+    const nlohmann::json j = ruleToJson(r);
+    const RuleSpec back = ruleFromJson(r.name, j);
+    CHECK(ruleToJson(back) == j);
+    CHECK(back.scope == r.scope);
+    CHECK(back.metric == r.metric);
+    CHECK(back.window.kind == r.window.kind);
+    CHECK(back.window.week_start == r.window.week_start);
+    CHECK(back.match == r.match);
+    CHECK(back.limit == r.limit);
+    CHECK(back.keys == r.keys);
+    CHECK(back.host_only == r.host_only);
+  }
+  CHECK(ruleToJson(c.rules[0])["keys"] == nlohmann::json{{"acme", "100.000000"}, {"beta", nullptr}});
+  // The same checks and messages as the file's, naming the field alone.
+  auto problem = [](const char* name, const char* body) {
+    try {
+      (void)ruleFromJson(name, nlohmann::json::parse(body));
+    } catch (const ConfigError& e) {
+      return e.key() + ": " + e.problem();
+    }
+    return std::string("no error");
+  };
+  CHECK(problem("x", R"({"scope":"tenant"})") == "window: is missing: one of minute, hour, day, week, month, all-time");
+  CHECK(problem("x", R"({"scope":"platform","match":"a","window":"day"})").starts_with("match: is not for scope platform"));
+  CHECK(problem("x", R"({"scope":"tenant","window":"day","limit":1.5})").starts_with("limit: write money as a string"));
+  CHECK(problem("x", R"({"scope":"tenant","window":"day","metric":"tokens","limit":"10"})").starts_with("limit: must be a whole number"));
+  CHECK(problem("x", R"({"scope":"tenant","window":"day","limit":18446744073709551615})").starts_with("limit: "));
+  CHECK(problem("x", R"({"scope":"tenant","window":"day","match":null})") == "no error");   // null: left out
+  CHECK(problem("x", R"({"scope":"tenant","window":"day","limit":null})") == "no error");   // null: unlimited
+  CHECK(problem("x", R"({"scope":["tenant"],"window":"day"})") == "scope: must be a string");
+  CHECK(problem("x y", R"({"scope":"tenant","window":"day"})").starts_with("name: "));
+  CHECK(problem("x", R"("tenant")").starts_with("body: must be a JSON object"));
 }
 
 TEST_CASE("agent: an unknown time zone in the config stops start-up with a message naming it") {
