@@ -88,6 +88,17 @@ Agent::Agent(Config config, Options options)
     central_ = std::make_unique<CentralLink>(
         config_.central, *admin_, ledgerPath(), config_.host_id, [this] { return toUnixNs(clock_()); },
         [this](bool active, const std::string& reason, std::int64_t expires) { applyFleetKill(active, reason, expires); });
+    central_->shareRules([this] {
+      std::vector<SharedRule> out;
+      std::lock_guard lock(rules_mu_);
+      for (std::size_t i = 0; i < rules_.size() && i < rule_index_.size(); ++i) {
+        const RuleSpec& r = rules_[i];
+        if (sharedWithFleet(r)) {
+          out.push_back({rule_index_[i], r.name, std::string(metricName(r.metric)), std::string(windowName(r.window.kind))});
+        }
+      }
+      return out;
+    });
     // A change made here while Redis was away, then a restart: it still goes to the fleet.
     if (const auto k = settings_->storedKill(); k && !k->published) {
       const std::int64_t left_s = k->expires_unix_ns == 0 ? 0 : (k->expires_unix_ns - toUnixNs(clock_())) / 1'000'000'000;

@@ -24,12 +24,15 @@ constexpr const char* kRefTenantPrefix = "budget:tenant:";             // the re
 constexpr const char* kRefPlatformKey = "budget:platform:daily_used_usd";
 constexpr std::int64_t kKeyTtlS = 3 * 86400;   // a day's keys outlive the day (time zones, late hosts)
 
+constexpr std::int64_t kAllTimeTtlS = 30 * 86400;   // a rule of all time: kept this long after its last change
+
 // Sets this host's cumulative spending for each field, adding only the difference to the fleet
-// total: running it twice with the same values changes nothing. Returns field, delta pairs.
+// total: running it twice with the same values changes nothing. ARGV[1] is the keys' time to
+// live in seconds, then field, value pairs. Returns field, delta pairs.
 // Lua numbers are doubles: exact for totals below 2^53 nano-USD (9 million USD a tenant a day).
 constexpr const char* kPushScript = R"lua(
 local out = {}
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   local field, new = ARGV[i], tonumber(ARGV[i + 1])
   local old = tonumber(redis.call('HGET', KEYS[2], field) or '0')
   if new > old then
@@ -39,22 +42,27 @@ for i = 1, #ARGV, 2 do
     out[#out + 1] = string.format('%.0f', new - old)   -- tostring() would say 1e+14
   end
 end
-redis.call('EXPIRE', KEYS[1], ARGV_TTL)
-redis.call('EXPIRE', KEYS[2], ARGV_TTL)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
 return out
 )lua";
-
-std::string pushScript() {
-  std::string s = kPushScript;
-  const std::string ttl = std::to_string(kKeyTtlS);
-  for (std::size_t at; (at = s.find("ARGV_TTL")) != std::string::npos;) s.replace(at, 8, ttl);
-  return s;
-}
 
 std::string dayTag(std::int32_t day) { return "{tokenfuse:" + DayClock::format(day) + "}"; }
 std::string totalKey(std::int32_t day) { return dayTag(day) + ":total"; }
 std::string hostKey(std::int32_t day, const std::string& host) { return dayTag(day) + ":host:" + host; }
 std::string tenantField(std::string_view project_id) { return "t:" + std::string(project_id); }
+
+// A shared rule's keys, per window: the rule's name, metric and window and the window's start
+// (unix seconds; "all" for a rule of all time) in the hash tag, so that hosts share a count only
+// for the same rule and the same window.
+std::string ruleTag(const SharedRule& rule, std::int64_t window_start_ns) {
+  return "{tokenfuse:rule:" + rule.name + ":" + rule.metric + ":" + rule.window + ":" +
+         (rule.window == "all-time" ? std::string("all") : std::to_string(window_start_ns / 1'000'000'000)) + "}";
+}
+// A counter's field: its ids, the first length-prefixed ("4:acmegpt-4o" for acme x gpt-4o).
+std::string ruleField(const RuleUsage::Counter& c) {
+  return std::to_string(c.first.size()) + ":" + c.first + c.second;
+}
 
 // "0.0125" (the reference's INCRBYFLOAT value) in nano-USD, rounded up; 0 if unreadable.
 std::int64_t floatUsdToNano(const std::string& s) {
@@ -164,6 +172,7 @@ void CentralLink::syncRedis() {
     pushTotals();
     pullKill();
     pullTotals();
+    syncRules();
     stats_.redis_ok_unix_ns = clock_();
     linkUp("redis", stats_.redis_up);
     leases_applied_ = false;
@@ -232,7 +241,6 @@ void CentralLink::pushTotals() {
                 changed.end());
 
   // One script call per day and 1000 tenants, so Redis is never blocked for long; pipelined.
-  static const std::string script = pushScript();
   constexpr std::size_t kFieldsPerCall = 1000;
   std::map<std::int32_t, std::int64_t> platform;   // read from SQLite before anything is queued
   for (const DaySpend& d : changed) platform.try_emplace(d.day, 0);
@@ -241,7 +249,7 @@ void CentralLink::pushTotals() {
   std::size_t calls = 0;
   for (auto it = changed.begin(); it != changed.end();) {
     const std::int32_t day = it->day;
-    std::vector<std::string> cmd{"EVAL", script, "2", totalKey(day), hostKey(day, origin_)};
+    std::vector<std::string> cmd{"EVAL", kPushScript, "2", totalKey(day), hostKey(day, origin_), std::to_string(kKeyTtlS)};
     for (std::size_t n = 0; it != changed.end() && it->day == day && n < kFieldsPerCall; ++it, ++n) {
       cmd.push_back(tenantField(it->project_id));
       cmd.push_back(std::to_string(it->cost_nano_usd));
@@ -251,7 +259,7 @@ void CentralLink::pushTotals() {
       cmd.emplace_back("p");
       cmd.push_back(std::to_string(platform.at(day)));
     }
-    stats_.pushed_totals += (cmd.size() - 5) / 2;
+    stats_.pushed_totals += (cmd.size() - 6) / 2;
     redis_->append(cmd);
     ++calls;
   }
@@ -339,6 +347,90 @@ void CentralLink::pullTotals() {
         elsewhere = std::max(elsewhere, ref_nano - base - here);
       }
       (void)admin_.setElsewhere(day, tenants[i], NanoUsd(elsewhere));
+    }
+  }
+}
+
+void CentralLink::syncRules() {
+  if (!shared_rules_) return;
+  std::map<std::uint32_t, SharedRule> shared;
+  for (SharedRule& r : shared_rules_()) shared.emplace(r.index, std::move(r));
+  if (shared.empty()) return;
+  const std::int64_t now = clock_();
+  struct Window {
+    const RuleUsage* usage;
+    std::string total, host;
+  };
+  std::vector<Window> windows;
+  const std::vector<RuleUsage> rules = admin_.rules();   // one pass over the rule table
+  for (const RuleUsage& r : rules) {
+    const auto it = shared.find(r.number - 1);
+    if (it == shared.end() || it->second.name != r.name) continue;   // not shared, or replaced meanwhile
+    const std::string tag = ruleTag(it->second, r.window_start_ns);
+    windows.push_back({&r, tag + ":total", tag + ":host:" + origin_});
+  }
+  // Counters already pushed for windows that are no longer current are forgotten.
+  std::set<std::string, std::less<>> current;
+  for (const Window& w : windows) current.insert(w.host);
+  std::erase_if(rule_pushed_, [&](const auto& kv) { return !current.contains(kv.first.first); });
+
+  // Push: this host's count of each counter that changed. A Redis that lost the window's keys (the
+  // marker field "m" is gone) is given every counter again.
+  for (const Window& w : windows) redis_->append({"HEXISTS", w.host, "m"});
+  for (const Window& w : windows) {
+    if (redis_->next()->integer == 0) {
+      std::erase_if(rule_pushed_, [&](const auto& kv) { return kv.first.first == w.host; });
+    }
+  }
+  std::size_t calls = 0;
+  std::vector<std::pair<std::pair<std::string, std::string>, std::int64_t>> sent;   // into rule_pushed_ once answered
+  for (const Window& w : windows) {
+    const std::int64_t ttl_s = w.usage->window_end_ns == INT64_MAX
+                                   ? kAllTimeTtlS
+                                   : std::max<std::int64_t>(0, (w.usage->window_end_ns - now) / 1'000'000'000) + kKeyTtlS;
+    std::vector<std::string> cmd{"EVAL", kPushScript, "2", w.total, w.host, std::to_string(ttl_s), "m", "1"};
+    constexpr std::size_t kHead = 8, kFieldsPerCall = 1000;   // so that Redis is never blocked for long
+    for (const RuleUsage::Counter& c : w.usage->counters) {
+      std::pair<std::string, std::string> key{w.host, ruleField(c)};
+      if (const auto it = rule_pushed_.find(key); it != rule_pushed_.end() && c.committed <= it->second) continue;
+      if (c.committed == 0) continue;
+      cmd.push_back(key.second);
+      cmd.push_back(std::to_string(c.committed));
+      sent.emplace_back(std::move(key), c.committed);
+      if ((cmd.size() - kHead) / 2 == kFieldsPerCall) {
+        redis_->append(cmd);
+        ++calls;
+        cmd.resize(kHead);
+      }
+    }
+    redis_->append(cmd);   // with "m" alone, it keeps the window's keys alive
+    ++calls;
+  }
+  for (std::size_t i = 0; i < calls; ++i) redis_->next();
+  for (auto& [key, count] : sent) rule_pushed_[std::move(key)] = count;
+
+  // Pull: what the other hosts counted on each of this host's counters.
+  constexpr std::size_t kChunk = 1000;
+  for (const Window& w : windows) {
+    const std::vector<RuleUsage::Counter>& counters = w.usage->counters;
+    for (std::size_t begin = 0; begin < counters.size(); begin += kChunk) {
+      const std::size_t end = std::min(counters.size(), begin + kChunk);
+      std::vector<std::string> total{"HMGET", w.total}, mine{"HMGET", w.host};
+      for (std::size_t i = begin; i < end; ++i) {
+        total.push_back(ruleField(counters[i]));
+        mine.push_back(total.back());
+      }
+      redis_->append(total);
+      redis_->append(mine);
+      const RedisReply t = redis_->next();
+      const RedisReply m = redis_->next();
+      for (std::size_t i = begin; i < end; ++i) {
+        const std::size_t k = i - begin;
+        const std::int64_t fleet = k < t->elements ? replyInteger(t->element[k]) : 0;
+        const std::int64_t here = k < m->elements ? replyInteger(m->element[k]) : 0;
+        admin_.setRuleElsewhere(w.usage->number - 1, w.usage->gen, w.usage->window_start_ns, counters[i].first,
+                                counters[i].second, std::max<std::int64_t>(0, fleet - here));
+      }
     }
   }
 }

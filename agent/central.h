@@ -8,8 +8,8 @@
 //    cumulative total (exact nano-USD integers), by a script that adds only the difference to the
 //    fleet total: setting a cumulative value twice changes nothing.
 // Pull:
-//  * fleet totals for today, so that the region holds "spent elsewhere" beside "spent here" and
-//    checks stay in shared memory;
+//  * fleet totals for today, and for each shared rule's current window, so that the region holds
+//    "spent elsewhere" beside "spent here" and checks stay in shared memory;
 //  * the emergency kill switch, the reference's key platform:budget:emergency_kill;
 //  * tenant limits from the reference's awooop_projects.budget_limit_usd (NULL = unlimited).
 // Fail open: while Redis or Postgres is unreachable, decisions go on with the last-known fleet
@@ -20,6 +20,9 @@
 // Keys (all of one day share a hash tag, so the scripts work on a Redis Cluster):
 //   {tokenfuse:YYYY-MM-DD}:total            field "t:<project_id>" | "p" -> fleet nano-USD
 //   {tokenfuse:YYYY-MM-DD}:host:<host_id>   field "t:<project_id>" | "p" -> this host's nano-USD
+// and for each shared budget rule and window, in the rule's metric:
+//   {tokenfuse:rule:<name>:<metric>:<window>:<start unix s | all>}:total        field "<len>:<ids>"
+//   {tokenfuse:rule:<name>:<metric>:<window>:<start unix s | all>}:host:<host>  field "<len>:<ids>"
 //
 // Thread-safety: syncOnce()/run() on one thread; publishKill(), wake(), writeTenantLimit() and
 // stats() from any thread.
@@ -42,6 +45,8 @@
 #include <stdexcept>
 #include <stop_token>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace tokenfuse {
 
@@ -59,6 +64,12 @@ struct LinkStats {
   std::atomic<std::uint64_t> sync_errors{0};
 };
 
+// A budget rule whose counts the fleet shares (docs/rules.md, "Across a fleet").
+struct SharedRule {
+  std::uint32_t index = 0;   // its definition in the region
+  std::string name, metric, window;   // rules.h's names; with the window's start, its Redis keys
+};
+
 class CentralLink {
  public:
   using Clock = std::function<std::int64_t()>;   // unix ns
@@ -74,6 +85,9 @@ class CentralLink {
   // syncOnce every sync interval (at once after wake()) until stopped.
   void run(std::stop_token stop);
   void wake();
+  // Which rules the fleet shares, asked at every sync (the admin API changes rules). Set before
+  // run().
+  void shareRules(std::function<std::vector<SharedRule>()> rules) { shared_rules_ = std::move(rules); }
 
   // The admin API changed the kill switch here: publish it to the fleet (now, or once Redis is back).
   void publishKill(bool active, const std::string& reason, std::int64_t ttl_s);
@@ -93,6 +107,9 @@ class CentralLink {
   void pullKill();
   void pullTotals();
   void applyLeases();
+  // Pushes this host's count of every shared rule's counters in their current windows, then sets
+  // each counter's count elsewhere from the fleet's totals.
+  void syncRules();
   void syncPostgres();
   void pushLedger();
   // COPY into `table` (budget_ledger, or the staging table to merge), and this host's position.
@@ -121,6 +138,9 @@ class CentralLink {
   std::int32_t leases_day_ = 0;   // the budget day of the last pulled totals (and of ref_base_)
   std::map<std::string, std::int64_t, std::less<>> ref_base_;   // reference keys at the day's first look
   bool push_failed_ = false;      // the last Postgres round failed: wait before the next
+  std::function<std::vector<SharedRule>()> shared_rules_;
+  // What this host last pushed of each shared rule counter: (host key, field) -> count.
+  std::map<std::pair<std::string, std::string>, std::int64_t> rule_pushed_;
 
   std::mutex mu_;   // guards pending_kill_ and wake_
   struct PendingKill {

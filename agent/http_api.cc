@@ -194,6 +194,7 @@ json ruleCounterJson(const RuleUsage& r, const RuleUsage::Counter& c) {
   return {{"key", c.key},
           {"used", ruleAmountJson(r.metric, c.committed)},
           {"reserved", ruleAmountJson(r.metric, c.held)},
+          {"elsewhere", ruleAmountJson(r.metric, c.elsewhere)},
           {"limit", c.limit ? ruleAmountJson(r.metric, *c.limit) : json(nullptr)},
           {"denials", c.denials}};
 }

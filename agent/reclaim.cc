@@ -77,7 +77,8 @@ ReclaimStats RegionAdmin::reclaimKeys(std::int64_t now_unix_ns, std::int64_t run
     if (!parseRuleKey(keyOf(s.k), &key) || key.rule >= shm::kMaxRules) return true;   // no rule's
     const std::uint32_t w = h.rules[key.rule].word.load(kAcquire);
     if (shm::ruleState(w) != shm::kRuleLive || shm::ruleGen(w) != key.gen) return true;   // its rule is gone
-    return c.spend.committed() == 0;   // nothing counted in the current window
+    // Nothing counted in the current window, here or (the central link) on other hosts.
+    return c.spend.committed() == 0 && c.elsewhere.load(kRelaxed) == 0;
   };
 
   ReclaimStats stats;

@@ -651,6 +651,7 @@ Status RegionAdmin::setRules(const std::vector<RuleSpec>& rules, const std::vect
 
 void RegionAdmin::rollRule(std::uint32_t index, std::int64_t start_ns, std::int64_t end_ns) {
   if (index >= shm::kMaxRules) return;
+  std::lock_guard lock(stats_mu_);   // against setRuleElsewhere
   shm::Header& h = region_.header();
   shm::RuleDef& d = h.rules[index];
   const std::uint32_t gen = shm::ruleGen(d.word.load(kAcquire));
@@ -699,6 +700,7 @@ std::vector<RuleUsage> RegionAdmin::rules() const {
     at[i] = static_cast<int>(out.size());
     RuleUsage& r = out.emplace_back();
     r.number = i + 1;
+    r.gen = gen[i];
     r.name.assign(d.name, std::min<std::size_t>(d.name_len, sizeof d.name));
     r.scope = d.scope;
     r.metric = d.metric;
@@ -725,14 +727,32 @@ std::vector<RuleUsage> RegionAdmin::rules() const {
     RuleUsage::Counter& c = r.counters.emplace_back();
     const bool two = r.scope == shm::kScopeTenantModel || r.scope == shm::kScopeTenantAgent;
     c.first = key.first;
+    c.second = key.second;
     c.key = two ? std::string(key.first) + "/" + std::string(key.second) : std::string(key.first);
     c.committed = slot.c.spend.committed();
+    c.elsewhere = slot.c.elsewhere.load(kRelaxed);
     c.held = std::max<std::int64_t>(0, shm::wrapSub(slot.c.spend.used(), c.committed));
     c.denials = slot.c.denials.load(kRelaxed);
     const std::int64_t limit = ruleLimit(slot.c, r.limit.value_or(shm::kUnlimited));
     if (limit != shm::kUnlimited) c.limit = limit;
   }
   return out;
+}
+
+void RegionAdmin::setRuleElsewhere(std::uint32_t index, std::uint32_t gen, std::int64_t window_start_ns,
+                                   std::string_view first, std::string_view second, std::int64_t elsewhere) {
+  if (index >= shm::kMaxRules) return;
+  std::lock_guard lock(stats_mu_);   // against rollRule: not into a window that has just begun
+  const shm::RuleDef& d = region_.header().rules[index];
+  const std::uint32_t w = d.word.load(kAcquire);
+  if (shm::ruleState(w) != shm::kRuleLive || shm::ruleGen(w) != gen) return;
+  if (d.has_window != 0 && d.window_start_ns.load(kRelaxed) != window_start_ns) return;
+  const bool two = d.scope == shm::kScopeTenantModel || d.scope == shm::kScopeTenantAgent;
+  char buf[shm::kRuleKeyMax];
+  const std::string_view key = ruleKey(buf, index, gen, first, second, two);
+  const KeyedTable<shm::RuleSlot> table(region_.ruleSlots(), region_.geometry().rule_capacity);
+  const Found f = table.find(key);
+  if (f.index >= 0) table.at(f.index).c.elsewhere.store(elsewhere, kRelease);
 }
 
 void RegionAdmin::setDayEnd(std::int64_t unix_ns) noexcept {

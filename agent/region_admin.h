@@ -57,6 +57,7 @@ struct HoldCorrection {
 // A live rule and its counters as they stand, for the views (RegionAdmin::rules).
 struct RuleUsage {
   std::uint32_t number = 0;   // 1 + its index: what Decision::rule names
+  std::uint32_t gen = 0;      // its definition's generation (setRuleElsewhere)
   std::string name;
   std::uint8_t scope = 0, metric = 0;   // shm::RuleScopeValue, shm::RuleMetricValue
   std::string match;          // as written: "", "x" or "x*"
@@ -66,7 +67,9 @@ struct RuleUsage {
   struct Counter {
     std::string key;          // "acme"; "acme/gpt-4o" for tenant x model; "" for a group or the platform
     std::string first;        // the tenant for the tenant scopes
+    std::string second;       // the model or agent for tenant x model and tenant x agent
     std::int64_t committed = 0, held = 0, denials = 0;
+    std::int64_t elsewhere = 0;   // counted on other hosts of the fleet (the central link)
     std::optional<std::int64_t> limit;   // what applies to it now; nullopt: unlimited
   };
   std::vector<Counter> counters;
@@ -211,6 +214,12 @@ class RegionAdmin {
                              std::int64_t completion, std::int64_t calls);
   // Every live rule with its counters (one pass over the rule table).
   std::vector<RuleUsage> rules() const;
+  // Sets what other hosts counted on the counter of rule `index` for `first` (and `second`) in
+  // the window that starts at `window_start_ns` (ignored for rules of all time), as the central
+  // link pulled it: decisions count it as used. Does nothing if the rule was replaced (its
+  // generation is not `gen`), its window has rolled over since, or the counter is gone.
+  void setRuleElsewhere(std::uint32_t index, std::uint32_t gen, std::int64_t window_start_ns, std::string_view first,
+                        std::string_view second, std::int64_t elsewhere);
   // When the current budget day ends, for the daily layers' denials (Decision::resets_unix_ns).
   void setDayEnd(std::int64_t unix_ns) noexcept;
 

@@ -77,4 +77,9 @@ std::string ruleMatchProblem(std::string_view match) {
   return {};
 }
 
+bool sharedWithFleet(const RuleSpec& rule) noexcept {
+  return !rule.host_only && rule.metric != RuleMetric::kConcurrency && rule.window.kind != WindowKind::kMinute &&
+         rule.window.kind != WindowKind::kHour;
+}
+
 }  // namespace tokenfuse

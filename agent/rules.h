@@ -58,6 +58,11 @@ struct RuleSpec {
   bool host_only = false;
 };
 
+// Whether the fleet shares the rule's counts through the central link: not when it is marked
+// host_only, and never for rates (windows of a minute or an hour, shorter than what a fleet's
+// sync can follow) or concurrency (calls in flight on this host).
+bool sharedWithFleet(const RuleSpec& rule) noexcept;
+
 // The names the config file and docs/rules.md use: "tenant+model", "completion_tokens", "all-time".
 // The parse functions take exactly these names (lower case) and return nullopt for anything else.
 std::string_view scopeName(RuleScope s) noexcept;

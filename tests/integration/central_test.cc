@@ -43,10 +43,11 @@ struct FleetAgent : AgentFixture {
 struct Fleet {
   Fleet(int n, const std::string& central_extra, int sync_interval_ms = 100, bool with_redis = true,
         bool with_postgres = true) {
-    std::string toml = "[central]\nsync_interval_ms = " + std::to_string(sync_interval_ms) +
-                       "\nlimits_interval_ms = 200\n" + central_extra;
+    // central_extra last: it may end with tables of its own ([[rules]]).
+    std::string toml = "[central]\nsync_interval_ms = " + std::to_string(sync_interval_ms) + "\nlimits_interval_ms = 200\n";
     if (with_redis) toml += "redis_url = \"" + redis.url() + "\"\n";
     if (with_postgres) toml += "postgres_url = \"" + postgres.url() + "\"\n";
+    toml += central_extra;
     for (int i = 0; i < n; ++i) agents.push_back(std::make_unique<FleetAgent>(i, toml));
   }
   std::string day() { return DayClock::format(agents[0]->client->info().day); }
@@ -439,4 +440,84 @@ TEST_CASE("central: an id stored before ids were checked (not UTF-8) does not st
       std::chrono::seconds(20)));
   // Shown as the metrics show it: each byte that is not UTF-8 as U+FFFD.
   CHECK(f.postgres.query("SELECT count(*) FROM budget_ledger WHERE project_id = 'old' || chr(65533)")[0][0].as<int>() == 1);
+}
+
+TEST_CASE("central: a monthly money rule and a daily token rule hold across hosts; rates and host_only rules stay "
+          "per host") {
+  Fleet f(2, R"(
+[[rules]]
+name = "acme-monthly"
+scope = "tenant"
+match = "acme"
+window = "month"
+limit = "0.01"
+
+[[rules]]
+name = "model-tokens"
+scope = "tenant+model"
+window = "day"
+metric = "tokens"
+limit = 3000
+
+[[rules]]
+name = "beta-local"
+scope = "tenant"
+match = "beta"
+window = "month"
+limit = "0.01"
+host_only = true
+
+[[rules]]
+name = "beta-hourly"
+scope = "tenant"
+match = "beta"
+window = "hour"
+metric = "requests"
+limit = 2
+)", 100, true, false);
+  Client& a = *f.agents[0]->client;
+  Client& b = *f.agents[1]->client;
+  auto book = [](Client& c, const char* tenant, const char* model, std::int64_t prompt) {
+    REQUIRE(c.record({tenant, model, "p", {}, {}, prompt, 0}).allowed());
+  };
+  // Host b has seen both tenants (a host pulls the fleet's counts for the keys it has counters for).
+  book(b, "acme", "gpt-4o", 100);          // $0.0005
+  book(b, "acme", "ollama/llama3", 10);    // 10 tokens, free
+  book(b, "beta", "ollama/llama3", 0);     // a request, free
+  // Host a: beta's first (per host), then acme's.
+  book(a, "beta", "gpt-4o", 1200);         // $0.006, a request
+  book(a, "beta", "ollama/llama3", 0);     // a request: beta's two this hour on host a
+  book(a, "acme", "gpt-4o", 1200);         // $0.006
+  book(a, "acme", "ollama/llama3", 2000);  // 2000 tokens
+
+  // Host b sees host a's acme spending: $0.0065 of $0.01 this month, 2010 of 3000 tokens today.
+  auto code = [](Client& c, const char* tenant, const char* model, std::int64_t prompt) {
+    return std::string(c.check(tenant, model, prompt).errorCode());
+  };
+  CHECK(eventually([&] { return code(b, "acme", "gpt-4o", 1000) == "E-BUDGET-002"; }));   // + $0.005
+  CHECK(code(b, "acme", "gpt-4o", 700) == "OK");                                            // + $0.0035
+  CHECK(eventually([&] { return code(b, "acme", "ollama/llama3", 991) == "E-RATE-002"; }));
+  CHECK(code(b, "acme", "ollama/llama3", 990) == "OK");
+  // And host a sees host b's.
+  CHECK(eventually([&] { return code(a, "acme", "gpt-4o", 800) == "E-BUDGET-002"; }));    // + $0.004
+  CHECK(code(a, "acme", "gpt-4o", 700) == "OK");
+  // Beta's rules are this host's alone: $0.006 and two requests on host a leave host b its own.
+  CHECK(code(b, "beta", "gpt-4o", 1000) == "OK");
+  CHECK(code(a, "beta", "gpt-4o", 10) == "E-RATE-001");
+
+  // In Redis: the window's keys carry the rule, its metric and window; the total is the fleet's.
+  auto lua = [&](const char* script, const std::string& pattern, const std::string& field = "") {
+    return f.redis.command({"EVAL", script, "0", pattern, field});
+  };
+  const char* kFirst = "local k = redis.call('KEYS', ARGV[1]); if #k == 0 then return false end; "
+                       "return redis.call('HGET', k[1], ARGV[2])";
+  const char* kCount = "return #redis.call('KEYS', ARGV[1])";
+  CHECK(lua(kFirst, "{tokenfuse:rule:acme-monthly:usd:month:*}:total", "4:acme") == "6500000");
+  CHECK(lua(kFirst, "{tokenfuse:rule:model-tokens:tokens:day:*}:total", "4:acmeollama/llama3") == "2010");
+  CHECK(lua(kCount, "{tokenfuse:rule:beta*") == "0");
+
+  // A Redis that lost its data is given every host's counts again.
+  f.redis.command({"FLUSHALL"});
+  CHECK(eventually([&] { return lua(kFirst, "{tokenfuse:rule:acme-monthly:usd:month:*}:total", "4:acme") == "6500000"; }));
+  CHECK(eventually([&] { return code(b, "acme", "gpt-4o", 1000) == "E-BUDGET-002"; }));
 }

@@ -402,7 +402,7 @@ limit = "0.01"
   CHECK(rpm["limit"] == 2);
   CHECK(rpm["window_end_unix_ns"] == resets);
   REQUIRE(rpm["counters"].size() == 1);
-  CHECK(rpm["counters"][0] == json{{"key", "batch"}, {"used", 0}, {"reserved", 2}, {"limit", 2}, {"denials", 1}});
+  CHECK(rpm["counters"][0] == json{{"key", "batch"}, {"used", 0}, {"reserved", 2}, {"elsewhere", 0}, {"limit", 2}, {"denials", 1}});
   auto [s_tenant, acme] = f.send("GET", "/v1/tenants/acme", "");
   CHECK(s_tenant == 200);
   REQUIRE(acme["rules"].size() == 1);
