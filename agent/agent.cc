@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bitset>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
@@ -617,9 +618,21 @@ void Agent::rollRules(std::int64_t now_ns) {
     // not be wiped again (docs/rules.md, "Not yet": the window it left early is not rebuilt).
     if (now_ns < d.window_end_ns.load(std::memory_order_relaxed)) continue;
     const WindowSpan w = windows_.at(r.window, now_ns);
-    a.rollRule(rule_index_[i], w.start_ns, w.end_ns);
+    a.rollRule(rule_index_[i], w.start_ns, w.end_ns, r.sliding);
     log::info("rule_window_rollover", {{"rule", r.name}, {"window", windowName(r.window.kind)},
                                        {"start_unix_ns", w.start_ns}, {"end_unix_ns", w.end_ns}});
+  }
+  // Sliding rules: what their counters carry from the previous window, once a second. Between
+  // two updates it is the larger share of the two moments: never looser than exact.
+  if (now_ns - last_slide_ns_ >= kSlideIntervalNs || now_ns < last_slide_ns_) {
+    std::bitset<shm::kMaxRules> sliding;
+    bool rates = false;   // counters of a rule that stopped sliding may still carry something
+    for (std::size_t i = 0; i < rule_index_.size() && i < rules_.size(); ++i) {
+      rates = rates || rules_[i].window.kind == WindowKind::kMinute || rules_[i].window.kind == WindowKind::kHour;
+      if (rules_[i].sliding) sliding.set(rule_index_[i]);
+    }
+    if (rates) a.slideRules(sliding, now_ns);
+    last_slide_ns_ = now_ns;
   }
 }
 

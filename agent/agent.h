@@ -199,6 +199,8 @@ class Agent {
   static constexpr std::int64_t kNotBehind = INT64_MIN;
   std::int64_t behind_since_ns_ = kNotBehind;   // the clock's time when it was first seen behind
   std::int64_t last_reclaim_ns_ = INT64_MIN / 2;  // the clock's time at the last reclaimKeys
+  static constexpr std::int64_t kSlideIntervalNs = 1'000'000'000;
+  std::int64_t last_slide_ns_ = INT64_MIN / 2;    // the clock's time at the last slideRules
   std::atomic<bool> writer_running_{false};
   std::atomic<std::int32_t> latest_day_{0};    // the latest budget day this agent has set (ledger checks)     // run()'s ledger writer thread is on
 };

@@ -190,7 +190,7 @@ const char* keyKind(RuleScope scope) {
 // each field in messages.
 void readRuleFields(const toml::table* t, const std::string& origin, const std::string& key, RuleSpec& r) {
   rejectUnknown(*t, origin, key,
-                {"name", "scope", "match", "window", "week_start", "metric", "limit", "host_only", "keys"});
+                {"name", "scope", "match", "window", "week_start", "metric", "limit", "host_only", "keys", "sliding"});
 
   if (t->get("scope") == nullptr) {
     fail(origin, key + "scope", "is missing: one of platform, tenant, run, agent, model, tag, tenant+model, tenant+agent");
@@ -260,6 +260,13 @@ void readRuleFields(const toml::table* t, const std::string& origin, const std::
   if (const toml::node* h = t->get("host_only")) {
     if (!h->is_boolean()) fail(origin, key + "host_only", "must be true or false");
     r.host_only = h->as_boolean()->get();
+  }
+  if (const toml::node* s = t->get("sliding")) {
+    if (!s->is_boolean()) fail(origin, key + "sliding", "must be true or false");
+    r.sliding = s->as_boolean()->get();
+    if (r.sliding && r.window.kind != WindowKind::kMinute && r.window.kind != WindowKind::kHour) {
+      fail(origin, key + "sliding", "is only for window = \"minute\" or \"hour\" (rates)");
+    }
   }
 }
 
@@ -339,6 +346,7 @@ nlohmann::json ruleToJson(const RuleSpec& r) {
                       {"metric", metricName(r.metric)},
                       {"limit", amount(r.limit)},
                       {"host_only", r.host_only}};
+  if (r.sliding) j["sliding"] = true;
   if (!r.match.empty()) j["match"] = r.match;
   if (r.metric != RuleMetric::kConcurrency) j["window"] = windowName(r.window.kind);
   if (r.window.kind == WindowKind::kWeek) j["week_start"] = weekdayName(r.window.week_start);

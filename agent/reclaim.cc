@@ -132,6 +132,7 @@ ReclaimStats RegionAdmin::reclaimKeys(std::int64_t now_unix_ns, std::int64_t run
       c.completion_tokens.store(0, kRelaxed);
       c.calls.store(0, kRelaxed);
       c.last_unix_ns.store(0, kRelaxed);
+      c.previous.store(0, kRelaxed);
       word.store(shm::keyWord(shm::keyTag(k.word), shm::kKeyTombstone, shm::keyGen(k.word)), std::memory_order_release);
       ++(k.table == kTenants ? stats.tenants : k.table == kRuns ? stats.runs : stats.rule_counters);
     }

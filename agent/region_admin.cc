@@ -37,15 +37,17 @@ std::string priceProblem(Price p) {
   return {};
 }
 
-void resetDay(shm::Counters& c) noexcept {
+// Returns the bookings it took out.
+std::int64_t resetDay(shm::Counters& c) noexcept {
   // Takes today's bookings out of `used` and leaves the holds of calls still in flight, in one
   // atomic step: a commit lands wholly in one day or the other.
-  c.spend.takeCommitted();
+  const std::int64_t taken = c.spend.takeCommitted();
   c.elsewhere.store(0, kRelaxed);   // other hosts' spending is per day too
   c.prompt_tokens.store(0, kRelaxed);
   c.completion_tokens.store(0, kRelaxed);
   c.calls.store(0, kRelaxed);
   c.denials.exchange(0, kRelaxed);
+  return taken;
 }
 
 void setCounts(shm::Counters& c, std::int64_t prompt, std::int64_t completion, std::int64_t calls) noexcept {
@@ -649,23 +651,57 @@ Status RegionAdmin::setRules(const std::vector<RuleSpec>& rules, const std::vect
   return problems.empty() ? Status{} : Status::error(problems);
 }
 
-void RegionAdmin::rollRule(std::uint32_t index, std::int64_t start_ns, std::int64_t end_ns) {
+void RegionAdmin::rollRule(std::uint32_t index, std::int64_t start_ns, std::int64_t end_ns, bool sliding) {
   if (index >= shm::kMaxRules) return;
   std::lock_guard lock(stats_mu_);   // against setRuleElsewhere
   shm::Header& h = region_.header();
   shm::RuleDef& d = h.rules[index];
   const std::uint32_t gen = shm::ruleGen(d.word.load(kAcquire));
+  // The window that ended is the previous one only if the new one follows it at once.
+  const bool carry = sliding && d.window_end_ns.load(kRelaxed) == start_ns;
   const KeyedTable<shm::RuleSlot> table(region_.ruleSlots(), region_.geometry().rule_capacity);
   for (std::uint32_t k = 0; k < table.capacity(); ++k) {
     shm::RuleSlot& slot = table.at(static_cast<std::int32_t>(k));
     RuleKey key;
     if (shm::keyState(slot.k.word.load(kAcquire)) == shm::kKeyReady && parseRuleKey(keyOf(slot.k), &key) &&
         key.rule == index && key.gen == gen) {
-      resetDay(slot.c);   // a window like a day: bookings out, holds kept
+      const std::int64_t counted = resetDay(slot.c);   // a window like a day: bookings out, holds kept
+      // At the window's start the sliding window still covers all of the previous one.
+      const std::int64_t previous = carry ? std::max<std::int64_t>(0, counted) : 0;
+      slot.c.previous.store(previous, kRelaxed);
+      slot.c.elsewhere.store(previous, kRelease);
     }
   }
   d.window_start_ns.store(start_ns, kRelaxed);
   d.window_end_ns.store(end_ns, kRelease);
+}
+
+void RegionAdmin::slideRules(const std::bitset<shm::kMaxRules>& sliding, std::int64_t now_ns) {
+  std::lock_guard lock(stats_mu_);   // against rollRule
+  const shm::Header& h = region_.header();
+  const KeyedTable<shm::RuleSlot> table(region_.ruleSlots(), region_.geometry().rule_capacity);
+  std::string bytes;
+  for (std::uint32_t k = 0; k < table.capacity(); ++k) {
+    shm::RuleSlot& slot = table.at(static_cast<std::int32_t>(k));
+    const std::int64_t previous = slot.c.previous.load(kRelaxed);
+    RuleKey key;
+    if (previous == 0 || !copyReadyKey(slot.k, &bytes) || !parseRuleKey(bytes, &key) || key.rule >= shm::kMaxRules) {
+      continue;
+    }
+    const shm::RuleDef& d = h.rules[key.rule];
+    const std::uint32_t w = d.word.load(kAcquire);
+    const std::int64_t start = d.window_start_ns.load(kRelaxed), end = d.window_end_ns.load(kAcquire);
+    std::int64_t share = 0;   // a rule no longer sliding (or gone) carries nothing
+    if (sliding[key.rule] && shm::ruleState(w) == shm::kRuleLive && shm::ruleGen(w) == key.gen && end > start &&
+        previous > 0) {
+      // The part of the previous window still inside [now - length, now): (end - now) / length.
+      const __int128 length = end - start;
+      const __int128 left = std::clamp<std::int64_t>(end - now_ns, 0, end - start);
+      share = static_cast<std::int64_t>((previous * left + length - 1) / length);
+    }
+    slot.c.elsewhere.store(share, kRelease);
+    if (share == 0) slot.c.previous.store(0, kRelaxed);
+  }
 }
 
 std::uint32_t RegionAdmin::restoreRules(const RuleCall& ids, std::int64_t window_start_ns, std::int64_t cost,

@@ -15,6 +15,7 @@
 #include <tokenfuse/tokenfuse.hpp>
 
 #include <atomic>
+#include <bitset>
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -203,8 +204,14 @@ class RegionAdmin {
   Status setRules(const std::vector<RuleSpec>& rules, const std::vector<WindowSpan>& windows,
                   std::vector<std::uint32_t>* indices);
   // Starts window [start_ns, end_ns) of rule `index`: every counter's committed count goes to
-  // zero, holds stay held, as rollover() does for days.
-  void rollRule(std::uint32_t index, std::int64_t start_ns, std::int64_t end_ns);
+  // zero, holds stay held, as rollover() does for days. With `sliding`, a counter keeps what it
+  // counted as its `previous` window's, when that window ended where this one starts.
+  void rollRule(std::uint32_t index, std::int64_t start_ns, std::int64_t end_ns, bool sliding = false);
+  // Sliding rules at `now_ns` (sliding[i]: rule index i slides): each counter that carries a
+  // previous window gets as `elsewhere` the share of it that the last window-length of time
+  // still covers (rounded up), which decisions count as used; counters of rules that no longer
+  // slide carry nothing. One pass over the rule table.
+  void slideRules(const std::bitset<shm::kMaxRules>& sliding, std::int64_t now_ns);
   // Counts what a call's ids spent (a row of the ledger's totals: `prompt`, `completion`, `cost`
   // over `calls` calls) on every counter of every live rule that matches those ids and whose
   // window starts at `window_start_ns` (INT64_MIN: rules of all time), as committed. For a new

@@ -56,6 +56,10 @@ struct RuleSpec {
   // Counted on this host only, never shared with the fleet through the central link. Rates and
   // concurrency are per host whatever this says.
   bool host_only = false;
+  // Minute and hour windows only: a sliding window rather than a fixed one. The previous
+  // window's count, weighted by how much of it the last window-length of time still covers,
+  // counts as used beside the current window's (two buckets interpolated).
+  bool sliding = false;
 };
 
 // Whether the fleet shares the rule's counts through the central link: not when it is marked

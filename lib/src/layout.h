@@ -79,6 +79,9 @@ struct alignas(64) Counters {
   // When the last call the ledger booked for it was made (the agent's clock), or when its totals
   // were restored; 0: none yet. A run idle longer than its lifetime may be reclaimed.
   std::atomic<std::int64_t> last_unix_ns;
+  // Counters of sliding rules only: what the previous window counted. The agent keeps
+  // `elsewhere` at its share still inside the sliding window (RegionAdmin::slideRule).
+  std::atomic<std::int64_t> previous;
 };
 static_assert(sizeof(Counters) == 128);
 

@@ -556,8 +556,16 @@ scope = "run"
 window = "all-time"
 metric = "completion_tokens"
 keys = { r1 = 7 }
+[[rules]]
+name = "e"
+scope = "tenant"
+window = "minute"
+metric = "requests"
+limit = 60
+sliding = true
 )", "t.toml");
-  REQUIRE(c.rules.size() == 4);
+  REQUIRE(c.rules.size() == 5);
+  CHECK(c.rules[4].sliding);
   for (const RuleSpec& r : c.rules) {
     CAPTURE(r.name);
     const nlohmann::json j = ruleToJson(r);
@@ -571,6 +579,7 @@ keys = { r1 = 7 }
     CHECK(back.limit == r.limit);
     CHECK(back.keys == r.keys);
     CHECK(back.host_only == r.host_only);
+    CHECK(back.sliding == r.sliding);
   }
   CHECK(ruleToJson(c.rules[0])["keys"] == nlohmann::json{{"acme", "100.000000"}, {"beta", nullptr}});
   // The same checks and messages as the file's, naming the field alone.
@@ -592,6 +601,8 @@ keys = { r1 = 7 }
   CHECK(problem("x", R"({"scope":["tenant"],"window":"day"})") == "scope: must be a string");
   CHECK(problem("x y", R"({"scope":"tenant","window":"day"})").starts_with("name: "));
   CHECK(problem("x", R"("tenant")").starts_with("body: must be a JSON object"));
+  CHECK(problem("x", R"({"scope":"tenant","window":"day","sliding":true})") ==
+        "sliding: is only for window = \"minute\" or \"hour\" (rates)");
 }
 
 TEST_CASE("agent: an unknown time zone in the config stops start-up with a message naming it") {

@@ -353,3 +353,52 @@ TEST_CASE("rules: the agent rolls a window at its end, and a clock stepped back 
   agent.tick();
   CHECK(refused() == Code::kRequestRateExceeded);   // the count stands
 }
+
+TEST_CASE("rules: a sliding minute counts the share of the previous minute still inside the last 60 s") {
+  TempDir dir;
+  Config c = testConfig(dir, "rulesslide");
+  RuleSpec rpm = rule("rpm", RuleScope::kTenant, RuleMetric::kRequests, 10);
+  rpm.sliding = true;
+  c.rules = {rpm};
+  RegionCleanup cleanup{c.shm_name};
+  FakeClock clock{utc("2026-11-29T10:00:30Z")};
+  Agent agent(c, {false, clock.fn()});
+  auto client = attachClient(c.shm_name);
+  auto request = [&] { return client->record({"acme", "gpt-4o", "openai", {}, {}, 1, 0}).code; };
+  // How many more requests acme may make now (making them).
+  auto left = [&] {
+    for (std::int64_t n = 0; n <= 10; ++n) {
+      if (client->check(call("acme", "gpt-4o", 1)).code == Code::kRequestRateExceeded) return n;
+      REQUIRE(request() == Code::kOk);
+    }
+    return std::int64_t{-1};
+  };
+  CHECK(left() == 10);
+  // A fixed window would allow 10 again at 10:01:00; the sliding one still counts all 10.
+  clock.now = utc("2026-11-29T10:01:00Z");
+  agent.tick();
+  const Decision d = client->check(call("acme", "gpt-4o", 1));
+  CHECK(d.code == Code::kRequestRateExceeded);
+  CHECK(d.used.count() == 10);
+  // Half-way through the minute, half of the previous one is still inside the last 60 s.
+  clock.now = utc("2026-11-29T10:01:30Z");
+  agent.tick();
+  CHECK(left() == 5);
+  // The next minute carries those 5 whole, then a quarter of them (rounded up: 2).
+  clock.now = utc("2026-11-29T10:02:00Z");
+  agent.tick();
+  CHECK(left() == 5);
+  clock.now = utc("2026-11-29T10:02:45Z");
+  agent.tick();
+  CHECK(left() == 3);   // 10 - 5 this minute - 2 carried
+  // A minute with nothing after it: the window after an idle one carries nothing.
+  clock.now = utc("2026-11-29T10:05:10Z");
+  agent.tick();
+  CHECK(left() == 10);
+  // A rule that stops sliding carries nothing from then on.
+  clock.now = utc("2026-11-29T10:06:00Z");
+  agent.tick();
+  CHECK(client->check(call("acme", "gpt-4o", 1)).code == Code::kRequestRateExceeded);
+  agent.admin().slideRules({}, toUnixNs(clock.now));
+  CHECK(left() == 10);
+}
