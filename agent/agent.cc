@@ -95,7 +95,9 @@ Agent::Agent(Config config, Options options)
       for (std::size_t i = 0; i < rules_.size() && i < rule_index_.size(); ++i) {
         const RuleSpec& r = rules_[i];
         if (sharedWithFleet(r)) {
-          out.push_back({rule_index_[i], r.name, std::string(metricName(r.metric)), std::string(windowName(r.window.kind))});
+          out.push_back({rule_index_[i], r.name, std::string(scopeName(r.scope)), std::string(metricName(r.metric)),
+                         std::string(windowName(r.window.kind)), r.match,
+                         r.window.kind == WindowKind::kWeek ? std::string(weekdayName(r.window.week_start)) : ""});
         }
       }
       return out;
@@ -491,6 +493,12 @@ Status Agent::installRules(std::vector<RuleSpec> rules, std::int64_t now_ns, boo
   if (*applied) {
     rules_ = std::move(rules);
     rule_index_ = std::move(index);
+    // Other hosts' counts stay only on rules the fleet still shares.
+    std::bitset<shm::kMaxRules> shared;
+    for (std::size_t i = 0; i < rules_.size(); ++i) {
+      if (!config_.central.redis_url.empty() && sharedWithFleet(rules_[i])) shared.set(rule_index_[i]);
+    }
+    admin_->clearRuleElsewhere(shared);
   }
   return s;
 }
@@ -508,10 +516,7 @@ Status Agent::putRule(const RuleSpec& rule, std::string* warning) {
   auto next = rule_overrides_;
   next[rule.name] = rule;
   std::vector<RuleSpec> merged = mergedRules(next);
-  if (merged.size() > kMaxRules) {
-    return Status::error("at most " + std::to_string(kMaxRules) + " rules may be in force (config file and admin API "
-                         "together): remove one first");
-  }
+  checkRuleCount(merged);
   {
     std::lock_guard lock(rules_mu_);
     bool applied = false;
@@ -563,12 +568,16 @@ Status Agent::removeRule(const std::string& name) {
 
 Status Agent::resetRule(const std::string& name) {
   std::lock_guard settings(settings_mu_);
-  if (!rule_overrides_.contains(name)) {
+  auto next = rule_overrides_;
+  const bool in_force = next.erase(name) > 0;
+  // The config file's rule back beside the admin API's may be one too many: refused first.
+  if (in_force) checkRuleCount(mergedRules(next));
+  // A saved change that did not read at start (rule_override_skipped) is in the file only.
+  if (!settings_->eraseRule(name) && !in_force) {   // throws LedgerError: nothing changed
     return Status::error("the admin API has not changed a rule named \"" + name + "\"");
   }
-  settings_->eraseRule(name);   // throws LedgerError: nothing changed
-  rule_overrides_.erase(name);
-  {
+  rule_overrides_ = std::move(next);
+  if (in_force) {
     std::lock_guard lock(rules_mu_);
     bool applied = false;
     if (Status s = installRules(mergedRules(rule_overrides_), toUnixNs(clock_()), &applied); !s.ok()) {
@@ -577,6 +586,12 @@ Status Agent::resetRule(const std::string& name) {
   }
   log::info("rule_reset", {{"rule", name}});
   return {};
+}
+
+void Agent::checkRuleCount(const std::vector<RuleSpec>& rules) {
+  if (rules.size() <= kMaxRules) return;
+  throw RuleConflictError("at most " + std::to_string(kMaxRules) +
+                          " rules may be in force (config file and admin API together): remove one first");
 }
 
 void Agent::saveRule(const std::string& name, std::optional<std::string> spec_json) {

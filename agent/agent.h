@@ -45,6 +45,12 @@ class AgentConfigError : public AgentError {
   using AgentError::AgentError;
 };
 
+// A rule change refused because it conflicts with the rules in force (too many of them).
+class RuleConflictError : public AgentError {
+ public:
+  using AgentError::AgentError;
+};
+
 // An admin change is in force, but saving it failed, so a restart would undo it.
 class NotSavedError : public AgentError {
  public:
@@ -100,9 +106,10 @@ class Agent {
   // Budget rules through the admin API, saved as limits are: a rule put here replaces the config
   // file's rule of its name (or adds one), removeRule takes a rule out of force (the config
   // file's too), resetRule forgets the admin API's change so that the config file's rule (if any)
-  // applies again. A refusal (too many rules, no such rule) is a Status error and nothing
-  // changes. *warning is set when the rule is in force but some of its keys found no counter
-  // room. LedgerError: saving failed first, nothing changed; NotSavedError: in force, not saved.
+  // applies again. No such rule: a Status error. RuleConflictError: more than kMaxRules rules
+  // would be in force. Either way nothing changes. *warning is set when the rule is in force
+  // but some of its keys found no counter room. NotSavedError: in force, not saved; resetRule's
+  // LedgerError: saving failed first, nothing changed.
   Status putRule(const RuleSpec& rule, std::string* warning);
   Status removeRule(const std::string& name);
   Status resetRule(const std::string& name);
@@ -152,6 +159,8 @@ class Agent {
   // *applied false: refused (more rules than definitions), nothing changed.
   Status installRules(std::vector<RuleSpec> rules, std::int64_t now_ns, bool* applied);
   bool inConfig(std::string_view rule_name) const;
+  // Throws RuleConflictError when `rules` are more than kMaxRules.
+  static void checkRuleCount(const std::vector<RuleSpec>& rules);
   // Whether a rule of that name is in force; settings_mu_ held.
   bool inForce(const std::string& name) const;
   // Saves an admin API rule change (spec nullopt: removed). Throws NotSavedError.

@@ -164,13 +164,18 @@ void Alerter::scanRules() {
     const std::int64_t period = r.window_end_ns == INT64_MAX ? kLifetime : r.window_start_ns / 60'000'000'000;
     for (const RuleUsage::Counter& c : r.counters) {
       if (!c.limit || *c.limit <= 0) continue;
+      // What counts as used: this host's count, and other hosts' (or a sliding rule's carry).
+      std::int64_t used = 0;
+      if (__builtin_add_overflow(std::max<std::int64_t>(0, c.committed), std::max<std::int64_t>(0, c.elsewhere), &used)) {
+        used = INT64_MAX;
+      }
       // What already fired in this window (or, after a restart, the database says: raise()
       // inserts each threshold once per window, so a lost cache only costs a lookup).
       RuleFired& done = rule_fired_[{r.name, c.key}];
       if (done.period != period) done = {period, 0};
       for (const std::int64_t pct : config_.thresholdsFor("rule", c.key)) {
         if (pct <= done.pct) continue;
-        if (shm::U128{static_cast<std::uint64_t>(std::max<std::int64_t>(0, c.committed))} * 100 <
+        if (shm::U128{static_cast<std::uint64_t>(used)} * 100 <
             shm::U128{static_cast<std::uint64_t>(*c.limit)} * static_cast<std::uint64_t>(pct)) {
           break;
         }
@@ -189,7 +194,7 @@ void Alerter::scanRules() {
                   {"metric", metricName(static_cast<RuleMetric>(r.metric))},
                   {"window", windowName(r.window)},
                   {"level_pct", pct},
-                  {"used", amount(c.committed)},
+                  {"used", amount(used)},
                   {"limit", amount(*c.limit)}};
         if (r.window_end_ns != INT64_MAX) e.body["window_end_unix_ns"] = r.window_end_ns;
         raise(e);

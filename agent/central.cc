@@ -24,11 +24,9 @@ constexpr const char* kRefTenantPrefix = "budget:tenant:";             // the re
 constexpr const char* kRefPlatformKey = "budget:platform:daily_used_usd";
 constexpr std::int64_t kKeyTtlS = 3 * 86400;   // a day's keys outlive the day (time zones, late hosts)
 
-constexpr std::int64_t kAllTimeTtlS = 30 * 86400;   // a rule of all time: kept this long after its last change
-
 // Sets this host's cumulative spending for each field, adding only the difference to the fleet
 // total: running it twice with the same values changes nothing. ARGV[1] is the keys' time to
-// live in seconds, then field, value pairs. Returns field, delta pairs.
+// live in seconds (0: they never expire), then field, value pairs. Returns field, delta pairs.
 // Lua numbers are doubles: exact for totals below 2^53 nano-USD (9 million USD a tenant a day).
 constexpr const char* kPushScript = R"lua(
 local out = {}
@@ -42,8 +40,10 @@ for i = 2, #ARGV, 2 do
     out[#out + 1] = string.format('%.0f', new - old)   -- tostring() would say 1e+14
   end
 end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
+if tonumber(ARGV[1]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
 return out
 )lua";
 
@@ -52,11 +52,16 @@ std::string totalKey(std::int32_t day) { return dayTag(day) + ":total"; }
 std::string hostKey(std::int32_t day, const std::string& host) { return dayTag(day) + ":host:" + host; }
 std::string tenantField(std::string_view project_id) { return "t:" + std::string(project_id); }
 
-// A shared rule's keys, per window: the rule's name, metric and window and the window's start
-// (unix seconds; "all" for a rule of all time) in the hash tag, so that hosts share a count only
-// for the same rule and the same window.
+// A shared rule's keys, per window: the rule's name, scope, metric and window, a hash of what
+// else makes it the rule it is (its match and week start), and the window's start (unix
+// seconds; "all" for a rule of all time) in the hash tag, so that hosts share a count only for
+// the same rule and the same window.
 std::string ruleTag(const SharedRule& rule, std::int64_t window_start_ns) {
-  return "{tokenfuse:rule:" + rule.name + ":" + rule.metric + ":" + rule.window + ":" +
+  std::uint64_t h = 0xcbf29ce484222325ull;   // FNV-1a 64
+  for (const char c : rule.match + '\0' + rule.week_start) h = (h ^ static_cast<unsigned char>(c)) * 0x100000001b3ull;
+  char shape[17];
+  std::snprintf(shape, sizeof shape, "%016llx", static_cast<unsigned long long>(h));
+  return "{tokenfuse:rule:" + rule.name + ":" + rule.scope + ":" + rule.metric + ":" + rule.window + ":" + shape + ":" +
          (rule.window == "all-time" ? std::string("all") : std::to_string(window_start_ns / 1'000'000'000)) + "}";
 }
 // A counter's field: its ids, the first length-prefixed ("4:acmegpt-4o" for acme x gpt-4o).
@@ -160,6 +165,7 @@ void CentralLink::syncRedis() {
     if (now < next_redis_attempt_ns_) return;
     try {
       redis_ = std::make_unique<RedisConnection>(config_.redis, config_.connect_timeout_ms);
+      rule_pushed_.clear();   // what a Redis that was away holds is not known: push every count again
     } catch (const LinkError& e) {
       next_redis_attempt_ns_ = now + config_.sync_interval_ms * 1'000'000;
       linkDown("redis", e.what(), stats_.redis_up);
@@ -385,8 +391,10 @@ void CentralLink::syncRules() {
   std::size_t calls = 0;
   std::vector<std::pair<std::pair<std::string, std::string>, std::int64_t>> sent;   // into rule_pushed_ once answered
   for (const Window& w : windows) {
+    // A window's keys outlive it by three days, in absolute time whichever host pushes; a rule of
+    // all time's never expire (a host key gone before the total would count that host twice).
     const std::int64_t ttl_s = w.usage->window_end_ns == INT64_MAX
-                                   ? kAllTimeTtlS
+                                   ? 0
                                    : std::max<std::int64_t>(0, (w.usage->window_end_ns - now) / 1'000'000'000) + kKeyTtlS;
     std::vector<std::string> cmd{"EVAL", kPushScript, "2", w.total, w.host, std::to_string(ttl_s), "m", "1"};
     constexpr std::size_t kHead = 8, kFieldsPerCall = 1000;   // so that Redis is never blocked for long
@@ -428,6 +436,11 @@ void CentralLink::syncRules() {
         const std::size_t k = i - begin;
         const std::int64_t fleet = k < t->elements ? replyInteger(t->element[k]) : 0;
         const std::int64_t here = k < m->elements ? replyInteger(m->element[k]) : 0;
+        // Redis holds less of this host's count than was pushed (restored from an older
+        // snapshot, a replica that lagged): the next sync pushes it again.
+        if (const auto it = rule_pushed_.find({w.host, mine[2 + k]}); it != rule_pushed_.end() && here < it->second) {
+          rule_pushed_.erase(it);
+        }
         admin_.setRuleElsewhere(w.usage->number - 1, w.usage->gen, w.usage->window_start_ns, counters[i].first,
                                 counters[i].second, std::max<std::int64_t>(0, fleet - here));
       }

@@ -21,8 +21,9 @@
 //   {tokenfuse:YYYY-MM-DD}:total            field "t:<project_id>" | "p" -> fleet nano-USD
 //   {tokenfuse:YYYY-MM-DD}:host:<host_id>   field "t:<project_id>" | "p" -> this host's nano-USD
 // and for each shared budget rule and window, in the rule's metric:
-//   {tokenfuse:rule:<name>:<metric>:<window>:<start unix s | all>}:total        field "<len>:<ids>"
-//   {tokenfuse:rule:<name>:<metric>:<window>:<start unix s | all>}:host:<host>  field "<len>:<ids>"
+//   {tokenfuse:rule:<name>:<scope>:<metric>:<window>:<shape>:<start unix s | all>}:total        field "<len>:<ids>"
+//   {tokenfuse:rule:<name>:<scope>:<metric>:<window>:<shape>:<start unix s | all>}:host:<host>  field "<len>:<ids>"
+// (<shape>: a hash of the rule's match and week start; a rule of all time's keys never expire)
 //
 // Thread-safety: syncOnce()/run() on one thread; publishKill(), wake(), writeTenantLimit() and
 // stats() from any thread.
@@ -67,7 +68,9 @@ struct LinkStats {
 // A budget rule whose counts the fleet shares (docs/rules.md, "Across a fleet").
 struct SharedRule {
   std::uint32_t index = 0;   // its definition in the region
-  std::string name, metric, window;   // rules.h's names; with the window's start, its Redis keys
+  // rules.h's names, with the window's start its Redis keys: hosts share a rule's count when
+  // all of these are the same.
+  std::string name, scope, metric, window, match, week_start;
 };
 
 class CentralLink {

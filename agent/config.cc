@@ -295,8 +295,14 @@ void insertJson(toml::table& t, const std::string& key, const nlohmann::json& v,
       if (limits) t.insert(key, "unlimited");
       return;
     case Type::object: {
+      // Only `keys` is a table, of single values: anything deeper is refused by its checks (and
+      // never recursed into, however deep a hostile body nests).
+      if (limits || key != "keys") {
+        t.insert(key, toml::array{});
+        return;
+      }
       toml::table sub;
-      for (const auto& [k, x] : v.items()) insertJson(sub, k, x, limits || key == "keys");
+      for (const auto& [k, x] : v.items()) insertJson(sub, k, x, true);
       t.insert(key, std::move(sub));
       return;
     }

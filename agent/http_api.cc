@@ -324,6 +324,8 @@ void answer(const std::function<void(const Request&, Response&)>& handler, const
     reply(res, e.status, {{"error", e.status == 404 ? "not_found" : e.status == 401 ? "unauthorized" : e.status == 409 ? "conflict" : "bad_request"},
                           {"field", e.field},
                           {"message", e.field + " " + e.message}});
+  } catch (const RuleConflictError& e) {
+    reply(res, 409, {{"error", "conflict"}, {"message", e.what()}});
   } catch (const NotSavedError& e) {
     reply(res, 503, {{"error", "not_saved"}, {"applied", true}, {"message", e.what()}});
   } catch (const LedgerError& e) {

@@ -553,14 +553,17 @@ Status RegionAdmin::setRules(const std::vector<RuleSpec>& rules, const std::vect
       }
     }
   }
+  std::vector<bool> fresh(rules.size(), false);   // written as a new definition
   for (std::size_t i = 0; i < rules.size(); ++i) {
     if (at[i] >= 0) continue;
-    // Free ones first: a retired definition's counters stay in the table (they are not reused
-    // for a new rule: the generation in their keys tells them apart).
-    for (int pass = 0; pass < 2 && at[i] < 0; ++pass) {
+    fresh[i] = true;
+    // Free ones first, then retired ones, then live ones about to be retired (a rule whose shape
+    // changed, with every definition in use). A definition's old counters stay in the table
+    // until reclaimed: the generation in their keys tells them from the new rule's.
+    for (int pass = 0; pass < 3 && at[i] < 0; ++pass) {
       for (std::uint32_t j = 0; j < shm::kMaxRules && at[i] < 0; ++j) {
         const shm::RuleState st = shm::ruleState(h.rules[j].word.load(kAcquire));
-        if (!taken[j] && (pass == 0 ? st == shm::kRuleFree : st != shm::kRuleLive)) {
+        if (!taken[j] && (pass == 0 ? st == shm::kRuleFree : pass == 1 ? st != shm::kRuleLive : true)) {
           at[i] = static_cast<int>(j);
           taken[j] = true;
         }
@@ -586,7 +589,7 @@ Status RegionAdmin::setRules(const std::vector<RuleSpec>& rules, const std::vect
     shm::RuleDef& d = h.rules[j];
     std::uint32_t w = d.word.load(kAcquire);
     const auto limit = r.limit.value_or(shm::kUnlimited);
-    if (shm::ruleState(w) != shm::kRuleLive) {
+    if (fresh[i]) {
       // A new definition: written while not live, published with release order.
       const bool prefix = r.match.ends_with('*');
       const std::string match = prefix ? r.match.substr(0, r.match.size() - 1) : r.match;
@@ -789,6 +792,26 @@ void RegionAdmin::setRuleElsewhere(std::uint32_t index, std::uint32_t gen, std::
   const KeyedTable<shm::RuleSlot> table(region_.ruleSlots(), region_.geometry().rule_capacity);
   const Found f = table.find(key);
   if (f.index >= 0) table.at(f.index).c.elsewhere.store(elsewhere, kRelease);
+}
+
+void RegionAdmin::clearRuleElsewhere(const std::bitset<shm::kMaxRules>& shared) {
+  std::lock_guard lock(stats_mu_);
+  const shm::Header& h = region_.header();
+  const KeyedTable<shm::RuleSlot> table(region_.ruleSlots(), region_.geometry().rule_capacity);
+  std::string bytes;
+  for (std::uint32_t k = 0; k < table.capacity(); ++k) {
+    shm::RuleSlot& slot = table.at(static_cast<std::int32_t>(k));
+    RuleKey key;
+    if (slot.c.elsewhere.load(kRelaxed) == 0 || !copyReadyKey(slot.k, &bytes) || !parseRuleKey(bytes, &key) ||
+        key.rule >= shm::kMaxRules || shared[key.rule]) {
+      continue;
+    }
+    const std::uint8_t kind = h.rules[key.rule].window_kind;
+    if (kind == static_cast<std::uint8_t>(WindowKind::kMinute) || kind == static_cast<std::uint8_t>(WindowKind::kHour)) {
+      continue;
+    }
+    slot.c.elsewhere.store(0, kRelease);
+  }
 }
 
 void RegionAdmin::setDayEnd(std::int64_t unix_ns) noexcept {

@@ -181,9 +181,9 @@ void printRules(const json& v, bool as_json) {
                 r.value("window", "?").c_str(), text(r["limit"]).c_str(),
                 r.value("source", "config") == "admin_api" ? "  (set through the admin API)" : "");
     for (const json& c : r["counters"]) {
-      std::printf("    %-40s used %s  reserved %s  limit %s  denials %lld\n", c.value("key", "").c_str(),
-                  text(c["used"]).c_str(), text(c["reserved"]).c_str(), text(c["limit"]).c_str(),
-                  c.value("denials", 0LL));
+      std::printf("    %-40s used %s  reserved %s  elsewhere %s  limit %s  denials %lld\n", c.value("key", "").c_str(),
+                  text(c["used"]).c_str(), text(c["reserved"]).c_str(), text(c.value("elsewhere", json(0))).c_str(),
+                  text(c["limit"]).c_str(), c.value("denials", 0LL));
     }
   }
   for (const json& name : v.value("removed", json::array())) {

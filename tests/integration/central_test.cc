@@ -460,6 +460,14 @@ metric = "tokens"
 limit = 3000
 
 [[rules]]
+name = "acme-lifetime"
+scope = "tenant"
+match = "acme"
+window = "all-time"
+metric = "prompt_tokens"
+limit = 1000000
+
+[[rules]]
 name = "beta-local"
 scope = "tenant"
 match = "beta"
@@ -512,12 +520,26 @@ limit = 2
   const char* kFirst = "local k = redis.call('KEYS', ARGV[1]); if #k == 0 then return false end; "
                        "return redis.call('HGET', k[1], ARGV[2])";
   const char* kCount = "return #redis.call('KEYS', ARGV[1])";
-  CHECK(lua(kFirst, "{tokenfuse:rule:acme-monthly:usd:month:*}:total", "4:acme") == "6500000");
-  CHECK(lua(kFirst, "{tokenfuse:rule:model-tokens:tokens:day:*}:total", "4:acmeollama/llama3") == "2010");
+  const std::string monthly = "{tokenfuse:rule:acme-monthly:tenant:usd:month:*}";
+  CHECK(lua(kFirst, monthly + ":total", "4:acme") == "6500000");
+  CHECK(lua(kFirst, "{tokenfuse:rule:model-tokens:tenant+model:tokens:day:*}:total", "4:acmeollama/llama3") == "2010");
+  CHECK(eventually([&] { return lua(kFirst, "{tokenfuse:rule:acme-lifetime:*:all}:total", "4:acme") == "3310"; }));
   CHECK(lua(kCount, "{tokenfuse:rule:beta*") == "0");
+  // A month's keys expire three days after the month; a rule of all time's never.
+  const char* kTtl = "local k = redis.call('KEYS', ARGV[1]); return redis.call('TTL', k[1])";
+  CHECK(std::stoll(lua(kTtl, monthly + ":total")) > 3 * 86400);
+  CHECK(lua(kTtl, "{tokenfuse:rule:acme-lifetime:*:all}:total") == "-1");
+  CHECK(lua(kTtl, "{tokenfuse:rule:acme-lifetime:*:all}:host:*") == "-1");
+
+  // Redis back from an older snapshot: host a's share of acme is missing from it, though its
+  // keys are there. Host a pushes it again.
+  const char* kSetAll = "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('HSET', k, ARGV[2], ARGV[3]) end";
+  f.redis.command({"EVAL", kSetAll, "0", monthly + ":host:host-0/*", "4:acme", "0"});
+  f.redis.command({"EVAL", kSetAll, "0", monthly + ":total", "4:acme", "500000"});
+  CHECK(eventually([&] { return lua(kFirst, monthly + ":total", "4:acme") == "6500000"; }));
 
   // A Redis that lost its data is given every host's counts again.
   f.redis.command({"FLUSHALL"});
-  CHECK(eventually([&] { return lua(kFirst, "{tokenfuse:rule:acme-monthly:usd:month:*}:total", "4:acme") == "6500000"; }));
+  CHECK(eventually([&] { return lua(kFirst, monthly + ":total", "4:acme") == "6500000"; }));
   CHECK(eventually([&] { return code(b, "acme", "gpt-4o", 1000) == "E-BUDGET-002"; }));
 }

@@ -608,4 +608,29 @@ limit = "0.004"
     ++made;
   }
   CHECK(made == 30);   // beside acme-monthly and bot-tokens
+  // With every definition in use, a rule whose shape changes takes the one it leaves.
+  auto [s_shape, shape] = f.send("PUT", "/v1/rules/r0", R"({"scope":"tenant","window":"week"})", true);
+  CHECK(s_shape == 200);
+  CHECK(shape["rules"].size() == 32);
+  for (const json& r : shape["rules"]) {
+    if (r["name"] == "r0") CHECK(r["window"] == "week");
+  }
+  // Bringing the config file's rule back would make 33: refused, and nothing changes.
+  CHECK(f.send("DELETE", "/v1/rules/acme-monthly", "", true).first == 200);
+  CHECK(f.send("PUT", "/v1/rules/r30", R"({"scope":"tenant","window":"day"})", true).first == 200);
+  auto [s_back, back] = f.send("DELETE", "/v1/rules/acme-monthly/override", "", true);
+  CHECK(s_back == 409);
+  CHECK(back["error"] == "conflict");
+  CHECK(f.send("GET", "/v1/rules", "").second["removed"] == json{"acme-monthly"});
+
+  // A saved rule that no longer reads is skipped at start, and reset erases it.
+  f.agent->signal(SIGTERM);
+  REQUIRE(f.agent->wait() == 0);
+  Ledger(f.dir.path + "/state/ledger.db", "test").saveRule({"broken", "{not json", 0});
+  f.agent = f.start();
+  f.client = f.waitForRegion(f.agent->pid());
+  f.port = f.httpPort();
+  CHECK(f.send("GET", "/v1/rules", "").second["rules"].size() == 32);
+  CHECK(f.send("DELETE", "/v1/rules/broken/override", "", true).first == 200);
+  CHECK(f.send("DELETE", "/v1/rules/broken/override", "", true).first == 404);
 }

@@ -601,6 +601,12 @@ sliding = true
   CHECK(problem("x", R"({"scope":["tenant"],"window":"day"})") == "scope: must be a string");
   CHECK(problem("x y", R"({"scope":"tenant","window":"day"})").starts_with("name: "));
   CHECK(problem("x", R"("tenant")").starts_with("body: must be a JSON object"));
+  // A body nested as deep as it likes is refused by the checks, never recursed into.
+  std::string deep = R"({"scope":"tenant","window":"day","keys":{"a":)";
+  for (int i = 0; i < 100000; ++i) deep += R"({"a":)";
+  deep += "1" + std::string(100000, '}') + "}}";
+  CHECK(problem("x", deep.c_str()).starts_with("keys.\"a\": "));
+  CHECK(problem("x", R"({"scope":{"a":{"b":1}},"window":"day"})") == "scope: must be a string");
   CHECK(problem("x", R"({"scope":"tenant","window":"day","sliding":true})") ==
         "sliding: is only for window = \"minute\" or \"hour\" (rates)");
 }

@@ -402,3 +402,25 @@ TEST_CASE("rules: a sliding minute counts the share of the previous minute still
   agent.admin().slideRules({}, toUnixNs(clock.now));
   CHECK(left() == 10);
 }
+
+TEST_CASE("rules: a rule the fleet no longer shares drops what other hosts counted on it") {
+  TempDir dir;
+  Config c = testConfig(dir, "rulesunshared");
+  c.rules = {rule("monthly", RuleScope::kTenant, RuleMetric::kRequests, 10, WindowKind::kMonth)};
+  RegionCleanup cleanup{c.shm_name};
+  FakeClock clock{utc("2026-11-29T10:00:00Z")};
+  Agent agent(c, {false, clock.fn()});
+  auto client = attachClient(c.shm_name);
+  REQUIRE(client->record({"acme", "gpt-4o", "openai", {}, {}, 1, 0}).code == Code::kOk);
+  // As a central link would have left it: 9 requests on other hosts.
+  const RuleUsage r = agent.admin().rules().at(0);
+  agent.admin().setRuleElsewhere(r.number - 1, r.gen, r.window_start_ns, "acme", {}, 9);
+  CHECK(client->check(call("acme", "gpt-4o", 1)).code == Code::kRequestRateExceeded);
+  // The same rule, now this host's alone (no central link here at all): only its own count.
+  RuleSpec local = c.rules[0];
+  local.host_only = true;
+  std::string warning;
+  REQUIRE(agent.putRule(local, &warning).ok());
+  CHECK(agent.admin().rules().at(0).counters.at(0).committed == 1);   // the same counter
+  CHECK(client->check(call("acme", "gpt-4o", 1)).code == Code::kOk);
+}
