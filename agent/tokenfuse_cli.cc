@@ -65,7 +65,7 @@ std::string firstLine(const std::string& path) {
 
 // Sends one admin request; sets *reply to the agent's answer. Returns the exit code.
 int adminRequest(const AdminEndpoint& ep, const std::string& method, const std::string& path, const json& body,
-                 json* reply) {
+                 json* reply, bool quiet_if_unreachable = false) {
   std::string url = ep.url;
   if (url.empty()) {
     const std::string port = firstLine(ep.data_dir + "/http.port");
@@ -88,6 +88,7 @@ int adminRequest(const AdminEndpoint& ep, const std::string& method, const std::
                       : method == "DELETE" ? http.Delete(path.c_str(), headers)
                                            : http.Get(path.c_str(), headers);
   if (!r) {
+    if (quiet_if_unreachable) return kNoRegion;
     std::fprintf(stderr, "tokenfuse: cannot reach the agent at %s (%s): is tokenfused running with its HTTP API on? "
                  "(--url, or --data-dir for its http.port)\n", url.c_str(), httplib::to_string(r.error()).c_str());
     return kNoRegion;
@@ -166,14 +167,15 @@ struct RuleOptions {
 };
 
 // GET /v1/rules for people: a line per rule, then one per counter.
-void printRules(const json& v, bool as_json) {
+void printRules(const json& v, bool as_json,
+                const char* empty_note = "no rules ([[rules]] in the config file, or tokenfuse rules set: docs/rules.md)") {
   if (as_json) {
     std::cout << v.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
     return;
   }
   auto text = [](const json& j) { return j.is_string() ? j.get<std::string>() : j.is_null() ? "unlimited" : j.dump(); };
   const json& rules = v["rules"];
-  if (rules.empty()) std::printf("no rules ([[rules]] in the config file: docs/rules.md)\n");
+  if (rules.empty() && *empty_note != '\0') std::printf("%s\n", empty_note);
   for (const json& r : rules) {
     const std::string match = r.value("match", "");
     std::printf("%d %s: %s%s%s, %s per %s, limit %s%s\n", r.value("rule", 0), r.value("name", "?").c_str(),
@@ -358,6 +360,7 @@ int main(int argc, char** argv) {
     cmd->add_option("--data-dir", ep.data_dir, "the agent's data dir")->envname("TOKENFUSE_DATA_DIR");
   };
   ep.data_dir = "/var/lib/tokenfuse";
+  add_endpoint(usage);   // the rules that count the tenant come from the agent's HTTP API
   auto* rules = app.add_subcommand("rules", "budget rules: the config file's [[rules]] and the admin API's (docs/rules.md)");
   rules->require_subcommand(1);
   add_endpoint(rules);
@@ -540,10 +543,19 @@ int main(int argc, char** argv) {
   }
   if (*usage || *run) {
     const BudgetView v = *usage ? client->tenant(project) : client->run(run_id);
+    // A tenant's rules, with its counters, from the agent (the region alone does not say which
+    // rules apply): left out when its HTTP API is off or unreachable.
+    json tenant;
+    const bool rules = *usage && adminRequest(ep, "GET", "/v1/tenants/" + pathSegment(project), nullptr, &tenant,
+                                              /*quiet_if_unreachable=*/true) == 0 && tenant.contains("rules");
     if (as_json) {
-      std::cout << budgetJson(v).dump(2, ' ', false, json::error_handler_t::replace) << "\n";
+      json out = budgetJson(v);
+      if (rules) out["rules"] = tenant["rules"];
+      std::cout << out.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
     } else {
       printBudget(*usage ? "tenant" : "run", v);
+      if (rules) printRules(tenant, false, /*empty_note=*/"");
+      if (*usage && !rules) std::printf("(its rules: the agent's HTTP API did not answer)\n");
     }
     return 0;
   }

@@ -422,6 +422,13 @@ limit = "0.01"
   CHECK(f.cli({"rules", "list", "--data-dir", f.dir.path + "/state"}, &out) == 0);
   CHECK(out.find("1 batch-rpm: tag batch, requests per minute, limit 2") != std::string::npos);
   CHECK(out.find("acme  ") != std::string::npos);
+  // A tenant's usage shows the rules that count it, with its counters.
+  CHECK(f.cli({"usage", "acme", "--data-dir", f.dir.path + "/state"}, &out) == 0);
+  CHECK(out.find("2 acme-monthly: tenant acme, usd per month, limit 0.010000") != std::string::npos);
+  CHECK(out.find("batch-rpm") == std::string::npos);
+  CHECK(out.find("used 0.000000  reserved 0.005100  elsewhere 0.000000  limit 0.010000") != std::string::npos);
+  CHECK(f.cli({"usage", "acme", "--json", "--data-dir", f.dir.path + "/state"}, &out) == 0);
+  CHECK(nlohmann::json::parse(out)["rules"][0]["name"] == "acme-monthly");
 }
 
 TEST_CASE("http: rule counters come back from the ledger in a new region: a restart keeps every rule's limit") {
