@@ -2,6 +2,7 @@
 
 #include "ids.h"
 #include "log.h"
+#include "rule_match.h"
 
 #include <nlohmann/json.hpp>
 
@@ -294,11 +295,12 @@ void Agent::rebuildRulesFromLedger() {
                                  std::chrono::duration_cast<std::chrono::system_clock::duration>(
                                      std::chrono::nanoseconds(start)))) - 1;
     for (const CallTotal& t : ledger_->callTotalsSince(start, first_day)) {
-      if (!validIdText(t.project_id) || !validIdText(t.run_id) || !validIdText(t.model) || !validIdText(t.agent_id)) {
+      if (!validIdText(t.project_id) || !validIdText(t.run_id) || !validIdText(t.model) || !validIdText(t.agent_id) ||
+          !validTags(t.tags)) {
         continue;   // an old ledger's ids: no rule key can be named by them (the platform counts them)
       }
       ++rows;
-      left_out += admin_->restoreRules({t.project_id, t.run_id, t.model, t.agent_id, {}, false}, start,
+      left_out += admin_->restoreRules({t.project_id, t.run_id, t.model, t.agent_id, t.tags, false}, start,
                                        t.cost_nano_usd, t.prompt_tokens, t.completion_tokens, t.calls);
     }
   }

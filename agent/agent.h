@@ -146,7 +146,7 @@ class Agent {
   // Waits (briefly) until the ledger writer has made every entry before `target` durable.
   bool drainLedgerTo(std::uint64_t target);
   void resyncStatsFromLedger();
-  // A new region's rule counters, from the ledger (tag rules excepted: tags are not in it).
+  // A new region's rule counters, from the ledger.
   void rebuildRulesFromLedger();
   // Puts the config's [[rules]], with the admin API's saved changes over them, in the region
   // (start-up). Never fails for capacity: it logs.

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS budget_ledger (
   completion_tokens  INTEGER NOT NULL CHECK (completion_tokens >= 0),
   cost_nano_usd      INTEGER NOT NULL CHECK (cost_nano_usd >= 0),
   reservation_id     INTEGER,               -- the reservation this entry settled; NULL for a record
+  tags               TEXT,                  -- the caller's tags ("batch,eval"); NULL for none
   cost_usd   TEXT GENERATED ALWAYS AS
              (printf('%d.%09d', cost_nano_usd / 1000000000, cost_nano_usd % 1000000000)) VIRTUAL,
   created_at TEXT GENERATED ALWAYS AS
@@ -96,7 +97,8 @@ CREATE TABLE IF NOT EXISTS ledger_quarantine (
   run_id             BLOB,
   model              BLOB,
   agent_id           BLOB,
-  provider           BLOB
+  provider           BLOB,
+  tags               BLOB
 );
 CREATE TABLE IF NOT EXISTS kill_switch (
   one             INTEGER PRIMARY KEY CHECK (one = 1),
@@ -145,6 +147,15 @@ Ledger::Ledger(const std::string& path, std::string host_id) : host_id_(std::mov
     db_->exec(kSchema);
     SQLite::Statement meta(*db_, "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1')");
     meta.exec();
+    // A ledger from before tags were kept: the column is added, NULL (none) for its old entries.
+    for (const char* table : {"budget_ledger", "ledger_quarantine"}) {
+      SQLite::Statement has(*db_, "SELECT COUNT(*) FROM pragma_table_info(?) WHERE name = 'tags'");
+      has.bind(1, table);
+      if (has.executeStep() && has.getColumn(0).getInt() == 0) {
+        db_->exec(std::string("ALTER TABLE ") + table + " ADD COLUMN tags " +
+                  (std::string(table) == "budget_ledger" ? "TEXT" : "BLOB"));
+      }
+    }
     if (ledgerId().empty()) {
       // Names this ledger, so that a host id used again (a replaced host, a wiped data dir) is
       // not taken for the same sequence of entries by the central store.
@@ -191,8 +202,8 @@ Ledger::Ledger(const std::string& path, std::string host_id) : host_id_(std::mov
     insert_ = std::make_unique<SQLite::Statement>(
         *db_,
         "INSERT OR IGNORE INTO budget_ledger (seq, host_id, created_at_unix_ns, day, kind, project_id, agent_id, "
-        "run_id, model, provider, prompt_tokens, completion_tokens, cost_nano_usd, reservation_id) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+        "run_id, model, provider, prompt_tokens, completion_tokens, cost_nano_usd, reservation_id, tags) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
   } catch (const SQLite::Exception& e) {
     throw LedgerError("ledger " + path + ": " + e.what());
   }
@@ -243,8 +254,8 @@ std::size_t Ledger::append(std::vector<LedgerEntry>& entries, const std::vector<
       SQLite::Statement qq(*db_,
                            "INSERT OR IGNORE INTO ledger_quarantine (seq, host_id, quarantined_unix_ns, reason, kind, "
                            "created_at_unix_ns, day, prompt_tokens, completion_tokens, cost_nano_usd, reservation_id, "
-                           "checksum, project_id, run_id, model, agent_id, provider) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+                           "checksum, project_id, run_id, model, agent_id, provider, tags) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
       const std::int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
                                    std::chrono::system_clock::now().time_since_epoch())
                                    .count();
@@ -258,7 +269,7 @@ std::size_t Ledger::append(std::vector<LedgerEntry>& entries, const std::vector<
                                      static_cast<std::int64_t>(e.reservation_id), static_cast<std::int64_t>(e.check)}) {
           qq.bind(i++, v);
         }
-        for (const std::string* t : {&e.project_id, &e.run_id, &e.model, &e.agent_id, &e.provider}) {
+        for (const std::string* t : {&e.project_id, &e.run_id, &e.model, &e.agent_id, &e.provider, &e.tags}) {
           qq.bind(i++, t->data(), static_cast<int>(t->size()));   // a BLOB: the bytes as they were
         }
         qq.exec();
@@ -290,6 +301,7 @@ std::size_t Ledger::append(std::vector<LedgerEntry>& entries, const std::vector<
       } else {
         q.bind(14);
       }
+      bindText(q, 15, e.tags, true);
       e.written = q.exec() == 1;
       added += e.written ? 1 : 0;
       q.reset();
@@ -410,14 +422,14 @@ std::optional<LedgerTotal> Ledger::runTotal(const std::string& run_id) {
 
 std::vector<CallTotal> Ledger::callTotalsSince(std::int64_t since_unix_ns, std::int32_t first_day) {
   SQLite::Statement q(*db_, std::string("SELECT project_id, COALESCE(run_id, ''), model, COALESCE(agent_id, ''), ") +
-                                kSums + " FROM budget_ledger WHERE day >= ? AND created_at_unix_ns >= ? "
-                                        "GROUP BY 1, 2, 3, 4");
+                                kSums + ", COALESCE(tags, '') FROM budget_ledger WHERE day >= ? AND created_at_unix_ns >= ? "
+                                        "GROUP BY 1, 2, 3, 4, 9");
   q.bind(1, first_day);
   q.bind(2, since_unix_ns);
   std::vector<CallTotal> out;
   while (q.executeStep()) {
     out.push_back({column(q, 0), column(q, 1), column(q, 2), column(q, 3), q.getColumn(4).getInt64(),
-                   q.getColumn(5).getInt64(), q.getColumn(6).getInt64(), q.getColumn(7).getInt64()});
+                   q.getColumn(5).getInt64(), q.getColumn(6).getInt64(), q.getColumn(7).getInt64(), column(q, 8)});
   }
   return out;
 }
@@ -433,7 +445,7 @@ std::vector<LedgerEntry> Ledger::list(const LedgerFilter& f) {
 std::vector<LedgerEntry> Ledger::listOrThrow(const LedgerFilter& f) {
   std::string sql =
       "SELECT seq, host_id, created_at_unix_ns, day, kind, project_id, agent_id, run_id, model, provider, "
-      "prompt_tokens, completion_tokens, cost_nano_usd, reservation_id FROM budget_ledger WHERE seq > ?";
+      "prompt_tokens, completion_tokens, cost_nano_usd, reservation_id, tags FROM budget_ledger WHERE seq > ?";
   if (f.project_id) sql += " AND project_id = ?";
   if (f.run_id) sql += " AND run_id = ?";
   if (f.since_unix_ns) sql += " AND created_at_unix_ns >= ?";
@@ -464,6 +476,7 @@ std::vector<LedgerEntry> Ledger::listOrThrow(const LedgerFilter& f) {
     e.completion_tokens = q.getColumn(11).getInt64();
     e.cost_nano_usd = q.getColumn(12).getInt64();
     e.reservation_id = q.isColumnNull(13) ? 0 : static_cast<std::uint64_t>(q.getColumn(13).getInt64());
+    e.tags = column(q, 14);
     out.push_back(std::move(e));
   }
   return out;
@@ -630,7 +643,8 @@ nlohmann::json toJson(const LedgerEntry& e) {
           {"prompt_tokens", e.prompt_tokens},
           {"completion_tokens", e.completion_tokens},
           {"cost_usd", NanoUsd(e.cost_nano_usd).toString()},
-          {"reservation_id", e.reservation_id == 0 ? json(nullptr) : json(std::to_string(e.reservation_id))}};
+          {"reservation_id", e.reservation_id == 0 ? json(nullptr) : json(std::to_string(e.reservation_id))},
+          {"tags", optional(e.tags)}};
 }
 
 // --- For the central link ---------------------------------------------------------------------

@@ -38,6 +38,7 @@ struct LedgerEntry {
   std::string project_id, agent_id, run_id, model, provider;
   std::int64_t prompt_tokens = 0, completion_tokens = 0, cost_nano_usd = 0;
   std::uint64_t reservation_id = 0;
+  std::string tags;   // as the caller passed them ("batch,eval"); "" none
   bool written = false;   // set by Ledger::append: new in the ledger (not a repeat)
 };
 
@@ -48,7 +49,7 @@ struct QuarantinedEntry {
   std::string reason;
   std::int64_t kind = 0, unix_ns = 0, day = 0, prompt_tokens = 0, completion_tokens = 0, cost_nano_usd = 0;
   std::uint64_t reservation_id = 0, check = 0;
-  std::string project_id, run_id, model, agent_id, provider;   // raw bytes, not necessarily UTF-8
+  std::string project_id, run_id, model, agent_id, provider, tags;   // raw bytes, not necessarily UTF-8
 };
 
 struct LedgerTotal {
@@ -64,6 +65,7 @@ struct LedgerTotal {
 struct CallTotal {
   std::string project_id, run_id, model, agent_id;
   std::int64_t cost_nano_usd = 0, prompt_tokens = 0, completion_tokens = 0, calls = 0;
+  std::string tags;
 };
 
 struct LedgerFilter {

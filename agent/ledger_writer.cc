@@ -3,6 +3,7 @@
 #include "client_lock.h"
 #include "ledger_file.h"
 #include "log.h"
+#include "rule_match.h"
 
 #include <tokenfuse/money.hpp>
 
@@ -32,6 +33,7 @@ struct SlotCopy {
   std::uint64_t reservation_id;
   std::int32_t day;
   shm::PackedStrings<5> text;
+  shm::TagText tags;
   std::uint64_t check;
 };
 
@@ -45,6 +47,7 @@ SlotCopy copyOf(const shm::LedgerSlot& s) {
   c.reservation_id = s.reservation_id;
   c.day = s.day;
   std::memcpy(static_cast<void*>(&c.text), &s.text, sizeof c.text);
+  std::memcpy(static_cast<void*>(&c.tags), &s.tags, sizeof c.tags);
   c.check = s.check;
   return c;
 }
@@ -119,6 +122,8 @@ std::string invalidBecause(const SlotCopy& c) {
     if (!validId(c.text.get(i))) return "an id is not UTF-8 or holds a NUL";
   }
   if (c.text.len[shm::kTextProject] == 0 || c.text.len[shm::kTextModel] == 0) return "empty project_id or model";
+  if (c.tags.len > shm::kTagsMax) return "tags longer than the slot";
+  if (!validId(c.tags.get()) || !validTags(c.tags.get())) return "tags are not a valid tag list";
   return {};
 }
 
@@ -274,6 +279,7 @@ void LedgerWriter::take(std::uint64_t pos, const shm::LedgerSlot& s, const char*
     q.model = raw(c, shm::kTextModel);
     q.agent_id = raw(c, shm::kTextAgent);
     q.provider = raw(c, shm::kTextProvider);
+    q.tags = std::string(c.tags.get());
     ++stats.quarantined;
     return;
   }
@@ -295,6 +301,7 @@ void LedgerWriter::take(std::uint64_t pos, const shm::LedgerSlot& s, const char*
   e.model = std::string(c.text.get(shm::kTextModel));
   e.agent_id = std::string(c.text.get(shm::kTextAgent));
   e.provider = std::string(c.text.get(shm::kTextProvider));
+  e.tags = std::string(c.tags.get());
   e.prompt_tokens = c.prompt_tokens;
   e.completion_tokens = c.completion_tokens;
   e.cost_nano_usd = c.cost_nano_usd;

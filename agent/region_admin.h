@@ -215,8 +215,8 @@ class RegionAdmin {
   // Counts what a call's ids spent (a row of the ledger's totals: `prompt`, `completion`, `cost`
   // over `calls` calls) on every counter of every live rule that matches those ids and whose
   // window starts at `window_start_ns` (INT64_MIN: rules of all time), as committed. For a new
-  // region, before it is published: the rebuild from the ledger. Tags are not in the ledger, so
-  // tag rules are not rebuilt. Returns how many counters it could not create (table full).
+  // region, before it is published: the rebuild from the ledger. Returns how many counters it
+  // could not create (table full).
   std::uint32_t restoreRules(const RuleCall& ids, std::int64_t window_start_ns, std::int64_t cost, std::int64_t prompt,
                              std::int64_t completion, std::int64_t calls);
   // Every live rule with its counters (one pass over the rule table).

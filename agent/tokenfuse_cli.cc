@@ -244,14 +244,14 @@ int ledgerCommand(const std::string& data_dir, bool list, const LedgerFilter& fi
       const std::vector<LedgerEntry> rows = ledger->list(filter);
       if (format == "csv") {
         std::printf("seq,host_id,created_at,kind,project_id,agent_id,run_id,model,provider,prompt_tokens,"
-                    "completion_tokens,cost_usd,reservation_id\n");
+                    "completion_tokens,cost_usd,reservation_id,tags\n");
         for (const LedgerEntry& e : rows) {
-          std::printf("%llu,%s,%s,%s,%s,%s,%s,%s,%s,%lld,%lld,%s,%s\n", static_cast<unsigned long long>(e.seq),
+          std::printf("%llu,%s,%s,%s,%s,%s,%s,%s,%s,%lld,%lld,%s,%s,%s\n", static_cast<unsigned long long>(e.seq),
                       csvField(e.host_id).c_str(), isoTime(e.unix_ns).c_str(), e.kind.c_str(),
                       csvField(e.project_id).c_str(), csvField(e.agent_id).c_str(), csvField(e.run_id).c_str(),
                       csvField(e.model).c_str(), csvField(e.provider).c_str(), static_cast<long long>(e.prompt_tokens),
                       static_cast<long long>(e.completion_tokens), NanoUsd(e.cost_nano_usd).toString().c_str(),
-                      e.reservation_id == 0 ? "" : std::to_string(e.reservation_id).c_str());
+                      e.reservation_id == 0 ? "" : std::to_string(e.reservation_id).c_str(), csvField(e.tags).c_str());
         }
       } else if (format == "jsonl" || as_json) {
         for (const LedgerEntry& e : rows) std::printf("%s\n", toJson(e).dump(-1, ' ', false, json::error_handler_t::replace).c_str());

@@ -431,6 +431,7 @@ Decision Engine::reserve(const CallSite& site, std::int64_t prompt, std::int64_t
               {site.run_id, site.run_len},
               {site.model_name, site.model_len},
               {site.agent_id, site.agent_id_len}});
+  s.tags.set({site.tags, std::min<std::size_t>(site.tags_len, sizeof site.tags)});
   auto release_slot = [&]() noexcept { return step(s, &w, shm::resWord(0, shm::nextGen(gen), shm::kResFree, 0)); };
 
   Decision d;
@@ -629,6 +630,7 @@ Decision Engine::settle(Reservation r, bool book_cost, std::int64_t prompt, std:
     entry->reservation_id = r.id;
     entry->text.set({s.ids.get(shm::kResProject), s.ids.get(shm::kResRun), s.ids.get(shm::kResModel),
                      s.ids.get(shm::kResAgent), provider});
+    entry->tags.set(s.tags.get());
   }
   // If someone took the slot only now, every layer was settled exactly once by this call: the
   // booking stands, and the slot is theirs to free.
@@ -801,6 +803,7 @@ Decision Engine::record(const Usage& u) noexcept {
   entry->cost_nano_usd = cost->count();
   entry->reservation_id = 0;
   entry->text.set({u.project_id, u.run_id, u.model, u.agent_id, u.provider});
+  entry->tags.set(u.tags);
   Decision d;
   d.cost = *cost;
   if (LedgerRing::publish(*entry, pos)) {

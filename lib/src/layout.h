@@ -19,7 +19,7 @@ namespace tokenfuse::shm {
 
 inline constexpr std::uint64_t kMagic = 0x31'45'53'55'46'4e'4b'54ull;   // "TKNFUSE1"
 // Increment whenever anything in this file changes the bytes or the meaning of the region.
-inline constexpr std::uint32_t kLayoutVersion = 7;
+inline constexpr std::uint32_t kLayoutVersion = 8;
 
 inline constexpr std::size_t kKeyMax = 128;      // project_id, run_id, model, agent_id bytes
 inline constexpr std::size_t kReasonMax = 256;   // kill switch reason bytes
@@ -204,6 +204,25 @@ struct PackedStrings {
   }
 };
 
+// A call's tags as its caller passed them ("batch,eval", checked by rule_match.h's validTags),
+// kept with a reservation and in its ledger entry so that tag rules are rebuilt from the ledger.
+inline constexpr std::size_t kTagsMax = 256;   // tokenfuse::kMaxTagBytes
+struct TagText {
+  std::uint16_t len;
+  char bytes[kTagsMax];
+
+  void set(std::string_view tags) noexcept {
+    const std::size_t n = tags.size() < kTagsMax ? tags.size() : kTagsMax;
+    len = static_cast<std::uint16_t>(n);
+    if (n != 0) std::memcpy(bytes, tags.data(), n);
+  }
+  // Never reads outside `bytes`, whatever `len` says.
+  std::string_view get() const noexcept {
+    const std::size_t n = len;   // once: the region may change it under us
+    return {bytes, n < kTagsMax ? n : kTagsMax};
+  }
+};
+
 // Reservation slot state word: [63..32] client number (client_lock.h) | [31..8] generation |
 // [7..4] state | [3..0] progress (charging only: kChargeGrown once every layer has grown).
 // While an operation is half-way (reserving, charging, settling) the client is the process acting
@@ -254,6 +273,7 @@ struct alignas(64) ReservationSlot {
   // project_id, run_id, model, agent_id: written by the owner while kResReserving, copied into
   // the ledger entry by the commit.
   PackedStrings<4> ids;
+  TagText tags;                               // written with ids; copied into the ledger entry
   // The rule counters this reservation holds on, in the units of each one's metric. Written while
   // kResReserving, before the counter changes; `held` and `target` follow the same crash-safety
   // rules as the slot's own (see kChargeGrown).
@@ -267,7 +287,7 @@ struct alignas(64) ReservationSlot {
   std::atomic<std::uint32_t> rule_holds;   // entries of `rules` in use
   RuleHold rules[kMaxRuleHolds];
 };
-static_assert(sizeof(ReservationSlot) == 832);
+static_assert(sizeof(ReservationSlot) == 1088);
 enum ReservationText : std::size_t { kResProject = 0, kResRun = 1, kResModel = 2, kResAgent = 3 };
 
 // --- the ledger ring ---------------------------------------------------------------------------
@@ -299,12 +319,13 @@ struct alignas(64) LedgerSlot {
   std::uint64_t reservation_id;       // 0 for record()
   std::int32_t day;                   // the budget day the cost was booked in
   PackedStrings<5> text;              // project_id, run_id, model, agent_id, provider
+  TagText tags;                       // the call's tags ("" none)
   // ledgerChecksum() of the entry and its ticket, written last before publishing: the agent
   // quarantines an entry whose bytes were changed from outside after they were written.
   std::uint64_t check;
 };
-static_assert(sizeof(LedgerSlot) == 768);
-static_assert(offsetof(LedgerSlot, check) == 720);
+static_assert(sizeof(LedgerSlot) == 1024);
+static_assert(offsetof(LedgerSlot, check) == 976);
 enum LedgerText : std::size_t { kTextProject = 0, kTextRun = 1, kTextModel = 2, kTextAgent = 3, kTextProvider = 4 };
 
 // The emergency kill switch. `active` is what the hot path reads; the rest sits behind a

@@ -49,6 +49,13 @@ std::uint64_t ledgerChecksum(const E& e, std::uint64_t pos) noexcept {
     std::memcpy(&w, e.text.bytes + off, total - off < 8 ? total - off : 8);
     mix(w);
   }
+  const std::string_view tags = e.tags.get();
+  mix(e.tags.len);
+  for (std::size_t off = 0; off < tags.size(); off += 8) {
+    std::uint64_t w = 0;
+    std::memcpy(&w, tags.data() + off, tags.size() - off < 8 ? tags.size() - off : 8);
+    mix(w);
+  }
   return h;
 }
 

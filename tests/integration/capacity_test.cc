@@ -244,8 +244,8 @@ TEST_CASE("capacity: --check-config rejects region capacities larger than the ma
   std::ofstream(path) << "[agent]\ndata_dir = \"" << dir.path << "/state\"\nshm_name = \"" << cleanup.name
                       << "\"\n[region]\ntenant_capacity = 16777216\nrun_capacity = 16777216\n"
                          "reservation_capacity = 16777216\nledger_capacity = 16777216\nmodel_capacity = 16777216\n";
-  // 16,777,216 x (320 + 320 + 256 + 640 + 768) bytes = 36 GiB: more than this machine has.
-  const double region = 16777216.0 * (320 + 320 + 256 + 640 + 768);
+  // 16,777,216 x (320 + 320 + 256 + 1088 + 1024) bytes = 47 GiB: more than this machine has.
+  const double region = 16777216.0 * (320 + 320 + 256 + 1088 + 1024);
   const double phys = static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
   if (phys >= region * 2) {
     MESSAGE("this machine has enough memory for the region; nothing to reject");

@@ -460,6 +460,14 @@ scope = "run"
 window = "all-time"
 metric = "completion_tokens"
 limit = 500
+
+[[rules]]
+name = "batch-tokens"
+scope = "tag"
+match = "batch"
+window = "day"
+metric = "tokens"
+limit = 1000
 )");
   auto usage = [&](const char* model, int prompt, int completion) {
     const std::string body = std::string(R"({"project_id":"acme","model":")") + model +
@@ -480,6 +488,14 @@ limit = 500
   REQUIRE(f.send("POST", "/v1/usage", R"({"project_id":"zeta","model":"ollama/llama3","provider":"p",
                  "prompt_tokens":0,"completion_tokens":0,"agent_id":"bot"})").first == 201);   // bot's 3rd request
   REQUIRE(f.client->waitDurable(3, 5000));
+  REQUIRE(f.send("POST", "/v1/usage", R"({"project_id":"zeta","model":"ollama/llama3","provider":"p",
+                 "prompt_tokens":900,"completion_tokens":0,"tags":"eval,batch"})").first == 201);
+  REQUIRE(f.client->waitDurable(4, 5000));
+  auto tagged = [&](int prompt) {
+    return f.send("POST", "/v1/check", R"({"project_id":"zeta","model":"ollama/llama3","tags":"batch",)"
+                                       R"("estimated_prompt_tokens":)" + std::to_string(prompt) + "}")
+        .second.value("error_code", std::string("OK"));
+  };
   // Each rule at its edge: refused one step past it, allowed up to it.
   auto reserveRun = [&](int completion) {
     auto [status, body] = f.send("POST", "/v1/reservations",
@@ -496,6 +512,8 @@ limit = 500
     CHECK(denied("ollama/llama3", 1, "bot", "r") == "E-RATE-001");    // a 4th request this hour
     CHECK(reserveRun(101) == "E-RATE-002");                           // 400 + 101 > 500 completion tokens
     CHECK(reserveRun(100) == "OK");
+    CHECK(tagged(101) == "E-RATE-002");                               // 900 + 101 > 1000 tokens tagged batch
+    CHECK(tagged(100) == "OK");
   };
   expect();
 

@@ -56,6 +56,71 @@ TEST_CASE("ledger: commit and record each write one entry with the call's fields
   CHECK(f.ledger->integrityCheck() == "ok");
 }
 
+TEST_CASE("ledger: a call's tags go from the reservation or the record to its entry, checked with the rest") {
+  LedgerFixture f;
+  Call call{"acme", "gpt-4o", {}, {}, 10, 0, 0};
+  call.tags = "batch,eval";
+  Reservation r;
+  REQUIRE(f.t.client->reserve(call, &r).allowed());
+  REQUIRE(f.t.client->commit(r, "openai", 10, 0).allowed());
+  Usage u{"beta", "qwen3:8b", "ollama", {}, {}, 1, 1};
+  u.tags = "nightly";
+  REQUIRE(f.t.client->record(u).allowed());
+  REQUIRE(f.t.client->record({"gamma", "qwen3:8b", "ollama", {}, {}, 1, 1}).allowed());
+  // An entry whose tags were written over from outside after it was published: set aside.
+  REQUIRE(f.t.client->record(u).allowed());
+  f.t.region->ledger()[3].tags.bytes[0] = 'X';
+  CHECK(f.writer->drainOnce().written == 3);
+  const auto rows = f.ledger->list({});
+  REQUIRE(rows.size() == 3);
+  CHECK(rows[0].tags == "batch,eval");
+  CHECK(rows[1].tags == "nightly");
+  CHECK(rows[2].tags.empty());
+  CHECK(toJson(rows[0])["tags"] == "batch,eval");
+  CHECK(toJson(rows[2])["tags"].is_null());
+  SQLite::Database db(f.dir.path + "/ledger.db", SQLite::OPEN_READONLY);
+  CHECK(db.execAndGet("SELECT COUNT(*) FROM budget_ledger WHERE tags IS NULL").getInt() == 1);
+  CHECK(db.execAndGet("SELECT tags FROM ledger_quarantine").getString() == "Xightly");
+}
+
+TEST_CASE("ledger: a ledger from before tags were kept gains the column, its entries with none") {
+  TempDir dir;
+  const std::string path = dir.path + "/ledger.db";
+  {
+    SQLite::Database db(path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+    db.exec("CREATE TABLE budget_ledger (seq INTEGER PRIMARY KEY, host_id TEXT NOT NULL, created_at_unix_ns INTEGER "
+            "NOT NULL, day INTEGER NOT NULL, kind TEXT NOT NULL, project_id TEXT NOT NULL, agent_id TEXT, run_id TEXT, "
+            "model TEXT NOT NULL, provider TEXT, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, "
+            "cost_nano_usd INTEGER NOT NULL, reservation_id INTEGER)");
+    db.exec("INSERT INTO budget_ledger VALUES (1, 'h', 0, 0, 'record', 'acme', '', NULL, 'm', 'p', 1, 2, 3, NULL)");
+    db.exec("CREATE TABLE ledger_quarantine (seq INTEGER PRIMARY KEY, host_id TEXT NOT NULL, quarantined_unix_ns "
+            "INTEGER NOT NULL, reason TEXT NOT NULL, kind INTEGER, created_at_unix_ns INTEGER, day INTEGER, "
+            "prompt_tokens INTEGER, completion_tokens INTEGER, cost_nano_usd INTEGER, reservation_id INTEGER, "
+            "checksum INTEGER, project_id BLOB, run_id BLOB, model BLOB, agent_id BLOB, provider BLOB)");
+  }
+  Ledger ledger(path, "h");
+  const auto rows = ledger.list({});
+  REQUIRE(rows.size() == 1);
+  CHECK(rows[0].tags.empty());
+  CHECK(ledger.callTotalsSince(INT64_MIN, INT32_MIN).at(0).tags.empty());
+  LedgerEntry e;
+  e.seq = 2;
+  e.kind = "record";
+  e.project_id = "acme";
+  e.model = "m";
+  e.tags = "batch";
+  std::vector<LedgerEntry> entries{e};
+  CHECK(ledger.append(entries, {}, 0) == 1);
+  CHECK(ledger.list({}).at(1).tags == "batch");
+  QuarantinedEntry q;
+  q.seq = 3;
+  q.reason = "test";
+  q.tags = "x";
+  std::vector<LedgerEntry> none;
+  (void)ledger.append(none, {q}, 0);
+  CHECK(SQLite::Database(path).execAndGet("SELECT tags FROM ledger_quarantine").getString() == "x");
+}
+
 TEST_CASE("ledger: the reference's budget_ledger columns are there, with cost_usd as an exact decimal") {
   LedgerFixture f;
   REQUIRE(f.t.client->record({"acme", "gemini-2.0-flash", "google", "run-9", "a1", 1, 0}).allowed());

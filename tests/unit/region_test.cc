@@ -89,10 +89,10 @@ TEST_CASE("region: the header layout is what docs/shm-format.md says") {
   CHECK(offsetof(shm::Header, kill) == 320);
   CHECK(sizeof(shm::BudgetSlot) == 320);
   CHECK(sizeof(shm::ModelSlot) == 256);
-  CHECK(sizeof(shm::ReservationSlot) == 832);
+  CHECK(sizeof(shm::ReservationSlot) == 1088);
   CHECK(sizeof(shm::RuleDef) == 256);
   CHECK(sizeof(shm::RuleSlot) == 448);
-  CHECK(sizeof(shm::LedgerSlot) == 768);
+  CHECK(sizeof(shm::LedgerSlot) == 1024);
   CHECK(shm::kMagic == 0x3145535546'4e4b54ull);   // "TKNFUSE1" in little-endian bytes
 }
 

@@ -124,7 +124,7 @@ struct Call {
   std::int64_t estimated_completion_tokens = 0;
   std::int64_t ttl_ms = 0;                      // 0: the agent's default reservation lifetime
   // Labels for tag rules, comma-separated ("batch,eval"): at most kMaxTags, each 1 to 128
-  // bytes, kMaxTagBytes in all. Tags only select rules; they are not kept in the ledger yet.
+  // bytes, kMaxTagBytes in all. Tags select rules, and are kept in the ledger.
   std::string_view tags = {};
 };
 
