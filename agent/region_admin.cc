@@ -553,17 +553,16 @@ Status RegionAdmin::setRules(const std::vector<RuleSpec>& rules, const std::vect
       }
     }
   }
-  std::vector<bool> fresh(rules.size(), false);   // written as a new definition
   for (std::size_t i = 0; i < rules.size(); ++i) {
     if (at[i] >= 0) continue;
-    fresh[i] = true;
-    // Free ones first, then retired ones, then live ones about to be retired (a rule whose shape
-    // changed, with every definition in use). A definition's old counters stay in the table
-    // until reclaimed: the generation in their keys tells them from the new rule's.
-    for (int pass = 0; pass < 3 && at[i] < 0; ++pass) {
+    // Free ones first: a retired definition's counters stay in the table (they are not reused
+    // for a new rule: the generation in their keys tells them apart). A live definition is
+    // never rewritten: with twice as many definitions as rules in force, one is always free or
+    // retired.
+    for (int pass = 0; pass < 2 && at[i] < 0; ++pass) {
       for (std::uint32_t j = 0; j < shm::kMaxRules && at[i] < 0; ++j) {
         const shm::RuleState st = shm::ruleState(h.rules[j].word.load(kAcquire));
-        if (!taken[j] && (pass == 0 ? st == shm::kRuleFree : pass == 1 ? st != shm::kRuleLive : true)) {
+        if (!taken[j] && (pass == 0 ? st == shm::kRuleFree : st != shm::kRuleLive)) {
           at[i] = static_cast<int>(j);
           taken[j] = true;
         }
@@ -589,7 +588,7 @@ Status RegionAdmin::setRules(const std::vector<RuleSpec>& rules, const std::vect
     shm::RuleDef& d = h.rules[j];
     std::uint32_t w = d.word.load(kAcquire);
     const auto limit = r.limit.value_or(shm::kUnlimited);
-    if (fresh[i]) {
+    if (shm::ruleState(w) != shm::kRuleLive) {
       // A new definition: written while not live, published with release order.
       const bool prefix = r.match.ends_with('*');
       const std::string match = prefix ? r.match.substr(0, r.match.size() - 1) : r.match;

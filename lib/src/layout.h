@@ -125,7 +125,10 @@ static_assert(sizeof(ModelSlot) == 256);
 // Rules beyond the three built-in layers (docs/rules.md): the agent writes their definitions;
 // applications match each call against them and keep one counter per rule and key in the rule
 // table. Scope and metric values are agent/rules.h's RuleScope and RuleMetric.
-inline constexpr std::uint32_t kMaxRules = 32;       // rule definitions in a region
+// Rule definitions in a region: twice the rules that may be in force at once (the agent's
+// config.h kMaxRules), so that a rule changed in shape always finds a definition that was free or
+// retired before, never one rewritten under a process reading it.
+inline constexpr std::uint32_t kMaxRules = 64;
 inline constexpr std::uint32_t kMaxRuleHolds = 8;    // rule counters one call may match
 enum RuleScopeValue : std::uint8_t {
   kScopePlatform = 0, kScopeTenant = 1, kScopeRun = 2, kScopeAgent = 3, kScopeModel = 4, kScopeTag = 5,
