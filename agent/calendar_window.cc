@@ -50,8 +50,11 @@ WindowSpan CalendarWindows::byId(const WindowSpec& spec, std::int64_t id) const 
   std::int64_t from = 0, to = 0;
   switch (spec.kind) {
     case WindowKind::kMinute:
-      from = id * 60, to = from + 60;
-      break;
+      // Minutes in UTC: every zone's offset is whole minutes, so they start at the local :00
+      // second as well, and a minute of a repeated hour is the one it is, not its first pass.
+      w.start_ns = id * 60 * kNsPerSecond;
+      w.end_ns = w.start_ns + 60 * kNsPerSecond;
+      return w;
     case WindowKind::kHour:
       from = id * 3600, to = from + 3600;
       break;
@@ -89,7 +92,7 @@ WindowSpan CalendarWindows::at(const WindowSpec& spec, std::int64_t unix_ns) con
   const std::int64_t day = floorDiv(local, 86400);
   std::int64_t id = 0;
   switch (spec.kind) {
-    case WindowKind::kMinute: id = floorDiv(local, 60); break;
+    case WindowKind::kMinute: id = floorDiv(floorDiv(unix_ns, kNsPerSecond), 60); break;
     case WindowKind::kHour: id = floorDiv(local, 3600); break;
     case WindowKind::kDay: id = day; break;
     case WindowKind::kWeek: {

@@ -79,6 +79,13 @@ std::int64_t floatUsdToNano(const std::string& s) {
 
 std::string usdText(std::int64_t nano) { return NanoUsd(nano).toString(); }
 
+// Field k of two HMGET replies, of the fleet's total key and of this host's: (fleet, here), 0
+// for a field that is not there.
+std::pair<std::int64_t, std::int64_t> fleetAndHere(const RedisReply& total, const RedisReply& host, std::size_t k) {
+  return {k < total->elements ? replyInteger(total->element[k]) : 0,
+          k < host->elements ? replyInteger(host->element[k]) : 0};
+}
+
 }  // namespace
 
 struct PgConnection {
@@ -337,9 +344,7 @@ void CentralLink::pullTotals() {
     const RedisReply t = redis_->next();
     const RedisReply m = redis_->next();
     for (std::size_t i = begin; i < end; ++i) {
-      const std::size_t k = i - begin;
-      const std::int64_t fleet = k < t->elements ? replyInteger(t->element[k]) : 0;
-      const std::int64_t here = k < m->elements ? replyInteger(m->element[k]) : 0;
+      const auto [fleet, here] = fleetAndHere(t, m, i - begin);
       std::int64_t elsewhere = std::max<std::int64_t>(0, fleet - here);
       if (config_.reference_keys) {
         // The reference's counter holds everyone's spending (ours too), but over a sliding 24 h
@@ -434,8 +439,7 @@ void CentralLink::syncRules() {
       const RedisReply m = redis_->next();
       for (std::size_t i = begin; i < end; ++i) {
         const std::size_t k = i - begin;
-        const std::int64_t fleet = k < t->elements ? replyInteger(t->element[k]) : 0;
-        const std::int64_t here = k < m->elements ? replyInteger(m->element[k]) : 0;
+        const auto [fleet, here] = fleetAndHere(t, m, k);
         // Redis holds less of this host's count than was pushed (restored from an older
         // snapshot, a replica that lagged): the next sync pushes it again.
         if (const auto it = rule_pushed_.find({w.host, mine[2 + k]}); it != rule_pushed_.end() && here < it->second) {

@@ -160,9 +160,6 @@ std::string dataDirProblem(const std::string& path);
 std::string timezoneProblem(const std::string& zone);
 // Parses a redis:// URL. Returns what is wrong with it, or "" (and sets *out).
 std::string parseRedisUrl(const std::string& url, RedisEndpoint* out);
-// The most rules a config file, and the config file with the admin API's rules, may hold
-// (shm::kMaxRules: one definition each in the region).
-inline constexpr std::size_t kMaxRules = 32;
 // A rule as the admin API takes it (PUT /v1/rules/{name}): the keys of a [[rules]] table as a
 // JSON object, checked as the config file's are, with null meaning "unlimited" for `limit` and
 // `keys`. A "name" in it must be `name`. Throws ConfigError whose key() names the field

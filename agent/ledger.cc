@@ -445,7 +445,12 @@ std::vector<LedgerEntry> Ledger::list(const LedgerFilter& f) {
 std::vector<LedgerEntry> Ledger::listOrThrow(const LedgerFilter& f) {
   std::string sql =
       "SELECT seq, host_id, created_at_unix_ns, day, kind, project_id, agent_id, run_id, model, provider, "
-      "prompt_tokens, completion_tokens, cost_nano_usd, reservation_id, tags FROM budget_ledger WHERE seq > ?";
+      "prompt_tokens, completion_tokens, cost_nano_usd, reservation_id, ";
+  // A ledger from before tags (read-only, before its agent added the column): none.
+  sql += db_->execAndGet("SELECT COUNT(*) FROM pragma_table_info('budget_ledger') WHERE name = 'tags'").getInt() != 0
+             ? "tags"
+             : "NULL";
+  sql += " FROM budget_ledger WHERE seq > ?";
   if (f.project_id) sql += " AND project_id = ?";
   if (f.run_id) sql += " AND run_id = ?";
   if (f.since_unix_ns) sql += " AND created_at_unix_ns >= ?";

@@ -37,12 +37,12 @@ std::string priceProblem(Price p) {
   return {};
 }
 
-// Returns the bookings it took out.
-std::int64_t resetDay(shm::Counters& c) noexcept {
+// Returns the bookings it took out. `keep_elsewhere`: the caller sets `elsewhere` itself.
+std::int64_t resetDay(shm::Counters& c, bool keep_elsewhere = false) noexcept {
   // Takes today's bookings out of `used` and leaves the holds of calls still in flight, in one
   // atomic step: a commit lands wholly in one day or the other.
   const std::int64_t taken = c.spend.takeCommitted();
-  c.elsewhere.store(0, kRelaxed);   // other hosts' spending is per day too
+  if (!keep_elsewhere) c.elsewhere.store(0, kRelaxed);   // other hosts' spending is per day too
   c.prompt_tokens.store(0, kRelaxed);
   c.completion_tokens.store(0, kRelaxed);
   c.calls.store(0, kRelaxed);
@@ -531,8 +531,9 @@ Status RegionAdmin::backdate(std::int32_t day, const std::vector<std::pair<std::
 
 Status RegionAdmin::setRules(const std::vector<RuleSpec>& rules, const std::vector<WindowSpan>& windows,
                              std::vector<std::uint32_t>* indices) {
-  if (rules.size() > shm::kMaxRules) {
-    return Status::error("at most " + std::to_string(shm::kMaxRules) + " rules (" + std::to_string(rules.size()) + " given)");
+  static_assert(shm::kMaxRules >= 2 * kMaxRules, "a changed rule must always find a definition that is not live");
+  if (rules.size() > kMaxRules) {
+    return Status::error("at most " + std::to_string(kMaxRules) + " rules (" + std::to_string(rules.size()) + " given)");
   }
   if (windows.size() != rules.size()) return Status::error("setRules: one window per rule");
   std::lock_guard lock(stats_mu_);   // against reclaimKeys: counters given their own limit stay
@@ -555,14 +556,16 @@ Status RegionAdmin::setRules(const std::vector<RuleSpec>& rules, const std::vect
   }
   for (std::size_t i = 0; i < rules.size(); ++i) {
     if (at[i] >= 0) continue;
-    // Free ones first: a retired definition's counters stay in the table (they are not reused
-    // for a new rule: the generation in their keys tells them apart). A live definition is
-    // never rewritten: with twice as many definitions as rules in force, one is always free or
-    // retired.
+    // One not live now, retired by an earlier change or never used; below rule_count first, so
+    // that calls scan no more definitions than needed. A retired definition's counters stay in
+    // the table until reclaimed: the generation in their keys tells them from the new rule's. A
+    // live definition is never rewritten: with twice as many definitions as rules in force, one
+    // is always free or retired.
+    const std::uint32_t used = std::min(h.rule_count.load(kAcquire), shm::kMaxRules);
     for (int pass = 0; pass < 2 && at[i] < 0; ++pass) {
-      for (std::uint32_t j = 0; j < shm::kMaxRules && at[i] < 0; ++j) {
+      for (std::uint32_t j = 0; j < (pass == 0 ? used : shm::kMaxRules) && at[i] < 0; ++j) {
         const shm::RuleState st = shm::ruleState(h.rules[j].word.load(kAcquire));
-        if (!taken[j] && (pass == 0 ? st == shm::kRuleFree : st != shm::kRuleLive)) {
+        if (!taken[j] && st != shm::kRuleLive) {
           at[i] = static_cast<int>(j);
           taken[j] = true;
         }
@@ -667,8 +670,11 @@ void RegionAdmin::rollRule(std::uint32_t index, std::int64_t start_ns, std::int6
     RuleKey key;
     if (shm::keyState(slot.k.word.load(kAcquire)) == shm::kKeyReady && parseRuleKey(keyOf(slot.k), &key) &&
         key.rule == index && key.gen == gen) {
-      const std::int64_t counted = resetDay(slot.c);   // a window like a day: bookings out, holds kept
-      // At the window's start the sliding window still covers all of the previous one.
+      // At the window's start the sliding window still covers all of the previous one. The carry
+      // is in place before the count leaves, so no call meanwhile finds the whole limit free
+      // (for a moment both count: stricter, never looser).
+      if (carry) slot.c.elsewhere.store(std::max<std::int64_t>(0, slot.c.spend.committed()), kRelease);
+      const std::int64_t counted = resetDay(slot.c, carry);   // a window like a day: bookings out, holds kept
       const std::int64_t previous = carry ? std::max<std::int64_t>(0, counted) : 0;
       slot.c.previous.store(previous, kRelaxed);
       slot.c.elsewhere.store(previous, kRelease);
@@ -697,8 +703,9 @@ void RegionAdmin::slideRules(const std::bitset<shm::kMaxRules>& sliding, std::in
     if (sliding[key.rule] && shm::ruleState(w) == shm::kRuleLive && shm::ruleGen(w) == key.gen && end > start &&
         previous > 0) {
       // The part of the previous window still inside [now - length, now): (end - now) / length.
-      const __int128 length = end - start;
-      const __int128 left = std::clamp<std::int64_t>(end - now_ns, 0, end - start);
+      // In 128 bits: the window's words are the region's, which any process can write.
+      const __int128 length = static_cast<__int128>(end) - start;
+      const __int128 left = std::clamp<__int128>(static_cast<__int128>(end) - now_ns, 0, length);
       share = static_cast<std::int64_t>((previous * left + length - 1) / length);
     }
     slot.c.elsewhere.store(share, kRelease);

@@ -14,6 +14,10 @@
 
 namespace tokenfuse {
 
+// The most rules in force at once: a config file's, with the admin API's changes over them (the
+// region has twice as many definitions, shm::kMaxRules: RegionAdmin::setRules).
+inline constexpr std::size_t kMaxRules = 32;
+
 // Whose calls a rule counts. A call with several tags matches a tag rule once per tag.
 enum class RuleScope : std::uint8_t {
   kPlatform = 0,      // every call on this host (one counter)

@@ -82,7 +82,8 @@ int adminRequest(const AdminEndpoint& ep, const std::string& method, const std::
   http.set_connection_timeout(5);
   http.set_read_timeout(30);
   httplib::Headers headers;
-  if (!token.empty()) headers.emplace("Authorization", "Bearer " + token);
+  // Reading needs no token, so none is sent: the port may be stale and another process's.
+  if (!token.empty() && method != "GET") headers.emplace("Authorization", "Bearer " + token);
   const std::string payload = body.is_null() ? std::string() : body.dump(-1, ' ', false, json::error_handler_t::replace);
   httplib::Result r = method == "PUT"      ? http.Put(path.c_str(), headers, payload, "application/json")
                       : method == "DELETE" ? http.Delete(path.c_str(), headers)

@@ -80,7 +80,7 @@ struct alignas(64) Counters {
   // were restored; 0: none yet. A run idle longer than its lifetime may be reclaimed.
   std::atomic<std::int64_t> last_unix_ns;
   // Counters of sliding rules only: what the previous window counted. The agent keeps
-  // `elsewhere` at its share still inside the sliding window (RegionAdmin::slideRule).
+  // `elsewhere` at its share still inside the sliding window (RegionAdmin::slideRules).
   std::atomic<std::int64_t> previous;
 };
 static_assert(sizeof(Counters) == 128);
@@ -221,7 +221,7 @@ struct TagText {
   }
   // Never reads outside `bytes`, whatever `len` says.
   std::string_view get() const noexcept {
-    const std::size_t n = len;   // once: the region may change it under us
+    const std::size_t n = __atomic_load_n(&len, __ATOMIC_RELAXED);   // once: the region may change it under us
     return {bytes, n < kTagsMax ? n : kTagsMax};
   }
 };

@@ -89,6 +89,11 @@ TEST_CASE("windows: days, hours and months across daylight saving time in Americ
   CHECK(first.id == second.id);
   CHECK(first.start_ns == utc(2026, 11, 1, 5));
   CHECK(first.end_ns == utc(2026, 11, 1, 7));   // 02:00 EST
+  // A minute of the repeated hour is itself, in either pass (not the first pass's, long over).
+  const WindowSpan minute = w.at(kMinute, utc(2026, 11, 1, 6, 30, 30));   // 01:30:30 EST
+  CHECK(minute.start_ns == utc(2026, 11, 1, 6, 30));
+  CHECK(minute.end_ns == utc(2026, 11, 1, 6, 31));
+  CHECK(w.at(kMinute, utc(2026, 11, 1, 5, 30, 30)).start_ns == utc(2026, 11, 1, 5, 30));   // 01:30:30 EDT
   // The month of the change starts and ends at local midnight, in different offsets.
   const WindowSpan march = w.at(kMonth, utc(2026, 3, 15));
   CHECK(march.start_ns == utc(2026, 3, 1, 5));

@@ -66,7 +66,7 @@ TEST_CASE("ledger: a call's tags go from the reservation or the record to its en
   Usage u{"beta", "qwen3:8b", "ollama", {}, {}, 1, 1};
   u.tags = "nightly";
   REQUIRE(f.t.client->record(u).allowed());
-  REQUIRE(f.t.client->record({"gamma", "qwen3:8b", "ollama", {}, {}, 1, 1}).allowed());
+  REQUIRE(f.t.client->record({"beta", "qwen3:8b", "ollama", {}, {}, 1, 1}).allowed());
   // An entry whose tags were written over from outside after it was published: set aside.
   REQUIRE(f.t.client->record(u).allowed());
   f.t.region->ledger()[3].tags.bytes[0] = 'X';
@@ -76,6 +76,12 @@ TEST_CASE("ledger: a call's tags go from the reservation or the record to its en
   CHECK(rows[0].tags == "batch,eval");
   CHECK(rows[1].tags == "nightly");
   CHECK(rows[2].tags.empty());
+  // The rebuild's totals keep calls of the same ids apart by their tags.
+  int beta = 0;
+  for (const CallTotal& t : f.ledger->callTotalsSince(INT64_MIN, INT32_MIN)) {
+    if (t.project_id == "beta") beta += t.tags == "nightly" || t.tags.empty() ? 1 : 100;
+  }
+  CHECK(beta == 2);
   CHECK(toJson(rows[0])["tags"] == "batch,eval");
   CHECK(toJson(rows[2])["tags"].is_null());
   SQLite::Database db(f.dir.path + "/ledger.db", SQLite::OPEN_READONLY);
@@ -98,6 +104,10 @@ TEST_CASE("ledger: a ledger from before tags were kept gains the column, its ent
             "prompt_tokens INTEGER, completion_tokens INTEGER, cost_nano_usd INTEGER, reservation_id INTEGER, "
             "checksum INTEGER, project_id BLOB, run_id BLOB, model BLOB, agent_id BLOB, provider BLOB)");
   }
+  // Read as the CLI reads it, before any agent added the column.
+  const auto old_rows = Ledger::openReadOnly(path)->list({});
+  REQUIRE(old_rows.size() == 1);
+  CHECK(old_rows[0].tags.empty());
   Ledger ledger(path, "h");
   const auto rows = ledger.list({});
   REQUIRE(rows.size() == 1);
