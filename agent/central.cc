@@ -512,6 +512,7 @@ ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS budget_day DATE;
 ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS kind TEXT;
 ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS cost_nano_usd BIGINT;
 ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS reservation_id BIGINT;
+ALTER TABLE budget_ledger ADD COLUMN IF NOT EXISTS tags TEXT;
 CREATE UNIQUE INDEX IF NOT EXISTS budget_ledger_host_seq ON budget_ledger (host_id, ledger_id, host_seq);
 CREATE TABLE IF NOT EXISTS tokenfuse_push (
   host_id   TEXT NOT NULL,
@@ -604,7 +605,8 @@ void CentralLink::pushLedger() {
 void CentralLink::copyRows(const std::vector<LedgerEntry>& rows, const char* table, bool merge) {
   static const std::vector<std::string> kColumns{
       "project_id", "agent_id", "run_id",   "model",      "provider", "prompt_tokens", "completion_tokens", "cost_usd",
-      "created_at", "host_id",  "ledger_id", "host_seq", "budget_day", "kind", "cost_nano_usd", "reservation_id"};
+      "created_at", "host_id",  "ledger_id", "host_seq", "budget_day", "kind", "cost_nano_usd", "reservation_id",
+      "tags"};
   pqxx::work w(pg_->c);
   {
     pqxx::stream_to copy(w, table, kColumns);
@@ -634,7 +636,8 @@ void CentralLink::copyRows(const std::vector<LedgerEntry>& rows, const char* tab
                               e.completion_tokens, NanoUsd(e.cost_nano_usd).toString(), time_text, host_id_, ledger_id_,
                               static_cast<std::int64_t>(e.seq), day_text, e.kind, e.cost_nano_usd,
                               e.reservation_id == 0 ? std::optional<std::int64_t>()
-                                                    : std::optional(static_cast<std::int64_t>(e.reservation_id)));
+                                                    : std::optional(static_cast<std::int64_t>(e.reservation_id)),
+                              opt(displayId(e.tags)));
     }
     copy.complete();
   }

@@ -543,3 +543,24 @@ limit = 2
   CHECK(eventually([&] { return lua(kFirst, monthly + ":total", "4:acme") == "6500000"; }));
   CHECK(eventually([&] { return code(b, "acme", "gpt-4o", 1000) == "E-BUDGET-002"; }));
 }
+
+TEST_CASE("central: a call's tags reach Postgres with its entry") {
+  Fleet f(1, "", 100, /*with_redis=*/false, /*with_postgres=*/true);
+  Client& c = *f.agents[0]->client;
+  Usage tagged{"acme", "gpt-4o", "openai", {}, {}, 10, 0};
+  tagged.tags = "batch,eval";
+  REQUIRE(c.record(tagged).allowed());
+  REQUIRE(c.record({"acme", "gpt-4o", "openai", {}, {}, 10, 0}).allowed());
+  REQUIRE(eventually(
+      [&] {
+        try {
+          return f.postgres.query("SELECT count(*) FROM budget_ledger")[0][0].as<std::int64_t>() == 2;
+        } catch (const pqxx::sql_error&) {
+          return false;   // the agent has not created its tables yet
+        }
+      },
+      std::chrono::seconds(30)));
+  const auto r = f.postgres.query("SELECT tags FROM budget_ledger ORDER BY host_seq");
+  CHECK(r[0][0].as<std::string>() == "batch,eval");
+  CHECK(r[1][0].is_null());
+}
