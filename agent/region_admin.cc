@@ -556,16 +556,16 @@ Status RegionAdmin::setRules(const std::vector<RuleSpec>& rules, const std::vect
   }
   for (std::size_t i = 0; i < rules.size(); ++i) {
     if (at[i] >= 0) continue;
-    // One not live now, retired by an earlier change or never used; below rule_count first, so
-    // that calls scan no more definitions than needed. A retired definition's counters stay in
-    // the table until reclaimed: the generation in their keys tells them from the new rule's. A
-    // live definition is never rewritten: with twice as many definitions as rules in force, one
-    // is always free or retired.
-    const std::uint32_t used = std::min(h.rule_count.load(kAcquire), shm::kMaxRules);
+    // One not live now: never used first, then one retired by an earlier change, so that a
+    // definition is rewritten as seldom as can be (a process that read it while it was live
+    // may still hold its words for a moment: reused after all 64 were, never at once). A
+    // retired definition's counters stay in the table until reclaimed: the generation in their
+    // keys tells them from the new rule's. A live definition is never rewritten: with twice as
+    // many definitions as rules in force, one is always free or retired.
     for (int pass = 0; pass < 2 && at[i] < 0; ++pass) {
-      for (std::uint32_t j = 0; j < (pass == 0 ? used : shm::kMaxRules) && at[i] < 0; ++j) {
+      for (std::uint32_t j = 0; j < shm::kMaxRules && at[i] < 0; ++j) {
         const shm::RuleState st = shm::ruleState(h.rules[j].word.load(kAcquire));
-        if (!taken[j] && st != shm::kRuleLive) {
+        if (!taken[j] && (pass == 0 ? st == shm::kRuleFree : st != shm::kRuleLive)) {
           at[i] = static_cast<int>(j);
           taken[j] = true;
         }
