@@ -495,12 +495,13 @@ Status Agent::installRules(std::vector<RuleSpec> rules, std::int64_t now_ns, boo
   if (*applied) {
     rules_ = std::move(rules);
     rule_index_ = std::move(index);
-    // Other hosts' counts stay only on rules the fleet still shares.
-    std::bitset<shm::kMaxRules> shared;
+    // Other hosts' counts stay only on rules the fleet still shares; a sliding rule's `elsewhere`
+    // is its carry (slideRules).
+    std::bitset<shm::kMaxRules> keep;
     for (std::size_t i = 0; i < rules_.size(); ++i) {
-      if (!config_.central.redis_url.empty() && sharedWithFleet(rules_[i])) shared.set(rule_index_[i]);
+      if ((!config_.central.redis_url.empty() && sharedWithFleet(rules_[i])) || rules_[i].sliding) keep.set(rule_index_[i]);
     }
-    admin_->clearRuleElsewhere(shared);
+    admin_->clearRuleElsewhere(keep);
   }
   return s;
 }
@@ -645,7 +646,7 @@ void Agent::rollRules(std::int64_t now_ns) {
     std::bitset<shm::kMaxRules> sliding;
     bool rates = false;   // counters of a rule that stopped sliding may still carry something
     for (std::size_t i = 0; i < rule_index_.size() && i < rules_.size(); ++i) {
-      rates = rates || rules_[i].window.kind == WindowKind::kMinute || rules_[i].window.kind == WindowKind::kHour;
+      rates = rates || isRate(rules_[i].window.kind);
       if (rules_[i].sliding) sliding.set(rule_index_[i]);
     }
     if (rates) a.slideRules(sliding, now_ns);

@@ -371,6 +371,7 @@ void CentralLink::syncRules() {
   struct Window {
     const RuleUsage* usage;
     std::string total, host;
+    std::vector<std::string> fields;   // ruleField of each counter, in usage->counters' order
   };
   std::vector<Window> windows;
   const std::vector<RuleUsage> rules = admin_.rules();   // one pass over the rule table
@@ -378,7 +379,8 @@ void CentralLink::syncRules() {
     const auto it = shared.find(r.number - 1);
     if (it == shared.end() || it->second.name != r.name) continue;   // not shared, or replaced meanwhile
     const std::string tag = ruleTag(it->second, r.window_start_ns);
-    windows.push_back({&r, tag + ":total", tag + ":host:" + origin_});
+    Window& w = windows.emplace_back(Window{&r, tag + ":total", tag + ":host:" + origin_, {}});
+    for (const RuleUsage::Counter& c : r.counters) w.fields.push_back(ruleField(c));
   }
   // Counters already pushed for windows that are no longer current are forgotten.
   std::set<std::string, std::less<>> current;
@@ -403,13 +405,14 @@ void CentralLink::syncRules() {
                                    : std::max<std::int64_t>(0, (w.usage->window_end_ns - now) / 1'000'000'000) + kKeyTtlS;
     std::vector<std::string> cmd{"EVAL", kPushScript, "2", w.total, w.host, std::to_string(ttl_s), "m", "1"};
     constexpr std::size_t kHead = 8, kFieldsPerCall = 1000;   // so that Redis is never blocked for long
-    for (const RuleUsage::Counter& c : w.usage->counters) {
-      std::pair<std::string, std::string> key{w.host, ruleField(c)};
-      if (const auto it = rule_pushed_.find(key); it != rule_pushed_.end() && c.committed <= it->second) continue;
-      if (c.committed == 0) continue;
-      cmd.push_back(key.second);
-      cmd.push_back(std::to_string(c.committed));
-      sent.emplace_back(std::move(key), c.committed);
+    for (std::size_t i = 0; i < w.fields.size(); ++i) {
+      const std::int64_t committed = w.usage->counters[i].committed;
+      if (committed == 0) continue;
+      std::pair<std::string, std::string> key{w.host, w.fields[i]};
+      if (const auto it = rule_pushed_.find(key); it != rule_pushed_.end() && committed <= it->second) continue;
+      cmd.push_back(w.fields[i]);
+      cmd.push_back(std::to_string(committed));
+      sent.emplace_back(std::move(key), committed);
       if ((cmd.size() - kHead) / 2 == kFieldsPerCall) {
         redis_->append(cmd);
         ++calls;
@@ -429,10 +432,8 @@ void CentralLink::syncRules() {
     for (std::size_t begin = 0; begin < counters.size(); begin += kChunk) {
       const std::size_t end = std::min(counters.size(), begin + kChunk);
       std::vector<std::string> total{"HMGET", w.total}, mine{"HMGET", w.host};
-      for (std::size_t i = begin; i < end; ++i) {
-        total.push_back(ruleField(counters[i]));
-        mine.push_back(total.back());
-      }
+      total.insert(total.end(), w.fields.begin() + begin, w.fields.begin() + end);
+      mine.insert(mine.end(), w.fields.begin() + begin, w.fields.begin() + end);
       redis_->append(total);
       redis_->append(mine);
       const RedisReply t = redis_->next();
@@ -442,7 +443,7 @@ void CentralLink::syncRules() {
         const auto [fleet, here] = fleetAndHere(t, m, k);
         // Redis holds less of this host's count than was pushed (restored from an older
         // snapshot, a replica that lagged): the next sync pushes it again.
-        if (const auto it = rule_pushed_.find({w.host, mine[2 + k]}); it != rule_pushed_.end() && here < it->second) {
+        if (const auto it = rule_pushed_.find({w.host, w.fields[i]}); it != rule_pushed_.end() && here < it->second) {
           rule_pushed_.erase(it);
         }
         admin_.setRuleElsewhere(w.usage->number - 1, w.usage->gen, w.usage->window_start_ns, counters[i].first,

@@ -264,7 +264,7 @@ void readRuleFields(const toml::table* t, const std::string& origin, const std::
   if (const toml::node* s = t->get("sliding")) {
     if (!s->is_boolean()) fail(origin, key + "sliding", "must be true or false");
     r.sliding = s->as_boolean()->get();
-    if (r.sliding && r.window.kind != WindowKind::kMinute && r.window.kind != WindowKind::kHour) {
+    if (r.sliding && !isRate(r.window.kind)) {
       fail(origin, key + "sliding", "is only for window = \"minute\" or \"hour\" (rates)");
     }
   }

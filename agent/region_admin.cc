@@ -674,7 +674,8 @@ void RegionAdmin::rollRule(std::uint32_t index, std::int64_t start_ns, std::int6
       // is in place before the count leaves, so no call meanwhile finds the whole limit free
       // (for a moment both count: stricter, never looser).
       if (carry) slot.c.elsewhere.store(std::max<std::int64_t>(0, slot.c.spend.committed()), kRelease);
-      const std::int64_t counted = resetDay(slot.c, carry);   // a window like a day: bookings out, holds kept
+      // A window like a day: bookings out, holds kept; `elsewhere` is set just below.
+      const std::int64_t counted = resetDay(slot.c, /*keep_elsewhere=*/true);
       const std::int64_t previous = carry ? std::max<std::int64_t>(0, counted) : 0;
       slot.c.previous.store(previous, kRelaxed);
       slot.c.elsewhere.store(previous, kRelease);
@@ -703,10 +704,12 @@ void RegionAdmin::slideRules(const std::bitset<shm::kMaxRules>& sliding, std::in
     if (sliding[key.rule] && shm::ruleState(w) == shm::kRuleLive && shm::ruleGen(w) == key.gen && end > start &&
         previous > 0) {
       // The part of the previous window still inside [now - length, now): (end - now) / length.
-      // In 128 bits: the window's words are the region's, which any process can write.
-      const __int128 length = static_cast<__int128>(end) - start;
-      const __int128 left = std::clamp<__int128>(static_cast<__int128>(end) - now_ns, 0, length);
-      share = static_cast<std::int64_t>((previous * left + length - 1) / length);
+      // Unsigned differences (end > start: exact whatever the region's words) and a 128-bit
+      // product: the window's words are the region's, which any process can write.
+      const std::uint64_t length = static_cast<std::uint64_t>(end) - static_cast<std::uint64_t>(start);
+      const std::uint64_t left =
+          now_ns >= end ? 0 : std::min(static_cast<std::uint64_t>(end) - static_cast<std::uint64_t>(now_ns), length);
+      share = static_cast<std::int64_t>((shm::U128{static_cast<std::uint64_t>(previous)} * left + length - 1) / length);
     }
     slot.c.elsewhere.store(share, kRelease);
     if (share == 0) slot.c.previous.store(0, kRelaxed);
@@ -800,20 +803,15 @@ void RegionAdmin::setRuleElsewhere(std::uint32_t index, std::uint32_t gen, std::
   if (f.index >= 0) table.at(f.index).c.elsewhere.store(elsewhere, kRelease);
 }
 
-void RegionAdmin::clearRuleElsewhere(const std::bitset<shm::kMaxRules>& shared) {
+void RegionAdmin::clearRuleElsewhere(const std::bitset<shm::kMaxRules>& keep) {
   std::lock_guard lock(stats_mu_);
-  const shm::Header& h = region_.header();
   const KeyedTable<shm::RuleSlot> table(region_.ruleSlots(), region_.geometry().rule_capacity);
   std::string bytes;
   for (std::uint32_t k = 0; k < table.capacity(); ++k) {
     shm::RuleSlot& slot = table.at(static_cast<std::int32_t>(k));
     RuleKey key;
     if (slot.c.elsewhere.load(kRelaxed) == 0 || !copyReadyKey(slot.k, &bytes) || !parseRuleKey(bytes, &key) ||
-        key.rule >= shm::kMaxRules || shared[key.rule]) {
-      continue;
-    }
-    const std::uint8_t kind = h.rules[key.rule].window_kind;
-    if (kind == static_cast<std::uint8_t>(WindowKind::kMinute) || kind == static_cast<std::uint8_t>(WindowKind::kHour)) {
+        key.rule >= shm::kMaxRules || keep[key.rule]) {
       continue;
     }
     slot.c.elsewhere.store(0, kRelease);

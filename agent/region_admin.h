@@ -227,10 +227,10 @@ class RegionAdmin {
   // generation is not `gen`), its window has rolled over since, or the counter is gone.
   void setRuleElsewhere(std::uint32_t index, std::uint32_t gen, std::int64_t window_start_ns, std::string_view first,
                         std::string_view second, std::int64_t elsewhere);
-  // Zeroes what other hosts counted on the counters of every rule not in `shared` (a rule no
-  // longer shared, or no central link any more). Minute and hour rules are left alone: they are
-  // never shared, and a sliding one's `elsewhere` is its carry (slideRules).
-  void clearRuleElsewhere(const std::bitset<shm::kMaxRules>& shared);
+  // Zeroes `elsewhere` on the counters of every rule not in `keep`: the rules the fleet shares,
+  // and the sliding ones (whose `elsewhere` is their carry). For a rule no longer shared, or no
+  // central link any more.
+  void clearRuleElsewhere(const std::bitset<shm::kMaxRules>& keep);
   // When the current budget day ends, for the daily layers' denials (Decision::resets_unix_ns).
   void setDayEnd(std::int64_t unix_ns) noexcept;
 

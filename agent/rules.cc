@@ -77,9 +77,10 @@ std::string ruleMatchProblem(std::string_view match) {
   return {};
 }
 
+bool isRate(WindowKind window) noexcept { return window == WindowKind::kMinute || window == WindowKind::kHour; }
+
 bool sharedWithFleet(const RuleSpec& rule) noexcept {
-  return !rule.host_only && rule.metric != RuleMetric::kConcurrency && rule.window.kind != WindowKind::kMinute &&
-         rule.window.kind != WindowKind::kHour;
+  return !rule.host_only && rule.metric != RuleMetric::kConcurrency && !isRate(rule.window.kind);
 }
 
 }  // namespace tokenfuse

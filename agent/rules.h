@@ -66,9 +66,11 @@ struct RuleSpec {
   bool sliding = false;
 };
 
+// Rates: windows of a minute or an hour. Only they may slide, and the fleet never shares them
+// (they are shorter than what a fleet's sync can follow).
+bool isRate(WindowKind window) noexcept;
 // Whether the fleet shares the rule's counts through the central link: not when it is marked
-// host_only, and never for rates (windows of a minute or an hour, shorter than what a fleet's
-// sync can follow) or concurrency (calls in flight on this host).
+// host_only, and never for rates or concurrency (calls in flight on this host).
 bool sharedWithFleet(const RuleSpec& rule) noexcept;
 
 // The names the config file and docs/rules.md use: "tenant+model", "completion_tokens", "all-time".

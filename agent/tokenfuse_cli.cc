@@ -134,7 +134,7 @@ void printLimit(const json& v, bool as_json) {
 struct RuleOptions {
   std::string name, scope, window, week_start, metric, match, limit;
   std::vector<std::string> keys;   // KEY=LIMIT
-  bool host_only = false;
+  bool host_only = false, sliding = false;
 
   // The body of PUT /v1/rules/{name}, or what is wrong with the options. Limits go as the
   // config file writes them: USD as a string for usd, a whole number for the others; the agent
@@ -157,6 +157,7 @@ struct RuleOptions {
     if (!match.empty()) j["match"] = match;
     if (!limit.empty()) j["limit"] = amount(limit);
     if (host_only) j["host_only"] = true;
+    if (sliding) j["sliding"] = true;
     for (const std::string& k : keys) {
       const auto eq = k.rfind('=');
       if (eq == std::string::npos || eq == 0) return "--key takes KEY=LIMIT, e.g. --key acme=50.00 (got '" + k + "')";
@@ -380,6 +381,7 @@ int main(int argc, char** argv) {
   rule_set->add_option("--limit", rule.limit, "for every key: USD (5.00) for usd, a whole number for the others, or unlimited");
   rule_set->add_option("--key", rule.keys, "a key's own limit, KEY=LIMIT (repeatable)");
   rule_set->add_flag("--host-only", rule.host_only, "count on this host only, never shared with the fleet");
+  rule_set->add_flag("--sliding", rule.sliding, "a sliding minute or hour: the previous window's share counts too");
   std::string rule_name;
   auto* rule_clear = rules->add_subcommand("clear", "take a rule out of force, the config file's too (saved)");
   rule_clear->add_option("name", rule_name, "the rule's name")->required();
@@ -547,16 +549,16 @@ int main(int argc, char** argv) {
     // A tenant's rules, with its counters, from the agent (the region alone does not say which
     // rules apply): left out when its HTTP API is off or unreachable.
     json tenant;
-    const bool rules = *usage && adminRequest(ep, "GET", "/v1/tenants/" + pathSegment(project), nullptr, &tenant,
-                                              /*quiet_if_unreachable=*/true) == 0 && tenant.contains("rules");
+    const bool with_rules = *usage && adminRequest(ep, "GET", "/v1/tenants/" + pathSegment(project), nullptr, &tenant,
+                                                   /*quiet_if_unreachable=*/true) == 0 && tenant.contains("rules");
     if (as_json) {
       json out = budgetJson(v);
-      if (rules) out["rules"] = tenant["rules"];
+      if (with_rules) out["rules"] = tenant["rules"];
       std::cout << out.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
     } else {
       printBudget(*usage ? "tenant" : "run", v);
-      if (rules) printRules(tenant, false, /*empty_note=*/"");
-      if (*usage && !rules) std::printf("(its rules: the agent's HTTP API did not answer)\n");
+      if (with_rules) printRules(tenant, false, /*empty_note=*/"");
+      if (*usage && !with_rules) std::printf("(its rules: the agent's HTTP API did not answer)\n");
     }
     return 0;
   }
