@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cctype>
 #include <charconv>
 #include <filesystem>
 #include <fstream>
@@ -376,6 +377,141 @@ const AlertsConfig::Thresholds& AlertsConfig::thresholdsFor(std::string_view sco
   return thresholds_pct;
 }
 
+// The first line of a secret's file; the file is named in errors, never its content.
+std::string secretFile(const std::string& path, const std::string& origin, const std::string& key) {
+  std::ifstream in(path);
+  std::string line;
+  if (!in || !std::getline(in, line) || line.empty()) fail(origin, key, "cannot read a first line from " + path);
+  return line;
+}
+
+// An HTTP header name: a token (RFC 9110 5.1).
+bool headerName(std::string_view s) {
+  if (s.empty() || s.size() > 64) return false;
+  for (const char ch : s) {
+    if (!(std::isalnum(static_cast<unsigned char>(ch)) || std::string_view("!#$%&'*+-.^_`|~").find(ch) != std::string_view::npos)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+double getRatio(const toml::table& t, std::string_view name, const std::string& origin, const std::string& key,
+                double fallback) {
+  const toml::node* n = t.get(name);
+  if (n == nullptr) return fallback;
+  const std::optional<double> v = n->is_integer() ? std::optional<double>(static_cast<double>(n->as_integer()->get()))
+                                  : n->is_floating_point() ? std::optional<double>(n->as_floating_point()->get())
+                                                           : std::nullopt;
+  if (!v || !(*v >= 0.5 && *v <= 100)) fail(origin, key, "must be a number from 0.5 to 100");
+  return *v;
+}
+
+void readProxy(const toml::table& px, const std::string& origin, ProxyConfig& p) {
+  rejectUnknown(px, origin, "proxy.",
+                {"upstreams", "keys", "tenant_header", "run_header", "agent_header", "tags_header", "default_tenant",
+                 "require_key", "default_max_tokens", "chars_per_token", "model_chars_per_token", "image_tokens",
+                 "max_request_bytes", "max_response_bytes"});
+  for (auto [name, field] : {std::pair{"tenant_header", &p.tenant_header}, std::pair{"run_header", &p.run_header},
+                             std::pair{"agent_header", &p.agent_header}, std::pair{"tags_header", &p.tags_header}}) {
+    *field = getString(px, name, origin, std::string("proxy.") + name, *field);
+    if (!headerName(*field)) fail(origin, std::string("proxy.") + name, "must be an HTTP header name");
+  }
+  p.default_tenant = getString(px, "default_tenant", origin, "proxy.default_tenant", "");
+  if (p.default_tenant.size() > shm::kKeyMax || !validIdText(p.default_tenant)) {
+    fail(origin, "proxy.default_tenant", "must be a project_id of at most " + std::to_string(shm::kKeyMax) + " bytes");
+  }
+  if (const toml::node* n = px.get("require_key")) {
+    if (!n->is_boolean()) fail(origin, "proxy.require_key", "must be true or false");
+    p.require_key = n->as_boolean()->get();
+  }
+  p.default_max_tokens = getInt(px, "default_max_tokens", origin, "proxy.default_max_tokens", p.default_max_tokens, 0,
+                                kMaxTokensPerCall);
+  p.chars_per_token = getRatio(px, "chars_per_token", origin, "proxy.chars_per_token", p.chars_per_token);
+  if (const toml::table* m = subtable(px, "model_chars_per_token", origin, "proxy.")) {
+    for (const auto& [k, v] : *m) {
+      const std::string key = "proxy.model_chars_per_token.\"" + std::string(k.str()) + "\"";
+      toml::table one;
+      one.insert("v", v);
+      p.model_chars_per_token[std::string(k.str())] = getRatio(one, "v", origin, key, 4.0);
+    }
+  }
+  p.image_tokens = getInt(px, "image_tokens", origin, "proxy.image_tokens", p.image_tokens, 0, 1'000'000);
+  p.max_request_bytes =
+      getInt(px, "max_request_bytes", origin, "proxy.max_request_bytes", p.max_request_bytes, 1024, 1LL << 30);
+  p.max_response_bytes =
+      getInt(px, "max_response_bytes", origin, "proxy.max_response_bytes", p.max_response_bytes, 1024, 1LL << 32);
+
+  const toml::node* un = px.get("upstreams");
+  const toml::array* ups = un != nullptr ? un->as_array() : nullptr;
+  if (un != nullptr && ups == nullptr) fail(origin, "proxy.upstreams", "must be a list of [[proxy.upstreams]] tables");
+  for (std::size_t i = 0; ups != nullptr && i < ups->size(); ++i) {
+    const std::string key = "proxy.upstreams[" + std::to_string(i) + "].";
+    const toml::table* t = ups->get(i)->as_table();
+    if (t == nullptr) fail(origin, key, "must be a table");
+    rejectUnknown(*t, origin, key,
+                  {"name", "kind", "base_url", "api_key_file", "provider", "model_prefix", "ca_file", "timeout_ms",
+                   "connect_timeout_ms"});
+    UpstreamConfig u;
+    u.name = getString(*t, "name", origin, key + "name", "");
+    const bool name_ok = !u.name.empty() && u.name.size() <= 64 &&
+                         u.name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") ==
+                             std::string::npos;
+    if (!name_ok) fail(origin, key + "name", "must be 1 to 64 letters, digits, '.', '_' or '-' (it is a path segment)");
+    for (const UpstreamConfig& other : p.upstreams) {
+      if (other.name == u.name) fail(origin, key + "name", "\"" + u.name + "\" names another upstream already");
+    }
+    u.kind = getString(*t, "kind", origin, key + "kind", "");
+    if (u.kind != "openai" && u.kind != "anthropic" && u.kind != "ollama") {
+      fail(origin, key + "kind", "must be openai, anthropic or ollama (the API the upstream speaks)");
+    }
+    u.base_url = getString(*t, "base_url", origin, key + "base_url", "");
+    if (const std::string why = parseBaseUrl(u.base_url, &u.url); !why.empty()) fail(origin, key + "base_url", why);
+    if (const std::string f = getString(*t, "api_key_file", origin, key + "api_key_file", ""); !f.empty()) {
+      u.api_key = secretFile(f, origin, key + "api_key_file");
+    }
+    u.provider = getString(*t, "provider", origin, key + "provider", u.name);
+    u.model_prefix = getString(*t, "model_prefix", origin, key + "model_prefix", u.kind == "ollama" ? "ollama/" : "");
+    if (u.provider.size() > 64 || u.model_prefix.size() > 64) fail(origin, key + "provider", "may be at most 64 bytes");
+    u.ca_file = getString(*t, "ca_file", origin, key + "ca_file", "");
+    if (!u.ca_file.empty() && !std::ifstream(u.ca_file)) fail(origin, key + "ca_file", "cannot read " + u.ca_file);
+    u.timeout_ms = getInt(*t, "timeout_ms", origin, key + "timeout_ms", u.timeout_ms, 100, 86'400'000);
+    u.connect_timeout_ms =
+        getInt(*t, "connect_timeout_ms", origin, key + "connect_timeout_ms", u.connect_timeout_ms, 10, 600'000);
+    p.upstreams.push_back(std::move(u));
+  }
+
+  const toml::node* kn = px.get("keys");
+  const toml::array* keys = kn != nullptr ? kn->as_array() : nullptr;
+  if (kn != nullptr && keys == nullptr) fail(origin, "proxy.keys", "must be a list of [[proxy.keys]] tables");
+  for (std::size_t i = 0; keys != nullptr && i < keys->size(); ++i) {
+    const std::string key = "proxy.keys[" + std::to_string(i) + "].";
+    const toml::table* t = keys->get(i)->as_table();
+    if (t == nullptr) fail(origin, key, "must be a table");
+    rejectUnknown(*t, origin, key, {"sha256", "tenant", "agent", "tags"});
+    VirtualKeyConfig k;
+    k.sha256 = getString(*t, "sha256", origin, key + "sha256", "");
+    if (k.sha256.size() != 64 || k.sha256.find_first_not_of("0123456789abcdef") != std::string::npos) {
+      fail(origin, key + "sha256", "must be 64 lowercase hex digits: printf %s \"$KEY\" | sha256sum");
+    }
+    for (const VirtualKeyConfig& other : p.keys) {
+      if (other.sha256 == k.sha256) fail(origin, key + "sha256", "is the hash of another key already");
+    }
+    k.tenant = getString(*t, "tenant", origin, key + "tenant", "");
+    k.agent = getString(*t, "agent", origin, key + "agent", "");
+    k.tags = getString(*t, "tags", origin, key + "tags", "");
+    if (k.tenant.empty() || k.tenant.size() > shm::kKeyMax || !validIdText(k.tenant)) {
+      fail(origin, key + "tenant", "must be a project_id of 1 to " + std::to_string(shm::kKeyMax) + " bytes");
+    }
+    if (k.agent.size() > shm::kKeyMax || !validIdText(k.agent)) {
+      fail(origin, key + "agent", "may be at most " + std::to_string(shm::kKeyMax) + " bytes");
+    }
+    if (k.tags.size() > kMaxTagBytes) fail(origin, key + "tags", "may be at most " + std::to_string(kMaxTagBytes) + " bytes");
+    p.keys.push_back(std::move(k));
+  }
+  if (p.require_key && p.keys.empty()) fail(origin, "proxy.require_key", "is true but no [[proxy.keys]] are configured");
+}
+
 Config defaultConfig() {
   Config c;
   char host[256] = {};
@@ -396,7 +532,7 @@ Config parseConfig(const std::string& text, const std::string& origin) {
   }
   Config c = defaultConfig();
   rejectUnknown(root, origin, "",
-                {"agent", "region", "ledger", "http", "budgets", "kill_switch", "prices", "central", "alerts", "rules"});
+                {"agent", "region", "ledger", "http", "budgets", "kill_switch", "prices", "central", "alerts", "rules", "proxy"});
   if (const toml::table* h = subtable(root, "http", origin, "")) {
     rejectUnknown(*h, origin, "http.",
                   {"listen", "admin_token_file", "unix_socket", "threads", "max_connections",
@@ -611,7 +747,52 @@ Config parseConfig(const std::string& text, const std::string& origin) {
       c.rules.push_back(std::move(r));
     }
   }
+  if (const toml::table* px = subtable(root, "proxy", origin, "")) readProxy(*px, origin, c.proxy);
   return c;
+}
+
+std::string parseBaseUrl(const std::string& url, BaseUrl* out) {
+  BaseUrl u;
+  std::string_view rest = url;
+  if (rest.starts_with("https://")) {
+    u.tls = true;
+    rest.remove_prefix(8);
+  } else if (rest.starts_with("http://")) {
+    rest.remove_prefix(7);
+  } else {
+    return "must start with http:// or https://";
+  }
+  const std::size_t slash = rest.find('/');
+  std::string_view authority = rest.substr(0, slash);
+  std::string_view path = slash == std::string_view::npos ? std::string_view() : rest.substr(slash);
+  if (authority.find('@') != std::string_view::npos) return "must not hold credentials (use api_key_file)";
+  if (path.find_first_of("?#") != std::string_view::npos) return "must not have a query or a fragment";
+  while (path.ends_with('/')) path.remove_suffix(1);
+  std::string_view port;
+  if (authority.starts_with('[')) {
+    const std::size_t close = authority.find(']');
+    if (close == std::string_view::npos) return "has an unclosed '[' in its host";
+    u.host = std::string(authority.substr(1, close - 1));
+    const std::string_view after = authority.substr(close + 1);
+    if (!after.empty() && after.front() != ':') return "has something other than :port after its host";
+    if (!after.empty()) port = after.substr(1);
+  } else {
+    const std::size_t colon = authority.rfind(':');
+    u.host = std::string(authority.substr(0, colon));
+    if (colon != std::string_view::npos) port = authority.substr(colon + 1);
+  }
+  if (u.host.empty()) return "has no host";
+  if (!port.empty()) {
+    unsigned value = 0;
+    const auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
+    if (ec != std::errc{} || end != port.data() + port.size() || value == 0 || value > 65535) {
+      return "has a port that is not a number from 1 to 65535";
+    }
+  }
+  u.port = port.empty() ? (u.tls ? "443" : "80") : std::string(port);
+  u.path = std::string(path);
+  *out = std::move(u);
+  return "";
 }
 
 std::string parseRedisUrl(const std::string& url, RedisEndpoint* out) {

@@ -65,6 +65,56 @@ struct NotifierConfig {
   std::string api_base = "https://api.telegram.org";   // telegram (tests point it at a local receiver)
 };
 
+// [[proxy.upstreams]]: an LLM API the agent forwards to (docs/proxy.md).
+// An upstream's base URL, taken apart.
+struct BaseUrl {
+  bool tls = false;
+  std::string host;        // a name or an address ([::1] without the brackets)
+  std::string port;        // "80" or "443" unless given
+  std::string path;        // "" or "/prefix" (no trailing slash)
+};
+
+struct UpstreamConfig {
+  std::string name;              // the path segment: /proxy/<name>/...
+  std::string kind;              // "openai", "anthropic" or "ollama": the wire API it speaks
+  std::string base_url;          // http:// or https://, optionally with a path prefix
+  BaseUrl url;                   // base_url, parsed
+  std::string api_key;           // from api_key_file; injected, never logged; empty: none
+  std::string provider;          // for the ledger; default: the name
+  std::string model_prefix;      // prepended to the model for prices and the ledger; ollama: "ollama/"
+  std::string ca_file;           // https: a CA bundle instead of the system's store
+  std::int64_t timeout_ms = 600'000;        // the longest the upstream may be silent
+  std::int64_t connect_timeout_ms = 5'000;
+};
+
+// [[proxy.keys]]: a virtual key, which the proxy's clients send instead of a provider's key.
+// Only its SHA-256 is configured.
+struct VirtualKeyConfig {
+  std::string sha256;   // lowercase hex of the key
+  std::string tenant;   // pays for the calls made with it
+  std::string agent;    // kept with each call; empty: from the agent header
+  std::string tags;     // added to the call's tags
+};
+
+// [proxy]
+struct ProxyConfig {
+  std::vector<UpstreamConfig> upstreams;
+  std::vector<VirtualKeyConfig> keys;
+  std::string tenant_header = "X-Tokenfuse-Project";
+  std::string run_header = "X-Tokenfuse-Run";
+  std::string agent_header = "X-Tokenfuse-Agent";
+  std::string tags_header = "X-Tokenfuse-Tags";
+  std::string default_tenant;        // pays for calls that name none; empty: they are refused
+  bool require_key = false;          // true: every call must carry a configured virtual key
+  std::int64_t default_max_tokens = 4096;   // completion tokens held when the request sets no limit
+  double chars_per_token = 4.0;             // the prompt estimate: bytes of text per token
+  std::map<std::string, double, std::less<>> model_chars_per_token;   // per model ("name" or "prefix*")
+  std::int64_t image_tokens = 1000;         // held for each image in a prompt
+  std::int64_t max_request_bytes = 8 << 20;
+  std::int64_t max_response_bytes = 64 << 20;   // a whole (non-streamed) answer
+  bool enabled() const { return !upstreams.empty(); }
+};
+
 // [alerts]
 struct AlertsConfig {
   using Thresholds = std::vector<std::int64_t>;   // whole percentages of a limit, ascending; [] = none
@@ -144,6 +194,9 @@ struct Config {
   // [alerts]
   AlertsConfig alerts;
 
+  // [proxy]: the LLM proxy (docs/proxy.md); off without upstreams.
+  ProxyConfig proxy;
+
   // Budget rules beside the three built-in layers, in the file's order (docs/rules.md).
   std::vector<RuleSpec> rules;  // [[rules]]
 };
@@ -158,6 +211,8 @@ void parseListen(const std::string& text, const std::string& key, Config* config
 // What is wrong with a data dir or a time zone, or "" (also for the command line's overrides).
 std::string dataDirProblem(const std::string& path);
 std::string timezoneProblem(const std::string& zone);
+// Parses an http:// or https:// base URL. Returns what is wrong with it, or "" (and sets *out).
+std::string parseBaseUrl(const std::string& url, BaseUrl* out);
 // Parses a redis:// URL. Returns what is wrong with it, or "" (and sets *out).
 std::string parseRedisUrl(const std::string& url, RedisEndpoint* out);
 // A rule as the admin API takes it (PUT /v1/rules/{name}): the keys of a [[rules]] table as a

@@ -109,17 +109,8 @@ void denial(Response& res, const Decision& d, std::string_view project_id, const
     const shm::RuleDef& def = h.rules[d.rule - 1];
     body["rule"] = std::string(def.name, std::min<std::size_t>(def.name_len, sizeof def.name));
   }
-  if (d.resets_unix_ns > 0) {
-    body["resets_unix_ns"] = d.resets_unix_ns;
-    // Whole seconds, rounded up, at least 1 (RFC 9110 10.2.3). Both are region words: a
-    // difference that overflows (written from outside) gets no header rather than a wrong one.
-    const std::int64_t now_ns = h.clock_unix_ns.load(std::memory_order_relaxed);   // the agent's clock, as the window's
-    std::int64_t left_ns = 0;
-    if (!__builtin_sub_overflow(d.resets_unix_ns, now_ns, &left_ns) && left_ns < INT64_MAX - 999'999'999) {
-      const std::int64_t wait_s = std::max<std::int64_t>(1, (left_ns + 999'999'999) / 1'000'000'000);
-      res.headers.emplace_back("Retry-After", std::to_string(wait_s));
-    }
-  }
+  if (d.resets_unix_ns > 0) body["resets_unix_ns"] = d.resets_unix_ns;
+  if (const auto wait = retryAfterSeconds(d, h)) res.headers.emplace_back("Retry-After", std::to_string(*wait));
   reply(res, status, body);
 }
 
@@ -300,6 +291,10 @@ HttpApi::HttpApi(Agent& agent, Options options)
     : agent_(agent), admin_(agent.admin()), engine_(admin_.engine()), options_(std::move(options)),
       metrics_(admin_, agent.central() != nullptr ? &agent.central()->stats() : nullptr, &agent.alerter().stats(),
                &agent.capacityStats()) {
+  if (options_.proxy.enabled()) {
+    proxy_ = std::make_unique<Proxy>(options_.proxy, engine_, admin_.header());
+    metrics_.add(proxy_->metrics());
+  }
   http::Server::Options o;
   o.host = options_.host;
   o.port = options_.port;
@@ -357,6 +352,8 @@ http::Router HttpApi::routes() {
       throw BadRequest{401, "Authorization", "must be 'Bearer <token>' with the token from the agent's token file"};
     }
   };
+
+  if (proxy_) proxy_->addRoutes(router);
 
   on("GET", "/healthz", [this](const Request&, Response& res) {
     reply(res, 200, {{"status", "ok"}, {"day", DayClock::format(admin_.day())}, {"kill_switch", engine_.killed()}});

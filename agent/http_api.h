@@ -13,6 +13,7 @@
 #include "agent.h"
 #include "http_server.h"
 #include "metrics.h"
+#include "proxy.h"
 
 #include <memory>
 #include <string>
@@ -28,6 +29,7 @@ class HttpApi {
     std::string unix_socket;      // also listen here if not empty
     int threads = 0;              // event-loop threads; 0: one per core
     http::Limits limits;
+    ProxyConfig proxy;            // [proxy]: the LLM proxy, served when it has upstreams
   };
 
   // Binds, or throws std::runtime_error naming the address.
@@ -44,6 +46,7 @@ class HttpApi {
   Engine& engine_;
   Options options_;
   Metrics metrics_;
+  std::unique_ptr<Proxy> proxy_;   // nullptr: no [[proxy.upstreams]]
   std::unique_ptr<http::Server> server_;
 };
 

@@ -79,25 +79,11 @@ std::string queryDecode(std::string_view s) {
   return out;
 }
 
-const char* reasonPhrase(int status) noexcept {
-  switch (status) {
-    case 100: return "Continue";
-    case 200: return "OK";
-    case 201: return "Created";
-    case 204: return "No Content";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 402: return "Payment Required";
-    case 404: return "Not Found";
-    case 408: return "Request Timeout";
-    case 413: return "Content Too Large";
-    case 415: return "Unsupported Media Type";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    default: return "Status";
-  }
+// The standard reason phrase (Beast's table: 429, 504 and the rest), or "Status" for a code it
+// does not know (an upstream's 529, relayed by the proxy).
+std::string_view reasonPhrase(int status) noexcept {
+  const bhttp::status known = bhttp::int_to_status(static_cast<unsigned>(status));
+  return known == bhttp::status::unknown ? std::string_view("Status") : sv(bhttp::obsolete_reason(known));
 }
 
 std::string errorBody(std::string_view error, std::string_view message, std::string_view field = {}) {
@@ -178,6 +164,10 @@ void Router::pattern(std::string method, std::string prefix, std::string suffix,
 }
 void Router::stream(std::string method, std::string path, StreamHandler h) {
   routes_.push_back({std::move(method), std::move(path), {}, true, Run::kOnLoop, {}, std::move(h)});
+}
+void Router::streamPrefix(std::string method, std::string prefix, StreamHandler h, std::size_t max_body_bytes) {
+  routes_.push_back({std::move(method), std::move(prefix), {}, false, Run::kOnLoop, {}, std::move(h), max_body_bytes});
+  max_body_ = std::max(max_body_, max_body_bytes);
 }
 
 const Router::Route* Router::find(std::string_view method, std::string_view path) const noexcept {
@@ -425,9 +415,8 @@ class Session final : public SessionBase {
   // Answers `why` and closes, after reading what the client still sends for up to `linger`.
   net::awaitable<void> refuse(Refusal why, std::string_view message, std::string_view field = {},
                               std::chrono::milliseconds linger = std::chrono::seconds(1));
-  net::awaitable<void> refuseTooLarge(const char* when) {
-    co_await refuse(Refusal::kBodyTooLarge, "the body is larger than the limit (" +
-                                                std::to_string(server.limits.max_body_bytes) + " bytes)" + when);
+  net::awaitable<void> refuseTooLarge(std::size_t limit, const char* when) {
+    co_await refuse(Refusal::kBodyTooLarge, "the body is larger than the limit (" + std::to_string(limit) + " bytes)" + when);
   }
   net::awaitable<void> lingeringClose(std::chrono::milliseconds linger = std::chrono::seconds(1));
   net::awaitable<bool> dispatch(Request& request, bool keep_alive);
@@ -460,7 +449,7 @@ class ChunkedStream final : public Stream {
                              std::vector<std::pair<std::string, std::string>> headers) override {
     if (begun_) co_return ok_;
     begun_ = true;
-    std::string head = "HTTP/1.1 " + std::to_string(status) + " " + reasonPhrase(status) + "\r\nContent-Type: " +
+    std::string head = "HTTP/1.1 " + std::to_string(status) + " " + std::string(reasonPhrase(status)) + "\r\nContent-Type: " +
                        content_type + "\r\nTransfer-Encoding: chunked\r\nCache-Control: no-cache\r\n";
     if (!keep_alive_) head += "Connection: close\r\n";
     for (const auto& [k, v] : headers) head += k + ": " + v + "\r\n";
@@ -478,6 +467,13 @@ class ChunkedStream final : public Stream {
     std::string head(size, end);
     head += "\r\n";
     ok_ = co_await s_.writeRaw(head, chunk) && co_await s_.writeRaw("\r\n");
+    co_return ok_;
+  }
+  net::awaitable<bool> respond(int status, std::string content_type, std::string body,
+                               std::vector<std::pair<std::string, std::string>> headers) override {
+    if (begun_) co_return false;
+    begun_ = ended_ = true;
+    ok_ = co_await s_.send(status, content_type, body, keep_alive_, headers);
     co_return ok_;
   }
   net::awaitable<void> end() override {
@@ -510,7 +506,7 @@ net::awaitable<bool> Session<Protocol>::send(int status, std::string_view conten
                                              bool keep_alive,
                                              const std::vector<std::pair<std::string, std::string>>& headers,
                                              bool head_only) {
-  std::string head = "HTTP/1.1 " + std::to_string(status) + " " + reasonPhrase(status) + "\r\n";
+  std::string head = "HTTP/1.1 " + std::to_string(status) + " " + std::string(reasonPhrase(status)) + "\r\n";
   const bool bodiless = status == 204 || status == 304 || status < 200;
   if (!bodiless) {
     head += "Content-Type: ";
@@ -658,7 +654,7 @@ net::awaitable<void> Session<Protocol>::run() {
     // The request line and headers, within header_timeout of their first byte (slowloris).
     bhttp::request_parser<bhttp::string_body> parser;
     parser.header_limit(static_cast<std::uint32_t>(std::min<std::size_t>(limits.max_header_bytes, UINT32_MAX)));
-    parser.body_limit(limits.max_body_bytes);
+    parser.body_limit(std::max(limits.max_body_bytes, server.router.maxBodyBytes()));
     deadline(limits.header_timeout);
     co_await bhttp::async_read_header(socket_, buffer_, parser, net::redirect_error(use_awaitable, ec));
     if (timedOut()) {
@@ -670,7 +666,7 @@ net::awaitable<void> Session<Protocol>::run() {
                                                               std::to_string(limits.max_header_bytes) + " bytes");
     }
     if (ec == bhttp::error::body_limit) {   // the parser checks Content-Length with the headers
-      co_return co_await refuseTooLarge("");
+      co_return co_await refuseTooLarge(std::max(limits.max_body_bytes, server.router.maxBodyBytes()), "");
     }
     if (ec == bhttp::error::end_of_stream || ec == net::error::connection_reset || ec == net::error::eof) break;
     if (ec == bhttp::error::buffer_overflow) {
@@ -698,8 +694,18 @@ net::awaitable<void> Session<Protocol>::run() {
       co_return co_await refuse(Refusal::kUnsupportedEncoding,
                                 "Content-Encoding " + std::string(encoding) + " is not accepted (identity, gzip, deflate)");
     }
-    if (const auto length = parser.content_length(); length && *length > limits.max_body_bytes) {
-      co_return co_await refuseTooLarge("");
+    // The route's own limit, if it has one (the LLM proxy takes larger bodies than the API).
+    std::size_t body_limit = limits.max_body_bytes;
+    {
+      const std::string_view target = sv(msg.target());
+      const std::string_view method = sv(msg.method_string());
+      const Router::Route* r =
+          server.router.find(method == "HEAD" ? "GET" : method, target.substr(0, target.find('?')));
+      if (r != nullptr && r->max_body_bytes > 0) body_limit = r->max_body_bytes;
+    }
+    parser.body_limit(body_limit);
+    if (const auto length = parser.content_length(); length && *length > body_limit) {
+      co_return co_await refuseTooLarge(body_limit, "");
     }
     if (!parser.is_done()) {
       if (!http10_ && iequals(trim(sv(msg[bhttp::field::expect])), "100-continue")) {
@@ -712,7 +718,7 @@ net::awaitable<void> Session<Protocol>::run() {
                                                              std::to_string(limits.body_timeout.count()) + " ms");
       }
       if (ec == bhttp::error::body_limit || ec == bhttp::error::buffer_overflow) {
-        co_return co_await refuseTooLarge("");   // (overflow: a chunk extension or trailer without end)
+        co_return co_await refuseTooLarge(body_limit, "");   // (overflow: a chunk extension or trailer without end)
       }
       if (ec) co_return co_await refuse(Refusal::kBadRequest, "the request's body is not valid: " + ec.message());
       // Trailer fields of a chunked body join the headers: the same count holds for them.
@@ -730,9 +736,9 @@ net::awaitable<void> Session<Protocol>::run() {
     for (const auto& f : msg) request.headers.emplace_back(std::string(f.name_string()), std::string(f.value()));
     if (gzip || deflate) {
       bool too_large = false;
-      std::optional<std::string> body = inflateBody(msg.body(), gzip, limits.max_body_bytes, &too_large);
+      std::optional<std::string> body = inflateBody(msg.body(), gzip, body_limit, &too_large);
       if (too_large) {
-        co_return co_await refuseTooLarge(" once decoded");
+        co_return co_await refuseTooLarge(body_limit, " once decoded");
       }
       if (!body) {
         co_return co_await refuse(Refusal::kBadRequest,

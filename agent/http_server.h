@@ -72,6 +72,10 @@ class Stream {
   virtual boost::asio::awaitable<bool> begin(int status, std::string content_type,
                                              std::vector<std::pair<std::string, std::string>> headers = {}) = 0;
   virtual boost::asio::awaitable<bool> write(std::string_view chunk) = 0;
+  // Instead of begin/write/end: the whole response at once, with a Content-Length. False if the
+  // client has gone, or the response was begun already.
+  virtual boost::asio::awaitable<bool> respond(int status, std::string content_type, std::string body,
+                                               std::vector<std::pair<std::string, std::string>> headers = {}) = 0;
   // Ends the body. A handler that returns without calling it has it called for it.
   virtual boost::asio::awaitable<void> end() = 0;
   // The connection's executor, for sockets and timers of the handler's own (an upstream call).
@@ -89,6 +93,11 @@ class Router {
   void exact(std::string method, std::string path, Handler h, Run run = Run::kOnLoop);
   void pattern(std::string method, std::string prefix, std::string suffix, Handler h, Run run = Run::kOnLoop);
   void stream(std::string method, std::string path, StreamHandler h);
+  // Every path that starts with `prefix`; its requests may have bodies of up to `max_body_bytes`
+  // (0: Limits::max_body_bytes).
+  void streamPrefix(std::string method, std::string prefix, StreamHandler h, std::size_t max_body_bytes = 0);
+  // The largest body any route takes beyond Limits::max_body_bytes (0: none).
+  std::size_t maxBodyBytes() const noexcept { return max_body_; }
 
   struct Route {
     std::string method, prefix, suffix;
@@ -96,12 +105,14 @@ class Router {
     Run run = Run::kOnLoop;
     Handler handler;
     StreamHandler stream;
+    std::size_t max_body_bytes = 0;   // 0: Limits::max_body_bytes
   };
   // The route for (method, path), or nullptr.
   const Route* find(std::string_view method, std::string_view path) const noexcept;
 
  private:
   std::vector<Route> routes_;
+  std::size_t max_body_ = 0;
 };
 
 // Why a request was refused before any handler saw it, or a connection closed; counted.

@@ -364,6 +364,9 @@ std::string Metrics::scrape() const {
       for (MetricFamily& f : c->Collect()) families.push_back(std::move(f));
     }
   }
+  for (const auto& c : extra_) {
+    for (MetricFamily& f : c->Collect()) families.push_back(std::move(f));
+  }
   return prometheus::TextSerializer().Serialize(families);
 }
 

@@ -18,6 +18,7 @@
 #include <atomic>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace tokenfuse {
 
@@ -43,6 +44,8 @@ class Metrics {
   void decision(Endpoint endpoint, Code code) noexcept;
   // The HTTP server's connections and refusals, exported from now on (before the first scrape).
   void setHttpStats(const http::ServerStats* stats) noexcept { http_.store(stats, std::memory_order_release); }
+  // Exports `c`'s families too (before the first scrape).
+  void add(std::shared_ptr<prometheus::Collectable> c) { extra_.push_back(std::move(c)); }
   // The Prometheus text exposition format.
   std::string scrape() const;
 
@@ -54,6 +57,7 @@ class Metrics {
   std::shared_ptr<prometheus::Collectable> region_;
   std::shared_ptr<prometheus::Collectable> link_;   // nullptr: no central link
   std::shared_ptr<prometheus::Collectable> alerts_;
+  std::vector<std::shared_ptr<prometheus::Collectable>> extra_;
   std::atomic<const http::ServerStats*> http_{nullptr};
   prometheus::Family<prometheus::Counter>& decisions_family_;
   // Created on first use, so that only codes that occurred are exported.

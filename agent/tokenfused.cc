@@ -111,6 +111,7 @@ int main(int argc, char** argv) {
       o.limits.header_timeout = std::chrono::milliseconds(config.http_header_timeout_ms);
       o.limits.body_timeout = std::chrono::milliseconds(config.http_body_timeout_ms);
       o.limits.idle_timeout = std::chrono::milliseconds(config.http_idle_timeout_ms);
+      o.proxy = config.proxy;
       raiseFileLimit(config.http_max_connections);
       http = std::make_unique<HttpApi>(agent, std::move(o));
       // Where it listens, for the CLI and for tests that asked for port 0; written whole or not at all.

@@ -8,6 +8,7 @@ packages=(
   build-essential cmake pkg-config git ca-certificates
   # libraries the agent and the library build against
   libboost-dev                 # Boost.Interprocess, Beast and Asio (header-only)
+  libssl-dev                   # the LLM proxy: https upstreams (OpenSSL), key hashes
   zlib1g-dev                   # gzip request bodies
   libtomlplusplus-dev          # config file
   libspdlog-dev libfmt-dev     # structured logs
