@@ -136,7 +136,8 @@ const scenarios = {
     return { text: r.content[0].text, usage: r.usage };
   },
   async anthropic_stream() {
-    const s = await anthropic().messages.create({ model: 'claude-test', max_tokens: 1000, messages, stream: true });
+    const max_tokens = Number(process.env.MAX_TOKENS ?? 1000);
+    const s = await anthropic().messages.create({ model: 'claude-test', max_tokens, messages, stream: true });
     return collect(s, (e) => (e.type === 'content_block_delta' ? e.delta.text : ''));
   },
   async anthropic_denied() {

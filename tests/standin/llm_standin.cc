@@ -82,8 +82,8 @@ struct LlmStandin::Impl {
     p.model = p.body.is_object() ? p.body.value("model", std::string("standin")) : "standin";
     p.tokens = headerInt(req, "X-Standin-Tokens", self.tokens.load());
     p.delay_ms = headerInt(req, "X-Standin-Delay-Ms", self.delay_ms.load());
-    p.die_after = headerInt(req, "X-Standin-Die-After", -1);
-    p.status = headerInt(req, "X-Standin-Status", 200);
+    p.die_after = headerInt(req, "X-Standin-Die-After", self.die_after.load());
+    p.status = headerInt(req, "X-Standin-Status", self.status.load());
     p.prompt = self.prompt_tokens.load();
     p.usage = req.header("X-Standin-No-Usage").empty();
     return p;

@@ -36,6 +36,8 @@ class LlmStandin {
   std::atomic<int> tokens{5};
   std::atomic<int> delay_ms{0};
   std::atomic<int> prompt_tokens{10};   // the prompt_tokens / input_tokens it reports
+  std::atomic<int> die_after{-1};       // as X-Standin-Die-After, for every stream
+  std::atomic<int> status{200};         // as X-Standin-Status, for every call
 
   struct Seen {
     std::string method, target, body;
