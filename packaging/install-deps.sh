@@ -24,6 +24,7 @@ packages=(
   # tests and benchmarks
   doctest-dev libbenchmark-dev python3 wrk
   redis-server postgresql      # the central link's tests start their own, on free ports
+  nodejs                       # the LLM proxy's tests run the official SDKs (tests/sdk, from npm)
   # packaging: .deb files (CPack, dpkg-shlibdeps), their checks
   dpkg-dev fakeroot lintian systemd
 )
@@ -33,18 +34,35 @@ for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 
-if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all ${#packages[@]} packages already installed"
-  exit 0
-fi
+# The official LLM SDKs the proxy's tests drive (tests/sdk/package-lock.json), from the npm
+# registry; again only when the lock file changed.
+sdks() {
+  local dir
+  dir="$(cd "$(dirname "$0")/.." && pwd)/tests/sdk"
+  command -v npm >/dev/null || "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends npm
+  if [ ! -f "$dir/node_modules/.package-lock.json" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+    echo "install-deps: npm ci in $dir"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+}
 
 sudo_cmd=()
 if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null || { echo "install-deps: run as root or install sudo" >&2; exit 1; }
   sudo_cmd=(sudo)
+fi
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#packages[@]} packages already installed"
+  sdks
+  exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "install-deps: run as root or install sudo" >&2; exit 1; }
 fi
 
 echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 "${sudo_cmd[@]}" apt-get update -qq
 "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+sdks
