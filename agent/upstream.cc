@@ -51,38 +51,52 @@ struct Upstream::Connection {
 };
 
 // Cancels the connection's I/O when an operation outlasts its time. The timer runs on the
-// call's executor, as the call's own I/O does, so that the two never touch the socket at once;
-// `armed` says whether the connection is still this call's.
+// call's executor, as the call's own I/O does, so that the two never touch the socket at once.
+// It is started once per call: arming again only moves the due time later, and the timer, when
+// it goes off early, waits again for the rest (a call makes several operations; each restart of
+// a timer costs the event loop a little).
 class Deadline {
  public:
-  explicit Deadline(net::any_io_executor ex) : timer_(std::move(ex)) {}
-  ~Deadline() { disarm(); }
+  explicit Deadline(net::any_io_executor ex) : state_(std::make_shared<State>(std::move(ex))) {}
+  ~Deadline() {
+    state_->conn = nullptr;
+    state_->timer.cancel();
+  }
   void arm(Upstream::Connection& c, std::chrono::milliseconds after) {
-    disarm();
-    current_ = std::make_shared<State>();
-    timer_.expires_after(after);
-    timer_.async_wait([state = current_, &c](const boost::system::error_code& ec) {
-      if (ec || !state->armed) return;   // a handler already queued when it was disarmed
-      state->fired = true;
-      boost::system::error_code ignored;
-      c.socket().cancel(ignored);
-    });
+    State& s = *state_;
+    s.conn = &c;
+    s.fired = false;
+    s.due = std::chrono::steady_clock::now() + after;
+    if (!s.waiting || s.timer.expiry() > s.due) wait(state_);
   }
   // True if the operation armed last was cut by the deadline.
   bool disarm() {
-    if (!current_) return false;
-    current_->armed = false;
-    timer_.cancel();
-    return current_->fired;
+    state_->conn = nullptr;
+    return state_->fired;
   }
 
  private:
   struct State {
-    bool armed = true;
+    explicit State(net::any_io_executor ex) : timer(std::move(ex)) {}
+    net::steady_timer timer;
+    Upstream::Connection* conn = nullptr;   // nullptr: disarmed
+    std::chrono::steady_clock::time_point due;
+    bool waiting = false;
     bool fired = false;
   };
-  net::steady_timer timer_;
-  std::shared_ptr<State> current_;
+  static void wait(const std::shared_ptr<State>& state) {
+    state->waiting = true;
+    state->timer.expires_at(state->due);
+    state->timer.async_wait([state](const boost::system::error_code& ec) {
+      state->waiting = false;
+      if (ec || state->conn == nullptr) return;   // cancelled, or the call is between operations
+      if (std::chrono::steady_clock::now() < state->due) return wait(state);   // moved later meanwhile
+      state->fired = true;
+      boost::system::error_code ignored;
+      state->conn->socket().cancel(ignored);
+    });
+  }
+  std::shared_ptr<State> state_;
 };
 
 struct Exchange::Impl {
