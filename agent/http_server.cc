@@ -409,7 +409,7 @@ class Session final : public SessionBase {
   net::awaitable<bool> send(int status, std::string_view content_type, std::string_view body, bool keep_alive,
                             const std::vector<std::pair<std::string, std::string>>& headers = {},
                             bool head_only = false);
-  net::awaitable<bool> writeRaw(std::string_view a, std::string_view b = {});
+  net::awaitable<bool> writeRaw(std::string_view a, std::string_view b = {}, std::string_view c = {});
 
  private:
   // Answers `why` and closes, after reading what the client still sends for up to `linger`.
@@ -445,16 +445,16 @@ template <typename Protocol>
 class ChunkedStream final : public Stream {
  public:
   ChunkedStream(Session<Protocol>& s, bool keep_alive) : s_(s), keep_alive_(keep_alive) {}
+  // The status line and headers wait for the first chunk, to go out in one write with it.
   net::awaitable<bool> begin(int status, std::string content_type,
                              std::vector<std::pair<std::string, std::string>> headers) override {
     if (begun_) co_return ok_;
     begun_ = true;
-    std::string head = "HTTP/1.1 " + std::to_string(status) + " " + std::string(reasonPhrase(status)) + "\r\nContent-Type: " +
-                       content_type + "\r\nTransfer-Encoding: chunked\r\nCache-Control: no-cache\r\n";
-    if (!keep_alive_) head += "Connection: close\r\n";
-    for (const auto& [k, v] : headers) head += k + ": " + v + "\r\n";
-    head += "\r\n";
-    ok_ = co_await s_.writeRaw(head);
+    head_ = "HTTP/1.1 " + std::to_string(status) + " " + std::string(reasonPhrase(status)) + "\r\nContent-Type: " +
+            content_type + "\r\nTransfer-Encoding: chunked\r\nCache-Control: no-cache\r\n";
+    if (!keep_alive_) head_ += "Connection: close\r\n";
+    for (const auto& [k, v] : headers) head_ += k + ": " + v + "\r\n";
+    head_ += "\r\n";
     co_return ok_;
   }
   net::awaitable<bool> write(std::string_view chunk) override {
@@ -464,9 +464,10 @@ class ChunkedStream final : public Stream {
     char size[24];
     const auto [end, ec] = std::to_chars(size, size + sizeof size - 2, chunk.size(), 16);
     (void)ec;
-    std::string head(size, end);
-    head += "\r\n";
-    ok_ = co_await s_.writeRaw(head, chunk) && co_await s_.writeRaw("\r\n");
+    head_.append(size, end);
+    head_ += "\r\n";
+    ok_ = co_await s_.writeRaw(head_, chunk, "\r\n");   // one write: a streamed token is one segment
+    head_.clear();
     co_return ok_;
   }
   net::awaitable<bool> respond(int status, std::string content_type, std::string body,
@@ -480,7 +481,8 @@ class ChunkedStream final : public Stream {
     if (!begun_) co_await begin(200, "application/octet-stream", {});
     if (ended_) co_return;
     ended_ = true;
-    if (ok_) ok_ = co_await s_.writeRaw("0\r\n\r\n");
+    if (ok_) ok_ = co_await s_.writeRaw(head_, "0\r\n\r\n");
+    head_.clear();
   }
   net::any_io_executor executor() override { return s_.socket().get_executor(); }
   bool ok() const noexcept { return ok_; }
@@ -490,13 +492,15 @@ class ChunkedStream final : public Stream {
   Session<Protocol>& s_;
   bool keep_alive_;
   bool begun_ = false, ended_ = false, ok_ = true;
+  std::string head_;   // bytes not yet written: the status line and headers, then a chunk's size
 };
 
 template <typename Protocol>
-net::awaitable<bool> Session<Protocol>::writeRaw(std::string_view a, std::string_view b) {
+net::awaitable<bool> Session<Protocol>::writeRaw(std::string_view a, std::string_view b, std::string_view c) {
   beast::error_code ec;
   deadline(server.limits.body_timeout);   // a client that does not read is let go
-  const std::array<net::const_buffer, 2> bufs{net::buffer(a.data(), a.size()), net::buffer(b.data(), b.size())};
+  const std::array<net::const_buffer, 3> bufs{net::buffer(a.data(), a.size()), net::buffer(b.data(), b.size()),
+                                              net::buffer(c.data(), c.size())};
   co_await net::async_write(socket_, bufs, net::redirect_error(use_awaitable, ec));
   co_return !timedOut() && !ec;
 }

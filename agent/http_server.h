@@ -67,8 +67,9 @@ struct Response {
 class Stream {
  public:
   virtual ~Stream() = default;
-  // Sends the status line and headers; the body follows in chunks (Transfer-Encoding: chunked).
-  // False if the client has gone (then stop: nothing more reaches it).
+  // The status line and headers; the body follows in chunks (Transfer-Encoding: chunked). They
+  // are sent with the first chunk (or end()), in one write. False if the client has gone (then
+  // stop: nothing more reaches it).
   virtual boost::asio::awaitable<bool> begin(int status, std::string content_type,
                                              std::vector<std::pair<std::string, std::string>> headers = {}) = 0;
   virtual boost::asio::awaitable<bool> write(std::string_view chunk) = 0;

@@ -575,7 +575,7 @@ net::awaitable<void> Proxy::streamed(Call& call, http::Stream& out) {
   proxy::StreamSplitter splitter(format);
   std::int64_t charged_prompt = 0, charged_completion = 0, text_bytes = 0, text_chunks = 0;
   std::optional<std::int64_t> reported_prompt, reported_completion;
-  bool client_gone = !co_await out.begin(ex->status(), type, replyHeaders(*ex));
+  bool client_gone = !co_await out.begin(ex->status(), type, replyHeaders(*ex));   // sent with the first events
   bool finished = false, upstream_error_event = false;
   std::optional<Decision> cut;
   std::string failure;   // why the upstream's stream broke off
@@ -611,6 +611,7 @@ net::awaitable<void> Proxy::streamed(Call& call, http::Stream& out) {
       failure = "the upstream sent an event larger than 1 MiB";
       break;
     }
+    std::string batch;   // the events of one read, passed on in one write
     while (std::optional<std::string> raw = splitter.next()) {
       const proxy::StreamEvent event = proxy::parseEvent(format, *raw);
       const proxy::EventFacts facts = proxy::interpret(ep, event);
@@ -627,11 +628,9 @@ net::awaitable<void> Proxy::streamed(Call& call, http::Stream& out) {
       }
       finished = finished || facts.final;
       if (facts.usage_only && call.added_usage) continue;   // asked for by the proxy, not the client
-      if (!co_await out.write(*raw)) {
-        client_gone = true;
-        break;
-      }
+      batch += *raw;
     }
+    if (!batch.empty() && !co_await out.write(batch)) client_gone = true;
   }
   if (cut) {
     // The next chunk would have crossed a limit: the upstream is stopped (the connection closes
