@@ -649,3 +649,45 @@ TEST_CASE("agent: config limits, prices and kill switch reach the region, and re
   CHECK(client->price("custom") == c.fallback_price);
   CHECK(client->check("acme", "gpt-4o").allowed());
 }
+
+TEST_CASE("config: [proxy] and its upstreams and keys are checked, each error naming its key") {
+  const std::string up = "[[proxy.upstreams]]\nname = \"openai\"\nkind = \"openai\"\nbase_url = \"https://api.openai.com/v1/\"\n";
+  const Config c = parseConfig("[proxy]\ndefault_tenant = \"shared\"\n" + up, "t.toml");
+  REQUIRE(c.proxy.upstreams.size() == 1);
+  const UpstreamConfig& u = c.proxy.upstreams[0];
+  CHECK(u.url.tls);
+  CHECK(u.url.host == "api.openai.com");
+  CHECK(u.url.port == "443");
+  CHECK(u.url.path == "/v1");   // the trailing slash dropped
+  CHECK(u.provider == "openai");
+  CHECK(u.model_prefix.empty());
+  CHECK(parseConfig("[[proxy.upstreams]]\nname = \"l\"\nkind = \"ollama\"\nbase_url = \"http://[::1]:11434\"\n", "t")
+            .proxy.upstreams[0].model_prefix == "ollama/");
+  CHECK_FALSE(defaultConfig().proxy.enabled());
+
+  CHECK(parseError(up + up) == "t.toml: proxy.upstreams[1].name: \"openai\" names another upstream already");
+  CHECK(parseError("[[proxy.upstreams]]\nname = \"a/b\"\nkind = \"openai\"\nbase_url = \"http://x\"\n") ==
+        "t.toml: proxy.upstreams[0].name: must be 1 to 64 letters, digits, '.', '_' or '-' (it is a path segment)");
+  CHECK(parseError("[[proxy.upstreams]]\nname = \"a\"\nkind = \"gemini\"\nbase_url = \"http://x\"\n") ==
+        "t.toml: proxy.upstreams[0].kind: must be openai, anthropic or ollama (the API the upstream speaks)");
+  CHECK(parseError("[[proxy.upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"ftp://x\"\n") ==
+        "t.toml: proxy.upstreams[0].base_url: must start with http:// or https://");
+  CHECK(parseError("[[proxy.upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://user:pw@x\"\n") ==
+        "t.toml: proxy.upstreams[0].base_url: must not hold credentials (use api_key_file)");
+  CHECK(parseError("[[proxy.upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://x:99999\"\n") ==
+        "t.toml: proxy.upstreams[0].base_url: has a port that is not a number from 1 to 65535");
+  CHECK(parseError(up + "api_key_file = \"/nonexistent/key\"\n") ==
+        "t.toml: proxy.upstreams[0].api_key_file: cannot read a first line from /nonexistent/key");
+  CHECK(parseError(up + "timeout = 5\n") ==
+        "t.toml: proxy.upstreams[0].timeout: unknown key (check its spelling and section)");
+  CHECK(parseError("[proxy]\nrequire_key = true\n") ==
+        "t.toml: proxy.require_key: is true but no [[proxy.keys]] are configured");
+  CHECK(parseError("[[proxy.keys]]\nsha256 = \"ABC\"\ntenant = \"acme\"\n") ==
+        "t.toml: proxy.keys[0].sha256: must be 64 lowercase hex digits: printf %s \"$KEY\" | sha256sum");
+  CHECK(parseError("[[proxy.keys]]\nsha256 = \"" + std::string(64, 'a') + "\"\n") ==
+        "t.toml: proxy.keys[0].tenant: must be a project_id of 1 to 128 bytes");
+  CHECK(parseError("[proxy]\ntenant_header = \"X Project\"\n") == "t.toml: proxy.tenant_header: must be an HTTP header name");
+  CHECK(parseError("[proxy]\nchars_per_token = 0\n") == "t.toml: proxy.chars_per_token: must be a number from 0.5 to 100");
+  CHECK(parseError("[proxy.model_chars_per_token]\n\"qwen*\" = \"3\"\n") ==
+        "t.toml: proxy.model_chars_per_token.\"qwen*\": must be a number from 0.5 to 100");
+}
