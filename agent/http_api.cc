@@ -301,6 +301,8 @@ HttpApi::HttpApi(Agent& agent, Options options)
   o.unix_socket = options_.unix_socket;
   o.threads = options_.threads;
   o.limits = options_.limits;
+  // Pooled upstream sockets belong to the server's event loop: closed before it goes.
+  if (proxy_) o.after_stop = [this] { proxy_->dropIdleConnections(); };
   server_ = std::make_unique<http::Server>(routes(), std::move(o));
   metrics_.setHttpStats(&server_->stats());
 }

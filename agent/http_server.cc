@@ -468,30 +468,32 @@ class ChunkedStream final : public Stream {
     head_ += "\r\n";
     ok_ = co_await s_.writeRaw(head_, chunk, "\r\n");   // one write: a streamed token is one segment
     head_.clear();
+    wrote_ = true;
     co_return ok_;
   }
   net::awaitable<bool> respond(int status, std::string content_type, std::string body,
                                std::vector<std::pair<std::string, std::string>> headers) override {
     if (begun_) co_return false;
-    begun_ = ended_ = true;
+    begun_ = ended_ = wrote_ = true;
     ok_ = co_await s_.send(status, content_type, body, keep_alive_, headers);
     co_return ok_;
   }
   net::awaitable<void> end() override {
     if (!begun_) co_await begin(200, "application/octet-stream", {});
     if (ended_) co_return;
-    ended_ = true;
+    ended_ = wrote_ = true;
     if (ok_) ok_ = co_await s_.writeRaw(head_, "0\r\n\r\n");
     head_.clear();
   }
   net::any_io_executor executor() override { return s_.socket().get_executor(); }
   bool ok() const noexcept { return ok_; }
-  bool begun() const noexcept { return begun_; }
+  // Whether any byte of the response went out (begin() alone sends nothing).
+  bool sent() const noexcept { return wrote_; }
 
  private:
   Session<Protocol>& s_;
   bool keep_alive_;
-  bool begun_ = false, ended_ = false, ok_ = true;
+  bool begun_ = false, ended_ = false, ok_ = true, wrote_ = false;
   std::string head_;   // bytes not yet written: the status line and headers, then a chunk's size
 };
 
@@ -586,7 +588,7 @@ net::awaitable<bool> Session<Protocol>::dispatch(Request& request, bool keep_ali
     if (failed) {
       // Before the first byte a whole error answer is still possible; after it, only a close,
       // which tells the client the body is cut short.
-      if (!out.begun()) co_await send(500, "application/json", errorBody("internal", failure), false);
+      if (!out.sent()) co_await send(500, "application/json", errorBody("internal", failure), false);
       co_return false;
     }
     co_await out.end();
@@ -848,6 +850,7 @@ Server::~Server() {
   });
   m.ioc.stop();
   for (std::thread& t : m.threads) t.join();
+  if (m.options.after_stop) m.options.after_stop();
   m.blocking.join();
   if (!m.options.unix_socket.empty()) ::unlink(m.options.unix_socket.c_str());
 }

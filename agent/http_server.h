@@ -155,6 +155,9 @@ class Server {
     unsigned unix_socket_mode = 0660;
     int threads = 0;                  // event-loop threads; 0: one per core
     int blocking_threads = 2;         // for Router::Run::kBlocking handlers
+    // Runs once the event-loop threads have stopped, before the event loop goes: for handlers'
+    // objects bound to it (the proxy's pooled upstream connections).
+    std::function<void()> after_stop;
     Limits limits;
   };
   // Binds, starts the threads, and serves. Throws std::runtime_error naming the address.

@@ -52,23 +52,31 @@ const json& at(const json& j, const char* key) {
 // throws WireError beyond kMaxDepth. Array elements take their array's key, and its parent's.
 template <typename Visit>
 void forEachString(const json& body, Visit&& visit) {
-  struct Item {
-    const json* value;
-    std::string_view key, parent;
-    std::size_t depth;
+  // One frame per open container, holding its position: memory grows with the depth (at most
+  // kMaxDepth), not with the number of elements.
+  struct Frame {
+    const json* container;
+    json::const_iterator next;
+    std::string_view key, parent;   // the container's key, and its parent's
   };
-  std::vector<Item> todo{{&body, {}, {}, 0}};
-  while (!todo.empty()) {
-    const Item item = todo.back();
-    todo.pop_back();
-    if (item.depth > kMaxDepth) throw WireError{"body", "is nested more than 128 deep"};
-    const json& v = *item.value;
-    if (v.is_string()) {
-      visit(item.key, item.parent, v.get_ref<const std::string&>());
-    } else if (v.is_object()) {
-      for (auto it = v.begin(); it != v.end(); ++it) todo.push_back({&it.value(), it.key(), item.key, item.depth + 1});
-    } else if (v.is_array()) {
-      for (const json& e : v) todo.push_back({&e, item.key, item.parent, item.depth + 1});
+  if (body.is_string()) return visit(std::string_view(), std::string_view(), body.get_ref<const std::string&>());
+  if (!body.is_structured()) return;
+  std::vector<Frame> stack{{&body, body.cbegin(), {}, {}}};
+  while (!stack.empty()) {
+    Frame& f = stack.back();
+    if (f.next == f.container->cend()) {
+      stack.pop_back();
+      continue;
+    }
+    const json::const_iterator it = f.next++;
+    // Array elements take their array's key, and its parent's.
+    const std::string_view key = f.container->is_object() ? std::string_view(it.key()) : f.key;
+    const std::string_view parent = f.container->is_object() ? f.key : f.parent;
+    if (it->is_string()) {
+      visit(key, parent, it->get_ref<const std::string&>());
+    } else if (it->is_structured()) {
+      if (stack.size() >= kMaxDepth) throw WireError{"body", "is nested more than 128 deep"};
+      stack.push_back({&*it, it->cbegin(), key, parent});
     }
   }
 }
@@ -111,15 +119,23 @@ std::optional<std::int64_t> limitOf(const json& j, std::initializer_list<const c
 
 std::int64_t countOf(const json& j) { return j.is_array() ? static_cast<std::int64_t>(j.size()) : j.is_null() ? 0 : 1; }
 
+// "/v1/models" or "/v1/models/<one id>": nothing else, so that no path such as
+// "/v1/models/../files" reaches another of the upstream's endpoints with the operator's key.
+bool modelsPath(std::string_view path) {
+  if (path == "/v1/models") return true;
+  if (!path.starts_with("/v1/models/")) return false;
+  const std::string_view id = path.substr(11);
+  return !id.empty() && id != "." && id != ".." &&
+         id.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-") == std::string_view::npos;
+}
+
 }  // namespace
 
 std::optional<Route> route(std::string_view kind, std::string_view method, std::string_view path) {
   const bool openai = kind == "openai" || kind == "ollama";
   if (method == "GET") {
-    if (openai && (path == "/v1/models" || path.starts_with("/v1/models/"))) return Route{Endpoint::kModels, Family::kOpenAi, false};
-    if (kind == "anthropic" && (path == "/v1/models" || path.starts_with("/v1/models/"))) {
-      return Route{Endpoint::kModels, Family::kAnthropic, false};
-    }
+    if (openai && modelsPath(path)) return Route{Endpoint::kModels, Family::kOpenAi, false};
+    if (kind == "anthropic" && modelsPath(path)) return Route{Endpoint::kModels, Family::kAnthropic, false};
     if (kind == "ollama" && path == "/api/tags") return Route{Endpoint::kOllamaTags, Family::kOllama, false};
     return std::nullopt;
   }
@@ -162,10 +178,16 @@ RequestFacts inspect(Endpoint endpoint, const json& body) {
     f.stream = ollama;   // Ollama streams unless told not to
   }
   measureText(body, f);
-  std::int64_t n = 1;
-  if (const auto it = body.find("n"); it != body.end() && it->is_number_integer()) {
-    n = std::clamp<std::int64_t>(it->get<std::int64_t>(), 1, 128);
-  }
+  // How many answers the request asks for: servers that coerce "8" or 8.0 would generate 8.
+  auto multiplier = [&body](const char* key) -> std::int64_t {
+    const auto it = body.find(key);
+    if (it == body.end() || it->is_null()) return 1;
+    if (!it->is_number_integer() || it->get<std::int64_t>() < 1 || it->get<std::int64_t>() > 128) {
+      throw WireError{key, "must be a whole number from 1 to 128"};
+    }
+    return it->get<std::int64_t>();
+  };
+  std::int64_t n = multiplier("n");
   switch (endpoint) {
     case Endpoint::kChatCompletions:
       f.parts = countOf(at(body, "messages"));
@@ -174,11 +196,14 @@ RequestFacts inspect(Endpoint endpoint, const json& body) {
     case Endpoint::kCompletions:
       f.parts = countOf(at(body, "prompt"));
       f.max_completion = limitOf(body, {"max_tokens"}, "max_tokens");
-      if (const auto it = body.find("best_of"); it != body.end() && it->is_number_integer()) {
-        n = std::max(n, std::clamp<std::int64_t>(it->get<std::int64_t>(), 1, 128));
-      }
+      n = std::max(n, multiplier("best_of"));
       break;
     case Endpoint::kResponses:
+      // A background response is generated after the answer, where no stream can be cut and no
+      // usage is reported: not proxied.
+      if (const auto bg = body.find("background"); bg != body.end() && !(bg->is_boolean() && !bg->get<bool>()) && !bg->is_null()) {
+        throw WireError{"background", "is not supported through the tokenfuse proxy (its cost could not be held or booked)"};
+      }
       f.parts = countOf(at(body, "input")) + (body.contains("instructions") ? 1 : 0);
       f.max_completion = limitOf(body, {"max_output_tokens"}, "max_output_tokens");
       break;
@@ -213,14 +238,14 @@ std::int64_t estimatePromptTokens(const RequestFacts& f, double chars_per_token,
   return all >= static_cast<double>(kMaxTokensPerCall) ? kMaxTokensPerCall : static_cast<std::int64_t>(all);
 }
 
-std::int64_t answerTextBytes(const json& answer) {
+std::optional<std::int64_t> answerTextBytes(const json& answer) {
   std::int64_t bytes = 0;
   try {
     forEachString(answer, [&bytes](std::string_view key, std::string_view, const std::string& s) {
       if (!metadataKey(key)) bytes += static_cast<std::int64_t>(s.size());
     });
   } catch (const WireError&) {
-    bytes = static_cast<std::int64_t>(answer.dump().size());   // nested absurdly deep: the whole of it
+    return std::nullopt;   // nested absurdly deep: the caller counts the raw bytes
   }
   return bytes;
 }
@@ -363,6 +388,24 @@ EventFacts interpret(Endpoint endpoint, const StreamEvent& event) {
       f.carries_text = true;
     }
   };
+  // Every string of a generated part (text, tool-call arguments, audio transcripts, refusals,
+  // thinking, fields this code does not know yet), but not ids, roles and types: whatever a
+  // client receives is charged. Nested beyond belief: the raw event's size.
+  const std::int64_t raw_size = static_cast<std::int64_t>(event.data.size());
+  auto generated = [&f, raw_size](const json& part) {
+    std::int64_t bytes = 0;
+    try {
+      forEachString(part, [&bytes](std::string_view key, std::string_view, const std::string& s) {
+        if (!metadataKey(key) && key != "name" && key != "stop_reason" && key != "index") bytes += static_cast<std::int64_t>(s.size());
+      });
+    } catch (const WireError&) {
+      bytes = raw_size;
+    }
+    if (bytes > 0) {
+      f.text_bytes += bytes;
+      f.carries_text = true;
+    }
+  };
   switch (endpoint) {
     case Endpoint::kChatCompletions:
     case Endpoint::kCompletions: {
@@ -374,13 +417,7 @@ EventFacts interpret(Endpoint endpoint, const StreamEvent& event) {
       if (choices.is_array()) {
         for (const json& c : choices) {
           text(at(c, "text"));
-          const json& delta = at(c, "delta");
-          text(at(delta, "content"));
-          text(at(delta, "refusal"));
-          text(at(delta, "reasoning_content"));
-          if (const json& calls = at(delta, "tool_calls"); calls.is_array()) {
-            for (const json& call : calls) text(at(at(call, "function"), "arguments"));
-          }
+          generated(at(c, "delta"));
         }
       }
       if (const json& usage = at(j, "usage"); usage.is_object()) {
@@ -393,7 +430,7 @@ EventFacts interpret(Endpoint endpoint, const StreamEvent& event) {
     case Endpoint::kResponses: {
       const std::string type = stringAt(j, "type");
       if (type == "error" || type == "response.failed") f.error = true;
-      if (type.ends_with(".delta")) text(at(j, "delta"));
+      if (type.ends_with(".delta")) generated(at(j, "delta"));
       if (type == "response.completed" || type == "response.incomplete") {
         f.usage = usageOf(endpoint, at(j, "response"));
         f.final = true;
@@ -408,10 +445,9 @@ EventFacts interpret(Endpoint endpoint, const StreamEvent& event) {
         f.usage = usageOf(endpoint, at(j, "message"));
         f.usage.completion.reset();   // the first count, not the answer's
       } else if (type == "content_block_delta") {
-        const json& d = at(j, "delta");
-        text(at(d, "text"));
-        text(at(d, "partial_json"));
-        text(at(d, "thinking"));
+        generated(at(j, "delta"));
+      } else if (type == "content_block_start") {
+        generated(at(j, "content_block"));   // a block may start with content of its own
       } else if (type == "message_delta") {
         f.usage.completion = tokens(at(j, "usage"), "output_tokens");
         const json& usage = at(j, "usage");
@@ -427,15 +463,9 @@ EventFacts interpret(Endpoint endpoint, const StreamEvent& event) {
         f.error = true;
         return f;
       }
-      text(at(at(j, "message"), "content"));
-      text(at(at(j, "message"), "thinking"));
+      generated(at(j, "message"));
       text(at(j, "response"));
       text(at(j, "thinking"));
-      const json& calls = at(at(j, "message"), "tool_calls");
-      if (calls.is_array() && !calls.empty()) {
-        f.text_bytes += static_cast<std::int64_t>(calls.dump().size());
-        f.carries_text = true;
-      }
       if (const auto done = j.find("done"); done != j.end() && done->is_boolean() && done->get<bool>()) {
         f.final = true;
         f.usage = usageOf(endpoint, j);

@@ -73,8 +73,9 @@ std::int64_t estimatePromptTokens(const RequestFacts& facts, double chars_per_to
 std::int64_t estimateCompletionTokens(std::int64_t text_bytes, std::int64_t text_chunks, double chars_per_token);
 
 // The bytes of an answer's generated text (strings other than ids, roles, model names and the
-// like): what the completion estimate reads when an upstream reports no usage.
-std::int64_t answerTextBytes(const nlohmann::json& answer);
+// like): what the completion estimate reads when an upstream reports no usage. nullopt for an
+// answer nested too deep to walk (then count its raw bytes).
+std::optional<std::int64_t> answerTextBytes(const nlohmann::json& answer);
 
 // Usage as an upstream reports it; a count it did not report stays nullopt.
 struct UsageFacts {

@@ -80,13 +80,36 @@ std::string sha256Hex(std::string_view s) {
   return out;
 }
 
-// Headers that belong to one hop, or that the proxy sets itself: never forwarded either way.
-bool hopHeader(std::string_view name) {
-  for (std::string_view h : {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-                             "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect"}) {
+bool oneOf(std::string_view name, std::initializer_list<std::string_view> names) {
+  for (std::string_view h : names) {
     if (iequal(name, h)) return true;
   }
   return false;
+}
+
+// Headers that belong to one hop, or that the proxy sets itself: never forwarded either way.
+bool hopHeader(std::string_view name) {
+  return oneOf(name, {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+                      "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect", "content-encoding"});
+}
+
+// A client's header the upstream must not see: its credentials (the operator's key is sent
+// instead), what would choose which of the operator's accounts pays, and what says where the
+// client is.
+bool clientOnlyHeader(std::string_view name) {
+  return hopHeader(name) ||
+         oneOf(name, {"authorization", "x-api-key", "api-key", "cookie", "accept-encoding", "openai-organization",
+                      "openai-project", "forwarded", "x-real-ip"}) ||
+         (name.size() >= 12 && iequal(name.substr(0, 12), "x-forwarded-"));
+}
+
+// An upstream's header a client must not see: the operator's account, cookies, and rate-limit
+// counts that tell one tenant about the others' use.
+bool upstreamOnlyHeader(std::string_view name) {
+  return hopHeader(name) || oneOf(name, {"set-cookie", "openai-organization", "openai-project", "anthropic-organization-id",
+                                         "content-type", "cache-control"}) ||
+         (name.size() >= 12 && iequal(name.substr(0, 12), "x-ratelimit-")) ||
+         (name.size() >= 21 && iequal(name.substr(0, 21), "anthropic-ratelimit-"));
 }
 
 // "budget" for a spending limit or the kill switch, "rate" for a rate or concurrency cap, and
@@ -117,8 +140,7 @@ namespace {
 proxy::Headers forwardHeaders(const http::Request& req, const ProxyConfig& config) {
   proxy::Headers headers;
   for (const auto& [k, v] : req.headers) {
-    if (hopHeader(k) || iequal(k, "authorization") || iequal(k, "x-api-key") || iequal(k, "accept-encoding") ||
-        iequal(k, "content-encoding") || iequal(k, config.tenant_header) || iequal(k, config.run_header) ||
+    if (clientOnlyHeader(k) || iequal(k, config.tenant_header) || iequal(k, config.run_header) ||
         iequal(k, config.agent_header) || iequal(k, config.tags_header)) {
       continue;
     }
@@ -132,9 +154,21 @@ proxy::Headers forwardHeaders(const http::Request& req, const ProxyConfig& confi
 std::vector<std::pair<std::string, std::string>> replyHeaders(const proxy::Exchange& ex) {
   std::vector<std::pair<std::string, std::string>> out;
   for (const auto& [k, v] : ex.headers()) {
-    if (!hopHeader(k) && !iequal(k, "content-type") && !iequal(k, "cache-control")) out.emplace_back(k, v);
+    if (!upstreamOnlyHeader(k)) out.emplace_back(k, v);
   }
   return out;
+}
+
+// An answer the proxy cannot read (it asked for identity): its cost could not be known.
+bool encoded(const proxy::Exchange& ex) {
+  const std::string e = ex.header("Content-Encoding");
+  return !e.empty() && !iequal(e, "identity");
+}
+
+bool contains(std::string_view haystack, std::string_view needle) {
+  return std::search(haystack.begin(), haystack.end(), needle.begin(), needle.end(), [](char a, char b) {
+           return std::tolower(static_cast<unsigned char>(a)) == std::tolower(static_cast<unsigned char>(b));
+         }) != haystack.end();
 }
 
 }  // namespace
@@ -156,8 +190,10 @@ struct Proxy::Call {
   std::string model;   // priced and booked: the upstream's model_prefix + the request's model
   double chars_per_token = 4.0;
   std::int64_t prompt_estimate = 0;
+  std::int64_t completion_hold = 0;
   Reservation reservation;
   bool settled = true;
+  std::int64_t charged_prompt = 0, charged_completion = 0;   // a stream's tokens charged (delivered) so far
   bool added_usage = false;   // the proxy asked an OpenAI stream for its usage chunk
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
 
@@ -234,6 +270,10 @@ Proxy::~Proxy() = default;
 
 std::shared_ptr<prometheus::Collectable> Proxy::metrics() const { return registry_; }
 
+void Proxy::dropIdleConnections() {
+  for (const auto& u : upstreams_) u->dropIdle();
+}
+
 void Proxy::addRoutes(http::Router& router) {
   const auto max_body = static_cast<std::size_t>(config_.max_request_bytes);
   for (const char* method : {"GET", "POST"}) {
@@ -266,7 +306,9 @@ std::string Proxy::identify(const http::Request& req, Payer* payer) const {
   if (!keys_.empty() && !key.empty()) {
     if (const auto it = keys_.find(sha256Hex(key)); it != keys_.end()) vk = it->second;
   }
-  if (vk == nullptr && config_.require_key) {
+  // With virtual keys configured, a key the proxy does not know is refused rather than ignored:
+  // a revoked key must not fall back to paying by header.
+  if (vk == nullptr && (config_.require_key || (!keys_.empty() && !key.empty()))) {
     return key.empty() ? "auth:this proxy needs a virtual key (Authorization: Bearer <key>, or x-api-key)"
                        : "auth:the key is not one of this proxy's virtual keys";
   }
@@ -352,12 +394,7 @@ net::awaitable<void> Proxy::serve(const http::Request& req, http::Stream& out) {
 }
 
 net::awaitable<void> Proxy::passThrough(Call& call, http::Stream& out) {
-  proxy::Headers headers;
-  for (const auto& [k, v] : call.request.headers) {
-    if (!hopHeader(k) && !iequal(k, "authorization") && !iequal(k, "x-api-key") && !iequal(k, "accept-encoding")) {
-      headers.emplace_back(k, v);
-    }
-  }
+  proxy::Headers headers = forwardHeaders(call.request, config_);
   std::optional<proxy::Exchange> ex;
   std::string body;
   std::optional<ErrorReply> failed;
@@ -385,6 +422,7 @@ net::awaitable<void> Proxy::metered(Call& call, http::Stream& out) {
   call.chars_per_token = charsPerToken(call.facts.model);
   call.prompt_estimate = proxy::estimatePromptTokens(call.facts, call.chars_per_token, config_.image_tokens);
   const std::int64_t completion_hold = call.facts.max_completion.value_or(config_.default_max_tokens);
+  call.completion_hold = completion_hold;
 
   tokenfuse::Call c{call.payer.tenant, call.model, call.payer.run, call.payer.agent, call.prompt_estimate,
                     completion_hold, 0};
@@ -406,14 +444,19 @@ net::awaitable<void> Proxy::metered(Call& call, http::Stream& out) {
   }
   call.settled = false;
   // Whatever ends this call (an exception, the server stopping), a hold that was not booked is
-  // returned.
-  struct Release {
+  // returned, and the tokens a stream delivered are booked.
+  struct Settle {
     Engine& engine;
     Call& call;
-    ~Release() {
-      if (!call.settled) engine.release(call.reservation);
+    ~Settle() {
+      if (call.settled) return;
+      if (call.charged_prompt > 0 || call.charged_completion > 0) {
+        engine.commit(call.reservation, call.upstream->config().provider, call.charged_prompt, call.charged_completion);
+      } else {
+        engine.release(call.reservation);
+      }
     }
-  } release{engine_, call};
+  } settle{engine_, call};
 
   // An OpenAI stream reports its usage only when asked: ask, and keep the chunk from a client
   // that did not.
@@ -421,7 +464,8 @@ net::awaitable<void> Proxy::metered(Call& call, http::Stream& out) {
   if (call.facts.stream && (ep == proxy::Endpoint::kChatCompletions || ep == proxy::Endpoint::kCompletions)) {
     json& options = call.body["stream_options"];
     if (!options.is_object()) options = json::object();
-    if (!options.value("include_usage", false)) {
+    const auto include = options.find("include_usage");
+    if (include == options.end() || !include->is_boolean() || !include->get<bool>()) {
       options["include_usage"] = true;
       call.added_usage = true;
     }
@@ -462,8 +506,9 @@ net::awaitable<void> Proxy::book(Call& call, std::int64_t prompt, std::int64_t c
   }
   call.settled = true;
   if (!d.allowed()) {
-    // The hold stays until the agent returns it at its deadline; what the call cost is only here.
-    call.settled = d.code == Code::kUnknownReservation || d.code == Code::kStaleOwner;
+    // The hold stays until the agent returns it at its deadline (so the limits still count it);
+    // what the call cost is only in the log.
+    call.settled = true;
     call.m->not_booked->Increment();
     log::error("proxy_not_booked", {{"upstream", call.upstream->config().name},
                                     {"tenant", call.payer.tenant},
@@ -480,28 +525,40 @@ net::awaitable<void> Proxy::book(Call& call, std::int64_t prompt, std::int64_t c
 }
 
 net::awaitable<void> Proxy::whole(Call& call, http::Stream& out) {
-  proxy::Metrics& m = *call.m;
   std::optional<proxy::Exchange> ex;
   std::string body;
   std::optional<ErrorReply> failed;
   try {
     ex.emplace(co_await call.upstream->send(co_await net::this_coro::executor, "POST", call.rest,
                                             forwardHeaders(call.request, config_), call.body.dump()));
-    m.first_byte->Observe(seconds(call.started));
+    call.m->first_byte->Observe(seconds(call.started));
     body = co_await ex->readAll(static_cast<std::size_t>(config_.max_response_bytes));
   } catch (const proxy::UpstreamError& e) {
     failed = upstreamFailed(call, e);
   }
+  co_await finishWhole(call, out, ex ? &*ex : nullptr, body, failed);
+}
+
+net::awaitable<void> Proxy::finishWhole(Call& call, http::Stream& out, proxy::Exchange* ex, const std::string& body,
+                                        const std::optional<ErrorReply>& failed) {
+  proxy::Metrics& m = *call.m;
+  const bool answered = ex != nullptr && ex->status() / 100 == 2;
   if (failed) {
-    // Refused, silent, or broken off before a whole answer: no call is known to have happened.
-    engine_.release(call.reservation);
-    call.settled = true;
+    if (answered) {
+      // The upstream said yes and then broke off, went silent or sent too much: the call
+      // happened, and what it cost is unknown, so the whole hold is booked.
+      co_await book(call, call.prompt_estimate, call.completion_hold, true);
+    } else {
+      // Refused or silent before an answer: no call is known to have happened.
+      engine_.release(call.reservation);
+      call.settled = true;
+    }
     co_await out.respond(failed->status, "application/json", failed->body);
     co_return;
   }
   std::string type = ex->header("Content-Type");
   if (type.empty()) type = "application/json";
-  if (ex->status() / 100 != 2) {
+  if (!answered) {
     // The upstream's own refusal, already in its API's shape: relayed; nothing was generated.
     engine_.release(call.reservation);
     call.settled = true;
@@ -509,15 +566,19 @@ net::awaitable<void> Proxy::whole(Call& call, http::Stream& out) {
     co_await out.respond(ex->status(), type, body, replyHeaders(*ex));
     co_return;
   }
-  const json r = json::parse(body, nullptr, false);
-  const proxy::UsageFacts usage = r.is_discarded() ? proxy::UsageFacts{} : proxy::usageOf(call.route.endpoint, r);
-  const bool exact = usage.prompt && usage.completion;
-  const std::int64_t completion =
-      usage.completion ? *usage.completion
-                       : proxy::estimateCompletionTokens(r.is_discarded() ? static_cast<std::int64_t>(body.size())
-                                                                          : proxy::answerTextBytes(r),
-                                                         0, call.chars_per_token);
-  co_await book(call, usage.prompt.value_or(call.prompt_estimate), completion, !exact);
+  if (encoded(*ex)) {
+    // Compressed though the proxy asked for none: unreadable, so the hold is booked.
+    co_await book(call, call.prompt_estimate, call.completion_hold, true);
+  } else {
+    const json r = json::parse(body, nullptr, false);
+    const proxy::UsageFacts usage = r.is_discarded() ? proxy::UsageFacts{} : proxy::usageOf(call.route.endpoint, r);
+    const std::optional<std::int64_t> text = r.is_discarded() ? std::nullopt : proxy::answerTextBytes(r);
+    const std::int64_t completion =
+        usage.completion ? *usage.completion
+                         : proxy::estimateCompletionTokens(text.value_or(static_cast<std::int64_t>(body.size())), 0,
+                                                           call.chars_per_token);
+    co_await book(call, usage.prompt.value_or(call.prompt_estimate), completion, !(usage.prompt && usage.completion));
+  }
   m.requests[proxy::Metrics::kOk]->Increment();
   co_await out.respond(ex->status(), type, body, replyHeaders(*ex));
   m.duration->Observe(seconds(call.started));
@@ -542,27 +603,17 @@ net::awaitable<void> Proxy::streamed(Call& call, http::Stream& out) {
   }
   m.first_byte->Observe(seconds(call.started));
   std::string type = ex->header("Content-Type");
-  const bool is_stream = type.find("event-stream") != std::string::npos || type.find("ndjson") != std::string::npos;
+  const bool is_stream = (contains(type, "event-stream") || contains(type, "ndjson")) && !encoded(*ex);
   if (ex->status() / 100 != 2 || !is_stream) {
     // An error (or an answer that is not a stream after all): whole, as whole() would.
     std::string body;
+    std::optional<ErrorReply> broke;
     try {
       body = co_await ex->readAll(static_cast<std::size_t>(config_.max_response_bytes));
     } catch (const proxy::UpstreamError& e) {
-      m.errors[static_cast<int>(e.kind())]->Increment();
+      broke = upstreamFailed(call, e);
     }
-    const json r = json::parse(body, nullptr, false);
-    const proxy::UsageFacts usage = r.is_discarded() ? proxy::UsageFacts{} : proxy::usageOf(ep, r);
-    if (ex->status() / 100 == 2 && usage.prompt && usage.completion) {
-      co_await book(call, *usage.prompt, *usage.completion, false);
-      m.requests[proxy::Metrics::kOk]->Increment();
-    } else {
-      engine_.release(call.reservation);
-      call.settled = true;
-      m.requests[proxy::Metrics::kUpstreamStatus]->Increment();
-    }
-    if (type.empty()) type = "application/json";
-    co_await out.respond(ex->status(), type, body, replyHeaders(*ex));
+    co_await finishWhole(call, out, &*ex, body, broke);
     co_return;
   }
 
@@ -573,7 +624,9 @@ net::awaitable<void> Proxy::streamed(Call& call, http::Stream& out) {
   } open{*m.streams_open};
   const auto format = proxy::streamFormat(ep);
   proxy::StreamSplitter splitter(format);
-  std::int64_t charged_prompt = 0, charged_completion = 0, text_bytes = 0, text_chunks = 0;
+  std::int64_t& charged_prompt = call.charged_prompt;
+  std::int64_t& charged_completion = call.charged_completion;
+  std::int64_t text_bytes = 0, text_chunks = 0;
   std::optional<std::int64_t> reported_prompt, reported_completion;
   bool client_gone = !co_await out.begin(ex->status(), type, replyHeaders(*ex));   // sent with the first events
   bool finished = false, upstream_error_event = false;

@@ -38,6 +38,7 @@ struct Header;
 std::optional<std::int64_t> retryAfterSeconds(const Decision& d, const shm::Header& header);
 
 namespace proxy {
+class Exchange;
 class Upstream;
 class UpstreamError;
 struct ErrorReply;
@@ -54,6 +55,9 @@ class Proxy {
 
   // GET and POST /proxy/<upstream>/...
   void addRoutes(http::Router& router);
+  // Closes the pooled upstream connections; for the server's after_stop (they belong to its
+  // event loop).
+  void dropIdleConnections();
   // Per upstream: requests by outcome, tokens, cost, latency, streams cut, estimates, errors.
   std::shared_ptr<prometheus::Collectable> metrics() const;
 
@@ -69,6 +73,9 @@ class Proxy {
   boost::asio::awaitable<void> metered(Call& call, http::Stream& out);
   boost::asio::awaitable<void> whole(Call& call, http::Stream& out);
   boost::asio::awaitable<void> streamed(Call& call, http::Stream& out);
+  // Answers with a whole response (or `failed`), booking or releasing the call.
+  boost::asio::awaitable<void> finishWhole(Call& call, http::Stream& out, proxy::Exchange* ex, const std::string& body,
+                                           const std::optional<proxy::ErrorReply>& failed);
   proxy::ErrorReply upstreamFailed(Call& call, const proxy::UpstreamError& e);
   // Books the call (retrying while the ledger ring is full) and counts it.
   boost::asio::awaitable<void> book(Call& call, std::int64_t prompt, std::int64_t completion, bool estimated);

@@ -44,7 +44,9 @@ struct Upstream::Tls {
 struct Upstream::Connection {
   std::unique_ptr<tcp::socket> plain;
   std::unique_ptr<net::ssl::stream<tcp::socket>> tls;
-  beast::flat_buffer buffer;
+  // Bounded: Beast 1.74 limits no chunk extension or trailer, so an upstream sending one without
+  // end fails here (with buffer_overflow) instead of growing it.
+  beast::flat_buffer buffer{kMaxResponseHeader + 64 * 1024};
   std::chrono::steady_clock::time_point idle_since;
 
   tcp::socket& socket() { return tls ? tls->next_layer() : *plain; }
@@ -218,6 +220,14 @@ std::unique_ptr<Upstream::Connection> Upstream::take() {
     stale = std::move(c);
   }
   return nullptr;
+}
+
+void Upstream::dropIdle() {
+  std::vector<std::unique_ptr<Connection>> idle;
+  {
+    std::lock_guard lock(mu_);
+    idle.swap(idle_);
+  }
 }
 
 void Upstream::give(std::unique_ptr<Connection> c) {

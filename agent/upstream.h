@@ -81,6 +81,9 @@ class Upstream {
   boost::asio::awaitable<Exchange> send(boost::asio::any_io_executor ex, std::string method,
                                         std::string path_and_query, Headers headers, std::string body);
 
+  // Closes the pooled connections (before the event loop they belong to goes).
+  void dropIdle();
+
   struct Connection;
 
  private:

@@ -205,3 +205,32 @@ TEST_CASE("proxy: the kill switch turned on mid-stream cuts the stream at the ne
   CHECK(rows[0].completion_tokens < 1000);
   CHECK(eventually([&] { return p.standin.abandoned.load() == 1; }));
 }
+
+TEST_CASE("proxy: review findings: an unknown key is refused once keys exist, the client's cookies and account "
+          "headers never reach the upstream, a non-boolean include_usage is no error, and the agent stops cleanly "
+          "with pooled connections") {
+  ProxyAgent p("proxy-review", "[budgets.tenants]\nacme = \"100.00\"\n",
+               "[[proxy.keys]]\nsha256 = \"" + std::string(64, 'a') + "\"\ntenant = \"acme\"\n");
+  // A revoked or mistyped key does not fall back to paying by header.
+  Answer a = post(p, "/proxy/openai/v1/chat/completions", kChat, {{"Authorization", "Bearer sk-revoked"}});
+  CHECK(a.status == 401);
+  // Without a key, the header still names the tenant (require_key is false).
+  a = post(p, "/proxy/openai/v1/chat/completions",
+           R"({"model":"gpt-4o","max_tokens":10,"stream":true,"stream_options":{"include_usage":1},"messages":[]})",
+           {{"Cookie", "session=secret"}, {"OpenAI-Organization", "org-other"}, {"X-Forwarded-For", "10.0.0.1"},
+            {"api-key", "azure-key"}});
+  CHECK(a.status == 200);
+  const LlmStandin::Seen seen = p.standin.seen().back();
+  CHECK(seen.header("Cookie").empty());
+  CHECK(seen.header("OpenAI-Organization").empty());
+  CHECK(seen.header("X-Forwarded-For").empty());
+  CHECK(seen.header("api-key").empty());
+  CHECK(json::parse(seen.body)["stream_options"]["include_usage"] == true);
+  CHECK(a.raw.find("\"usage\":{") == std::string::npos);   // the client asked with a non-boolean: not given
+  CHECK(p.ledger().size() == 1);
+  // A pooled upstream connection is open; SIGTERM stops the agent cleanly (under ASan, a
+  // connection outliving its event loop would be reported here).
+  p.agent->signal(SIGTERM);
+  CHECK(p.agent->wait(std::chrono::seconds(30)) == 0);
+}
+

@@ -185,3 +185,40 @@ TEST_CASE("llm wire: errors in each API's shape, with the code and the status it
   CHECK(errorReply(Family::kOpenAi, "timeout", {}, "slow").status == 504);
   CHECK(errorReply(Family::kAnthropic, "auth", {}, "no key").status == 401);
 }
+
+TEST_CASE("llm wire: review findings: no path beside /v1/models, no fractional n, no background responses, deep "
+          "answers, and every generated field charged") {
+  CHECK(!route("openai", "GET", "/v1/models/../files"));
+  CHECK(!route("openai", "GET", "/v1/models/%2e%2e"));
+  CHECK(!route("anthropic", "GET", "/v1/models/a/b"));
+  CHECK(route("ollama", "GET", "/v1/models/llama3.2:latest"));
+  auto why = [](Endpoint ep, const json& body) {
+    try {
+      inspect(ep, body);
+    } catch (const WireError& e) {
+      return e.field + " " + e.message;
+    }
+    return std::string();
+  };
+  CHECK(why(Endpoint::kChatCompletions, json{{"model", "m"}, {"n", "8"}}) == "n must be a whole number from 1 to 128");
+  CHECK(why(Endpoint::kChatCompletions, json{{"model", "m"}, {"n", 8.0}}) == "n must be a whole number from 1 to 128");
+  CHECK(why(Endpoint::kCompletions, json{{"model", "m"}, {"best_of", 1000}}) == "best_of must be a whole number from 1 to 128");
+  CHECK(why(Endpoint::kResponses, json{{"model", "m"}, {"background", true}}).starts_with("background is not supported"));
+  CHECK(why(Endpoint::kResponses, json{{"model", "m"}, {"background", false}}).empty());
+  json deep = "x";
+  for (int i = 0; i < 5000; ++i) deep = json::array({deep});
+  CHECK(!answerTextBytes(json{{"choices", deep}}));   // walked no deeper than 128, and never dumped
+  // An audio transcript and a legacy function call are generated text too.
+  const auto audio = interpret(Endpoint::kChatCompletions,
+                               StreamEvent{"", R"({"choices":[{"delta":{"audio":{"id":"a1","transcript":"Hello"}}}]})", false});
+  CHECK(audio.carries_text);
+  CHECK(audio.text_bytes == 5);
+  const auto legacy = interpret(Endpoint::kChatCompletions,
+                                StreamEvent{"", R"({"choices":[{"delta":{"function_call":{"name":"f","arguments":"{}"}}}]})", false});
+  CHECK(legacy.text_bytes == 2);
+  const auto role = interpret(Endpoint::kChatCompletions, StreamEvent{"", R"({"choices":[{"delta":{"role":"assistant","content":""}}]})", false});
+  CHECK(!role.carries_text);
+  const auto start = interpret(Endpoint::kMessages, StreamEvent{"content_block_start",
+      R"({"type":"content_block_start","index":0,"content_block":{"type":"text","text":"Hi there"}})", false});
+  CHECK(start.text_bytes == 8);
+}
