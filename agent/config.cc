@@ -381,8 +381,24 @@ const AlertsConfig::Thresholds& AlertsConfig::thresholdsFor(std::string_view sco
 std::string secretFile(const std::string& path, const std::string& origin, const std::string& key) {
   std::ifstream in(path);
   std::string line;
-  if (!in || !std::getline(in, line) || line.empty()) fail(origin, key, "cannot read a first line from " + path);
+  if (!in || !std::getline(in, line) || line.empty()) fail(origin, key, "cannot read " + path);
   return line;
+}
+
+// Calls fn(table, "<prefix><name>[i].") for each table of the array of tables `name` in `t`.
+template <typename Fn>
+void forEachTable(const toml::table& t, std::string_view name, const std::string& origin, const std::string& prefix, Fn fn) {
+  const toml::node* n = t.get(name);
+  if (n == nullptr) return;
+  const std::string path = prefix + std::string(name);
+  const toml::array* arr = n->as_array();
+  if (arr == nullptr) fail(origin, path, "must be a list of [[" + path + "]] tables");
+  for (std::size_t i = 0; i < arr->size(); ++i) {
+    const std::string key = path + "[" + std::to_string(i) + "].";
+    const toml::table* table = arr->get(i)->as_table();
+    if (table == nullptr) fail(origin, key, "must be a table");
+    fn(*table, key);
+  }
 }
 
 // An HTTP header name: a token (RFC 9110 5.1).
@@ -442,13 +458,8 @@ void readProxy(const toml::table& px, const std::string& origin, ProxyConfig& p)
   p.max_response_bytes =
       getInt(px, "max_response_bytes", origin, "proxy.max_response_bytes", p.max_response_bytes, 1024, 1LL << 32);
 
-  const toml::node* un = px.get("upstreams");
-  const toml::array* ups = un != nullptr ? un->as_array() : nullptr;
-  if (un != nullptr && ups == nullptr) fail(origin, "proxy.upstreams", "must be a list of [[proxy.upstreams]] tables");
-  for (std::size_t i = 0; ups != nullptr && i < ups->size(); ++i) {
-    const std::string key = "proxy.upstreams[" + std::to_string(i) + "].";
-    const toml::table* t = ups->get(i)->as_table();
-    if (t == nullptr) fail(origin, key, "must be a table");
+  forEachTable(px, "upstreams", origin, "proxy.", [&](const toml::table& table, const std::string& key) {
+    const toml::table* t = &table;
     rejectUnknown(*t, origin, key,
                   {"name", "kind", "base_url", "api_key_file", "provider", "model_prefix", "ca_file", "timeout_ms",
                    "connect_timeout_ms"});
@@ -479,15 +490,10 @@ void readProxy(const toml::table& px, const std::string& origin, ProxyConfig& p)
     u.connect_timeout_ms =
         getInt(*t, "connect_timeout_ms", origin, key + "connect_timeout_ms", u.connect_timeout_ms, 10, 600'000);
     p.upstreams.push_back(std::move(u));
-  }
+  });
 
-  const toml::node* kn = px.get("keys");
-  const toml::array* keys = kn != nullptr ? kn->as_array() : nullptr;
-  if (kn != nullptr && keys == nullptr) fail(origin, "proxy.keys", "must be a list of [[proxy.keys]] tables");
-  for (std::size_t i = 0; keys != nullptr && i < keys->size(); ++i) {
-    const std::string key = "proxy.keys[" + std::to_string(i) + "].";
-    const toml::table* t = keys->get(i)->as_table();
-    if (t == nullptr) fail(origin, key, "must be a table");
+  forEachTable(px, "keys", origin, "proxy.", [&](const toml::table& table, const std::string& key) {
+    const toml::table* t = &table;
     rejectUnknown(*t, origin, key, {"sha256", "tenant", "agent", "tags"});
     VirtualKeyConfig k;
     k.sha256 = getString(*t, "sha256", origin, key + "sha256", "");
@@ -508,7 +514,7 @@ void readProxy(const toml::table& px, const std::string& origin, ProxyConfig& p)
     }
     if (k.tags.size() > kMaxTagBytes) fail(origin, key + "tags", "may be at most " + std::to_string(kMaxTagBytes) + " bytes");
     p.keys.push_back(std::move(k));
-  }
+  });
   if (p.require_key && p.keys.empty()) fail(origin, "proxy.require_key", "is true but no [[proxy.keys]] are configured");
 }
 
@@ -693,41 +699,31 @@ Config parseConfig(const std::string& text, const std::string& origin) {
                 a.tenant_pct_by_id[id] = thresholds(v, origin, key);
               });
     a.queue_limit = getInt(*al, "queue_limit", origin, "alerts.queue_limit", a.queue_limit, 1, 10'000'000);
-    if (const toml::node* n = al->get("notifiers")) {
-      const toml::array* arr = n->as_array();
-      if (arr == nullptr) fail(origin, "alerts.notifiers", "must be a list of [[alerts.notifiers]] tables");
-      for (std::size_t i = 0; i < arr->size(); ++i) {
-        const std::string key = "alerts.notifiers[" + std::to_string(i) + "].";
-        const toml::table* t = arr->get(i)->as_table();
-        if (t == nullptr) fail(origin, key, "must be a table");
-        rejectUnknown(*t, origin, key, {"kind", "url", "url_file", "bot_token_file", "chat_id", "api_base"});
-        NotifierConfig nc;
-        nc.kind = getString(*t, "kind", origin, key + "kind", "");
-        if (nc.kind != "webhook" && nc.kind != "slack" && nc.kind != "telegram") {
-          fail(origin, key + "kind", "must be webhook, slack or telegram");
-        }
-        auto secret = [&](const char* name) {   // the first line of a file; the file is named, never its content
-          const std::string path = getString(*t, name, origin, key + name, "");
-          if (path.empty()) return std::string();
-          std::ifstream in(path);
-          std::string line;
-          if (!in || !std::getline(in, line) || line.empty()) fail(origin, key + name, "cannot read " + path);
-          return line;
-        };
-        nc.url = getString(*t, "url", origin, key + "url", "");
-        if (nc.url.empty()) nc.url = secret("url_file");
-        nc.bot_token = secret("bot_token_file");
-        nc.chat_id = getString(*t, "chat_id", origin, key + "chat_id", "");
-        nc.api_base = getString(*t, "api_base", origin, key + "api_base", nc.api_base);
-        if (nc.kind != "telegram" && nc.url.rfind("http://", 0) != 0 && nc.url.rfind("https://", 0) != 0) {
-          fail(origin, key + "url", "must be an http:// or https:// URL (or give url_file)");
-        }
-        if (nc.kind == "telegram" && (nc.bot_token.empty() || nc.chat_id.empty())) {
-          fail(origin, key + "kind", "telegram needs bot_token_file and chat_id");
-        }
-        a.notifiers.push_back(std::move(nc));
+    forEachTable(*al, "notifiers", origin, "alerts.", [&](const toml::table& table, const std::string& key) {
+      const toml::table* t = &table;
+      rejectUnknown(*t, origin, key, {"kind", "url", "url_file", "bot_token_file", "chat_id", "api_base"});
+      NotifierConfig nc;
+      nc.kind = getString(*t, "kind", origin, key + "kind", "");
+      if (nc.kind != "webhook" && nc.kind != "slack" && nc.kind != "telegram") {
+        fail(origin, key + "kind", "must be webhook, slack or telegram");
       }
-    }
+      auto secret = [&](const char* name) {
+        const std::string path = getString(*t, name, origin, key + name, "");
+        return path.empty() ? std::string() : secretFile(path, origin, key + name);
+      };
+      nc.url = getString(*t, "url", origin, key + "url", "");
+      if (nc.url.empty()) nc.url = secret("url_file");
+      nc.bot_token = secret("bot_token_file");
+      nc.chat_id = getString(*t, "chat_id", origin, key + "chat_id", "");
+      nc.api_base = getString(*t, "api_base", origin, key + "api_base", nc.api_base);
+      if (nc.kind != "telegram" && nc.url.rfind("http://", 0) != 0 && nc.url.rfind("https://", 0) != 0) {
+        fail(origin, key + "url", "must be an http:// or https:// URL (or give url_file)");
+      }
+      if (nc.kind == "telegram" && (nc.bot_token.empty() || nc.chat_id.empty())) {
+        fail(origin, key + "kind", "telegram needs bot_token_file and chat_id");
+      }
+      a.notifiers.push_back(std::move(nc));
+    });
   }
   if (const toml::node* rn = root.get("rules")) {
     const toml::array* arr = rn->as_array();

@@ -677,7 +677,7 @@ TEST_CASE("config: [proxy] and its upstreams and keys are checked, each error na
   CHECK(parseError("[[proxy.upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://x:99999\"\n") ==
         "t.toml: proxy.upstreams[0].base_url: has a port that is not a number from 1 to 65535");
   CHECK(parseError(up + "api_key_file = \"/nonexistent/key\"\n") ==
-        "t.toml: proxy.upstreams[0].api_key_file: cannot read a first line from /nonexistent/key");
+        "t.toml: proxy.upstreams[0].api_key_file: cannot read /nonexistent/key");
   CHECK(parseError(up + "timeout = 5\n") ==
         "t.toml: proxy.upstreams[0].timeout: unknown key (check its spelling and section)");
   CHECK(parseError("[proxy]\nrequire_key = true\n") ==
