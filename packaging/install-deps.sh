@@ -24,6 +24,7 @@ packages=(
   # tests and benchmarks
   doctest-dev libbenchmark-dev python3 wrk
   redis-server postgresql      # the central link's tests start their own, on free ports
+  openssl                      # the LLM proxy's https test makes a certificate
   nodejs                       # the LLM proxy's tests run the official SDKs (tests/sdk, from npm)
   # packaging: .deb files (CPack, dpkg-shlibdeps), their checks
   dpkg-dev fakeroot lintian systemd

@@ -234,3 +234,42 @@ TEST_CASE("proxy: review findings: an unknown key is refused once keys exist, th
   CHECK(p.agent->wait(std::chrono::seconds(30)) == 0);
 }
 
+TEST_CASE("proxy: an https upstream is reached through OpenSSL, its certificate checked against the configured CA "
+          "and its name; one the CA store does not vouch for is refused with a 502") {
+  TempDir tls;
+  // A self-signed certificate for "localhost", made here with the openssl tool.
+  Process make({"/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                "-addext", "subjectAltName=DNS:localhost", "-keyout", tls.path + "/key.pem", "-out", tls.path + "/cert.pem"},
+               tls.path + "/openssl.out");
+  REQUIRE_MESSAGE(make.wait(std::chrono::seconds(60)) == 0, make.output());
+  Process upstream({"/usr/bin/env", "python3", std::string(TOKENFUSE_SOURCE_DIR) + "/tests/standin/tls_upstream.py",
+                    tls.path + "/cert.pem", tls.path + "/key.pem"},
+                   tls.path + "/upstream.out");
+  int port = 0;
+  REQUIRE_MESSAGE(eventually([&] {
+                    std::istringstream in(upstream.output());
+                    return static_cast<bool>(in >> port) && port > 0;
+                  }),
+                  upstream.output());
+  const std::string base = "https://localhost:" + std::to_string(port);
+  ProxyAgent p("proxy-tls", "[budgets.tenants]\nacme = \"100.00\"\n",
+               "[[proxy.upstreams]]\nname = \"tls\"\nkind = \"openai\"\nbase_url = \"" + base + "\"\nca_file = \"" +
+                   tls.path + "/cert.pem\"\napi_key_file = \"" + tls.path + "/cert.pem\"\n"
+                   "[[proxy.upstreams]]\nname = \"untrusted\"\nkind = \"openai\"\nbase_url = \"" + base + "\"\n");
+  Answer a = post(p, "/proxy/tls/v1/chat/completions", kChat);
+  CHECK(a.status == 200);
+  CHECK(a.body["choices"][0]["message"]["content"] == "over tls");
+  CHECK(a.body["authorization_seen"] == "Bearer -----BEGIN CERTIFICATE-----");   // the key file's first line, injected
+  a = post(p, "/proxy/tls/v1/chat/completions", kChat);   // again, on the pooled connection
+  CHECK(a.status == 200);
+  a = post(p, "/proxy/untrusted/v1/chat/completions", kChat);   // the system's store does not know this CA
+  CHECK(a.status == 502);
+  CHECK(a.body["error"]["message"].get<std::string>().find("certificate verify failed") != std::string::npos);
+  const std::vector<LedgerRow> rows = p.ledger();
+  REQUIRE(rows.size() == 2);
+  CHECK(rows[0].provider == "tls");
+  CHECK(rows[0].prompt_tokens == 7);
+  CHECK(rows[0].completion_tokens == 2);
+  CHECK(p.client->tenant("acme").held == NanoUsd(0));
+}
+

@@ -205,9 +205,11 @@ TEST_CASE("llm wire: review findings: no path beside /v1/models, no fractional n
   CHECK(why(Endpoint::kCompletions, json{{"model", "m"}, {"best_of", 1000}}) == "best_of must be a whole number from 1 to 128");
   CHECK(why(Endpoint::kResponses, json{{"model", "m"}, {"background", true}}).starts_with("background is not supported"));
   CHECK(why(Endpoint::kResponses, json{{"model", "m"}, {"background", false}}).empty());
-  json deep = "x";
-  for (int i = 0; i < 5000; ++i) deep = json::array({deep});
-  CHECK(!answerTextBytes(json{{"choices", deep}}));   // walked no deeper than 128, and never dumped
+  json answer = json::object();
+  json* at = &answer["choices"];
+  for (int i = 0; i < 1000; ++i) at = &(*at)[0];   // built in place: a copy per level would be quadratic
+  *at = "x";
+  CHECK(!answerTextBytes(answer));   // walked no deeper than 128, and never dumped
   // An audio transcript and a legacy function call are generated text too.
   const auto audio = interpret(Endpoint::kChatCompletions,
                                StreamEvent{"", R"({"choices":[{"delta":{"audio":{"id":"a1","transcript":"Hello"}}}]})", false});
