@@ -1,6 +1,7 @@
 // The LLM proxy at the HTTP level: what a hostile or broken client, a silent, refusing or failing
 // upstream, and one that reports no usage each get, and what is booked for them.
 #include "proxy_support.h"
+#include "raw_http.h"
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -30,6 +31,56 @@ Answer post(const ProxyAgent& p, const std::string& path, const std::string& bod
 }
 
 const std::string kChat = R"({"model":"gpt-4o","max_tokens":10,"messages":[{"role":"user","content":"hi"}]})";
+
+// An upstream that answers each connection with `head`, then `garbage` bytes of 'a' (written
+// until the proxy stops reading), then closes: for answers no real server sends.
+class ScriptedUpstream {
+ public:
+  ScriptedUpstream(std::string head, std::size_t garbage) : head_(std::move(head)), garbage_(garbage) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    REQUIRE(::listen(fd_, 16) == 0);
+    socklen_t len = sizeof a;
+    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len);
+    port = ntohs(a.sin_port);
+    thread_ = std::thread([this] {
+      for (;;) {
+        const int c = ::accept(fd_, nullptr, nullptr);
+        if (c < 0) return;
+        std::string request;
+        char buf[4096];
+        while (request.find("\r\n\r\n") == std::string::npos) {   // the headers; the body is small
+          const ssize_t n = ::read(c, buf, sizeof buf);
+          if (n <= 0) break;
+          request.append(buf, static_cast<std::size_t>(n));
+        }
+        ::send(c, head_.data(), head_.size(), MSG_NOSIGNAL);
+        const std::string block(64 * 1024, 'a');
+        for (std::size_t sent = 0; sent < garbage_; sent += block.size()) {
+          if (::send(c, block.data(), block.size(), MSG_NOSIGNAL) <= 0) break;
+          written += block.size();
+        }
+        ::close(c);
+      }
+    });
+  }
+  ~ScriptedUpstream() {
+    ::shutdown(fd_, SHUT_RDWR);
+    ::close(fd_);
+    thread_.join();
+  }
+  int port = 0;
+  std::atomic<std::size_t> written{0};
+
+ private:
+  std::string head_;
+  std::size_t garbage_;
+  int fd_ = -1;
+  std::thread thread_;
+};
 
 }  // namespace
 
@@ -271,5 +322,35 @@ TEST_CASE("proxy: an https upstream is reached through OpenSSL, its certificate 
   CHECK(rows[0].prompt_tokens == 7);
   CHECK(rows[0].completion_tokens == 2);
   CHECK(p.client->tenant("acme").held == NanoUsd(0));
+}
+
+TEST_CASE("proxy: an upstream that says 200 and then breaks off, or sends a chunk header without end, gets a 502, "
+          "its hold is booked, and the agent's memory stays bounded") {
+  // 200 with a body 1000 bytes long, of which 10 come.
+  ScriptedUpstream short_body("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"id\":\"x\"", 0);
+  // A chunk size followed by an extension that never ends: 256 MiB of it, if the proxy kept reading.
+  ScriptedUpstream endless("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1;", 256u << 20);
+  ProxyAgent p("proxy-broken", "[budgets.tenants]\nacme = \"100.00\"\n",
+               "[[proxy.upstreams]]\nname = \"short\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:" +
+                   std::to_string(short_body.port) + "\"\n[[proxy.upstreams]]\nname = \"endless\"\nkind = \"openai\"\n"
+                   "base_url = \"http://127.0.0.1:" + std::to_string(endless.port) + "\"\n");
+  const long rss_before = procStatus(p.agent->pid(), "VmRSS");
+  Answer a = post(p, "/proxy/short/v1/chat/completions", kChat);
+  CHECK(a.status == 502);
+  CHECK(a.body["error"]["message"].get<std::string>().find("broke off") != std::string::npos);
+  a = post(p, "/proxy/endless/v1/chat/completions", kChat);
+  CHECK(a.status == 502);
+  CHECK(endless.written.load() < (64u << 20));   // the proxy stopped reading long before the end
+  CHECK(procStatus(p.agent->pid(), "VmRSS") - rss_before < 32 * 1024);
+  // The upstream accepted both calls, so each books its hold: "hi" and a message (5 tokens) and
+  // max_tokens 10, at $0.01 a completion token.
+  const std::vector<LedgerRow> rows = p.ledger();
+  REQUIRE(rows.size() == 2);
+  for (const LedgerRow& r : rows) {
+    CHECK(r.prompt_tokens == 5);
+    CHECK(r.completion_tokens == 10);
+  }
+  CHECK(p.client->tenant("acme").held == NanoUsd(0));
+  CHECK(p.metric("tokenfuse_proxy_usage_estimated_total{upstream=\"short\"}") == 1);
 }
 
