@@ -418,6 +418,10 @@ EventFacts interpret(Endpoint endpoint, const StreamEvent& event) {
         for (const json& c : choices) {
           text(at(c, "text"));
           generated(at(c, "delta"));
+          // The answer is over once a choice says why, even from a server that sends no [DONE].
+          if (const json& why = at(c, "finish_reason"); why.is_string() && !why.get_ref<const std::string&>().empty()) {
+            f.final = true;
+          }
         }
       }
       if (const json& usage = at(j, "usage"); usage.is_object()) {

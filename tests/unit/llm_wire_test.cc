@@ -132,6 +132,8 @@ TEST_CASE("llm wire: stream events: text, usage, the end, and errors, per API") 
   CHECK(!ev(Endpoint::kChatCompletions, "", R"({"choices":[{"delta":{}}],"usage":null})").usage_only);
   CHECK(ev(Endpoint::kChatCompletions, "", R"({"error":{"message":"overloaded"}})").error);
   CHECK(interpret(Endpoint::kChatCompletions, StreamEvent{"", "[DONE]", true}).final);
+  CHECK(ev(Endpoint::kChatCompletions, "", R"({"choices":[{"delta":{},"finish_reason":"stop"}]})").final);   // no [DONE] needed
+  CHECK(!ev(Endpoint::kChatCompletions, "", R"({"choices":[{"delta":{"content":"a"},"finish_reason":null}]})").final);
   CHECK(ev(Endpoint::kChatCompletions, "", "not json").error);
 
   const auto start = ev(Endpoint::kMessages, "message_start",
