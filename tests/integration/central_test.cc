@@ -99,7 +99,7 @@ struct Fleet {
                           return false;   // the agents have not created their tables yet
                         }
                       },
-                      std::chrono::seconds(30)),
+                      std::chrono::seconds(120)),   // 20,000 entries under a sanitizer on a loaded machine
                   "central totals did not converge to the ledgers");
     for (const auto& [id, nano] : expected) {
       CAPTURE(id);
