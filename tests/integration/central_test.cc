@@ -442,7 +442,7 @@ TEST_CASE("central: an id stored before ids were checked (not UTF-8) does not st
   CHECK(f.postgres.query("SELECT count(*) FROM budget_ledger WHERE project_id = 'old' || chr(65533)")[0][0].as<int>() == 1);
 }
 
-TEST_CASE("central: a monthly money rule and a daily token rule hold across hosts; rates and host_only rules stay "
+TEST_CASE("central: a monthly money rule and a daily token rule hold across hosts, rates and host_only rules stay "
           "per host") {
   Fleet f(2, R"(
 [[rules]]

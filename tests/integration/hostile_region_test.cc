@@ -78,7 +78,7 @@ TEST_CASE("hostile region: an odd kill-switch sequence never hangs a reader") {
   CHECK(rc == 0);
 }
 
-TEST_CASE("hostile region: truncating the region file kills no attached app; its calls then answer REGION-CORRUPT") {
+TEST_CASE("hostile region: truncating the region file kills no attached app, its calls then answer REGION-CORRUPT") {
   for (const off_t size : {off_t{4096}, off_t{0}}) {
     CAPTURE(size);
     TestRegion t;
@@ -305,7 +305,7 @@ TEST_CASE("hostile region: tokenfused survives garbage in the tenant, run and re
   restartWorks(f, agent);
 }
 
-TEST_CASE("hostile region: truncating the region file kills neither tokenfused nor an app; the agent stops with region_damaged and a restart rebuilds from SQLite") {
+TEST_CASE("hostile region: truncating the region file kills neither tokenfused nor an app, the agent stops with region_damaged and a restart rebuilds from SQLite") {
   for (const off_t size : {off_t{4096}, off_t{0}}) {
     CAPTURE(size);
     AgentFixture f("truncate");

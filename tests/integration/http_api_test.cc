@@ -344,7 +344,7 @@ TEST_CASE("http: 200 concurrent reservations of $0.042 against $1.00 spend at mo
   CHECK(f.client->tenant("acme").committed == *NanoUsd::parse("0.966"));
 }
 
-TEST_CASE("http: [[rules]] from the config file are enforced; a rate denial is 429 with the rule, Retry-After "
+TEST_CASE("http: [[rules]] from the config file are enforced, a rate denial is 429 with the rule, Retry-After "
           "and the window's end") {
   HttpFixture f("http-rules", R"(
 [[rules]]

@@ -81,7 +81,7 @@ TEST_CASE("proxy sdk: openai, anthropic and ollama clients, whole and streamed, 
 }
 
 TEST_CASE("proxy sdk: a stream is cut exactly at a $ limit: the client gets every token the limit pays for, then "
-          "an error in its SDK's type with the code; the ledger books what was delivered, and the upstream is stopped") {
+          "an error in its SDK's type with the code, the ledger books what was delivered, and the upstream is stopped") {
   // $1.00 is 100 completion tokens; the request names no max_tokens, so 1 token is held at
   // first and the hold grows chunk by chunk. The upstream would stream 150.
   ProxyAgent p("proxy-cut", "[budgets.tenants]\nacme = \"1.00\"\nbeta = \"0.50\"\n", "default_max_tokens = 1\n");
@@ -170,7 +170,7 @@ TEST_CASE("proxy sdk: a client that disconnects mid-stream books what was delive
 }
 
 TEST_CASE("proxy sdk: an upstream that dies mid-stream ends the client's stream with an error and books what was "
-          "delivered; one that refuses the connection books nothing") {
+          "delivered, one that refuses the connection books nothing") {
   ProxyAgent p("proxy-dies", "[budgets.tenants]\nacme = \"100.00\"\n");
   p.standin.tokens = 10;
   p.standin.die_after = 3;
@@ -199,7 +199,7 @@ TEST_CASE("proxy sdk: an upstream that dies mid-stream ends the client's stream 
   CHECK(p.client->tenant("acme").held == NanoUsd(0));
 }
 
-TEST_CASE("proxy sdk: virtual keys name the tenant; a key the proxy does not know is refused as the SDK expects") {
+TEST_CASE("proxy sdk: virtual keys name the tenant, a key the proxy does not know is refused as the SDK expects") {
   unsigned char md[32];
   unsigned len = 0;
   const std::string key = "tf-virtual-acme-0123456789";

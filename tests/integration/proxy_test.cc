@@ -286,7 +286,7 @@ TEST_CASE("proxy: review findings: an unknown key is refused once keys exist, th
 }
 
 TEST_CASE("proxy: an https upstream is reached through OpenSSL, its certificate checked against the configured CA "
-          "and its name; one the CA store does not vouch for is refused with a 502") {
+          "and its name, one the CA store does not vouch for is refused with a 502") {
   TempDir tls;
   // A self-signed certificate for "localhost", made here with the openssl tool.
   Process make({"/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",

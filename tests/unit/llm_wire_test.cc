@@ -7,7 +7,7 @@
 using namespace tokenfuse::proxy;
 using nlohmann::json;
 
-TEST_CASE("llm wire: routes by upstream kind; an Ollama upstream also speaks OpenAI's /v1") {
+TEST_CASE("llm wire: routes by upstream kind, an Ollama upstream also speaks OpenAI's /v1") {
   CHECK(route("openai", "POST", "/v1/chat/completions")->endpoint == Endpoint::kChatCompletions);
   CHECK(route("openai", "POST", "/v1/responses")->endpoint == Endpoint::kResponses);
   CHECK(!route("openai", "POST", "/v1/messages"));

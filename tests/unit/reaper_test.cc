@@ -315,7 +315,7 @@ TEST_CASE("reservation ids: malformed ids are unknown, never a slot") {
   CHECK(t.client->release(r).allowed());
 }
 
-TEST_CASE("reaper: a table key half-written by a live client is never cleared, however long it takes; once the "
+TEST_CASE("reaper: a table key half-written by a live client is never cleared, however long it takes, once the "
           "client is gone it is") {
   TestRegion t;
   const std::string key = "slow-tenant";

@@ -91,7 +91,7 @@ TEST_CASE("rules: a model group (prefix) shares one counter and denies with E-BU
   CHECK(t.client->reserve(call("a", "claude-sonnet-4-6"), &r).allowed());   // not in the group
 }
 
-TEST_CASE("rules: agent and tenant x agent rules deny with E-BUDGET-006; calls without an agent do not match") {
+TEST_CASE("rules: agent and tenant x agent rules deny with E-BUDGET-006, calls without an agent do not match") {
   TestRegion t;
   install(t, {rule("per-user", RuleScope::kTenantAgent, RuleMetric::kUsd, usd("0.005").count(), WindowKind::kHour)});
   Call c = call("acme", "gpt-4o");
@@ -213,7 +213,7 @@ TEST_CASE("rules: charge stops a stream before the chunk that would cross a toke
   CHECK(t.client->reserve(c, &r).code == Code::kTokenRateExceeded);
 }
 
-TEST_CASE("rules: per-key limits override the rule's; a key with none of its own follows the rule") {
+TEST_CASE("rules: per-key limits override the rule's, a key with none of its own follows the rule") {
   TestRegion t;
   RuleSpec r = rule("rpm", RuleScope::kTenant, RuleMetric::kRequests, 1);
   r.keys["vip"] = 3;
@@ -242,7 +242,7 @@ TEST_CASE("rules: the built-in layers come first, so an app using only them sees
   CHECK(t.client->reserve(call("acme", "gpt-4o"), &r).code == Code::kEmergencyKill);
 }
 
-TEST_CASE("rules: unchanged rules keep their counters across setRules; removed ones stop matching") {
+TEST_CASE("rules: unchanged rules keep their counters across setRules, removed ones stop matching") {
   TestRegion t;
   const auto first = install(t, {rule("rpm", RuleScope::kTenant, RuleMetric::kRequests, 2),
                                  rule("tokens", RuleScope::kTenant, RuleMetric::kTokens, 10)});
@@ -262,7 +262,7 @@ TEST_CASE("rules: unchanged rules keep their counters across setRules; removed o
   CHECK(t.client->reserve(call("acme", "gpt-4o", 1), &r).code == Code::kTokenRateExceeded);
 }
 
-TEST_CASE("rules: the reaper returns an overdue reservation's rule holds; the reconciliation a leaked one") {
+TEST_CASE("rules: the reaper returns an overdue reservation's rule holds, the reconciliation a leaked one") {
   TestRegion t;
   const auto idx = install(t, {rule("cap", RuleScope::kTenant, RuleMetric::kConcurrency, 1, WindowKind::kAllTime)});
   Call c = call("acme", "gpt-4o");
