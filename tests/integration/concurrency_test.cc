@@ -33,6 +33,7 @@ struct Booked {
   std::int64_t denied = 0;
   std::int64_t stopped_streams = 0;
   std::int64_t failures = 0;   // anything that should never happen
+  std::int32_t failure = 0;    // the last of them: 1000 x the step (1 reserve, 2 release, 3 charge, 4 commit) + its code
 };
 
 // Memory shared by parent and children, for a start barrier.
@@ -131,6 +132,7 @@ void worker(Client& c, int seed, int iterations, Booked* out, std::mutex* mu) {
       if (d.code != Code::kRunBudgetExhausted && d.code != Code::kTenantBudgetExhausted &&
           d.code != Code::kPlatformBudgetExhausted) {
         mine.failures += 1;
+        mine.failure = 1000 + static_cast<std::int32_t>(d.code);
       }
       continue;
     }
@@ -138,12 +140,18 @@ void worker(Client& c, int seed, int iterations, Booked* out, std::mutex* mu) {
     std::int64_t booked = 0;
     switch (rng() % 4) {
       case 0: {   // release: nothing booked
-        if (!c.release(r).allowed()) mine.failures += 1;
+        if (const Decision k = c.release(r); !k.allowed()) {
+          mine.failures += 1;
+          mine.failure = 2000 + static_cast<std::int32_t>(k.code);
+        }
         continue;
       }
       case 1: {   // stream: charge the prompt, then chunks until done or stopped; commit what was charged
         std::int64_t got = 0;
-        if (!c.charge(r, prompt, 0).allowed()) mine.failures += 1;   // within the hold by construction
+        if (const Decision k = c.charge(r, prompt, 0); !k.allowed()) {   // within the hold by construction
+          mine.failures += 1;
+          mine.failure = 3000 + static_cast<std::int32_t>(k.code);
+        }
         const std::int64_t want = completion + rng() % 3000;
         while (got < want) {
           if (!c.charge(r, 0, 50).allowed()) {
@@ -153,14 +161,20 @@ void worker(Client& c, int seed, int iterations, Booked* out, std::mutex* mu) {
           got += 50;
         }
         const Decision k = c.commit(r, "openai", prompt, got);
-        if (!k.allowed()) mine.failures += 1;
+        if (!k.allowed()) {
+          mine.failures += 1;
+          mine.failure = 4000 + static_cast<std::int32_t>(k.code);
+        }
         booked = k.cost.count();
         break;
       }
       default: {   // commit at most what was estimated
         const Decision k = c.commit(r, "openai", static_cast<std::int64_t>(rng() % (prompt + 1)),
                                     static_cast<std::int64_t>(rng() % (completion + 1)));
-        if (!k.allowed()) mine.failures += 1;
+        if (!k.allowed()) {
+          mine.failures += 1;
+          mine.failure = 4000 + static_cast<std::int32_t>(k.code);
+        }
         booked = k.cost.count();
         break;
       }
@@ -177,6 +191,7 @@ void worker(Client& c, int seed, int iterations, Booked* out, std::mutex* mu) {
   out->denied += mine.denied;
   out->stopped_streams += mine.stopped_streams;
   out->failures += mine.failures;
+  if (mine.failure != 0) out->failure = mine.failure;
 }
 
 }  // namespace
@@ -225,6 +240,7 @@ TEST_CASE("reserve: concurrent processes and threads never take any layer past i
         into.denied += b.denied;
         into.stopped_streams += b.stopped_streams;
         into.failures += b.failures;
+        if (b.failure != 0) into.failure = b.failure;
       },
       [&] { monitor = std::thread(watch); });
   done = true;
@@ -232,7 +248,7 @@ TEST_CASE("reserve: concurrent processes and threads never take any layer past i
 
   MESSAGE("reserved " << sum.reserved << ", denied " << sum.denied << ", streams stopped " << sum.stopped_streams
                       << ", monitor samples " << samples.load());
-  CHECK(sum.failures == 0);
+  CHECK_MESSAGE(sum.failures == 0, "the last failure: step " << sum.failure / 1000 << ", code " << sum.failure % 1000);
   CHECK(violations.load() == 0);
   // The race was real: both outcomes happened many times.
   CHECK(sum.reserved > 100);
