@@ -330,6 +330,7 @@ namespace {
 // What one child process booked on the rules test's counters.
 struct RuleBooked {
   std::int64_t commits = 0, tokens = 0, reserved = 0, denied = 0, failures = 0;
+  std::int32_t failure = 0;   // the last failure: 1000 x the step (1 reserve, 2 a call beside, 3 release, 4 charge, 5 commit) + its code
 };
 
 // Makes `iterations` calls, and more (up to 4 times as many) until `min_reserved` of them were
@@ -358,6 +359,7 @@ void ruleWorker(Client& c, int seed, int iterations, int min_reserved, RuleBooke
                           d.code != Code::kRequestRateExceeded && d.code != Code::kTokenRateExceeded &&
                           d.code != Code::kConcurrencyExceeded && d.code != Code::kAgentBudgetExhausted)) {
         mine.failures += 1;
+        mine.failure = 1000 + static_cast<std::int32_t>(d.code);
       }
       continue;
     }
@@ -367,22 +369,39 @@ void ruleWorker(Client& c, int seed, int iterations, int min_reserved, RuleBooke
     Reservation beside[2];
     for (Reservation& b : beside) {
       const Decision more = c.reserve(call, &b);
-      if (!more.allowed() && more.rule == 0) mine.failures += 1;
+      if (!more.allowed() && more.rule == 0) {
+        mine.failures += 1;
+        mine.failure = 2000 + static_cast<std::int32_t>(more.code);
+      }
     }
     for (Reservation& b : beside) {
-      if (b.valid() && !c.release(b).allowed()) mine.failures += 1;
+      if (b.valid()) {
+        if (const Decision k = c.release(b); !k.allowed()) {
+          mine.failures += 1;
+          mine.failure = 3000 + static_cast<std::int32_t>(k.code);
+        }
+      }
     }
     const std::int64_t prompt = call.estimated_prompt_tokens;
     switch (rng() % 3) {
       case 0:
-        if (!c.release(r).allowed()) mine.failures += 1;
+        if (const Decision k = c.release(r); !k.allowed()) {
+          mine.failures += 1;
+          mine.failure = 3000 + static_cast<std::int32_t>(k.code);
+        }
         break;
       case 1: {   // stream until done or stopped by a rule
         std::int64_t got = 0;
-        if (!c.charge(r, prompt, 0).allowed()) mine.failures += 1;
+        if (const Decision k = c.charge(r, prompt, 0); !k.allowed()) {
+          mine.failures += 1;
+          mine.failure = 4000 + static_cast<std::int32_t>(k.code);
+        }
         const std::int64_t want = call.estimated_completion_tokens + rng() % 400;
         while (got < want && c.charge(r, 0, 25).allowed()) got += 25;
-        if (!c.commit(r, "openai", prompt, got).allowed()) mine.failures += 1;
+        if (const Decision k = c.commit(r, "openai", prompt, got); !k.allowed()) {
+          mine.failures += 1;
+          mine.failure = 5000 + static_cast<std::int32_t>(k.code);
+        }
         mine.commits += 1;
         mine.tokens += prompt + got;
         break;
@@ -390,7 +409,10 @@ void ruleWorker(Client& c, int seed, int iterations, int min_reserved, RuleBooke
       default: {
         const auto p = static_cast<std::int64_t>(rng() % (prompt + 1));
         const auto k = static_cast<std::int64_t>(rng() % (call.estimated_completion_tokens + 1));
-        if (!c.commit(r, "openai", p, k).allowed()) mine.failures += 1;
+        if (const Decision done = c.commit(r, "openai", p, k); !done.allowed()) {
+          mine.failures += 1;
+          mine.failure = 5000 + static_cast<std::int32_t>(done.code);
+        }
         mine.commits += 1;
         mine.tokens += p + k;
         break;
@@ -403,6 +425,7 @@ void ruleWorker(Client& c, int seed, int iterations, int min_reserved, RuleBooke
   out->reserved += mine.reserved;
   out->denied += mine.denied;
   out->failures += mine.failures;
+  if (mine.failure != 0) out->failure = mine.failure;
 }
 
 }  // namespace
@@ -464,13 +487,14 @@ TEST_CASE("rules: under 4 processes x 4 threads no rule counter of any kind pass
         into.reserved += b.reserved;
         into.denied += b.denied;
         into.failures += b.failures;
+        if (b.failure != 0) into.failure = b.failure;
       },
       [&] { monitor = std::thread(watch); });
   done = true;
   monitor.join();
 
   MESSAGE("reserved " << sum.reserved << ", denied " << sum.denied << ", monitor samples " << samples.load());
-  CHECK(sum.failures == 0);
+  CHECK_MESSAGE(sum.failures == 0, "the last failure: step " << sum.failure / 1000 << ", code " << sum.failure % 1000);
   CHECK(violations.load() == 0);
   CHECK(sum.reserved > 100);
   CHECK(sum.denied > 100);
