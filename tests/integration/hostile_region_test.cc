@@ -306,6 +306,14 @@ TEST_CASE("hostile region: tokenfused survives garbage in the tenant, run and re
 }
 
 TEST_CASE("hostile region: truncating the region file kills neither tokenfused nor an app, the agent stops with region_damaged and a restart rebuilds from SQLite") {
+#if defined(__SANITIZE_THREAD__)
+  // The agent's SIGBUS handler maps zero pages over the truncated region while its other threads
+  // go on reading it (by design: they read zeros, and the agent stops). ThreadSanitizer reports
+  // that mmap as a write racing every such read, and often cannot restore its stack to suppress
+  // it; the default and ASan builds run this test.
+  MESSAGE("not under ThreadSanitizer: it cannot model an mmap made from a signal handler");
+  return;
+#endif
   for (const off_t size : {off_t{4096}, off_t{0}}) {
     CAPTURE(size);
     AgentFixture f("truncate");
