@@ -19,7 +19,12 @@ namespace {
 
 bool isStopped(pid_t pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string all;
+  try {
+    all.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  } catch (const std::ios_base::failure&) {
+    return false;   // it exited between the open and the read (ESRCH): libstdc++ throws even so
+  }
   const auto p = all.rfind(')');
   return p != std::string::npos && p + 2 < all.size() && all[p + 2] == 'T';
 }
