@@ -41,13 +41,13 @@ using net::use_awaitable;
 using tcp = net::ip::tcp;
 using unix_socket = net::local::stream_protocol;
 
-namespace {
-
 bool iequals(std::string_view a, std::string_view b) noexcept {
   return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
            return (x | 0x20) == (y | 0x20) && ((x >= 'a' && x <= 'z') || (x >= 'A' && x <= 'Z') || x == y);
          });
 }
+
+namespace {
 
 std::string_view sv(boost::beast::string_view s) noexcept { return {s.data(), s.size()}; }
 

@@ -68,8 +68,8 @@ class Stream {
  public:
   virtual ~Stream() = default;
   // The status line and headers; the body follows in chunks (Transfer-Encoding: chunked). They
-  // are sent with the first chunk (or end()), in one write. False if the client has gone (then
-  // stop: nothing more reaches it).
+  // are sent with the first chunk (or end()), in one write, so a client that has gone shows in
+  // what write() returns; begin() itself returns false only after a failed write.
   virtual boost::asio::awaitable<bool> begin(int status, std::string content_type,
                                              std::vector<std::pair<std::string, std::string>> headers = {}) = 0;
   virtual boost::asio::awaitable<bool> write(std::string_view chunk) = 0;
@@ -174,6 +174,9 @@ class Server {
  private:
   std::unique_ptr<Impl> impl_;
 };
+
+// ASCII case-insensitive equality, as HTTP compares header names and tokens.
+bool iequals(std::string_view a, std::string_view b) noexcept;
 
 // Whether `host` (a Host header) names this machine's loopback: localhost, 127.0.0.1 or [::1],
 // with no port or a numeric one.

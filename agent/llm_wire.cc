@@ -104,7 +104,7 @@ void measureText(const json& body, RequestFacts& f) {
 }
 
 // The request's own completion limit: the first of `keys` that is a whole number >= 0.
-std::optional<std::int64_t> limitOf(const json& j, std::initializer_list<const char*> keys, const char* field_for_errors) {
+std::optional<std::int64_t> limitOf(const json& j, std::initializer_list<const char*> keys) {
   for (const char* k : keys) {
     const auto it = j.find(k);
     if (it == j.end() || it->is_null()) continue;
@@ -113,7 +113,6 @@ std::optional<std::int64_t> limitOf(const json& j, std::initializer_list<const c
     if (v < 0) return std::nullopt;   // Ollama's num_predict -1 (no limit) and -2 (fill the context)
     return std::min(v, kMaxTokensPerCall);
   }
-  (void)field_for_errors;
   return std::nullopt;
 }
 
@@ -191,11 +190,11 @@ RequestFacts inspect(Endpoint endpoint, const json& body) {
   switch (endpoint) {
     case Endpoint::kChatCompletions:
       f.parts = countOf(at(body, "messages"));
-      f.max_completion = limitOf(body, {"max_completion_tokens", "max_tokens"}, "max_tokens");
+      f.max_completion = limitOf(body, {"max_completion_tokens", "max_tokens"});
       break;
     case Endpoint::kCompletions:
       f.parts = countOf(at(body, "prompt"));
-      f.max_completion = limitOf(body, {"max_tokens"}, "max_tokens");
+      f.max_completion = limitOf(body, {"max_tokens"});
       n = std::max(n, multiplier("best_of"));
       break;
     case Endpoint::kResponses:
@@ -205,17 +204,17 @@ RequestFacts inspect(Endpoint endpoint, const json& body) {
         throw WireError{"background", "is not supported through the tokenfuse proxy (its cost could not be held or booked)"};
       }
       f.parts = countOf(at(body, "input")) + (body.contains("instructions") ? 1 : 0);
-      f.max_completion = limitOf(body, {"max_output_tokens"}, "max_output_tokens");
+      f.max_completion = limitOf(body, {"max_output_tokens"});
       break;
     case Endpoint::kMessages:
       f.parts = countOf(at(body, "messages")) + (body.contains("system") ? 1 : 0);
-      f.max_completion = limitOf(body, {"max_tokens"}, "max_tokens");
+      f.max_completion = limitOf(body, {"max_tokens"});
       break;
     case Endpoint::kOllamaChat:
     case Endpoint::kOllamaGenerate:
       f.parts = endpoint == Endpoint::kOllamaChat ? countOf(at(body, "messages")) : 1;
       if (const json& options = at(body, "options"); options.is_object()) {
-        f.max_completion = limitOf(options, {"num_predict"}, "options.num_predict");
+        f.max_completion = limitOf(options, {"num_predict"});
       }
       break;
     case Endpoint::kEmbeddings:
@@ -382,12 +381,6 @@ EventFacts interpret(Endpoint endpoint, const StreamEvent& event) {
     f.error = true;   // not a stream this API sends
     return f;
   }
-  auto text = [&f](const json& v) {
-    if (v.is_string() && !v.get_ref<const std::string&>().empty()) {
-      f.text_bytes += static_cast<std::int64_t>(v.get_ref<const std::string&>().size());
-      f.carries_text = true;
-    }
-  };
   // Every string of a generated part (text, tool-call arguments, audio transcripts, refusals,
   // thinking, fields this code does not know yet), but not ids, roles and types: whatever a
   // client receives is charged. Nested beyond belief: the raw event's size.
@@ -416,7 +409,7 @@ EventFacts interpret(Endpoint endpoint, const StreamEvent& event) {
       const json& choices = at(j, "choices");
       if (choices.is_array()) {
         for (const json& c : choices) {
-          text(at(c, "text"));
+          generated(at(c, "text"));
           generated(at(c, "delta"));
           // The answer is over once a choice says why, even from a server that sends no [DONE].
           if (const json& why = at(c, "finish_reason"); why.is_string() && !why.get_ref<const std::string&>().empty()) {
@@ -468,8 +461,8 @@ EventFacts interpret(Endpoint endpoint, const StreamEvent& event) {
         return f;
       }
       generated(at(j, "message"));
-      text(at(j, "response"));
-      text(at(j, "thinking"));
+      generated(at(j, "response"));
+      generated(at(j, "thinking"));
       if (const auto done = j.find("done"); done != j.end() && done->is_boolean() && done->get<bool>()) {
         f.final = true;
         f.usage = usageOf(endpoint, j);

@@ -61,11 +61,6 @@ struct Metrics {
 
 namespace {
 
-bool iequal(std::string_view a, std::string_view b) {
-  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
-           return std::tolower(static_cast<unsigned char>(x)) == std::tolower(static_cast<unsigned char>(y));
-         });
-}
 
 std::string sha256Hex(std::string_view s) {
   unsigned char md[EVP_MAX_MD_SIZE];
@@ -82,7 +77,7 @@ std::string sha256Hex(std::string_view s) {
 
 bool oneOf(std::string_view name, std::initializer_list<std::string_view> names) {
   for (std::string_view h : names) {
-    if (iequal(name, h)) return true;
+    if (http::iequals(name, h)) return true;
   }
   return false;
 }
@@ -100,7 +95,7 @@ bool clientOnlyHeader(std::string_view name) {
   return hopHeader(name) ||
          oneOf(name, {"authorization", "x-api-key", "api-key", "cookie", "accept-encoding", "openai-organization",
                       "openai-project", "forwarded", "x-real-ip"}) ||
-         (name.size() >= 12 && iequal(name.substr(0, 12), "x-forwarded-"));
+         (name.size() >= 12 && http::iequals(name.substr(0, 12), "x-forwarded-"));
 }
 
 // An upstream's header a client must not see: the operator's account, cookies, and rate-limit
@@ -108,8 +103,8 @@ bool clientOnlyHeader(std::string_view name) {
 bool upstreamOnlyHeader(std::string_view name) {
   return hopHeader(name) || oneOf(name, {"set-cookie", "openai-organization", "openai-project", "anthropic-organization-id",
                                          "content-type", "cache-control"}) ||
-         (name.size() >= 12 && iequal(name.substr(0, 12), "x-ratelimit-")) ||
-         (name.size() >= 21 && iequal(name.substr(0, 21), "anthropic-ratelimit-"));
+         (name.size() >= 12 && http::iequals(name.substr(0, 12), "x-ratelimit-")) ||
+         (name.size() >= 21 && http::iequals(name.substr(0, 21), "anthropic-ratelimit-"));
 }
 
 // "budget" for a spending limit or the kill switch, "rate" for a rate or concurrency cap, and
@@ -140,8 +135,8 @@ namespace {
 proxy::Headers forwardHeaders(const http::Request& req, const ProxyConfig& config) {
   proxy::Headers headers;
   for (const auto& [k, v] : req.headers) {
-    if (clientOnlyHeader(k) || iequal(k, config.tenant_header) || iequal(k, config.run_header) ||
-        iequal(k, config.agent_header) || iequal(k, config.tags_header)) {
+    if (clientOnlyHeader(k) || http::iequals(k, config.tenant_header) || http::iequals(k, config.run_header) ||
+        http::iequals(k, config.agent_header) || http::iequals(k, config.tags_header)) {
       continue;
     }
     headers.emplace_back(k, v);
@@ -162,7 +157,7 @@ std::vector<std::pair<std::string, std::string>> replyHeaders(const proxy::Excha
 // An answer the proxy cannot read (it asked for identity): its cost could not be known.
 bool encoded(const proxy::Exchange& ex) {
   const std::string e = ex.header("Content-Encoding");
-  return !e.empty() && !iequal(e, "identity");
+  return !e.empty() && !http::iequals(e, "identity");
 }
 
 bool contains(std::string_view haystack, std::string_view needle) {
@@ -203,46 +198,30 @@ struct Proxy::Call {
 Proxy::Proxy(const ProxyConfig& config, Engine& engine, const shm::Header& header)
     : config_(config), engine_(engine), header_(header), registry_(std::make_shared<prometheus::Registry>()) {
   for (const VirtualKeyConfig& k : config_.keys) keys_.emplace(k.sha256, &k);
-  auto& requests = prometheus::BuildCounter()
-                       .Name("tokenfuse_proxy_requests_total")
-                       .Help("Calls through the LLM proxy, by upstream and outcome")
-                       .Register(*registry_);
-  auto& tokens = prometheus::BuildCounter()
-                     .Name("tokenfuse_proxy_tokens_total")
-                     .Help("Tokens booked for proxied calls, by upstream and kind (prompt, completion)")
-                     .Register(*registry_);
-  auto& cost = prometheus::BuildCounter()
-                   .Name("tokenfuse_proxy_cost_usd_total")
-                   .Help("Cost booked for proxied calls, by upstream")
-                   .Register(*registry_);
-  auto& cut = prometheus::BuildCounter()
-                  .Name("tokenfuse_proxy_streams_cut_total")
-                  .Help("Streams ended by the proxy because the next chunk would have crossed a limit")
-                  .Register(*registry_);
-  auto& estimated = prometheus::BuildCounter()
-                        .Name("tokenfuse_proxy_usage_estimated_total")
-                        .Help("Calls booked from the proxy's estimate because the upstream reported no usage")
-                        .Register(*registry_);
-  auto& not_booked = prometheus::BuildCounter()
-                         .Name("tokenfuse_proxy_not_booked_total")
-                         .Help("Calls made whose cost the ledger could not take (see the agent's log)")
-                         .Register(*registry_);
-  auto& errors = prometheus::BuildCounter()
-                     .Name("tokenfuse_proxy_upstream_errors_total")
-                     .Help("Upstream failures, by upstream and kind (connect, timeout, protocol, too_large)")
-                     .Register(*registry_);
-  auto& open = prometheus::BuildGauge()
-                   .Name("tokenfuse_proxy_streams_open")
-                   .Help("Streamed calls in progress, by upstream")
-                   .Register(*registry_);
-  auto& duration = prometheus::BuildHistogram()
-                       .Name("tokenfuse_proxy_request_duration_seconds")
-                       .Help("Whole proxied calls, from the request to the last byte, by upstream")
-                       .Register(*registry_);
-  auto& first = prometheus::BuildHistogram()
-                    .Name("tokenfuse_proxy_upstream_first_byte_seconds")
-                    .Help("From the request to the upstream's response headers, by upstream")
-                    .Register(*registry_);
+  // Each family once: the builder, its name and its help.
+  auto family = [this](auto builder, const char* name, const char* help) -> auto& {
+    return builder.Name(name).Help(help).Register(*registry_);
+  };
+  auto& requests = family(prometheus::BuildCounter(), "tokenfuse_proxy_requests_total",
+                        "Calls through the LLM proxy, by upstream and outcome");
+  auto& tokens = family(prometheus::BuildCounter(), "tokenfuse_proxy_tokens_total",
+                        "Tokens booked for proxied calls, by upstream and kind (prompt, completion)");
+  auto& cost = family(prometheus::BuildCounter(), "tokenfuse_proxy_cost_usd_total",
+                        "Cost booked for proxied calls, by upstream");
+  auto& cut = family(prometheus::BuildCounter(), "tokenfuse_proxy_streams_cut_total",
+                        "Streams ended by the proxy because the next chunk would have crossed a limit");
+  auto& estimated = family(prometheus::BuildCounter(), "tokenfuse_proxy_usage_estimated_total",
+                        "Calls booked from the proxy's estimate because the upstream reported no usage");
+  auto& not_booked = family(prometheus::BuildCounter(), "tokenfuse_proxy_not_booked_total",
+                        "Calls made whose cost the ledger could not take (see the agent's log)");
+  auto& errors = family(prometheus::BuildCounter(), "tokenfuse_proxy_upstream_errors_total",
+                        "Upstream failures, by upstream and kind (connect, timeout, protocol, too_large)");
+  auto& open = family(prometheus::BuildGauge(), "tokenfuse_proxy_streams_open",
+                        "Streamed calls in progress, by upstream");
+  auto& duration = family(prometheus::BuildHistogram(), "tokenfuse_proxy_request_duration_seconds",
+                        "Whole proxied calls, from the request to the last byte, by upstream");
+  auto& first = family(prometheus::BuildHistogram(), "tokenfuse_proxy_upstream_first_byte_seconds",
+                        "From the request to the upstream's response headers, by upstream");
   const prometheus::Histogram::BucketBoundaries buckets{0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1,
                                                         0.5,    1,      2.5,   5,     10,   30,   60, 300};
   for (const UpstreamConfig& u : config_.upstreams) {
@@ -297,7 +276,7 @@ double Proxy::charsPerToken(std::string_view model) const {
 
 std::string Proxy::identify(const http::Request& req, Payer* payer) const {
   std::string key;
-  if (const std::string auth = req.header("Authorization"); auth.size() > 7 && iequal(auth.substr(0, 7), "Bearer ")) {
+  if (const std::string auth = req.header("Authorization"); auth.size() > 7 && http::iequals(auth.substr(0, 7), "Bearer ")) {
     key = auth.substr(7);
   } else if (std::string k = req.header("x-api-key"); !k.empty()) {
     key = std::move(k);
@@ -628,7 +607,8 @@ net::awaitable<void> Proxy::streamed(Call& call, http::Stream& out) {
   std::int64_t& charged_completion = call.charged_completion;
   std::int64_t text_bytes = 0, text_chunks = 0;
   std::optional<std::int64_t> reported_prompt, reported_completion;
-  bool client_gone = !co_await out.begin(ex->status(), type, replyHeaders(*ex));   // sent with the first events
+  co_await out.begin(ex->status(), type, replyHeaders(*ex));   // sent with the first events
+  bool client_gone = false;
   bool finished = false, upstream_error_event = false;
   std::optional<Decision> cut;
   std::string failure;   // why the upstream's stream broke off
@@ -647,7 +627,7 @@ net::awaitable<void> Proxy::streamed(Call& call, http::Stream& out) {
     charged_completion = completion;
     return true;
   };
-  if (!client_gone) charge(call.prompt_estimate, 0);   // the prompt is spent once the upstream answers
+  charge(call.prompt_estimate, 0);   // the prompt is spent once the upstream answers
 
   std::string chunk;
   while (!client_gone && !cut && failure.empty()) {

@@ -1,5 +1,7 @@
 #include "upstream.h"
 
+#include "http_server.h"
+
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/redirect_error.hpp>
@@ -12,7 +14,6 @@
 #include <openssl/ssl.h>
 
 #include <algorithm>
-#include <cctype>
 #include <limits>
 
 namespace tokenfuse::proxy {
@@ -29,11 +30,6 @@ constexpr auto kPoolIdle = std::chrono::seconds(30);   // upstreams commonly clo
 constexpr std::size_t kPoolMax = 256;
 constexpr std::uint32_t kMaxResponseHeader = 64 * 1024;
 
-bool iequal(std::string_view a, std::string_view b) {
-  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
-           return std::tolower(static_cast<unsigned char>(x)) == std::tolower(static_cast<unsigned char>(y));
-         });
-}
 
 }  // namespace
 
@@ -161,7 +157,7 @@ int Exchange::status() const noexcept { return impl_->status; }
 const Headers& Exchange::headers() const noexcept { return impl_->headers; }
 std::string Exchange::header(std::string_view name) const {
   for (const auto& [k, v] : impl_->headers) {
-    if (iequal(k, name)) return v;
+    if (http::iequals(k, name)) return v;
   }
   return {};
 }

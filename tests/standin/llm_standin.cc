@@ -6,7 +6,6 @@
 #include <openssl/evp.h>
 
 #include <algorithm>
-#include <cctype>
 #include <functional>
 #include <stdexcept>
 
@@ -17,11 +16,6 @@ using nlohmann::json;
 
 namespace {
 
-bool iequal(std::string_view a, std::string_view b) {
-  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
-           return std::tolower(static_cast<unsigned char>(x)) == std::tolower(static_cast<unsigned char>(y));
-         });
-}
 
 int headerInt(const http::Request& req, const char* name, int fallback) {
   const std::string v = req.header(name);
@@ -52,7 +46,7 @@ std::string sse(const json& data, const char* event = nullptr) {
 
 std::string LlmStandin::Seen::header(std::string_view name) const {
   for (const auto& [k, v] : headers) {
-    if (iequal(k, name)) return v;
+    if (http::iequals(k, name)) return v;
   }
   return {};
 }
