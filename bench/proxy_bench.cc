@@ -292,10 +292,17 @@ int main(int argc, char** argv) {
                                {"first token, via proxy", true, true, {}, {}}};
     load(port, "/proxy/openai/v1/chat/completions", false, rate, conns, 1);   // warm up both
     load(standin.port(), "/v1/chat/completions", false, rate, conns, 1);
+    double agent_cpu = 0;   // the agent's CPU seconds over the proxied rounds
+    std::size_t proxied = 0;
     for (int r = 1; r <= rounds; ++r) {
       for (Series& s : series) {
+        const double cpu0 = cpuSeconds(agent);
         const Result res = s.proxied ? load(port, "/proxy/openai/v1/chat/completions", s.stream, rate, conns, seconds)
                                      : load(standin.port(), "/v1/chat/completions", s.stream, rate, conns, seconds);
+        if (s.proxied) {
+          agent_cpu += cpuSeconds(agent) - cpu0;
+          proxied += res.us.size();
+        }
         s.p50.push_back(pct(res.us, 50));
         s.p99.push_back(pct(res.us, 99));
         std::printf("%-22s %5d %9.1f %9.1f %9.1f %9.1f %6d\n", s.name, r, pct(res.us, 50), pct(res.us, 90),
@@ -308,6 +315,7 @@ int main(int argc, char** argv) {
                 median(series[1].p99) - median(series[0].p99));
     std::printf("added by the proxy, first token: %9.1f %9.1f\n", median(series[3].p50) - median(series[2].p50),
                 median(series[3].p99) - median(series[2].p99));
+    if (proxied > 0) std::printf("agent CPU per proxied call: %.1f us\n", agent_cpu / static_cast<double>(proxied) * 1e6);
 
     double cores = 0;
     const int most = holdStreams(port, streams, stream_seconds, standin, agent, &cores);
