@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -58,9 +59,17 @@ Agent::Agent(Config config, Options options)
     ledger_file_ = std::make_unique<LedgerFile>(ledgerPath());   // before SQLite: it creates the file 0600
     ledger_ = std::make_unique<Ledger>(ledgerPath(), config_.host_id);
     settings_ = std::make_unique<Ledger>(ledgerPath(), config_.host_id);
-    // Neither writes into a deleted, replaced or garbled file: they fail, and say why.
-    ledger_->guardWrites([f = ledger_file_.get()] { return f->problem(); });
-    settings_->guardWrites([f = ledger_file_.get()] { return f->problem(); });
+    pruner_ledger_ = std::make_unique<Ledger>(ledgerPath(), config_.host_id);
+    // None writes into a deleted, replaced or garbled file: they fail, and say why.
+    for (Ledger* l : {ledger_.get(), settings_.get(), pruner_ledger_.get()}) {
+      l->guardWrites([f = ledger_file_.get()] { return f->problem(); });
+    }
+    if (!pruner_ledger_->size().incremental_vacuum && (config_.ledger_retain_days > 0 || config_.ledger_max_size_mb > 0)) {
+      log::warn("ledger_vacuum_off", {{"path", ledgerPath()},
+                                      {"why", "made before retention: its free pages are reused, the file does not shrink"},
+                                      {"fix", "stop the agent, then: sqlite3 " + ledgerPath() +
+                                                  " 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;'"}});
+    }
   } catch (const LedgerError& e) {
     throw AgentError(e.what());
   }
@@ -757,6 +766,77 @@ void Agent::drainLedger() {
   }
 }
 
+PruneReport Agent::pruneLedger(const std::stop_token& stop) {
+  std::lock_guard lock(prune_mu_);
+  const std::int64_t now = toUnixNs(clock_());
+  Ledger& l = *pruner_ledger_;
+  // Entries the central link has not pushed stay: the lower of its two positions in use.
+  std::uint64_t pushed = UINT64_MAX;
+  if (central_) {
+    if (central_->hasRedis()) pushed = std::min(pushed, static_cast<std::uint64_t>(l.metaInt("central_redis_seq")));
+    if (central_->hasPostgres()) {
+      pushed = std::min(pushed, static_cast<std::uint64_t>(l.metaInt("central_postgres_seq")));
+    }
+  }
+  const RetentionPolicy policy{config_.ledger_retain_days, config_.ledger_max_size_mb * 1024 * 1024};
+  const RetentionBounds bounds = retentionBounds(policy, windows_, days_, now, pushed);
+  // For `tokenfuse ledger archive`, which runs without the config: what it must keep.
+  l.setMetaInt("retention_keep_since_ns", bounds.keep_since_ns);
+  l.setMetaInt("retention_pushed_seq", static_cast<std::int64_t>(std::min<std::uint64_t>(pushed, INT64_MAX)));
+  const PruneReport r = Pruner(l, policy).pass(bounds, stop);
+
+  LedgerHealth& h = ledgerHealth();
+  h.rows = r.rows;
+  std::error_code ec;
+  std::int64_t bytes = 0;
+  for (const char* suffix : {"", "-wal"}) {
+    const auto n = std::filesystem::file_size(ledgerPath() + suffix, ec);
+    if (!ec) bytes += static_cast<std::int64_t>(n);
+  }
+  h.file_bytes = bytes;
+  h.used_bytes = r.size.usedBytes();
+  h.oldest_unix_ns = r.oldest_unix_ns.value_or(0);
+  h.last_prune_unix_ns = now;
+  h.pruned += static_cast<std::uint64_t>(r.removed());
+  h.over_ceiling = r.over_ceiling ? 1 : 0;
+  if (r.removed() != 0 || r.pages_returned != 0) {
+    log::info("ledger_pruned", {{"removed_for_age", r.removed_for_age},
+                                {"removed_for_size", r.removed_for_size},
+                                {"pages_returned", r.pages_returned},
+                                {"rows", r.rows},
+                                {"oldest", r.oldest_unix_ns ? isoTime(*r.oldest_unix_ns) : std::string("none")}});
+  }
+  const bool warn_again = now - disk_warned_ns_ >= std::int64_t{3600} * 1'000'000'000;
+  if (r.over_ceiling && warn_again) {
+    log::warn("ledger_over_ceiling",
+              {{"used_bytes", r.size.usedBytes()},
+               {"max_size_mb", config_.ledger_max_size_mb},
+               {"why", "the rest is this month's and the last 7 days' entries (rule windows) or not yet pushed to "
+                       "the central link"}});
+  }
+  struct statvfs fs{};
+  if (::statvfs(config_.data_dir.c_str(), &fs) == 0 && fs.f_blocks > 0) {
+    const auto free_bytes = static_cast<std::int64_t>(fs.f_bavail) * static_cast<std::int64_t>(fs.f_frsize);
+    const auto size_bytes = static_cast<std::int64_t>(fs.f_blocks) * static_cast<std::int64_t>(fs.f_frsize);
+    h.disk_free_bytes = free_bytes;
+    h.disk_size_bytes = size_bytes;
+    const bool low = free_bytes * 100 < size_bytes * config_.ledger_disk_warn_percent;
+    h.disk_low = low ? 1 : 0;
+    if (low && warn_again) {
+      log::warn("ledger_disk_low",
+                {{"data_dir", config_.data_dir},
+                 {"free_bytes", free_bytes},
+                 {"free_percent", static_cast<double>(free_bytes) * 100.0 / static_cast<double>(size_bytes)},
+                 {"ledger_bytes", bytes},
+                 {"why", "when the disk is full, every commit and record is refused"},
+                 {"fix", "free space, lower [ledger] retain_days or set max_size_mb, or archive old entries "
+                         "(tokenfuse ledger archive)"}});
+    }
+    if ((low || r.over_ceiling) && warn_again) disk_warned_ns_ = now;
+  }
+  return r;
+}
+
 bool Agent::drainLedgerTo(std::uint64_t target) {
   Engine& e = admin_->engine();
   if (!writer_running_.load()) {   // no writer thread (tests drive tick() alone): drain here
@@ -834,6 +914,19 @@ void Agent::run(std::stop_token stop) {
   std::jthread central;
   if (central_) central = std::jthread([this](std::stop_token s) { central_->run(s); });
   std::jthread alerts([this](std::stop_token s) { alerter_->run(s); });
+  std::jthread pruner([this](std::stop_token s) {
+    std::mutex m;
+    std::condition_variable_any wake;
+    while (!s.stop_requested()) {
+      try {
+        (void)pruneLedger(s);
+      } catch (const LedgerError& e) {
+        log::error("ledger_prune_failed", {{"error", e.what()}});
+      }
+      std::unique_lock lock(m);
+      wake.wait_for(lock, s, std::chrono::seconds(config_.ledger_prune_interval_s), [] { return false; });
+    }
+  });
   std::mutex mu;
   std::condition_variable_any cv;
   const auto period = std::chrono::milliseconds(config_.tick_ms);

@@ -18,6 +18,7 @@
 
 #include "region_admin.h"
 #include "region.h"
+#include "retention.h"
 
 #include <atomic>
 #include <chrono>
@@ -85,6 +86,10 @@ class Agent {
   // Writes what the ring holds to SQLite now, as run()'s writer thread would (tests that drive
   // tick() themselves). Throws LedgerError.
   void drainLedger();
+  // One retention pass at clock() time (retention.h), as run()'s pruning thread makes every
+  // ledger.prune_interval_s; also checks the disk. Thread-safe against the writer and the API.
+  // Throws LedgerError.
+  PruneReport pruneLedger(const std::stop_token& stop = {});
 
   RegionAdmin& admin() noexcept { return *admin_; }
   bool adoptedRegion() const noexcept { return adopted_; }
@@ -190,6 +195,9 @@ class Agent {
   std::unique_ptr<Ledger> ledger_;         // the ledger writer's connection
   std::mutex settings_mu_;                 // guards settings_ and the order of admin changes
   std::unique_ptr<Ledger> settings_;       // the admin API's connection to the same file
+  std::mutex prune_mu_;                    // one retention pass at a time
+  std::unique_ptr<Ledger> pruner_ledger_;  // retention's connection (under prune_mu_)
+  std::int64_t disk_warned_ns_ = INT64_MIN / 2;   // the clock's time of the last ledger_disk_low (prune_mu_)
   std::unique_ptr<Region> region_;
   std::unique_ptr<RegionAdmin> admin_;
   std::unique_ptr<LedgerWriter> writer_;

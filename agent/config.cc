@@ -599,9 +599,16 @@ Config parseConfig(const std::string& text, const std::string& origin) {
   }
 
   if (const toml::table* l = subtable(root, "ledger", origin, "")) {
-    rejectUnknown(*l, origin, "ledger.", {"flush_interval_ms"});
+    rejectUnknown(*l, origin, "ledger.",
+                  {"flush_interval_ms", "retain_days", "max_size_mb", "prune_interval_s", "disk_warn_percent"});
     c.ledger_flush_interval_ms =
         getInt(*l, "flush_interval_ms", origin, "ledger.flush_interval_ms", c.ledger_flush_interval_ms, 1, 50);
+    c.ledger_retain_days = getInt(*l, "retain_days", origin, "ledger.retain_days", c.ledger_retain_days, 0, 36500);
+    c.ledger_max_size_mb = getInt(*l, "max_size_mb", origin, "ledger.max_size_mb", c.ledger_max_size_mb, 0, 1 << 30);
+    c.ledger_prune_interval_s =
+        getInt(*l, "prune_interval_s", origin, "ledger.prune_interval_s", c.ledger_prune_interval_s, 1, 86400);
+    c.ledger_disk_warn_percent =
+        getInt(*l, "disk_warn_percent", origin, "ledger.disk_warn_percent", c.ledger_disk_warn_percent, 0, 99);
   }
 
   if (const toml::table* b = subtable(root, "budgets", origin, "")) {

@@ -167,6 +167,14 @@ struct Config {
 
   // [ledger]
   std::int64_t ledger_flush_interval_ms = 10;   // the longest an idle entry waits for SQLite
+  // Retention (retention.h): entries older than this many days are removed (0: kept forever),
+  // and the oldest beyond max_size_mb of pages in use (0: no ceiling); never what the central
+  // link has not pushed or a rule window may still need.
+  std::int64_t ledger_retain_days = 90;
+  std::int64_t ledger_max_size_mb = 0;
+  std::int64_t ledger_prune_interval_s = 60;
+  // The agent warns while the data dir's file system has less than this share free (0: never).
+  std::int64_t ledger_disk_warn_percent = 10;
 
   // [budgets]  nullopt: unlimited
   std::optional<NanoUsd> platform_daily_limit;

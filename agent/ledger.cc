@@ -63,6 +63,32 @@ CREATE TABLE IF NOT EXISTS spend_by_run (
   last_unix_ns      INTEGER NOT NULL        -- and when it was booked
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spend_by_run_last ON spend_by_run (last_unix_ns);
+-- Each tenant's spending per clock hour (UTC), kept the same way: the day's curve, without a
+-- scan of the day's entries. Retention removes the hours it removes the entries of.
+CREATE TABLE IF NOT EXISTS spend_by_hour (
+  hour              INTEGER NOT NULL,       -- hours since 1970-01-01T00:00Z
+  project_id        TEXT    NOT NULL,
+  cost_nano_usd     INTEGER NOT NULL,
+  prompt_tokens     INTEGER NOT NULL,
+  completion_tokens INTEGER NOT NULL,
+  calls             INTEGER NOT NULL,
+  PRIMARY KEY (hour, project_id)
+) WITHOUT ROWID;
+-- The totals of the entries retention removed, by the ids rules count: the all-time rules'
+-- rebuild (callTotalsSince) adds them to the entries still here. Entries of windows still open
+-- are never removed, so no other window needs them.
+CREATE TABLE IF NOT EXISTS pruned_totals (
+  project_id        TEXT    NOT NULL,
+  run_id            TEXT    NOT NULL,       -- '' for none
+  model             TEXT    NOT NULL,
+  agent_id          TEXT    NOT NULL,       -- '' for none
+  tags              TEXT    NOT NULL,       -- '' for none
+  cost_nano_usd     INTEGER NOT NULL,
+  prompt_tokens     INTEGER NOT NULL,
+  completion_tokens INTEGER NOT NULL,
+  calls             INTEGER NOT NULL,
+  PRIMARY KEY (project_id, run_id, model, agent_id, tags)
+) WITHOUT ROWID;
 -- Changes made through the admin API, which outlive a restart and win over the config file.
 CREATE TABLE IF NOT EXISTS limit_override (
   scope          TEXT    NOT NULL CHECK (scope IN ('tenant', 'run', 'platform')),
@@ -129,6 +155,8 @@ LedgerTotal total(SQLite::Statement& q) {
   return t;
 }
 
+std::int64_t hourOf(std::int64_t unix_ns) { return unix_ns / 3'600'000'000'000; }
+
 constexpr const char* kSums =
     "COALESCE(SUM(cost_nano_usd), 0), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), COUNT(*)";
 
@@ -141,7 +169,12 @@ Ledger::Ledger(const std::string& path, std::string host_id) : host_id_(std::mov
     // NOMUTEX: a Ledger is used by one thread at a time, so SQLite need not lock every call.
     db_ = std::make_unique<SQLite::Database>(path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE | SQLite::OPEN_NOMUTEX);
     db_->setBusyTimeout(5000);
+    // A new ledger can give back the pages retention frees (retention.h); it must be set before
+    // the first table is made, so an older ledger keeps reusing its free pages instead.
+    db_->exec("PRAGMA auto_vacuum=INCREMENTAL");
     db_->exec("PRAGMA journal_mode=WAL");
+    // The WAL file shrinks back to this after a checkpoint (a large prune writes many pages).
+    db_->exec("PRAGMA journal_size_limit=67108864");
     // FULL: a transaction is on disk when commit returns; group commit amortises the fsync.
     db_->exec("PRAGMA synchronous=FULL");
     db_->exec(kSchema);
@@ -185,6 +218,22 @@ Ledger::Ledger(const std::string& path, std::string host_id) : host_id_(std::mov
       setMetaInt("spend_by_run_filled", 1);
       txn.commit();
     }
+    if (metaInt("spend_by_hour_filled") == 0) {
+      SQLite::Transaction txn(*db_);
+      db_->exec("DELETE FROM spend_by_hour");
+      db_->exec("INSERT INTO spend_by_hour SELECT created_at_unix_ns / 3600000000000, project_id, SUM(cost_nano_usd), "
+                "SUM(prompt_tokens), SUM(completion_tokens), COUNT(*) FROM budget_ledger GROUP BY 1, 2");
+      setMetaInt("spend_by_hour_filled", 1);
+      txn.commit();
+    }
+    // The entry count, kept with every write from here on (one scan, once, for an older ledger).
+    db_->exec("INSERT OR IGNORE INTO meta (key, value) SELECT 'rows', COUNT(*) FROM budget_ledger");
+    add_hour_ = std::make_unique<SQLite::Statement>(
+        *db_,
+        "INSERT INTO spend_by_hour VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (hour, project_id) DO UPDATE SET cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd, "
+        "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+        "completion_tokens = completion_tokens + excluded.completion_tokens, calls = calls + excluded.calls");
     add_run_ = std::make_unique<SQLite::Statement>(
         *db_,
         "INSERT INTO spend_by_run VALUES (?, ?, ?, ?, ?, ?, ?) "
@@ -312,6 +361,11 @@ std::size_t Ledger::append(std::vector<LedgerEntry>& entries, const std::vector<
         b.completion += e.completion_tokens;
         ++b.calls;
         b.seq = std::max(b.seq, e.seq);
+        BatchSpend& h = hour_spend_[{hourOf(e.unix_ns), e.project_id}];
+        h.cost += e.cost_nano_usd;
+        h.prompt += e.prompt_tokens;
+        h.completion += e.completion_tokens;
+        ++h.calls;
         if (!e.run_id.empty()) {
           BatchSpend& r = run_spend_[e.run_id];
           r.cost += e.cost_nano_usd;
@@ -349,13 +403,28 @@ std::size_t Ledger::append(std::vector<LedgerEntry>& entries, const std::vector<
       a.reset();
     }
     spend_.clear();
+    for (const auto& [key, b] : hour_spend_) {
+      SQLite::Statement& a = *add_hour_;
+      a.bind(1, key.first);
+      a.bindNoCopy(2, key.second);
+      a.bind(3, b.cost);
+      a.bind(4, b.prompt);
+      a.bind(5, b.completion);
+      a.bind(6, b.calls);
+      a.exec();
+      a.reset();
+    }
+    hour_spend_.clear();
+    if (added != 0) addRows(static_cast<std::int64_t>(added));
     txn.commit();
   } catch (const SQLite::Exception& e) {
     insert_->reset();
     add_spend_->reset();
     add_run_->reset();
+    add_hour_->reset();
     spend_.clear();
     run_spend_.clear();
+    hour_spend_.clear();
     throw LedgerError(std::string("cannot write the ledger: ") + e.what());
   }
   return added;
@@ -421,9 +490,20 @@ std::optional<LedgerTotal> Ledger::runTotal(const std::string& run_id) {
 }
 
 std::vector<CallTotal> Ledger::callTotalsSince(std::int64_t since_unix_ns, std::int32_t first_day) {
-  SQLite::Statement q(*db_, std::string("SELECT project_id, COALESCE(run_id, ''), model, COALESCE(agent_id, ''), ") +
-                                kSums + ", COALESCE(tags, '') FROM budget_ledger WHERE day >= ? AND created_at_unix_ns >= ? "
-                                        "GROUP BY 1, 2, 3, 4, 9");
+  std::string sql = std::string("SELECT project_id, COALESCE(run_id, ''), model, COALESCE(agent_id, ''), ") + kSums +
+                    ", COALESCE(tags, '') FROM budget_ledger WHERE day >= ?1 AND created_at_unix_ns >= ?2 "
+                    "GROUP BY 1, 2, 3, 4, 9";
+  if (since_unix_ns == INT64_MIN) {
+    // All time: with the totals of the entries retention removed (every other window is newer
+    // than what it removes).
+    sql = "SELECT p, r, m, a, SUM(c), SUM(pt), SUM(ct), SUM(n), t FROM ("
+          "SELECT project_id AS p, COALESCE(run_id, '') AS r, model AS m, COALESCE(agent_id, '') AS a, "
+          "cost_nano_usd AS c, prompt_tokens AS pt, completion_tokens AS ct, 1 AS n, COALESCE(tags, '') AS t "
+          "FROM budget_ledger WHERE day >= ?1 AND created_at_unix_ns >= ?2 UNION ALL "
+          "SELECT project_id, run_id, model, agent_id, cost_nano_usd, prompt_tokens, completion_tokens, calls, tags "
+          "FROM pruned_totals) GROUP BY 1, 2, 3, 4, 9";
+  }
+  SQLite::Statement q(*db_, sql);
   q.bind(1, first_day);
   q.bind(2, since_unix_ns);
   std::vector<CallTotal> out;
@@ -619,6 +699,141 @@ std::optional<StoredKill> Ledger::storedKill() {
                       q.getColumn(3).getInt64(), q.getColumn(4).getInt() != 0};
   } catch (const SQLite::Exception& e) {
     throw LedgerError(std::string("reading the saved kill switch: ") + e.what());
+  }
+}
+
+std::vector<HourSpend> Ledger::spendByHour(std::int64_t from_hour, std::int64_t to_hour) {
+  try {
+    SQLite::Statement q(*db_,
+                        "SELECT hour, project_id, cost_nano_usd, prompt_tokens, completion_tokens, calls FROM spend_by_hour "
+                        "WHERE hour >= ? AND hour < ? ORDER BY hour, project_id");
+    q.bind(1, from_hour);
+    q.bind(2, to_hour);
+    std::vector<HourSpend> out;
+    while (q.executeStep()) {
+      out.push_back({q.getColumn(0).getInt64(), q.getColumn(1).getString(), q.getColumn(2).getInt64(),
+                     q.getColumn(3).getInt64(), q.getColumn(4).getInt64(), q.getColumn(5).getInt64()});
+    }
+    return out;
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("reading spend_by_hour: ") + e.what());
+  }
+}
+
+// --- Retention ----------------------------------------------------------------------------------
+
+void Ledger::addRows(std::int64_t n) {
+  SQLite::Statement q(*db_, "UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key = 'rows'");
+  q.bind(1, n);
+  q.exec();
+}
+
+std::int64_t Ledger::rowCount() {
+  try {
+    return metaInt("rows");
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("reading the ledger's size: ") + e.what());
+  }
+}
+
+std::optional<std::pair<std::uint64_t, std::int64_t>> Ledger::oldestEntry() {
+  try {
+    SQLite::Statement q(*db_, "SELECT seq, created_at_unix_ns FROM budget_ledger ORDER BY seq LIMIT 1");
+    if (!q.executeStep()) return std::nullopt;
+    return std::pair(static_cast<std::uint64_t>(q.getColumn(0).getInt64()), q.getColumn(1).getInt64());
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("reading the ledger's oldest entry: ") + e.what());
+  }
+}
+
+std::uint64_t Ledger::nthSeqFrom(std::uint64_t from_seq, std::int64_t n) {
+  try {
+    SQLite::Statement q(*db_, "SELECT MAX(seq) FROM (SELECT seq FROM budget_ledger WHERE seq >= ? ORDER BY seq LIMIT ?)");
+    q.bind(1, static_cast<std::int64_t>(std::min<std::uint64_t>(from_seq, INT64_MAX)));
+    q.bind(2, n);
+    q.executeStep();
+    return q.isColumnNull(0) ? 0 : static_cast<std::uint64_t>(q.getColumn(0).getInt64());
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("reading the ledger: ") + e.what());
+  }
+}
+
+std::int64_t Ledger::removeEntries(std::uint64_t first, std::uint64_t last, std::int64_t before_unix_ns) {
+  requireFile("removing ledger entries");
+  if (first > last) return 0;
+  try {
+    SQLite::Transaction txn(*db_);
+    constexpr const char* kWhere = " FROM budget_ledger WHERE seq BETWEEN ?1 AND ?2 AND created_at_unix_ns < ?3";
+    // "WHERE true": SQLite's upsert after a SELECT needs a WHERE to parse.
+    SQLite::Statement keep(*db_,
+                           std::string("INSERT INTO pruned_totals SELECT * FROM (SELECT project_id, COALESCE(run_id, ''), "
+                                       "model, COALESCE(agent_id, ''), COALESCE(tags, ''), SUM(cost_nano_usd), "
+                                       "SUM(prompt_tokens), SUM(completion_tokens), COUNT(*)") +
+                               kWhere +
+                               " GROUP BY 1, 2, 3, 4, 5) WHERE true "
+                               "ON CONFLICT (project_id, run_id, model, agent_id, tags) DO UPDATE SET "
+                               "cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd, "
+                               "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                               "completion_tokens = completion_tokens + excluded.completion_tokens, "
+                               "calls = calls + excluded.calls");
+    SQLite::Statement remove(*db_, std::string("DELETE") + kWhere);
+    for (SQLite::Statement* q : {&keep, &remove}) {
+      q->bind(1, static_cast<std::int64_t>(std::min<std::uint64_t>(first, INT64_MAX)));
+      q->bind(2, static_cast<std::int64_t>(std::min<std::uint64_t>(last, INT64_MAX)));
+      q->bind(3, before_unix_ns);
+    }
+    keep.exec();
+    const std::int64_t removed = remove.exec();
+    if (removed != 0) addRows(-removed);
+    txn.commit();
+    return removed;
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("cannot remove ledger entries: ") + e.what());
+  }
+}
+
+std::int64_t Ledger::removeSummariesBefore(std::int64_t before_unix_ns, std::int32_t before_day,
+                                           std::uint64_t pushed_seq, std::int64_t limit) {
+  requireFile("removing old ledger summaries");
+  try {
+    SQLite::Transaction txn(*db_);
+    SQLite::Statement quarantined(*db_,
+                                  "DELETE FROM ledger_quarantine WHERE seq IN (SELECT seq FROM ledger_quarantine "
+                                  "WHERE quarantined_unix_ns < ? ORDER BY seq LIMIT ?)");
+    quarantined.bind(1, before_unix_ns);
+    quarantined.bind(2, limit);
+    SQLite::Statement hours(*db_, "DELETE FROM spend_by_hour WHERE hour < ?");
+    hours.bind(1, hourOf(before_unix_ns));
+    SQLite::Statement days(*db_, "DELETE FROM spend_by_day WHERE day < ? AND updated_seq <= ?");
+    days.bind(1, before_day);
+    days.bind(2, static_cast<std::int64_t>(std::min<std::uint64_t>(pushed_seq, INT64_MAX)));
+    const std::int64_t removed = quarantined.exec() + hours.exec() + days.exec();
+    txn.commit();
+    return removed;
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("cannot remove old ledger summaries: ") + e.what());
+  }
+}
+
+LedgerSize Ledger::size() {
+  try {
+    LedgerSize s;
+    s.page_size = db_->execAndGet("PRAGMA page_size").getInt64();
+    s.pages = db_->execAndGet("PRAGMA page_count").getInt64();
+    s.free_pages = db_->execAndGet("PRAGMA freelist_count").getInt64();
+    s.incremental_vacuum = db_->execAndGet("PRAGMA auto_vacuum").getInt() == 2;
+    return s;
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("reading the ledger's size: ") + e.what());
+  }
+}
+
+void Ledger::incrementalVacuum(std::int64_t pages) {
+  requireFile("returning free ledger pages");
+  try {
+    db_->exec("PRAGMA incremental_vacuum(" + std::to_string(pages) + ")");
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("cannot return free ledger pages: ") + e.what());
   }
 }
 

@@ -83,6 +83,21 @@ struct DaySpend {
   std::uint64_t updated_seq = 0;   // the newest entry in it
 };
 
+// A tenant's spending in one clock hour (UTC), on this host: the day's curve.
+struct HourSpend {
+  std::int64_t hour = 0;   // hours since 1970-01-01T00:00Z
+  std::string project_id;
+  std::int64_t cost_nano_usd = 0, prompt_tokens = 0, completion_tokens = 0, calls = 0;
+};
+
+// How much of its file the ledger uses (retention.h).
+struct LedgerSize {
+  std::int64_t page_size = 0, pages = 0, free_pages = 0;
+  bool incremental_vacuum = false;   // PRAGMA auto_vacuum = INCREMENTAL: freed pages can be returned
+  std::int64_t bytes() const noexcept { return pages * page_size; }
+  std::int64_t usedBytes() const noexcept { return (pages - free_pages) * page_size; }
+};
+
 // A limit set through the admin API: it outlives restarts and wins over the config file.
 struct LimitOverride {
   std::string scope;   // "tenant", "run" or "platform"
@@ -144,6 +159,29 @@ class Ledger {
   std::vector<CallTotal> callTotalsSince(std::int64_t since_unix_ns, std::int32_t first_day);
   std::vector<LedgerEntry> list(const LedgerFilter& filter);
   std::string integrityCheck();           // "ok", or what SQLite found
+  // Each tenant's spending per hour in [from_hour, to_hour).
+  std::vector<HourSpend> spendByHour(std::int64_t from_hour, std::int64_t to_hour);
+
+  // Retention (retention.h, `tokenfuse ledger archive`). Entries leave the ledger only through
+  // removeEntries, which keeps their totals in pruned_totals: callTotalsSince(INT64_MIN) (the
+  // all-time rules' rebuild) counts them there, and spend_by_day and spend_by_run keep the
+  // tenants' days and the runs' lifetimes. Throw LedgerError.
+  std::int64_t rowCount();   // kept in meta by every write: no scan
+  // The oldest entry's seq and booking time; nullopt for an empty ledger.
+  std::optional<std::pair<std::uint64_t, std::int64_t>> oldestEntry();
+  // The seq of the n-th entry from `from_seq` on (the last one if there are fewer; 0 if none).
+  std::uint64_t nthSeqFrom(std::uint64_t from_seq, std::int64_t n);
+  // Removes the entries with seq in [first, last] booked before `before_unix_ns`, in one
+  // transaction that adds their totals to pruned_totals. Returns how many it removed.
+  std::int64_t removeEntries(std::uint64_t first, std::uint64_t last, std::int64_t before_unix_ns);
+  // Removes up to `limit` quarantined entries set aside before `before_unix_ns`, the hourly
+  // spending of hours before it, and the daily spending of days before `before_day` that the
+  // central link has pushed (updated_seq <= pushed_seq). Returns the rows removed.
+  std::int64_t removeSummariesBefore(std::int64_t before_unix_ns, std::int32_t before_day, std::uint64_t pushed_seq,
+                                     std::int64_t limit);
+  LedgerSize size();
+  // Returns up to `pages` free pages to the file system (auto_vacuum = INCREMENTAL only).
+  void incrementalVacuum(std::int64_t pages);
 
   // For the central link. Throw LedgerError.
   std::string ledgerId();   // random, made when the ledger was created
@@ -168,6 +206,7 @@ class Ledger {
  private:
   explicit Ledger(std::unique_ptr<SQLite::Database> db);
   void requireFile(const char* what);
+  void addRows(std::int64_t n);   // the meta 'rows' count, inside the caller's transaction
   std::function<std::string()> guard_;
   std::vector<LedgerEntry> listOrThrow(const LedgerFilter& filter);
   std::vector<DaySpend> spend(const char* where, std::int64_t value);
@@ -175,6 +214,7 @@ class Ledger {
   std::unique_ptr<SQLite::Statement> insert_;
   std::unique_ptr<SQLite::Statement> add_spend_;
   std::unique_ptr<SQLite::Statement> add_run_;
+  std::unique_ptr<SQLite::Statement> add_hour_;
   struct BatchSpend {
     std::int64_t cost = 0, prompt = 0, completion = 0, calls = 0;
     std::uint64_t seq = 0;
@@ -182,6 +222,7 @@ class Ledger {
   };
   std::map<std::pair<std::int32_t, std::string>, BatchSpend> spend_;   // one batch's, by (day, tenant)
   std::map<std::string, BatchSpend> run_spend_;                         // and by run
+  std::map<std::pair<std::int64_t, std::string>, BatchSpend> hour_spend_;   // and by (hour, tenant)
   std::string host_id_;
 };
 

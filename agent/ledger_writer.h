@@ -41,6 +41,17 @@ struct LedgerHealth {
   std::atomic<std::uint64_t> quarantined{0};   // entries set aside since start
   std::atomic<std::uint64_t> ring_repairs{0};  // ring words reset since start
   std::atomic<std::uint32_t> unavailable{0};   // 1 while acknowledgements are stopped
+  // Retention (Agent::pruneLedger), as its last pass left them.
+  std::atomic<std::int64_t> rows{0};
+  std::atomic<std::int64_t> file_bytes{0};      // ledger.db and its WAL
+  std::atomic<std::int64_t> used_bytes{0};      // pages in use
+  std::atomic<std::int64_t> oldest_unix_ns{0};  // 0: empty
+  std::atomic<std::int64_t> last_prune_unix_ns{0};
+  std::atomic<std::uint64_t> pruned{0};         // entries removed since start
+  std::atomic<std::uint32_t> over_ceiling{0};   // 1: above max_size_mb with nothing more it may remove
+  std::atomic<std::int64_t> disk_free_bytes{-1};   // the data dir's file system; -1: unknown
+  std::atomic<std::int64_t> disk_size_bytes{-1};
+  std::atomic<std::uint32_t> disk_low{0};       // 1: less free than disk_warn_percent
 };
 LedgerHealth& ledgerHealth() noexcept;
 

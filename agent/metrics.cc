@@ -124,6 +124,30 @@ class RegionCollector final : public prometheus::Collectable {
                                    "1 while the ledger file cannot be written and commits and records are refused",
                                    MetricType::Gauge)),
            static_cast<double>(lh.unavailable.load(r)));
+    // Retention, as its last pass left them (Agent::pruneLedger).
+    const auto gauge = [&](const char* name, const char* help, double value) {
+      sample(out.emplace_back(family(name, help, MetricType::Gauge)), value);
+    };
+    gauge("tokenfuse_ledger_rows", "Entries in ledger.db", static_cast<double>(lh.rows.load(r)));
+    gauge("tokenfuse_ledger_file_bytes", "Size of ledger.db and its WAL on disk", static_cast<double>(lh.file_bytes.load(r)));
+    gauge("tokenfuse_ledger_used_bytes", "Bytes of ledger.db's pages in use (what [ledger] max_size_mb bounds)",
+          static_cast<double>(lh.used_bytes.load(r)));
+    gauge("tokenfuse_ledger_oldest_entry_timestamp_seconds", "When the oldest entry in ledger.db was booked (0: none)",
+          static_cast<double>(lh.oldest_unix_ns.load(r)) / 1e9);
+    gauge("tokenfuse_ledger_last_prune_timestamp_seconds", "When retention last ran (0: not yet)",
+          static_cast<double>(lh.last_prune_unix_ns.load(r)) / 1e9);
+    sample(out.emplace_back(family("tokenfuse_ledger_pruned_total", "Ledger entries retention removed since start",
+                                   MetricType::Counter)),
+           static_cast<double>(lh.pruned.load(r)));
+    gauge("tokenfuse_ledger_over_ceiling",
+          "1 while ledger.db is above [ledger] max_size_mb and what is left must stay (open windows, unpushed)",
+          static_cast<double>(lh.over_ceiling.load(r)));
+    gauge("tokenfuse_ledger_disk_free_bytes", "Free bytes on the data dir's file system (-1: unknown)",
+          static_cast<double>(lh.disk_free_bytes.load(r)));
+    gauge("tokenfuse_ledger_disk_size_bytes", "Size of the data dir's file system (-1: unknown)",
+          static_cast<double>(lh.disk_size_bytes.load(r)));
+    gauge("tokenfuse_ledger_disk_low", "1 while the data dir's file system has less free than [ledger] disk_warn_percent",
+          static_cast<double>(lh.disk_low.load(r)));
 
     // Per tenant, for a dashboard: the tenants nearest their limit (or spending most, if
     // unlimited), at most kTenantSeries of them, so the label set stays small.

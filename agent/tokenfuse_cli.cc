@@ -7,12 +7,17 @@
 #include <tokenfuse/tokenfuse.hpp>
 
 #include "ledger.h"
+#include "ledger_archive.h"
 
 #include <CLI/CLI.hpp>
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include <unistd.h>
+
 #include <cctype>
+#include <cerrno>
+#include <cstring>
 #include <charconv>
 #include <chrono>
 #include <cstdio>
@@ -303,6 +308,52 @@ int ledgerCommand(const std::string& data_dir, bool list, const LedgerFilter& fi
   }
 }
 
+// `tokenfuse ledger archive`: needs write access to the ledger (run it as the agent's user).
+int archiveCommand(const std::string& data_dir, const std::string& before_text, std::string out, bool as_json) {
+  const auto before = parseUtc(before_text);
+  if (!before) {
+    std::fprintf(stderr, "tokenfuse: --before: '%s' is not a UTC time such as 2026-09-01 or 2026-09-01T00:00:00Z\n",
+                 before_text.c_str());
+    return kUsage;
+  }
+  const std::string path = data_dir + "/ledger.db";
+  if (::access(path.c_str(), W_OK) != 0) {
+    std::fprintf(stderr, "tokenfuse: ledger %s: %s (archive removes entries: run it as the agent's user)\n", path.c_str(),
+                 std::strerror(errno));
+    return kNoRegion;
+  }
+  if (out.empty()) out = "ledger-before-" + before_text + ".jsonl.gz";
+  try {
+    Ledger ledger(path, {});
+    const auto now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                         std::chrono::system_clock::now().time_since_epoch())
+                         .count();
+    const ArchiveReport r = archiveLedger(ledger, {*before * 1'000'000'000, now, out});
+    if (as_json) {
+      std::cout << json{{"file", out},
+                        {"written", r.written},
+                        {"removed", r.removed},
+                        {"first_seq", r.first_seq},
+                        {"last_seq", r.last_seq},
+                        {"file_bytes", r.file_bytes},
+                        {"before", isoTime(r.before_unix_ns)},
+                        {"kept_because", r.kept_because.empty() ? json(nullptr) : json(r.kept_because)}}
+                       .dump(2)
+                << "\n";
+    } else {
+      std::printf("%s: %lld entries (seq %llu to %llu, %lld bytes); %lld removed from the ledger\n", out.c_str(),
+                  static_cast<long long>(r.written), static_cast<unsigned long long>(r.first_seq),
+                  static_cast<unsigned long long>(r.last_seq), static_cast<long long>(r.file_bytes),
+                  static_cast<long long>(r.removed));
+      if (!r.kept_because.empty()) std::printf("kept: %s\n", r.kept_because.c_str());
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tokenfuse: %s\n", e.what());
+    return kNoRegion;
+  }
+}
+
 std::string civilDay(std::int32_t day) {
   const std::time_t t = static_cast<std::time_t>(day) * 86400;
   std::tm tm{};
@@ -349,6 +400,11 @@ int main(int argc, char** argv) {
   list->add_option("--after-seq", filter.after_seq, "only entries after this sequence number");
   list->add_option("--limit", filter.limit, "at most this many (default 1000)")->check(CLI::PositiveNumber);
   list->add_option("--format", format, "table, csv or jsonl")->check(CLI::IsMember({"table", "csv", "jsonl"}));
+  std::string archive_before, archive_out;
+  auto* archive = ledger->add_subcommand(
+      "archive", "move the entries booked before a date into a gzip file of JSON lines, then remove them from the ledger");
+  archive->add_option("--before", archive_before, "UTC date or time: 2026-09-01 or 2026-09-01T00:00:00Z")->required();
+  archive->add_option("--out", archive_out, "the file to write, which must not exist (default: ledger-before-DATE.jsonl.gz)");
   auto* totals = ledger->add_subcommand("totals", "per-tenant totals for one budget day");
   totals->add_option("--day", day_text, "budget day, e.g. 2026-11-29 (default: today, UTC)");
 
@@ -419,6 +475,7 @@ int main(int argc, char** argv) {
     return rc == 0 ? 0 : kUsage;
   }
 
+  if (*archive) return archiveCommand(data_dir, archive_before, archive_out, as_json);
   if (*ledger) {
     for (auto [text, field] : {std::pair{&since, &filter.since_unix_ns}, {&until, &filter.until_unix_ns}}) {
       if (text->empty()) continue;

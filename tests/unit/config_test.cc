@@ -57,12 +57,33 @@ TEST_CASE("config: the defaults are the reference's prices and fallback, and no 
   CHECK(c.shm_name == "tokenfuse");
 }
 
+TEST_CASE("config: [ledger] retention is read exactly, and a bad value is named") {
+  const Config c = parseConfig("[ledger]\nretain_days = 400\nmax_size_mb = 2048\nprune_interval_s = 5\n"
+                               "disk_warn_percent = 20\n",
+                               "t.toml");
+  CHECK(c.ledger_retain_days == 400);
+  CHECK(c.ledger_max_size_mb == 2048);
+  CHECK(c.ledger_prune_interval_s == 5);
+  CHECK(c.ledger_disk_warn_percent == 20);
+  CHECK(defaultConfig().ledger_retain_days == 90);
+  CHECK(defaultConfig().ledger_max_size_mb == 0);
+  CHECK(parseError("[ledger]\nretain_days = -1\n") == "t.toml: ledger.retain_days: must be from 0 to 36500");
+  CHECK(parseError("[ledger]\nmax_size_mb = \"1G\"\n").find("ledger.max_size_mb") != std::string::npos);
+  CHECK(parseError("[ledger]\ndisk_warn_percent = 100\n") ==
+        "t.toml: ledger.disk_warn_percent: must be from 0 to 99");
+  CHECK(parseError("[ledger]\nretain = 5\n").find("ledger.retain: unknown key") != std::string::npos);
+}
+
 TEST_CASE("config: the shipped packaging/tokenfuse.toml is valid and equals the defaults") {
   const Config c = loadConfig(TOKENFUSE_SOURCE_DIR "/packaging/tokenfuse.toml");
   const Config d = defaultConfig();
   CHECK(c.prices == d.prices);
   CHECK(c.tenant_capacity == d.tenant_capacity);
   CHECK(c.reservation_ttl_s == d.reservation_ttl_s);
+  CHECK(c.ledger_retain_days == d.ledger_retain_days);
+  CHECK(c.ledger_max_size_mb == d.ledger_max_size_mb);
+  CHECK(c.ledger_prune_interval_s == d.ledger_prune_interval_s);
+  CHECK(c.ledger_disk_warn_percent == d.ledger_disk_warn_percent);
   CHECK_FALSE(c.kill_active);
   CHECK(c.rules.empty());
 }
