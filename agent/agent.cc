@@ -766,6 +766,8 @@ void Agent::drainLedger() {
   }
 }
 
+std::int64_t Agent::budgetDayStartNs() const { return toUnixNs(days_.startOf(admin_->day())); }
+
 PruneReport Agent::pruneLedger(const std::stop_token& stop) {
   std::lock_guard lock(prune_mu_);
   const std::int64_t now = toUnixNs(clock_());

@@ -98,6 +98,8 @@ class Agent {
   const Alerter& alerter() const noexcept { return *alerter_; }
   const CapacityStats& capacityStats() const noexcept { return capacity_; }
   std::string ledgerPath() const { return config_.data_dir + "/ledger.db"; }
+  // When the region's budget day began (unix ns, in the agent's zone).
+  std::int64_t budgetDayStartNs() const;
 
   // Changes made through the admin API. Each is applied to the region and saved in the data
   // dir, so that it outlives a restart of the agent and of the host, and wins over the config

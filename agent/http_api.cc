@@ -1,4 +1,5 @@
 #include "http_api.h"
+#include "ui_assets.h"
 
 #include "day_clock.h"
 #include "ids.h"
@@ -539,6 +540,61 @@ http::Router HttpApi::routes() {
   on("GET", "/v1/platform", [this](const Request&, Response& res) {
     reply(res, 200, budgetJson("scope", "platform", engine_.platform()));
   });
+  // GET /v1/tenants?limit=: today's tenants, those nearest their daily limit first, then the
+  // unlimited ones spending most (one pass over the tenant table).
+  on("GET", "/v1/tenants", [this](const Request& req, Response& res) {
+    json tenants = json::array();
+    for (const auto& [id, v] : admin_.tenantsNearestLimit(static_cast<std::size_t>(queryNumber(req, "limit", 100, 100000)))) {
+      tenants.push_back(budgetJson("project_id", id, v));
+    }
+    reply(res, 200, {{"tenants", std::move(tenants)}});
+  }, Run::kBlocking);
+  // GET /v1/reservations?limit=: the reservations holding budget now, the soonest to expire first.
+  on("GET", "/v1/reservations", [this](const Request& req, Response& res) {
+    const std::size_t limit = static_cast<std::size_t>(queryNumber(req, "limit", 100, 100000));
+    json out = json::array();
+    for (const LiveReservation& r : admin_.liveReservations(limit)) {
+      auto optional = [](const std::string& s) { return s.empty() ? json(nullptr) : json(s); };
+      out.push_back({{"reservation_id", std::to_string(r.id)},
+                     {"project_id", r.project_id},
+                     {"run_id", optional(r.run_id)},
+                     {"model", r.model},
+                     {"agent_id", optional(r.agent_id)},
+                     {"held_usd", NanoUsd(r.held_nano_usd).toString()},
+                     {"prompt_tokens", r.prompt_tokens},
+                     {"completion_tokens", r.completion_tokens},
+                     {"streaming", r.charging},
+                     {"expires_at", isoTime(r.deadline_unix_ns)},
+                     {"owner_pid", r.owner_pid}});
+    }
+    reply(res, 200, {{"reservations", std::move(out)},
+                     {"live", engine_.liveReservations()}});
+  }, Run::kBlocking);
+  // GET /v1/alerts?limit=: the threshold alerts fired (tenant, run, platform, rule), newest first.
+  on("GET", "/v1/alerts", [this](const Request& req, Response& res) {
+    json out = json::array();
+    for (const FiredAlert& a : Ledger::openReadOnly(agent_.ledgerPath())->alertsFired(queryNumber(req, "limit", 50, 10000))) {
+      out.push_back({{"scope", a.scope}, {"id", a.id}, {"level_pct", a.level_pct}, {"fired_at", isoTime(a.fired_unix_ns)}});
+    }
+    reply(res, 200, {{"alerts", std::move(out)}});
+  }, Run::kBlocking);
+  // GET /v1/spend/hourly?from=&to= (unix seconds; default: the budget day so far): each tenant's
+  // spending per clock hour, from the ledger.
+  on("GET", "/v1/spend/hourly", [this](const Request& req, Response& res) {
+    const std::int64_t now_s = toUnixNs(std::chrono::system_clock::now()) / 1'000'000'000;
+    const std::int64_t from = queryNumber(req, "from", agent_.budgetDayStartNs() / 1'000'000'000, INT64_MAX / 2);
+    const std::int64_t to = queryNumber(req, "to", now_s + 3600, INT64_MAX / 2);
+    json hours = json::array();
+    for (const HourSpend& h : Ledger::openReadOnly(agent_.ledgerPath())->spendByHour(from / 3600, (to + 3599) / 3600)) {
+      hours.push_back({{"hour", isoTime(h.hour * 3'600'000'000'000)},
+                       {"project_id", h.project_id},
+                       {"cost_usd", NanoUsd(h.cost_nano_usd).toString()},
+                       {"prompt_tokens", h.prompt_tokens},
+                       {"completion_tokens", h.completion_tokens},
+                       {"calls", h.calls}});
+    }
+    reply(res, 200, {{"from", isoTime(from * 1'000'000'000)}, {"to", isoTime(to * 1'000'000'000)}, {"hours", std::move(hours)}});
+  }, Run::kBlocking);
 
   // PUT /v1/tenants/{id}/limit {"daily_limit_usd"}, PUT /v1/runs/{id}/limit {"limit_usd"},
   // PUT /v1/platform/limit {"daily_limit_usd"}; DELETE of each goes back to the config file.
@@ -599,7 +655,8 @@ http::Router HttpApi::routes() {
       },
       Run::kBlocking);
 
-  // GET /v1/ledger?project_id=&run_id=&since_seq=&limit=: durable entries, oldest first.
+  // GET /v1/ledger?project_id=&run_id=&since_seq=&limit=&order=: durable entries, oldest first
+  // (order=desc: the newest `limit`, newest first).
   on("GET", "/v1/ledger", [this, admin_only](const Request& req, Response& res) {
     admin_only(req);
     LedgerFilter f;
@@ -607,6 +664,10 @@ http::Router HttpApi::routes() {
     if (auto v = req.param("run_id")) f.run_id = std::move(*v);
     f.after_seq = static_cast<std::uint64_t>(queryNumber(req, "since_seq", 0, INT64_MAX));
     f.limit = queryNumber(req, "limit", 1000, 10000);
+    if (auto v = req.param("order")) {
+      if (*v != "asc" && *v != "desc") throw BadRequest{400, "order", "must be asc or desc"};
+      f.newest_first = *v == "desc";
+    }
     const std::vector<LedgerEntry> rows = Ledger::openReadOnly(agent_.ledgerPath())->list(f);
     json entries = json::array();
     for (const LedgerEntry& e : rows) entries.push_back(toJson(e));
@@ -614,6 +675,23 @@ http::Router HttpApi::routes() {
                      {"next_since_seq", rows.empty() ? f.after_seq : rows.back().seq},
                      {"durable_seq", engine_.durableLedgerSeq()}});
   }, Run::kBlocking);
+
+  // The dashboard (docs/operations.md, "Dashboard"): three files compiled in. The policy tells
+  // the browser too that the page loads and connects to nothing but this agent, and may not be
+  // framed (its kill switch button).
+  for (const ui::Asset& a : ui::kAssets) {
+    on("GET", std::string(a.path), [&a](const Request&, Response& res) {
+      res.body = a.body;
+      res.content_type = a.content_type;
+      res.headers = {{"Content-Security-Policy",
+                      "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+                      "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"},
+                     {"X-Content-Type-Options", "nosniff"},
+                     {"X-Frame-Options", "DENY"},
+                     {"Referrer-Policy", "no-referrer"},
+                     {"Cache-Control", "no-cache"}};
+    });
+  }
 
   on(
       "GET", "/metrics",

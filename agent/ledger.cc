@@ -535,7 +535,7 @@ std::vector<LedgerEntry> Ledger::listOrThrow(const LedgerFilter& f) {
   if (f.run_id) sql += " AND run_id = ?";
   if (f.since_unix_ns) sql += " AND created_at_unix_ns >= ?";
   if (f.until_unix_ns) sql += " AND created_at_unix_ns < ?";
-  sql += " ORDER BY seq LIMIT ?";
+  sql += f.newest_first ? " ORDER BY seq DESC LIMIT ?" : " ORDER BY seq LIMIT ?";
   SQLite::Statement q(*db_, sql);
   int i = 1;
   q.bind(i++, static_cast<std::int64_t>(f.after_seq));
@@ -699,6 +699,24 @@ std::optional<StoredKill> Ledger::storedKill() {
                       q.getColumn(3).getInt64(), q.getColumn(4).getInt() != 0};
   } catch (const SQLite::Exception& e) {
     throw LedgerError(std::string("reading the saved kill switch: ") + e.what());
+  }
+}
+
+std::vector<FiredAlert> Ledger::alertsFired(std::int64_t limit) {
+  try {
+    if (db_->execAndGet("SELECT COUNT(*) FROM sqlite_master WHERE name = 'alert_fired'").getInt() == 0) return {};
+    SQLite::Statement q(*db_,
+                        "SELECT scope, scope_id, level_pct, day, fired_unix_ns FROM alert_fired "
+                        "ORDER BY fired_unix_ns DESC LIMIT ?");
+    q.bind(1, limit);
+    std::vector<FiredAlert> out;
+    while (q.executeStep()) {
+      out.push_back({q.getColumn(0).getString(), q.getColumn(1).getString(), q.getColumn(2).getInt64(),
+                     q.getColumn(3).getInt64(), q.getColumn(4).getInt64()});
+    }
+    return out;
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("reading alert_fired: ") + e.what());
   }
 }
 

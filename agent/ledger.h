@@ -73,6 +73,17 @@ struct LedgerFilter {
   std::optional<std::int64_t> since_unix_ns, until_unix_ns;   // [since, until)
   std::uint64_t after_seq = 0;
   std::int64_t limit = 1000;
+  bool newest_first = false;   // the last `limit` entries, newest first
+};
+
+// A threshold alert as the alerter saved it (alerts.h): once per scope, id, level and period.
+struct FiredAlert {
+  std::string scope, id;   // "tenant", "run", "platform" or "rule"; id "" for the platform
+  std::int64_t level_pct = 0;
+  // The budget day; a rule's window start in minutes since 1970; -1 for a lifetime (a run, an
+  // all-time rule).
+  std::int64_t period = 0;
+  std::int64_t fired_unix_ns = 0;
 };
 
 // A tenant's spending on one budget day, on this host.
@@ -159,6 +170,8 @@ class Ledger {
   std::vector<CallTotal> callTotalsSince(std::int64_t since_unix_ns, std::int32_t first_day);
   std::vector<LedgerEntry> list(const LedgerFilter& filter);
   std::string integrityCheck();           // "ok", or what SQLite found
+  // The newest alerts fired, newest first (none before the alerter made its table).
+  std::vector<FiredAlert> alertsFired(std::int64_t limit);
   // Each tenant's spending per hour in [from_hour, to_hour).
   std::vector<HourSpend> spendByHour(std::int64_t from_hour, std::int64_t to_hour);
 

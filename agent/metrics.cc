@@ -151,33 +151,18 @@ class RegionCollector final : public prometheus::Collectable {
 
     // Per tenant, for a dashboard: the tenants nearest their limit (or spending most, if
     // unlimited), at most kTenantSeries of them, so the label set stays small.
-    struct Row {
-      std::string id;
-      BudgetView v;
-      double key;
-    };
-    std::vector<Row> rows;
-    admin_.forEachTenant([&](std::string_view id) {
-      BudgetView v = admin_.engine().tenant(id);
-      const double spent = static_cast<double>(v.committed.count()) + static_cast<double>(v.elsewhere.count());
-      const double key = v.limit && v.limit->count() > 0 ? 1e6 + spent / static_cast<double>(v.limit->count()) : spent / 1e18;
-      rows.push_back({displayId(id), v, key});   // a label must be UTF-8, whatever the region holds
-    });
     constexpr std::size_t kTenantSeries = 100;
-    if (rows.size() > kTenantSeries) {
-      std::partial_sort(rows.begin(), rows.begin() + kTenantSeries, rows.end(),
-                        [](const Row& a, const Row& b) { return a.key > b.key; });
-      rows.resize(kTenantSeries);
-    }
+    const std::vector<std::pair<std::string, BudgetView>> rows = admin_.tenantsNearestLimit(kTenantSeries);
     // Filled side by side, then moved in: a reference into `out` would dangle at its next growth.
     MetricFamily spent = family("tokenfuse_tenant_spent_usd",
                                 "Spent today by a tenant, here and elsewhere in the fleet (the 100 nearest their limit)",
                                 MetricType::Gauge);
     MetricFamily limit_t =
         family("tokenfuse_tenant_limit_usd", "A tenant's daily limit (absent when unlimited)", MetricType::Gauge);
-    for (const Row& row : rows) {
-      sample(spent, usd(shm::wrapAdd(row.v.committed.count(), row.v.elsewhere.count())), {{"project_id", row.id}});
-      if (row.v.limit) sample(limit_t, usd(row.v.limit->count()), {{"project_id", row.id}});
+    for (const auto& [id, v] : rows) {
+      const std::string label = displayId(id);   // a label must be UTF-8, whatever the region holds
+      sample(spent, usd(shm::wrapAdd(v.committed.count(), v.elsewhere.count())), {{"project_id", label}});
+      if (v.limit) sample(limit_t, usd(v.limit->count()), {{"project_id", label}});
     }
     out.push_back(std::move(spent));
     out.push_back(std::move(limit_t));

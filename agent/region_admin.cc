@@ -6,6 +6,7 @@
 #include "proc.h"
 #include "rule_match.h"
 
+#include <algorithm>
 #include <unordered_map>
 
 namespace tokenfuse {
@@ -180,6 +181,65 @@ void RegionAdmin::forEachEntry(LimitTable t, const std::function<void(std::strin
     const shm::BudgetSlot& s = tab.at(static_cast<std::int32_t>(i));
     if (copyReadyKey(s.k, &key)) fn(key);
   }
+}
+
+std::vector<std::pair<std::string, BudgetView>> RegionAdmin::tenantsNearestLimit(std::size_t n) const {
+  struct Row {
+    std::string id;
+    BudgetView v;
+    double key;   // limited tenants by share spent above all unlimited ones, by amount
+  };
+  std::vector<Row> rows;
+  forEachTenant([&](std::string_view id) {
+    BudgetView v = engine_.tenant(id);
+    const double spent = static_cast<double>(v.committed.count()) + static_cast<double>(v.elsewhere.count());
+    const double key =
+        v.limit && v.limit->count() > 0 ? 1e6 + spent / static_cast<double>(v.limit->count()) : spent / 1e18;
+    rows.push_back({std::string(id), v, key});
+  });
+  const auto nearer = [](const Row& a, const Row& b) { return a.key > b.key || (a.key == b.key && a.id < b.id); };
+  const std::size_t keep = std::min(n, rows.size());
+  std::partial_sort(rows.begin(), rows.begin() + static_cast<std::ptrdiff_t>(keep), rows.end(), nearer);
+  std::vector<std::pair<std::string, BudgetView>> out;
+  out.reserve(keep);
+  for (std::size_t i = 0; i < keep; ++i) out.emplace_back(std::move(rows[i].id), rows[i].v);
+  return out;
+}
+
+std::vector<LiveReservation> RegionAdmin::liveReservations(std::size_t n) const {
+  constexpr auto kAcquire = std::memory_order_acquire;
+  constexpr auto kRelaxed = std::memory_order_relaxed;
+  std::vector<LiveReservation> out;
+  const shm::ReservationSlot* slots = region_.reservations();
+  const std::uint32_t capacity = region_.geometry().reservation_capacity;   // copied at attach
+  for (std::uint32_t i = 0; i < capacity; ++i) {
+    const shm::ReservationSlot& s = slots[i];
+    const std::uint64_t w = s.word.load(kAcquire);
+    const shm::ResState st = shm::resState(w);
+    if (st != shm::kResActive && st != shm::kResCharging) continue;
+    LiveReservation r;
+    r.id = shm::reservationId(i, shm::resGen(w));
+    r.held_nano_usd = s.held.load(kRelaxed);
+    r.prompt_tokens = s.charged_prompt.load(kRelaxed);
+    r.completion_tokens = s.charged_completion.load(kRelaxed);
+    r.deadline_unix_ns = s.deadline_unix_ns.load(kRelaxed);
+    r.owner_pid = s.owner_pid.load(kRelaxed);
+    r.charging = st == shm::kResCharging;
+    // The ids are plain bytes, written by the owner before it published the reservation.
+    r.project_id = s.ids.get(shm::kResProject);
+    r.run_id = s.ids.get(shm::kResRun);
+    r.model = s.ids.get(shm::kResModel);
+    r.agent_id = s.ids.get(shm::kResAgent);
+    if (s.word.load(kAcquire) != w) continue;   // settled or reused meanwhile
+    out.push_back(std::move(r));
+  }
+  const auto sooner = [](const LiveReservation& a, const LiveReservation& b) {
+    return a.deadline_unix_ns < b.deadline_unix_ns || (a.deadline_unix_ns == b.deadline_unix_ns && a.id < b.id);
+  };
+  const std::size_t keep = std::min(n, out.size());
+  std::partial_sort(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(keep), out.end(), sooner);
+  out.resize(keep);
+  return out;
 }
 
 Status RegionAdmin::clearLimit(LimitTable t, std::string_view id) {

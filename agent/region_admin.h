@@ -56,6 +56,16 @@ struct HoldCorrection {
 };
 
 // A live rule and its counters as they stand, for the views (RegionAdmin::rules).
+struct LiveReservation {
+  std::uint64_t id = 0;
+  std::string project_id, run_id, model, agent_id;
+  std::int64_t held_nano_usd = 0;                 // on each of its layers
+  std::int64_t prompt_tokens = 0, completion_tokens = 0;   // charged so far (streamed calls)
+  std::int64_t deadline_unix_ns = 0;
+  std::uint32_t owner_pid = 0;                    // in the owner's pid namespace
+  bool charging = false;                          // growing its hold (a streamed call)
+};
+
 struct RuleUsage {
   std::uint32_t number = 0;   // 1 + its index: what Decision::rule names
   std::uint32_t gen = 0;      // its definition's generation (setRuleElsewhere)
@@ -114,6 +124,13 @@ class RegionAdmin {
   void forEachTenant(const std::function<void(std::string_view)>& fn) const;
   // Calls fn(id) for every entry of `table`.
   void forEachEntry(LimitTable table, const std::function<void(std::string_view)>& fn) const;
+  // The `n` tenants nearest their daily limit (by the share spent, here and elsewhere), then the
+  // unlimited ones spending most: one pass over the tenant table.
+  std::vector<std::pair<std::string, BudgetView>> tenantsNearestLimit(std::size_t n) const;
+  // Reservations holding budget now (active, or growing a streamed call's hold), at most `n`,
+  // the oldest deadline first. Each is read twice over its state word: one that changed meanwhile
+  // is left out, and ids are as their owner wrote them (possibly not UTF-8).
+  std::vector<LiveReservation> liveReservations(std::size_t n) const;
 
   Status setPrice(std::string_view model, Price price);
   // Every model name in the price table.

@@ -26,6 +26,7 @@ packages=(
   redis-server postgresql      # the central link's tests start their own, on free ports
   openssl                      # the LLM proxy's https test makes a certificate
   nodejs                       # the LLM proxy's tests run the official SDKs (tests/sdk, from npm)
+  chromium                     # the dashboard's browser test (headless, driven by playwright-core from npm)
   # packaging: .deb files (CPack, dpkg-shlibdeps), their checks
   dpkg-dev fakeroot lintian systemd
 )
@@ -35,7 +36,8 @@ for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 
-# The official LLM SDKs the proxy's tests drive (tests/sdk/package-lock.json), from the npm
+# The test clients from npm (tests/sdk/package-lock.json): the official LLM SDKs the proxy's tests
+# drive, and playwright-core for the dashboard's browser test; from the npm
 # registry; again only when the lock file changed.
 sdks() {
   local dir

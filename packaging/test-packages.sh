@@ -106,6 +106,23 @@ code=0; as_app "$tmp/examples/c/tokenfuse_example_c" "$shm" || code=$?
 entries=$(tokenfuse ledger list --data-dir "$tmp/state" --format csv | tail -n +2 | wc -l)
 echo "ledger entries written by the installed agent: $entries"
 [ "$entries" -eq 8 ]   # 4 consumers, the C++ and C examples, two Python calls
+# The archive, as user tokenfuse: every entry before tomorrow is kept (this month's), none removed.
+archive=$(setpriv --reuid=tokenfuse --regid=tokenfuse --init-groups -- tokenfuse ledger archive --data-dir "$tmp/state" \
+            --before "$(date -u -d tomorrow +%F)" --out "$tmp/state/archive.jsonl.gz" --json)
+echo "$archive" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["removed"] == 0 and r["kept_because"], r'
+
+step "the dashboard and the Grafana board, from the packages"
+port=$(cat "$tmp/state/http.port")
+python3 - "$port" <<'PY'
+import sys, urllib.request
+base = "http://127.0.0.1:" + sys.argv[1]
+page = urllib.request.urlopen(base + "/ui")
+assert "default-src 'none'" in page.headers["Content-Security-Policy"], page.headers
+assert b"/ui/app.js" in page.read()
+for asset in ("/ui/app.js", "/ui/app.css"):
+    assert urllib.request.urlopen(base + asset).status == 200
+PY
+python3 -m json.tool /usr/share/doc/libtokenfuse-dev/grafana/tokenfuse.json >/dev/null
 
 kill -TERM "$agent_pid"; wait "$agent_pid"; agent_pid=""
 grep -q '"event":"agent_stopped"' "$tmp/agent.log"
