@@ -45,7 +45,7 @@ std::optional<NanoUsd> limitOf(const LimitOverride& o) {
 
 Agent::Agent(Config config, Options options)
     : config_(std::move(config)),
-      clock_(options.clock ? std::move(options.clock) : Clock([] { return std::chrono::system_clock::now(); })),
+      clock_(options.clock ? options.clock : Clock([] { return std::chrono::system_clock::now(); })),
       days_([&] {
         try {
           return DayClock(config_.timezone);
@@ -53,13 +53,21 @@ Agent::Agent(Config config, Options options)
           throw AgentConfigError(std::string("agent.timezone: ") + e.what());
         }
       }()),
-      windows_(config_.timezone) {   // the zone was checked just above
+      windows_(config_.timezone),   // the zone was checked just above
+      steady_(options.steady ? std::move(options.steady)
+              : options.clock ? std::function<std::int64_t()>([this] { return toUnixNs(clock_()); })
+                              : std::function<std::int64_t()>([] {
+                                  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                             std::chrono::steady_clock::now().time_since_epoch())
+                                      .count();
+                                })) {
   lockDataDir();
   try {
     ledger_file_ = std::make_unique<LedgerFile>(ledgerPath());   // before SQLite: it creates the file 0600
     ledger_ = std::make_unique<Ledger>(ledgerPath(), config_.host_id);
     settings_ = std::make_unique<Ledger>(ledgerPath(), config_.host_id);
     pruner_ledger_ = std::make_unique<Ledger>(ledgerPath(), config_.host_id);
+    pruner_ledger_->skipFsync();   // the writer never waits for a prune's fsync
     // None writes into a deleted, replaced or garbled file: they fail, and say why.
     for (Ledger* l : {ledger_.get(), settings_.get(), pruner_ledger_.get()}) {
       l->guardWrites([f = ledger_file_.get()] { return f->problem(); });
@@ -770,15 +778,27 @@ std::int64_t Agent::budgetDayStartNs() const { return toUnixNs(days_.startOf(adm
 
 PruneReport Agent::pruneLedger(const std::stop_token& stop) {
   std::lock_guard lock(prune_mu_);
-  const std::int64_t now = toUnixNs(clock_());
+  // A clock stepped forward (a VM resumed with a wrong clock, a bad time source) must not make
+  // today's entries look months old: retention's time runs at most twice as fast as the
+  // monotonic clock between passes. (The first pass after a start takes the clock as it is.)
+  const std::int64_t steady = steady_();
+  std::int64_t now = toUnixNs(clock_());
+  if (prune_now_ns_ != INT64_MIN) {
+    now = std::min(now, prune_now_ns_ + 2 * std::max<std::int64_t>(0, steady - prune_steady_ns_) +
+                            std::int64_t{60} * 1'000'000'000);
+  }
+  prune_now_ns_ = now;
+  prune_steady_ns_ = steady;
   Ledger& l = *pruner_ledger_;
-  // Entries the central link has not pushed stay: the lower of its two positions in use.
+  // Entries the central link has not pushed stay: the lower of its two positions in use, as it
+  // was a pass ago.
   std::uint64_t pushed = UINT64_MAX;
   if (central_) {
-    if (central_->hasRedis()) pushed = std::min(pushed, static_cast<std::uint64_t>(l.metaInt("central_redis_seq")));
-    if (central_->hasPostgres()) {
-      pushed = std::min(pushed, static_cast<std::uint64_t>(l.metaInt("central_postgres_seq")));
-    }
+    std::uint64_t seen = UINT64_MAX;
+    if (central_->hasRedis()) seen = std::min(seen, static_cast<std::uint64_t>(l.metaInt("central_redis_seq")));
+    if (central_->hasPostgres()) seen = std::min(seen, static_cast<std::uint64_t>(l.metaInt("central_postgres_seq")));
+    pushed = std::min(seen, pushed_before_);
+    pushed_before_ = seen;
   }
   const RetentionPolicy policy{config_.ledger_retain_days, config_.ledger_max_size_mb * 1024 * 1024};
   const RetentionBounds bounds = retentionBounds(policy, windows_, days_, now, pushed);
@@ -922,7 +942,7 @@ void Agent::run(std::stop_token stop) {
     while (!s.stop_requested()) {
       try {
         (void)pruneLedger(s);
-      } catch (const LedgerError& e) {
+      } catch (const std::exception& e) {   // a bad file or meta value: the next pass tries again
         log::error("ledger_prune_failed", {{"error", e.what()}});
       }
       std::unique_lock lock(m);

@@ -64,6 +64,9 @@ class Agent {
   struct Options {
     bool recreate_region = false;   // replace an incompatible region instead of refusing
     Clock clock;                    // empty: the system clock (tests inject their own)
+    // Monotonic ns, for what must not follow a wall clock's steps (retention). Empty: the steady
+    // clock, or, when `clock` is injected, that clock (tests that move time move both).
+    std::function<std::int64_t()> steady = {};
   };
 
   // Throws AgentError with a message that says what to do.
@@ -200,6 +203,13 @@ class Agent {
   std::mutex prune_mu_;                    // one retention pass at a time
   std::unique_ptr<Ledger> pruner_ledger_;  // retention's connection (under prune_mu_)
   std::int64_t disk_warned_ns_ = INT64_MIN / 2;   // the clock's time of the last ledger_disk_low (prune_mu_)
+  // Retention's time (pruneLedger): the clock, but never further ahead of the last pass's than
+  // twice the monotonic time since, plus a minute. Under prune_mu_.
+  std::function<std::int64_t()> steady_;
+  std::int64_t prune_now_ns_ = INT64_MIN, prune_steady_ns_ = 0;
+  // The central link's pushed position at the last pass: only entries pushed a pass ago go, so
+  // that a push Postgres loses in a crash (synchronous_commit is off) can be made again.
+  std::uint64_t pushed_before_ = 0;
   std::unique_ptr<Region> region_;
   std::unique_ptr<RegionAdmin> admin_;
   std::unique_ptr<LedgerWriter> writer_;

@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS spend_by_run (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spend_by_run_last ON spend_by_run (last_unix_ns);
 -- Each tenant's spending per clock hour (UTC), kept the same way: the day's curve, without a
--- scan of the day's entries. Retention removes the hours it removes the entries of.
+-- scan of the day's entries. Retention removes hours older than retain_days.
 CREATE TABLE IF NOT EXISTS spend_by_hour (
   hour              INTEGER NOT NULL,       -- hours since 1970-01-01T00:00Z
   project_id        TEXT    NOT NULL,
@@ -226,8 +226,13 @@ Ledger::Ledger(const std::string& path, std::string host_id) : host_id_(std::mov
       setMetaInt("spend_by_hour_filled", 1);
       txn.commit();
     }
-    // The entry count, kept with every write from here on (one scan, once, for an older ledger).
-    db_->exec("INSERT OR IGNORE INTO meta (key, value) SELECT 'rows', COUNT(*) FROM budget_ledger");
+    // The entry count, kept with every write from here on: counted once, for an older ledger
+    // (the count holds the write lock while it scans, so never again).
+    if (!metaValue("rows")) {
+      SQLite::Transaction txn(*db_);
+      db_->exec("INSERT OR IGNORE INTO meta (key, value) SELECT 'rows', COUNT(*) FROM budget_ledger");
+      txn.commit();
+    }
     add_hour_ = std::make_unique<SQLite::Statement>(
         *db_,
         "INSERT INTO spend_by_hour VALUES (?, ?, ?, ?, ?, ?) "
@@ -764,50 +769,67 @@ std::optional<std::pair<std::uint64_t, std::int64_t>> Ledger::oldestEntry() {
   }
 }
 
-std::uint64_t Ledger::nthSeqFrom(std::uint64_t from_seq, std::int64_t n) {
+// The entries whose seq is in temp.prune_batch leave the ledger, their totals staying in
+// pruned_totals; inside the caller's transaction. Returns how many.
+std::int64_t Ledger::removeBatch() {
+  db_->exec(
+      "INSERT INTO pruned_totals SELECT * FROM (SELECT project_id, COALESCE(run_id, ''), model, COALESCE(agent_id, ''), "
+      "COALESCE(tags, ''), SUM(cost_nano_usd), SUM(prompt_tokens), SUM(completion_tokens), COUNT(*) FROM budget_ledger "
+      "WHERE seq IN (SELECT seq FROM temp.prune_batch) GROUP BY 1, 2, 3, 4, 5) "
+      // "WHERE true": SQLite's upsert after a SELECT needs a WHERE to parse.
+      "WHERE true ON CONFLICT (project_id, run_id, model, agent_id, tags) DO UPDATE SET "
+      "cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+      "completion_tokens = completion_tokens + excluded.completion_tokens, calls = calls + excluded.calls");
+  const std::int64_t removed = db_->exec("DELETE FROM budget_ledger WHERE seq IN (SELECT seq FROM temp.prune_batch)");
+  db_->exec("DELETE FROM temp.prune_batch");
+  if (removed != 0) addRows(-removed);
+  return removed;
+}
+
+std::int64_t Ledger::removeWhere(const std::string& select_seqs, const std::function<void(SQLite::Statement&)>& bind,
+                                 const char* what) {
+  requireFile(what);
   try {
-    SQLite::Statement q(*db_, "SELECT MAX(seq) FROM (SELECT seq FROM budget_ledger WHERE seq >= ? ORDER BY seq LIMIT ?)");
-    q.bind(1, static_cast<std::int64_t>(std::min<std::uint64_t>(from_seq, INT64_MAX)));
-    q.bind(2, n);
-    q.executeStep();
-    return q.isColumnNull(0) ? 0 : static_cast<std::uint64_t>(q.getColumn(0).getInt64());
+    db_->exec("CREATE TEMP TABLE IF NOT EXISTS prune_batch (seq INTEGER PRIMARY KEY)");
+    // IMMEDIATE: the write lock first, waiting for the writer's transaction as long as the busy
+    // timeout allows. A read first would fail at once with SQLITE_BUSY when the writer committed
+    // in between (WAL cannot upgrade a stale snapshot).
+    SQLite::Transaction txn(*db_, SQLite::TransactionBehavior::IMMEDIATE);
+    SQLite::Statement pick(*db_, "INSERT INTO temp.prune_batch " + select_seqs);
+    bind(pick);
+    pick.exec();
+    const std::int64_t removed = removeBatch();
+    txn.commit();
+    return removed;
   } catch (const SQLite::Exception& e) {
-    throw LedgerError(std::string("reading the ledger: ") + e.what());
+    throw LedgerError(std::string(what) + ": " + e.what());
   }
 }
 
 std::int64_t Ledger::removeEntries(std::uint64_t first, std::uint64_t last, std::int64_t before_unix_ns) {
-  requireFile("removing ledger entries");
   if (first > last) return 0;
-  try {
-    SQLite::Transaction txn(*db_);
-    constexpr const char* kWhere = " FROM budget_ledger WHERE seq BETWEEN ?1 AND ?2 AND created_at_unix_ns < ?3";
-    // "WHERE true": SQLite's upsert after a SELECT needs a WHERE to parse.
-    SQLite::Statement keep(*db_,
-                           std::string("INSERT INTO pruned_totals SELECT * FROM (SELECT project_id, COALESCE(run_id, ''), "
-                                       "model, COALESCE(agent_id, ''), COALESCE(tags, ''), SUM(cost_nano_usd), "
-                                       "SUM(prompt_tokens), SUM(completion_tokens), COUNT(*)") +
-                               kWhere +
-                               " GROUP BY 1, 2, 3, 4, 5) WHERE true "
-                               "ON CONFLICT (project_id, run_id, model, agent_id, tags) DO UPDATE SET "
-                               "cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd, "
-                               "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                               "completion_tokens = completion_tokens + excluded.completion_tokens, "
-                               "calls = calls + excluded.calls");
-    SQLite::Statement remove(*db_, std::string("DELETE") + kWhere);
-    for (SQLite::Statement* q : {&keep, &remove}) {
-      q->bind(1, static_cast<std::int64_t>(std::min<std::uint64_t>(first, INT64_MAX)));
-      q->bind(2, static_cast<std::int64_t>(std::min<std::uint64_t>(last, INT64_MAX)));
-      q->bind(3, before_unix_ns);
-    }
-    keep.exec();
-    const std::int64_t removed = remove.exec();
-    if (removed != 0) addRows(-removed);
-    txn.commit();
-    return removed;
-  } catch (const SQLite::Exception& e) {
-    throw LedgerError(std::string("cannot remove ledger entries: ") + e.what());
-  }
+  return removeWhere("SELECT seq FROM budget_ledger WHERE seq BETWEEN ?1 AND ?2 AND created_at_unix_ns < ?3",
+                     [&](SQLite::Statement& q) {
+                       q.bind(1, static_cast<std::int64_t>(std::min<std::uint64_t>(first, INT64_MAX)));
+                       q.bind(2, static_cast<std::int64_t>(std::min<std::uint64_t>(last, INT64_MAX)));
+                       q.bind(3, before_unix_ns);
+                     },
+                     "cannot remove ledger entries");
+}
+
+std::int64_t Ledger::removeOldest(std::int64_t before_unix_ns, std::int32_t last_day, std::uint64_t max_seq,
+                                  std::int64_t limit) {
+  // Through the day index, oldest day first: entries stamped in the future (a clock that ran
+  // ahead) do not stand in the way of the older ones behind them in seq order.
+  return removeWhere("SELECT seq FROM budget_ledger WHERE day <= ?1 AND created_at_unix_ns < ?2 AND seq <= ?3 "
+                     "ORDER BY day LIMIT ?4",
+                     [&](SQLite::Statement& q) {
+                       q.bind(1, last_day);
+                       q.bind(2, before_unix_ns);
+                       q.bind(3, static_cast<std::int64_t>(std::min<std::uint64_t>(max_seq, INT64_MAX)));
+                       q.bind(4, limit);
+                     },
+                     "cannot remove old ledger entries");
 }
 
 std::int64_t Ledger::removeSummariesBefore(std::int64_t before_unix_ns, std::int32_t before_day,
@@ -815,17 +837,24 @@ std::int64_t Ledger::removeSummariesBefore(std::int64_t before_unix_ns, std::int
   requireFile("removing old ledger summaries");
   try {
     SQLite::Transaction txn(*db_);
+    // Each a batch of at most `limit` rows: the caller repeats while they are full.
     SQLite::Statement quarantined(*db_,
                                   "DELETE FROM ledger_quarantine WHERE seq IN (SELECT seq FROM ledger_quarantine "
                                   "WHERE quarantined_unix_ns < ? ORDER BY seq LIMIT ?)");
     quarantined.bind(1, before_unix_ns);
     quarantined.bind(2, limit);
-    SQLite::Statement hours(*db_, "DELETE FROM spend_by_hour WHERE hour < ?");
+    SQLite::Statement hours(*db_,
+                            "DELETE FROM spend_by_hour WHERE (hour, project_id) IN (SELECT hour, project_id FROM "
+                            "spend_by_hour WHERE hour < ? ORDER BY hour LIMIT ?)");
     hours.bind(1, hourOf(before_unix_ns));
-    SQLite::Statement days(*db_, "DELETE FROM spend_by_day WHERE day < ? AND updated_seq <= ?");
+    hours.bind(2, limit);
+    SQLite::Statement days(*db_,
+                           "DELETE FROM spend_by_day WHERE (day, project_id) IN (SELECT day, project_id FROM spend_by_day "
+                           "WHERE day < ? AND updated_seq <= ? ORDER BY day LIMIT ?)");
     days.bind(1, before_day);
     days.bind(2, static_cast<std::int64_t>(std::min<std::uint64_t>(pushed_seq, INT64_MAX)));
-    const std::int64_t removed = quarantined.exec() + hours.exec() + days.exec();
+    days.bind(3, limit);
+    const std::int64_t removed = std::max({quarantined.exec(), hours.exec(), days.exec()});
     txn.commit();
     return removed;
   } catch (const SQLite::Exception& e) {
@@ -852,6 +881,16 @@ void Ledger::incrementalVacuum(std::int64_t pages) {
     db_->exec("PRAGMA incremental_vacuum(" + std::to_string(pages) + ")");
   } catch (const SQLite::Exception& e) {
     throw LedgerError(std::string("cannot return free ledger pages: ") + e.what());
+  }
+}
+
+void Ledger::skipFsync() { db_->exec("PRAGMA synchronous=NORMAL"); }
+
+void Ledger::checkpoint() {
+  try {
+    db_->exec("PRAGMA wal_checkpoint(PASSIVE)");
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError(std::string("cannot checkpoint the ledger's WAL: ") + e.what());
   }
 }
 
@@ -892,10 +931,17 @@ std::string Ledger::ledgerId() {
   return q.executeStep() ? q.getColumn(0).getString() : std::string();
 }
 
-std::int64_t Ledger::metaInt(const std::string& key) {
-  SQLite::Statement q(*db_, "SELECT value FROM meta WHERE key = ?");
-  q.bind(1, key);
-  return q.executeStep() ? std::stoll(q.getColumn(0).getString()) : 0;
+std::int64_t Ledger::metaInt(const std::string& key) { return metaValue(key).value_or(0); }
+
+std::optional<std::int64_t> Ledger::metaValue(const std::string& key) {
+  try {
+    SQLite::Statement q(*db_, "SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?");
+    q.bind(1, key);
+    if (!q.executeStep()) return std::nullopt;
+    return q.getColumn(0).getInt64();
+  } catch (const SQLite::Exception& e) {
+    throw LedgerError("reading " + key + ": " + e.what());
+  }
 }
 
 void Ledger::setMetaInt(const std::string& key, std::int64_t value) {

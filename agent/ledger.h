@@ -182,23 +182,35 @@ class Ledger {
   std::int64_t rowCount();   // kept in meta by every write: no scan
   // The oldest entry's seq and booking time; nullopt for an empty ledger.
   std::optional<std::pair<std::uint64_t, std::int64_t>> oldestEntry();
-  // The seq of the n-th entry from `from_seq` on (the last one if there are fewer; 0 if none).
-  std::uint64_t nthSeqFrom(std::uint64_t from_seq, std::int64_t n);
   // Removes the entries with seq in [first, last] booked before `before_unix_ns`, in one
   // transaction that adds their totals to pruned_totals. Returns how many it removed.
   std::int64_t removeEntries(std::uint64_t first, std::uint64_t last, std::int64_t before_unix_ns);
-  // Removes up to `limit` quarantined entries set aside before `before_unix_ns`, the hourly
-  // spending of hours before it, and the daily spending of days before `before_day` that the
-  // central link has pushed (updated_seq <= pushed_seq). Returns the rows removed.
+  // The same for up to `limit` entries booked before `before_unix_ns` on budget days up to
+  // `last_day`, with seq <= max_seq, the oldest days first.
+  std::int64_t removeOldest(std::int64_t before_unix_ns, std::int32_t last_day, std::uint64_t max_seq,
+                            std::int64_t limit);
+  // Removes a batch (up to `limit` rows each) of the quarantined entries set aside before
+  // `before_unix_ns`, the hourly spending of hours before it, and the daily spending of days
+  // before `before_day` that the central link has pushed (updated_seq <= pushed_seq). Returns
+  // the largest of the three counts: the caller repeats while it is `limit`.
   std::int64_t removeSummariesBefore(std::int64_t before_unix_ns, std::int32_t before_day, std::uint64_t pushed_seq,
                                      std::int64_t limit);
   LedgerSize size();
   // Returns up to `pages` free pages to the file system (auto_vacuum = INCREMENTAL only).
   void incrementalVacuum(std::int64_t pages);
+  // For retention's connection: its transactions are not fsynced (synchronous=NORMAL). One lost
+  // to a power cut only comes back as the entries it removed, with their totals (each is atomic
+  // all the same), and the writer's next fsync makes them durable anyway; meanwhile the writer
+  // never waits for a prune's fsync.
+  void skipFsync();
+  // Copies the WAL into the file without waiting for or blocking the writer (PASSIVE), so that
+  // the writer's own commits seldom meet a long WAL to checkpoint.
+  void checkpoint();
 
   // For the central link. Throw LedgerError.
   std::string ledgerId();   // random, made when the ledger was created
   std::int64_t metaInt(const std::string& key);   // 0 if unset
+  std::optional<std::int64_t> metaValue(const std::string& key);   // nullopt if unset
   void setMetaInt(const std::string& key, std::int64_t value);
   // Per-tenant day totals that changed after ledger entry `seq`.
   std::vector<DaySpend> spendUpdatedAfter(std::uint64_t seq);
@@ -220,6 +232,11 @@ class Ledger {
   explicit Ledger(std::unique_ptr<SQLite::Database> db);
   void requireFile(const char* what);
   void addRows(std::int64_t n);   // the meta 'rows' count, inside the caller's transaction
+  // Removes the entries `select_seqs` (a SELECT of seqs, bound by `bind`) picks, in one
+  // transaction, through temp.prune_batch and removeBatch.
+  std::int64_t removeWhere(const std::string& select_seqs, const std::function<void(SQLite::Statement&)>& bind,
+                           const char* what);
+  std::int64_t removeBatch();
   std::function<std::string()> guard_;
   std::vector<LedgerEntry> listOrThrow(const LedgerFilter& filter);
   std::vector<DaySpend> spend(const char* where, std::int64_t value);

@@ -70,18 +70,14 @@ class GzFile {
 
 ArchiveReport archiveLedger(Ledger& ledger, const ArchiveOptions& o) {
   ArchiveReport r;
-  // What must stay: the agent's last bounds, or a month and a week and whatever is unpushed.
-  std::int64_t keep_since = ledger.metaInt("retention_keep_since_ns");
+  // What must stay: the agent's last bounds, or a month and a week; and whatever a central link
+  // has not pushed, by the lowest position any of them left (a link that pushed nothing: 0).
+  std::int64_t keep_since = ledger.metaValue("retention_keep_since_ns").value_or(o.now_unix_ns - 38 * kDayNs);
   std::uint64_t pushed = UINT64_MAX;
-  if (keep_since == 0) {
-    keep_since = o.now_unix_ns - 38 * kDayNs;
-    for (const char* key : {"central_redis_seq", "central_postgres_seq"}) {
-      if (const std::int64_t seq = ledger.metaInt(key); seq != 0) {
-        pushed = std::min(pushed, static_cast<std::uint64_t>(seq));
-      }
+  for (const char* key : {"retention_pushed_seq", "central_redis_seq", "central_postgres_seq"}) {
+    if (const std::optional<std::int64_t> seq = ledger.metaValue(key)) {
+      pushed = std::min(pushed, static_cast<std::uint64_t>(std::max<std::int64_t>(0, *seq)));
     }
-  } else {
-    pushed = static_cast<std::uint64_t>(ledger.metaInt("retention_pushed_seq"));
   }
   r.before_unix_ns = o.before_unix_ns;
   if (keep_since < r.before_unix_ns) {
@@ -92,8 +88,17 @@ ArchiveReport archiveLedger(Ledger& ledger, const ArchiveOptions& o) {
 
   if (std::filesystem::exists(o.path)) fail(o.path, "exists already (an archive is never overwritten)");
   const std::string tmp = o.path + ".tmp";
+  // A half-written file goes when anything fails before it has its name.
+  struct RemoveTmp {
+    const std::string& path;
+    bool keep = false;
+    ~RemoveTmp() {
+      if (!keep) ::unlink(path.c_str());
+    }
+  } remove_tmp{tmp};
   std::vector<std::pair<std::uint64_t, std::uint64_t>> pages;   // each page's first and last seq
   {
+    std::filesystem::remove(tmp);   // one a killed archive left
     GzFile gz(tmp);
     LedgerFilter f;
     f.until_unix_ns = r.before_unix_ns;
@@ -130,9 +135,8 @@ ArchiveReport archiveLedger(Ledger& ledger, const ArchiveOptions& o) {
   }
   // On disk before anything is removed: the file, its name, the directory entry.
   syncPath(tmp, O_RDONLY);
-  std::error_code ec;
-  std::filesystem::rename(tmp, o.path, ec);
-  if (ec) fail(o.path, "rename from " + tmp + ": " + ec.message());
+  // link() fails if the name was taken meanwhile: never over another file.
+  if (::link(tmp.c_str(), o.path.c_str()) != 0) fail(o.path, std::string("naming it: ") + std::strerror(errno));
   std::string dir = std::filesystem::path(o.path).parent_path().string();
   syncPath(dir.empty() ? "." : dir, O_RDONLY | O_DIRECTORY);
   r.file_bytes = static_cast<std::int64_t>(std::filesystem::file_size(o.path));

@@ -21,43 +21,51 @@ std::int64_t openWindowsStart(const CalendarWindows& windows, std::int64_t now_n
 
 RetentionBounds retentionBounds(const RetentionPolicy& policy, const CalendarWindows& windows, const DayClock& days,
                                 std::int64_t now_ns, std::uint64_t pushed_seq) {
+  const auto dayOf = [&](std::int64_t ns) {
+    return days.dayOf(std::chrono::system_clock::time_point(
+        std::chrono::duration_cast<std::chrono::system_clock::duration>(std::chrono::nanoseconds(ns))));
+  };
   RetentionBounds b;
   b.keep_since_ns = openWindowsStart(windows, now_ns);
+  b.keep_since_day = dayOf(b.keep_since_ns);
   b.pushed_seq = pushed_seq;
   if (policy.retain_days > 0) {
     b.remove_before_ns = std::min(now_ns - policy.retain_days * kDayNs, b.keep_since_ns);
-    b.remove_before_day = days.dayOf(std::chrono::system_clock::time_point(
-        std::chrono::duration_cast<std::chrono::system_clock::duration>(std::chrono::nanoseconds(b.remove_before_ns))));
+    b.remove_before_day = dayOf(b.remove_before_ns);
   }
   return b;
 }
 
-std::int64_t Pruner::removeOldest(std::int64_t before_ns, std::uint64_t pushed_seq, std::int64_t budget,
-                                  const std::stop_token& stop, bool* stopped) {
+std::int64_t Pruner::removeOldest(std::int64_t before_ns, std::int32_t last_day, std::uint64_t pushed_seq,
+                                  std::int64_t budget, const std::stop_token& stop, bool* stopped) {
   std::int64_t removed = 0;
-  const std::optional<std::pair<std::uint64_t, std::int64_t>> oldest = ledger_.oldestEntry();
-  if (!oldest || oldest->second >= before_ns) return 0;
-  std::uint64_t cursor = oldest->first;
-  while (removed < budget && cursor <= pushed_seq) {
+  while (removed < budget) {
     if (stop.stop_requested()) {
       *stopped = true;
       break;
     }
-    const std::uint64_t last =
-        std::min(ledger_.nthSeqFrom(cursor, std::min(policy_.batch_rows, budget - removed)), pushed_seq);
-    if (last < cursor) break;   // no entry from the cursor on (nthSeqFrom gave 0)
-    const std::int64_t n = ledger_.removeEntries(cursor, last, before_ns);
-    if (n == 0) break;   // the oldest entries left are too young
+    const std::int64_t want = std::min(policy_.batch_rows, budget - removed);
+    const std::int64_t n = ledger_.removeOldest(before_ns, last_day, pushed_seq, want);
     removed += n;
-    cursor = last + 1;
-    std::this_thread::sleep_for(policy_.pause);
+    if (n < want) break;   // nothing older is left
+    rest();
   }
   return removed;
 }
 
+void Pruner::rest() {
+  ledger_.checkpoint();
+  std::this_thread::sleep_for(policy_.pause);
+}
+
 PruneReport Pruner::pass(const RetentionBounds& bounds, const std::stop_token& stop) {
   PruneReport r;
-  r.removed_for_age = removeOldest(bounds.remove_before_ns, bounds.pushed_seq, INT64_MAX, stop, &r.stopped);
+  // An entry's budget day is its booking time's, so none booked before a cut-off is on a later
+  // day (one more day of slack for entries restamped by the ledger writer).
+  if (bounds.remove_before_ns != INT64_MIN) {
+    r.removed_for_age = removeOldest(bounds.remove_before_ns, bounds.remove_before_day + 1, bounds.pushed_seq,
+                                     INT64_MAX, stop, &r.stopped);
+  }
   if (policy_.max_bytes > 0 && !r.stopped) {
     const LedgerSize s = ledger_.size();
     const std::int64_t rows = ledger_.rowCount();
@@ -67,12 +75,17 @@ PruneReport Pruner::pass(const RetentionBounds& bounds, const std::stop_token& s
       const double per_row = static_cast<double>(s.usedBytes()) / static_cast<double>(rows);
       const auto excess = static_cast<std::int64_t>(
           std::ceil((static_cast<double>(s.usedBytes()) - 0.9 * static_cast<double>(policy_.max_bytes)) / per_row));
-      r.removed_for_size = removeOldest(bounds.keep_since_ns, bounds.pushed_seq, excess, stop, &r.stopped);
+      r.removed_for_size =
+          removeOldest(bounds.keep_since_ns, bounds.keep_since_day + 1, bounds.pushed_seq, excess, stop, &r.stopped);
     }
   }
-  if (bounds.remove_before_ns != INT64_MIN && !r.stopped) {
-    r.summaries_removed = ledger_.removeSummariesBefore(bounds.remove_before_ns, bounds.remove_before_day,
-                                                        bounds.pushed_seq, policy_.batch_rows);
+  if (bounds.remove_before_ns != INT64_MIN) {
+    for (std::int64_t n = policy_.batch_rows; n == policy_.batch_rows && !stop.stop_requested();) {
+      n = ledger_.removeSummariesBefore(bounds.remove_before_ns, bounds.remove_before_day, bounds.pushed_seq,
+                                        policy_.batch_rows);
+      r.summaries_removed += n;
+      rest();
+    }
   }
   r.size = ledger_.size();
   // Pages freed go back to the file system a batch at a time, so that the writer waits for one
@@ -83,7 +96,7 @@ PruneReport Pruner::pass(const RetentionBounds& bounds, const std::stop_token& s
     r.size = ledger_.size();
     if (r.size.free_pages >= before) break;
     r.pages_returned += before - r.size.free_pages;
-    std::this_thread::sleep_for(policy_.pause);
+    rest();
   }
   r.over_ceiling = policy_.max_bytes > 0 && r.size.usedBytes() > policy_.max_bytes;
   r.rows = ledger_.rowCount();

@@ -13,6 +13,7 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cctype>
@@ -317,9 +318,17 @@ int archiveCommand(const std::string& data_dir, const std::string& before_text, 
     return kUsage;
   }
   const std::string path = data_dir + "/ledger.db";
-  if (::access(path.c_str(), W_OK) != 0) {
-    std::fprintf(stderr, "tokenfuse: ledger %s: %s (archive removes entries: run it as the agent's user)\n", path.c_str(),
+  // As the ledger's owner only: SQLite's -wal and -shm files made by another user (root) would
+  // lock the agent out of its own ledger.
+  struct stat st{};
+  if (::stat(path.c_str(), &st) != 0) {
+    std::fprintf(stderr, "tokenfuse: ledger %s: %s (is --data-dir the agent's data dir?)\n", path.c_str(),
                  std::strerror(errno));
+    return kNoRegion;
+  }
+  if (st.st_uid != ::geteuid()) {
+    std::fprintf(stderr, "tokenfuse: ledger %s belongs to uid %u: run the archive as that user (sudo -u tokenfuse ...)\n",
+                 path.c_str(), static_cast<unsigned>(st.st_uid));
     return kNoRegion;
   }
   if (out.empty()) out = "ledger-before-" + before_text + ".jsonl.gz";

@@ -13,6 +13,8 @@
 #include "ledger.h"
 #include "retention.h"
 
+#include <SQLiteCpp/SQLiteCpp.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -102,26 +104,37 @@ int main(int argc, char** argv) {
   const std::int64_t seconds = envInt("SECONDS", 20);
   for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path + suffix);
 
-  // A ledger of `rows` entries over the last 100 days, oldest first.
+  // A ledger of `rows` entries over the last 100 days, oldest first, made by SQLite itself (the
+  // entries only: retention reads and removes nothing else).
   const std::int64_t now = nowNs();
-  std::atomic<std::uint64_t> seq{0};
+  std::atomic<std::uint64_t> seq{static_cast<std::uint64_t>(rows)};
   {
-    Ledger ledger(path, "bench");
+    { Ledger schema(path, "bench"); }
     const auto t0 = Clock::now();
-    constexpr std::int64_t kBatch = 50'000;
-    const std::int64_t span = 100 * kDayNs - 3600'000'000'000;
-    for (std::int64_t done = 0; done < rows; done += kBatch) {
-      std::vector<LedgerEntry> batch;
-      for (std::int64_t i = done; i < std::min(rows, done + kBatch); ++i) {
-        batch.push_back(entry(++seq, now - 100 * kDayNs + span / rows * i));
-      }
-      ledger.append(batch);
-    }
+    SQLite::Database db(path, SQLite::OPEN_READWRITE);
+    SQLite::Transaction txn(db);
+    SQLite::Statement fill(
+        db,
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) "
+        "INSERT INTO budget_ledger (seq, host_id, created_at_unix_ns, day, kind, project_id, agent_id, run_id, model, "
+        "provider, prompt_tokens, completion_tokens, cost_nano_usd, reservation_id) "
+        "SELECT i, 'bench', ?2 + i * ?3, (?2 + i * ?3) / 86400000000000, 'commit', 'tenant-' || (i % 200), "
+        "'agent-' || (i % 7), 'run-' || (i / 50), CASE WHEN i % 3 = 0 THEN 'gpt-4o' ELSE 'gpt-4o-mini' END, 'openai', "
+        "900 + i % 300, 200 + i % 100, 1000000 + i % 5000, i FROM n");
+    fill.bind(1, rows);
+    fill.bind(2, now - 100 * kDayNs);
+    fill.bind(3, (100 * kDayNs - 3'600'000'000'000) / rows);
+    fill.exec();
+    SQLite::Statement count(db, "UPDATE meta SET value = ? WHERE key = 'rows'");
+    count.bind(1, rows);
+    count.exec();
+    txn.commit();
+    Ledger ledger(path, "bench");
     const LedgerSize s = ledger.size();
-    std::printf("made %lld entries in %.0f s: %.2f GB (%.0f bytes an entry, indexes and totals included)\n",
-                static_cast<long long>(ledger.rowCount()),
-                std::chrono::duration<double>(Clock::now() - t0).count(), static_cast<double>(s.bytes()) / 1e9,
-                static_cast<double>(s.bytes()) / static_cast<double>(rows));
+    std::printf("made %lld entries in %.0f s: %.2f GB (%.0f bytes an entry with its index)\n",
+                static_cast<long long>(ledger.rowCount()), std::chrono::duration<double>(Clock::now() - t0).count(),
+                static_cast<double>(s.bytes()) / 1e9, static_cast<double>(s.bytes()) / static_cast<double>(rows));
+    std::fflush(stdout);
   }
 
   std::printf("writer: %lld entries/s, one fsynced transaction every 10 ms\n", static_cast<long long>(rate));
@@ -135,6 +148,7 @@ int main(int argc, char** argv) {
     Latencies alone = write(path, seq, rate, stop);
     timer.join();
     alone.print("writer alone:");
+    std::fflush(stdout);
   }
   // The writer while the pruner takes the ledger down to 30 days.
   {
@@ -142,15 +156,20 @@ int main(int argc, char** argv) {
     Latencies during;
     std::thread writer([&] { during = write(path, seq, rate, stop); });
     Ledger ledger(path, "bench");
+    if (envInt("FSYNC", 0) == 0) ledger.skipFsync();   // as the agent's retention connection
     const CalendarWindows windows("UTC");
     const DayClock days("UTC");
-    const RetentionPolicy policy{30, 0};
+    RetentionPolicy policy{30, 0};
+    policy.batch_rows = envInt("BATCH", policy.batch_rows);
+    policy.vacuum_pages = envInt("VACUUM_PAGES", policy.vacuum_pages);
+    policy.pause = std::chrono::milliseconds(envInt("PAUSE_MS", policy.pause.count()));
     const auto t0 = Clock::now();
     const PruneReport r = Pruner(ledger, policy).pass(retentionBounds(policy, windows, days, nowNs(), UINT64_MAX));
     const double took = std::chrono::duration<double>(Clock::now() - t0).count();
     stop = true;
     writer.join();
     during.print("writer while pruning:");
+    std::fflush(stdout);
     std::printf("pruned %lld entries in %.0f s (%.0f entries/s), returned %lld pages; %lld entries left, file %.2f GB\n",
                 static_cast<long long>(r.removed()), took, static_cast<double>(r.removed()) / took,
                 static_cast<long long>(r.pages_returned), static_cast<long long>(r.rows),

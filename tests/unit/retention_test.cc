@@ -12,8 +12,10 @@
 #include <nlohmann/json.hpp>
 #include <zlib.h>
 
+#include <atomic>
 #include <map>
 #include <set>
+#include <thread>
 #include <tuple>
 
 using namespace tokenfuse;
@@ -411,4 +413,138 @@ TEST_CASE("retention: tokenfuse ledger archive writes each entry it removes to t
   CHECK(again == 3);
   CHECK(message.find("exists already") != std::string::npos);
   CHECK(Ledger(db, "host-a").rowCount() == static_cast<std::int64_t>(all.size() - pushed));
+}
+
+// Review findings (each failed before its fix).
+
+TEST_CASE("retention: entries a clock stepped forward stamped in the future do not stop the older ones behind them "
+          "from going") {
+  log::init("error");
+  TempDir dir;
+  Ledger ledger(dir.path + "/ledger.db", "host-a");
+  Booker book{ledger};
+  book.day(unixNs("2027-06-01T00:00:00Z"), 300);   // the clock a year ahead, then set right
+  for (int d = 0; d < 10; ++d) book.day(unixNs("2026-01-01T00:00:00Z") + d * kDayNs, 300);
+  const CalendarWindows windows("UTC");
+  const DayClock days("UTC");
+  const RetentionPolicy policy{30, 0, 100, std::chrono::milliseconds(0)};
+  const PruneReport r =
+      Pruner(ledger, policy).pass(retentionBounds(policy, windows, days, unixNs("2026-04-01T00:00:00Z"), UINT64_MAX));
+  CHECK(r.removed_for_age == 10 * 300);
+  CHECK(ledger.rowCount() == 300);   // the future ones wait for their time
+}
+
+TEST_CASE("retention: the summaries go in bounded batches") {
+  log::init("error");
+  TempDir dir;
+  Ledger ledger(dir.path + "/ledger.db", "host-a");
+  Booker book{ledger};
+  for (int d = 0; d < 3; ++d) book.day(unixNs("2026-01-01T00:00:00Z") + d * kDayNs, 240);   // 5 tenants x 24 h
+  const std::size_t hours = ledger.spendByHour(0, INT64_MAX).size();
+  REQUIRE(hours == 3 * 24 * 5);
+  CHECK(ledger.removeSummariesBefore(unixNs("2026-02-01T00:00:00Z"), 0, 0, 50) == 50);
+  CHECK(ledger.spendByHour(0, INT64_MAX).size() == hours - 50);
+}
+
+TEST_CASE("retention: a clock stepped forward during a run does not make today's entries old") {
+  TempDir dir;
+  Config c = testConfig(dir, "retentionjump");
+  c.ledger_retain_days = 30;
+  RegionCleanup cleanup{c.shm_name};
+  FakeClock clock{utc("2026-03-10T10:00:00Z")};
+  std::int64_t steady = 0;
+  Agent agent(c, {false, clock.fn(), [&] { return steady; }});
+  auto client = attachClient(c.shm_name);
+  for (int i = 0; i < 10; ++i) REQUIRE(client->record({"acme", "gpt-4o", "openai", "", "", 1000, 0}).allowed());
+  agent.drainLedger();
+  CHECK(agent.pruneLedger().removed() == 0);
+  // A bad time source puts the clock 200 days ahead for a minute.
+  clock.now += std::chrono::hours(24 * 200);
+  steady += std::int64_t{60} * 1'000'000'000;
+  const PruneReport r = agent.pruneLedger();
+  CHECK(r.removed() == 0);
+  CHECK(r.rows == 10);
+  CHECK(ledgerHealth().rows.load() == 10);
+  // Retention's time catches up at twice the monotonic clock's pace, so after 100 days of it the
+  // entries are old.
+  steady += std::int64_t{100} * 86400 * 1'000'000'000;
+  CHECK(agent.pruneLedger().removed() == 10);
+}
+
+TEST_CASE("retention: the archive keeps what a central link has not pushed, even one that pushed nothing, and a "
+          "failed archive leaves no file behind") {
+  log::init("error");
+  TempDir dir;
+  const std::string db = dir.path + "/ledger.db";
+  {
+    Ledger ledger(db, "host-a");
+    Booker book{ledger};
+    for (int d = 0; d < 3; ++d) book.day(unixNs("2026-01-01T00:00:00Z") + d * kDayNs, 100);
+    ledger.setMetaInt("central_postgres_seq", 0);   // a link that has pushed nothing yet
+  }
+  int runs = 0;
+  const auto archive = [&](const std::string& out) {
+    Process cli({TOKENFUSE_CLI_PATH, "ledger", "archive", "--data-dir", dir.path, "--before", "2026-02-01", "--out", out,
+                 "--json"},
+                dir.path + "/cli-" + std::to_string(runs++) + ".out");
+    const int rc = cli.wait(std::chrono::seconds(60));
+    return std::pair(rc, cli.output());
+  };
+  const auto [bad, message] = archive(dir.path + "/no-such-dir/a.jsonl.gz");
+  CHECK(bad == 3);
+  CHECK(message.find("no-such-dir") != std::string::npos);
+  const auto [rc, text] = archive(dir.path + "/a.jsonl.gz");
+  REQUIRE_MESSAGE(rc == 0, text);
+  const nlohmann::json report = nlohmann::json::parse(text);
+  CHECK(report["written"] == 0);
+  CHECK(report["removed"] == 0);
+  CHECK(report["kept_because"].get<std::string>().find("not pushed") != std::string::npos);
+  CHECK(Ledger(db, "host-a").rowCount() == 300);
+  for (const auto& f : std::filesystem::directory_iterator(dir.path)) {
+    CHECK_MESSAGE(!f.path().string().ends_with(".tmp"), f.path());
+  }
+}
+
+TEST_CASE("retention: pruning while the writer books fails neither, and loses nothing") {
+  log::init("error");
+  TempDir dir;
+  const std::string path = dir.path + "/ledger.db";
+  Ledger ledger(path, "host-a");
+  Booker old{ledger};
+  for (int d = 0; d < 20; ++d) old.day(unixNs("2026-01-01T00:00:00Z") + d * kDayNs, 1000);
+  const CalendarWindows windows("UTC");
+  const DayClock days("UTC");
+  const std::int64_t now = unixNs("2026-06-10T00:00:00Z");
+  const Rebuilt before = rebuild(ledger, windows, now);
+  // The agent's writer, on its own connection: a transaction every millisecond, as under load.
+  std::atomic<bool> stop{false};
+  std::atomic<std::int64_t> booked{0};
+  std::string failed;
+  std::thread writer([&] {
+    try {
+      Ledger w(path, "host-a");
+      Booker book{w, old.seq};
+      for (std::int64_t day = now - kDayNs; !stop.load(); day += 1000) {
+        book.day(day, 5);
+        booked = book.booked;
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+    } catch (const std::exception& e) {
+      failed = e.what();
+    }
+  });
+  const RetentionPolicy policy{30, 0, 200, std::chrono::milliseconds(0)};
+  PruneReport r;
+  CHECK_NOTHROW(r = Pruner(ledger, policy).pass(retentionBounds(policy, windows, days, now, UINT64_MAX)));
+  stop = true;
+  writer.join();
+  CHECK(failed.empty());
+  CHECK(r.removed_for_age == 20 * 1000);
+  CHECK(booked.load() > 0);
+  CHECK(ledger.rowCount() == booked.load());
+  // Every call is counted once, removed or not.
+  std::int64_t calls = 0;
+  for (const auto& [key, sums] : rebuild(ledger, windows, now).all_time) calls += std::get<3>(sums);
+  CHECK(calls == 20 * 1000 + booked.load());
+  CHECK(before.all_time.size() > 0);
 }
