@@ -395,31 +395,23 @@ std::size_t Ledger::append(std::vector<LedgerEntry>& entries, const std::vector<
       a.reset();
     }
     run_spend_.clear();
-    for (const auto& [key, b] : spend_) {
-      SQLite::Statement& a = *add_spend_;
-      a.bind(1, key.first);
-      a.bindNoCopy(2, key.second);
-      a.bind(3, b.cost);
-      a.bind(4, b.prompt);
-      a.bind(5, b.completion);
-      a.bind(6, b.calls);
-      a.bind(7, static_cast<std::int64_t>(b.seq));
-      a.exec();
-      a.reset();
-    }
-    spend_.clear();
-    for (const auto& [key, b] : hour_spend_) {
-      SQLite::Statement& a = *add_hour_;
-      a.bind(1, key.first);
-      a.bindNoCopy(2, key.second);
-      a.bind(3, b.cost);
-      a.bind(4, b.prompt);
-      a.bind(5, b.completion);
-      a.bind(6, b.calls);
-      a.exec();
-      a.reset();
-    }
-    hour_spend_.clear();
+    // The batch's totals by (day, tenant) and (hour, tenant), into their tables.
+    const auto flush = [](auto& totals, SQLite::Statement& a, bool with_seq) {
+      for (const auto& [key, b] : totals) {
+        a.bind(1, key.first);
+        a.bindNoCopy(2, key.second);
+        a.bind(3, b.cost);
+        a.bind(4, b.prompt);
+        a.bind(5, b.completion);
+        a.bind(6, b.calls);
+        if (with_seq) a.bind(7, static_cast<std::int64_t>(b.seq));
+        a.exec();
+        a.reset();
+      }
+      totals.clear();
+    };
+    flush(spend_, *add_spend_, true);
+    flush(hour_spend_, *add_hour_, false);
     if (added != 0) addRows(static_cast<std::int64_t>(added));
     txn.commit();
   } catch (const SQLite::Exception& e) {
