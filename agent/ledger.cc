@@ -879,6 +879,7 @@ void Ledger::incrementalVacuum(std::int64_t pages) {
 void Ledger::skipFsync() { db_->exec("PRAGMA synchronous=NORMAL"); }
 
 void Ledger::checkpoint() {
+  requireFile("checkpointing the ledger");   // it writes into ledger.db itself
   try {
     db_->exec("PRAGMA wal_checkpoint(PASSIVE)");
   } catch (const SQLite::Exception& e) {

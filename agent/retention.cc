@@ -47,8 +47,8 @@ std::int64_t Pruner::removeOldest(std::int64_t before_ns, std::int32_t last_day,
     const std::int64_t want = std::min(policy_.batch_rows, budget - removed);
     const std::int64_t n = ledger_.removeOldest(before_ns, last_day, pushed_seq, want);
     removed += n;
+    if (n != 0) rest();
     if (n < want) break;   // nothing older is left
-    rest();
   }
   return removed;
 }
@@ -84,7 +84,7 @@ PruneReport Pruner::pass(const RetentionBounds& bounds, const std::stop_token& s
       n = ledger_.removeSummariesBefore(bounds.remove_before_ns, bounds.remove_before_day, bounds.pushed_seq,
                                         policy_.batch_rows);
       r.summaries_removed += n;
-      rest();
+      if (n != 0) rest();
     }
   }
   r.size = ledger_.size();

@@ -78,7 +78,8 @@ class Pruner {
   std::int64_t removeOldest(std::int64_t before_ns, std::int32_t last_day, std::uint64_t pushed_seq,
                             std::int64_t budget, const std::stop_token& stop, bool* stopped);
 
-  // Between two transactions: checkpoints what this one wrote, then gives the writer its turn.
+  // After a transaction that changed something: checkpoints it (never into a file that is no
+  // longer the ledger: Ledger::checkpoint checks), then gives the writer its turn.
   void rest();
 
   Ledger& ledger_;
