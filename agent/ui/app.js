@@ -248,8 +248,7 @@
       $("kill-form").hidden = true;
     } catch (e) {
       if (e.status === 401) adminToken = null;
-      $("kill-error").textContent = e.status === 401 ? "The admin token was refused." : e.message;
-      openForm();
+      openForm();   // asks for the token again if it was refused
       $("kill-error").textContent = e.status === 401 ? "The admin token was refused." : e.message;
     }
     await refresh();
