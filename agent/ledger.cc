@@ -199,39 +199,34 @@ Ledger::Ledger(const std::string& path, std::string host_id) : host_id_(std::mov
       q.bind(1, std::string(id));
       q.exec();
     }
-    if (metaInt("spend_by_day_filled") == 0) {
-      // A ledger from before spend_by_day: fill it once from the entries.
+    // A ledger from before a summary table (or the row count): filled once from the entries.
+    // Each holds the write lock while it scans, so never again once its flag is set.
+    struct Fill {
+      const char* flag;
+      const char* table;
+      const char* select;
+    };
+    for (const Fill& f : {
+             Fill{"spend_by_day_filled", "spend_by_day",
+                  "SELECT day, project_id, SUM(cost_nano_usd), SUM(prompt_tokens), SUM(completion_tokens), COUNT(*), "
+                  "MAX(seq) FROM budget_ledger GROUP BY day, project_id"},
+             Fill{"spend_by_run_filled", "spend_by_run",
+                  "SELECT run_id, SUM(cost_nano_usd), SUM(prompt_tokens), SUM(completion_tokens), COUNT(*), MAX(seq), "
+                  "MAX(created_at_unix_ns) FROM budget_ledger WHERE run_id IS NOT NULL GROUP BY run_id"},
+             Fill{"spend_by_hour_filled", "spend_by_hour",
+                  "SELECT created_at_unix_ns / 3600000000000, project_id, SUM(cost_nano_usd), SUM(prompt_tokens), "
+                  "SUM(completion_tokens), COUNT(*) FROM budget_ledger GROUP BY 1, 2"},
+         }) {
+      if (metaInt(f.flag) != 0) continue;
       SQLite::Transaction txn(*db_);
-      db_->exec("DELETE FROM spend_by_day");
-      db_->exec("INSERT INTO spend_by_day SELECT day, project_id, SUM(cost_nano_usd), SUM(prompt_tokens), "
-                "SUM(completion_tokens), COUNT(*), MAX(seq) FROM budget_ledger GROUP BY day, project_id");
-      setMetaInt("spend_by_day_filled", 1);
+      db_->exec(std::string("DELETE FROM ") + f.table);
+      db_->exec(std::string("INSERT INTO ") + f.table + " " + f.select);
+      setMetaInt(f.flag, 1);
       txn.commit();
     }
-    if (metaInt("spend_by_run_filled") == 0) {
-      // A ledger from before spend_by_run: fill it once from the entries.
-      SQLite::Transaction txn(*db_);
-      db_->exec("DELETE FROM spend_by_run");
-      db_->exec("INSERT INTO spend_by_run SELECT run_id, SUM(cost_nano_usd), SUM(prompt_tokens), "
-                "SUM(completion_tokens), COUNT(*), MAX(seq), MAX(created_at_unix_ns) FROM budget_ledger "
-                "WHERE run_id IS NOT NULL GROUP BY run_id");
-      setMetaInt("spend_by_run_filled", 1);
-      txn.commit();
-    }
-    if (metaInt("spend_by_hour_filled") == 0) {
-      SQLite::Transaction txn(*db_);
-      db_->exec("DELETE FROM spend_by_hour");
-      db_->exec("INSERT INTO spend_by_hour SELECT created_at_unix_ns / 3600000000000, project_id, SUM(cost_nano_usd), "
-                "SUM(prompt_tokens), SUM(completion_tokens), COUNT(*) FROM budget_ledger GROUP BY 1, 2");
-      setMetaInt("spend_by_hour_filled", 1);
-      txn.commit();
-    }
-    // The entry count, kept with every write from here on: counted once, for an older ledger
-    // (the count holds the write lock while it scans, so never again).
+    // The entry count, kept with every write from here on.
     if (!metaValue("rows")) {
-      SQLite::Transaction txn(*db_);
       db_->exec("INSERT OR IGNORE INTO meta (key, value) SELECT 'rows', COUNT(*) FROM budget_ledger");
-      txn.commit();
     }
     add_hour_ = std::make_unique<SQLite::Statement>(
         *db_,
@@ -743,13 +738,7 @@ void Ledger::addRows(std::int64_t n) {
   q.exec();
 }
 
-std::int64_t Ledger::rowCount() {
-  try {
-    return metaInt("rows");
-  } catch (const SQLite::Exception& e) {
-    throw LedgerError(std::string("reading the ledger's size: ") + e.what());
-  }
-}
+std::int64_t Ledger::rowCount() { return metaInt("rows"); }
 
 std::optional<std::pair<std::uint64_t, std::int64_t>> Ledger::oldestEntry() {
   try {
