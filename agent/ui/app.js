@@ -90,7 +90,6 @@
     body.replaceChildren(limitLine("daily", used.toFixed(9), p.limit_usd, true),
                          el("p", "committed " + usd(p.used_usd) + ", held by live calls " + usd(p.reserved_usd) +
                                  ", elsewhere in the fleet " + usd(p.elsewhere_usd), "muted"));
-    body.dataset.used = p.used_usd;
     $("day").textContent = "budget day " + p.day;
   }
 
@@ -115,7 +114,6 @@
       const tr = el("tr");
       tr.dataset.tenant = t.project_id;
       tr.dataset.share = String(nearest);
-      tr.dataset.spent = t.used_usd;
       tr.appendChild(el("td", t.project_id, "tenant"));
       tr.appendChild(el("td", usd(t.used_usd), "num spent"));
       const cell = el("td");
@@ -131,7 +129,6 @@
     $("live-count").textContent = "(" + body.live + ")";
     fillTable("reservations", body.reservations.map((r) => {
       const tr = el("tr");
-      tr.dataset.reservation = r.reservation_id;
       for (const [text, cls] of [[r.reservation_id], [r.project_id], [r.run_id || ""], [r.model],
                                  [usd(r.held_usd), "num"], [r.prompt_tokens + r.completion_tokens, "num"],
                                  [r.expires_at]]) {
@@ -145,7 +142,6 @@
     $("ledger-locked").hidden = true;
     fillTable("ledger", body.entries.map((e) => {
       const tr = el("tr");
-      tr.dataset.seq = String(e.seq);
       for (const [text, cls] of [[e.seq, "num"], [e.created_at], [e.project_id], [e.run_id || ""], [e.model],
                                  [e.prompt_tokens + e.completion_tokens, "num"], [usd(e.cost_usd), "num"]]) {
         tr.appendChild(el("td", text, cls));
@@ -191,8 +187,7 @@
     add("text", { x: 2, y: top + 8 }, usd(max));
     add("text", { x: 2, y: H - bottom }, "$0");
     perHour.forEach((v, i) => {
-      const r = add("rect", { x: x(i) + 1, y: y(v), width: Math.max(1, x(1) - x(0) - 2), height: H - bottom - y(v) });
-      r.dataset.usd = String(v);
+      add("rect", { x: x(i) + 1, y: y(v), width: Math.max(1, x(1) - x(0) - 2), height: H - bottom - y(v) });
       if (i % 3 === 0) add("text", { x: x(i), y: H - 4 }, new Date(from + i * 3600e3).toISOString().slice(11, 16));
     });
     // The running total, up to the hour under way.
